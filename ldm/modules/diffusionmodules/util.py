@@ -1,0 +1,122 @@
+"""Small numerical pieces shared by the UNet, the DDPM schedule and the samplers."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as _torch_checkpoint
+
+
+# ----------------------------------------------------------------------------- schedules
+def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-4,
+                       linear_end: float = 2e-2, cosine_s: float = 8e-3) -> np.ndarray:
+    """Betas in float64 numpy, as the reference computes them (cast to float32 later)."""
+    if schedule == "linear":
+        # "linear" in LDM means linear in sqrt(beta) (diffusers' "scaled_linear").
+        return np.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=np.float64) ** 2
+    if schedule == "cosine":
+        steps = np.arange(n_timestep + 1, dtype=np.float64) / n_timestep + cosine_s
+        alphas = np.cos(steps / (1 + cosine_s) * np.pi / 2) ** 2
+        alphas = alphas / alphas[0]
+        return np.clip(1 - alphas[1:] / alphas[:-1], 0, 0.999)
+    if schedule == "sqrt_linear":
+        return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64)
+    if schedule == "sqrt":
+        return np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64) ** 0.5
+    raise ValueError(f"unknown beta schedule {schedule!r} (linear, cosine, sqrt_linear, sqrt)")
+
+
+def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
+    """Ascending sub-grid of DDPM steps; +1 so that the final step is t=1, as in the reference."""
+    if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
+        raise ValueError(f"number of sampling steps must be in [1, {num_ddpm_timesteps}], got {num_ddim_timesteps}")
+    if method == "uniform":
+        steps = np.arange(0, num_ddpm_timesteps, num_ddpm_timesteps // num_ddim_timesteps)
+    elif method == "quad":
+        steps = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(int)
+    else:
+        raise ValueError(f"unknown DDIM discretization {method!r} (uniform, quad)")
+    return steps + 1
+
+
+def make_ddim_sampling_parameters(alphacums: np.ndarray, ddim_timesteps: np.ndarray, eta: float):
+    """(sigmas, alphas, alphas_prev) of the DDIM update on the given grid (float64 numpy)."""
+    alphacums = np.asarray(alphacums, dtype=np.float64)
+    alphas = alphacums[ddim_timesteps]
+    alphas_prev = np.concatenate([alphacums[:1], alphacums[ddim_timesteps[:-1]]])
+    sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    return sigmas, alphas, alphas_prev
+
+
+def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape) -> torch.Tensor:
+    """``a[t]`` reshaped to broadcast against a batch of shape ``x_shape``."""
+    return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+# ----------------------------------------------------------------------------- layers
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000,
+                       repeat_only: bool = False) -> torch.Tensor:
+    """Sinusoidal embedding ``cat([cos, sin])`` of (possibly fractional) timesteps, float32."""
+    if repeat_only:
+        return timesteps[:, None].float().expand(-1, dim)
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 (fp16 statistics are unstable), cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return super().forward(x)
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int) -> nn.Module:
+    return GroupNorm32(32, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    if dims == 1:
+        return nn.Conv1d(*args, **kwargs)
+    if dims == 2:
+        return nn.Conv2d(*args, **kwargs)
+    if dims == 3:
+        return nn.Conv3d(*args, **kwargs)
+    raise ValueError(f"unsupported dimensions: {dims}")
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    return (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](*args, **kwargs)
+
+
+def checkpoint(func, inputs, params, flag: bool):
+    """Gradient checkpointing when ``flag`` and autograd is recording; a plain call otherwise.
+
+    ``params`` is accepted for CompVis call compatibility; torch's non-reentrant checkpoint
+    tracks parameters by itself.
+    """
+    if flag and torch.is_grad_enabled():
+        return _torch_checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)
+
+
+def noise_like(shape, device, repeat: bool = False, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if repeat:
+        return torch.randn((1, *shape[1:]), device=device, generator=generator, dtype=dtype).expand(shape[0], *shape[1:])
+    return torch.randn(shape, device=device, generator=generator, dtype=dtype)
