@@ -1,0 +1,375 @@
+"""Training-image generation (spec §3.1-§3.2): DDIM, eta 1, CFG 6, one PNG per prompt entry.
+
+``generate_images(model_factory, prompts, outdir, ...)`` writes
+
+    outdir/samples/00000.png ...   8-bit PNG of clamp((decode(z) + 1) / 2, 0, 1)
+    outdir/images.txt              one image path per line, RELATIVE TO ``outdir`` (``samples/00000.png``)
+    outdir/caption.txt             the prompt of the image on the same line
+    outdir/plan.json               the prompts and sampling settings the folder was made with
+
+Differences from the reference, on purpose:
+
+* ``images.txt`` paths are relative to the folder that holds ``images.txt`` (the reference wrote
+  them relative to the working directory, e.g. ``data/cat_gen/samples/00000.png``, which breaks when
+  the folder or the working directory moves). ``ablation.data.read_image_list`` resolves them.
+* Noise is seeded per IMAGE, not per process: image ``i`` draws its start noise and then, step by
+  step, its eta noise from one CPU ``torch.Generator`` seeded ``seed + i`` (the draws are moved to the
+  sampling device). The reference calls ``seed_everything(42)`` once in every GPU process, so its
+  images depend on the number of GPUs and the batch split. Here the images are a function of
+  (prompt, seed + index, settings) only: changing ``batch_size``, the number of GPUs or the device
+  changes them at most by floating-point kernel differences (bit-identical on one CPU build in
+  practice), and a resumed run with the same ``batch_size`` is bit-identical to an uninterrupted one.
+* Resumable and safe to interrupt: every PNG is written under a temporary name and ``os.replace``d;
+  on restart, batches whose images all exist and pass ``PIL.Image.verify()`` are skipped and only
+  missing or damaged images are (re)written. ``images.txt``/``caption.txt`` are written (atomically)
+  only once every image exists; if they exist and match the plan, the call does nothing.
+* A folder made from a different plan (other prompts or sampling settings) raises
+  ``GenerationPlanError`` instead of silently mixing two data sets.
+* Pixels are converted like the reference (``(255 * x).astype(uint8)``, i.e. truncated).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm.models.diffusion.ddim import DDIMSampler, ddim_step
+
+__all__ = ["generate_images", "validate_generation_args", "GenerationPlanError", "image_is_complete",
+           "read_text_lines", "write_text_atomic", "PLAN_FILE"]
+
+PLAN_FILE = "plan.json"
+_PLAN_VERSION = 1  # bump if the noise layout or the pixel conversion changes
+PRECISIONS = ("autocast", "full")
+
+
+class GenerationPlanError(RuntimeError):
+    """``outdir`` already holds images generated from a different plan."""
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_text_lines(path: str | os.PathLike) -> list[str]:
+    """Lines of a text file without their line endings (a final empty line is not a line)."""
+    with open(path, encoding="utf-8") as f:
+        return f.read().splitlines()
+
+
+def image_is_complete(path: str | os.PathLike, size: tuple[int, int] | None = None) -> bool:
+    """True if ``path`` is a readable, undamaged image file (``PIL.Image.verify``) of ``size`` (W, H)."""
+    try:
+        with Image.open(path) as im:
+            if size is not None and im.size != tuple(size):
+                return False
+            im.verify()
+        return True
+    except Exception:  # missing, truncated, corrupt, not an image
+        return False
+
+
+def _save_png_atomic(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _image_name(index: int) -> str:
+    return f"{index:05d}.png"
+
+
+def validate_generation_args(prompts, *, steps: int = 200, eta: float = 1.0, scale: float = 6.0,
+                             batch_size: int = 10, height: int = 512, width: int = 512, seed: int = 42,
+                             devices=("cpu",), precision: str = "autocast",
+                             num_timesteps: int = 1000) -> tuple[list[str], tuple[str, ...]]:
+    """Check the arguments of ``generate_images`` before any model is built.
+
+    ``num_timesteps`` is the model's training T (1000 for SD v1): ``steps`` must fit its DDIM grid.
+
+    Returns ``(prompts as a list, devices as a tuple)``; raises ``ValueError``/``TypeError``.
+    """
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings (one entry per image), not a single string")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty: nothing to generate")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be strings; entry {bad[0]} is {type(prompts[bad[0]]).__name__}")
+    multiline = [i for i, p in enumerate(prompts) if "\n" in p or "\r" in p]
+    if multiline:
+        raise ValueError(f"prompt {multiline[0]} contains a line break; caption.txt holds one prompt per line")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    c = num_timesteps // steps if steps <= num_timesteps else 0
+    if c < 1 or (num_timesteps - 1) // c * c + 1 >= num_timesteps:
+        ok = [s for s in (10, 20, 25, 50, 100, 200, 250, 500) if s <= num_timesteps]
+        raise ValueError(f"steps={steps} does not fit the uniform DDIM grid range(0, {num_timesteps}, "
+                         f"{num_timesteps}//steps) + 1 (the last timestep would be {num_timesteps}); "
+                         f"use e.g. one of {ok}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    for name, v in (("height", height), ("width", width)):
+        if not isinstance(v, int) or v < 8 or v % 8:
+            raise ValueError(f"{name} must be a positive multiple of 8, got {v!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if isinstance(devices, (str, torch.device)):
+        devices = (devices,)
+    devices = tuple(str(d) for d in devices)
+    if not devices:
+        raise ValueError("devices is empty")
+    for d in devices:
+        dev = torch.device(d)  # raises on nonsense
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {d!r} requested but CUDA is not available")
+    return prompts, devices
+
+
+def _plan_dict(prompts: list[str], steps, eta, scale, height, width, seed) -> dict:
+    return {"version": _PLAN_VERSION, "noise": "per-image CPU generator seeded seed+index",
+            "steps": steps, "eta": float(eta), "scale": float(scale), "height": height, "width": width,
+            "seed": seed, "n_images": len(prompts), "prompts": prompts}
+
+
+def _plan_diff(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _batches(n_images: int, batch_size: int) -> list[list[int]]:
+    return [list(range(s, min(s + batch_size, n_images))) for s in range(0, n_images, batch_size)]
+
+
+def _pending_batches(samples: Path, n_images: int, batch_size: int,
+                     size: tuple[int, int]) -> list[tuple[int, list[int]]]:
+    """(batch index, image indices to write) of every batch that has a missing or damaged image."""
+    pending = []
+    for k, idx in enumerate(_batches(n_images, batch_size)):
+        todo = [i for i in idx if not image_is_complete(samples / _image_name(i), size)]
+        if todo:
+            pending.append((k, todo))
+    return pending
+
+
+# ---------------------------------------------------------------------------------------- sampling
+class _PerImageNoiseDDIM(DDIMSampler):
+    """DDIM whose eta noise for row ``j`` comes from ``generators[j]`` (CPU), so that every image's
+    noise is independent of the batch it is sampled in and of the device."""
+
+    def __init__(self, model, generators: Sequence[torch.Generator]):
+        super().__init__(model)
+        self.generators = list(generators)
+
+    def _step(self, eps, x, t, t_next, index, temperature, generator):  # DDIMSampler's per-step hook
+        a_t, a_prev, sigma_t = self._coefficients(index)
+        noise = None
+        if sigma_t > 0:
+            noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in self.generators])
+            noise = noise.to(device=x.device, dtype=x.dtype) * temperature
+        return ddim_step(x, eps(x, t), a_t, a_prev, sigma_t, noise)
+
+
+def _latent_shape(model, height: int, width: int) -> tuple[int, int, int]:
+    try:
+        f = 2 ** (model.first_stage_model.decoder.num_resolutions - 1)
+    except AttributeError:
+        f = 8
+    if height % f or width % f:
+        raise ValueError(f"height/width ({height}x{width}) must be multiples of the VAE factor {f}")
+    return (model.channels, height // f, width // f)
+
+
+class _Runner:
+    """Everything a process needs to sample its batches (built once per process)."""
+
+    def __init__(self, model_factory, device: str, prompts, samples: Path, steps, eta, scale, height, width,
+                 seed, precision):
+        self.device = torch.device(device)
+        model = model_factory(self.device)
+        self.model = model.to(self.device).eval()
+        self.prompts, self.samples = prompts, samples
+        self.steps, self.eta, self.scale, self.seed = steps, eta, scale, seed
+        self.size = (width, height)
+        self.shape = _latent_shape(self.model, height, width)
+        use_amp = precision == "autocast" and self.device.type == "cuda"
+        self.amp = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
+        self._uc = {}
+
+    def _uncond(self, n: int):
+        if n not in self._uc:
+            self._uc[n] = self.model.get_learned_conditioning([""] * n)
+        return self._uc[n]
+
+    @torch.no_grad()
+    def run_batch(self, indices: list[int], todo: list[int]) -> None:
+        """Sample the whole batch ``indices`` (fixed noise per image) and write the images in ``todo``."""
+        todo = set(todo)
+        gens = [torch.Generator().manual_seed(self.seed + i) for i in indices]
+        x_T = torch.stack([torch.randn(self.shape, generator=g) for g in gens]).to(self.device)
+        with self.amp():
+            c = self.model.get_learned_conditioning([self.prompts[i] for i in indices])
+            uc = self._uncond(len(indices)) if self.scale != 1.0 else None
+            z, _ = _PerImageNoiseDDIM(self.model, gens).sample(
+                S=self.steps, batch_size=len(indices), shape=self.shape, conditioning=c,
+                unconditional_conditioning=uc, unconditional_guidance_scale=self.scale, eta=self.eta,
+                x_T=x_T, verbose=False, progress=False)
+            x = self.model.decode_first_stage(z)
+        x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        arrays = (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
+        for row, i in enumerate(indices):
+            if i in todo:
+                _save_png_atomic(arrays[row], self.samples / _image_name(i))
+
+    def close(self):
+        dev = self.device
+        del self.model
+        self._uc.clear()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _worker(rank: int, devices, jobs_by_rank, runner_args, desc):
+    """Spawned process ``rank``: sample its batches ``jobs_by_rank[rank]`` on ``devices[rank]``."""
+    mine = jobs_by_rank[rank]
+    if not mine:
+        return
+    device = devices[rank]
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))  # default-device allocations land on this GPU too
+    if torch.device(device).type == "cpu":  # several CPU workers: do not oversubscribe the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(devices)))
+    try:
+        runner = _Runner(runner_args["model_factory"], device, **runner_args["kwargs"])
+        with tqdm(total=sum(len(idx) for _, idx, _ in mine), desc=f"{desc} [{device}]", unit="img",
+                  position=rank, dynamic_ncols=True) as bar:
+            for _, indices, todo in mine:
+                runner.run_batch(indices, todo)
+                bar.update(len(indices))
+        runner.close()
+    except Exception as e:
+        # torch.multiprocessing re-raises this in the parent with the full (chained) traceback.
+        raise RuntimeError(f"generation worker {rank} on device {device} failed: {e!r}") from e
+
+
+# ---------------------------------------------------------------------------------------- public API
+def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], prompts: list[str],
+                    outdir: str | os.PathLike, *, steps: int = 200, eta: float = 1.0, scale: float = 6.0,
+                    batch_size: int = 10, height: int = 512, width: int = 512, seed: int = 42,
+                    devices: Sequence[str] | str = ("cpu",), precision: str = "autocast",
+                    desc: str = "generating") -> Path:
+    """Generate one image per entry of ``prompts`` into ``outdir``; returns ``outdir`` as a Path.
+
+    ``prompts`` is the full per-image list (repeat a prompt n times for n images).
+    ``model_factory(device) -> LatentDiffusion`` is called once per process that has work to do
+    (never when everything already exists); with several ``devices`` it must be picklable (a
+    module-level function or a ``functools.partial`` of one), since one process per device is
+    spawned and batch ``k`` goes to device ``k % len(devices)``. ``precision="autocast"`` samples
+    under fp16 autocast on CUDA (nothing on CPU); ``"full"`` is fp32 everywhere.
+    See the module docstring for the folder layout, seeding and resume rules.
+    """
+    prompts, devices = validate_generation_args(prompts, steps=steps, eta=eta, scale=scale, batch_size=batch_size,
+                                                height=height, width=width, seed=seed, devices=devices,
+                                                precision=precision)
+    outdir = Path(outdir)
+    samples = outdir / "samples"
+    names = [f"samples/{_image_name(i)}" for i in range(len(prompts))]
+    plan = _plan_dict(prompts, steps, eta, scale, height, width, seed)
+    images_txt, caption_txt, plan_file = outdir / "images.txt", outdir / "caption.txt", outdir / PLAN_FILE
+
+    # --- is this folder ours (same plan)?
+    if plan_file.exists():
+        try:
+            old = json.loads(plan_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise GenerationPlanError(f"{plan_file} is unreadable ({e}); delete {outdir} or use another outdir") from e
+        diff = _plan_diff(old, plan)
+        if diff:
+            raise GenerationPlanError(
+                f"{outdir} was generated with a different plan (differs in: {', '.join(diff)}). "
+                f"Refusing to mix two data sets: delete {outdir} or choose another outdir.")
+    if caption_txt.exists() and read_text_lines(caption_txt) != prompts:
+        raise GenerationPlanError(
+            f"{caption_txt} lists other prompts than requested ({len(read_text_lines(caption_txt))} lines vs "
+            f"{len(prompts)} prompts). Refusing to mix two data sets: delete {outdir} or choose another outdir.")
+    if not plan_file.exists() and not caption_txt.exists() and samples.is_dir() and any(samples.glob("*.png")):
+        raise GenerationPlanError(
+            f"{samples} holds images but {outdir} has neither {PLAN_FILE} nor caption.txt, so their prompts "
+            f"are unknown. Refusing to mix: delete {outdir} or choose another outdir.")
+
+    size = (width, height)
+    done_lists = (images_txt.exists() and caption_txt.exists() and read_text_lines(images_txt) == names)
+    pending = _pending_batches(samples, len(prompts), batch_size, size)
+    if done_lists and not pending:
+        print(f"{outdir}: all {len(prompts)} images already generated; nothing to do")
+        return outdir
+
+    if pending and len(devices) > 1:
+        try:
+            pickle.dumps(model_factory)
+        except Exception as e:
+            raise TypeError(f"with several devices model_factory must be picklable (a module-level function "
+                            f"or a functools.partial of one), got {model_factory!r}: {e}") from e
+
+    samples.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(plan_file, json.dumps(plan, indent=1) + "\n")
+    for stale in samples.glob(".*.tmp"):  # leftovers of a killed run (never a finished image)
+        stale.unlink(missing_ok=True)
+
+    if pending:
+        n_todo = sum(len(t) for _, t in pending)
+        print(f"{outdir}: generating {n_todo} of {len(prompts)} images "
+              f"({len(pending)} batches of <= {batch_size}) on {', '.join(devices)}")
+        all_batches = _batches(len(prompts), batch_size)
+        # (k, indices of the whole batch, indices to write); batch k goes to rank k % n.
+        jobs = [(k, all_batches[k], todo) for k, todo in pending]
+        kwargs = dict(prompts=prompts, samples=samples, steps=steps, eta=eta, scale=scale, height=height,
+                      width=width, seed=seed, precision=precision)
+        if len(devices) == 1:
+            runner = _Runner(model_factory, devices[0], **kwargs)
+            try:
+                with tqdm(total=sum(len(b) for _, b, _ in jobs), desc=desc, unit="img", dynamic_ncols=True) as bar:
+                    for _, indices, todo in jobs:
+                        runner.run_batch(indices, todo)
+                        bar.update(len(indices))
+            finally:
+                runner.close()
+        else:
+            import torch.multiprocessing as mp
+
+            # batch k belongs to device k % n; devices left without work get no process
+            by_rank = [[] for _ in devices]
+            for job in jobs:
+                by_rank[job[0] % len(devices)].append(job)
+            active = [r for r in range(len(devices)) if by_rank[r]]
+            mp.start_processes(_worker, args=([devices[r] for r in active], [by_rank[r] for r in active],
+                                              {"model_factory": model_factory, "kwargs": kwargs}, desc),
+                               nprocs=len(active), join=True, start_method="spawn")
+
+    missing = [n for n in names if not image_is_complete(outdir / n, size)]
+    if missing:
+        raise RuntimeError(f"{len(missing)} images still missing after generation, e.g. {outdir / missing[0]}")
+    write_text_atomic(caption_txt, "".join(p + "\n" for p in prompts))
+    write_text_atomic(images_txt, "".join(n + "\n" for n in names))
+    return outdir
+

@@ -1,0 +1,358 @@
+"""Memorized-image pipeline (spec §3.3, §8.5): SSCD copy detection and anchor/target prompt selection.
+
+SSCD (``sscd_imagenet_mixup.torchscript.pt``, a TorchScript ResNet-50 with 512-D descriptors) is
+loaded only when a function here needs it, never at import (the reference loaded it at import time,
+so the file was required even for style/object runs). Preprocessing is SSCD's ``small_288``
+recipe, done with PIL + numpy instead of torchvision: resize so the SHORT side is 288 (PIL bilinear,
+which is what torchvision's ``Resize(288)`` does on PIL images; the long side is
+``int(288 * long / short)``), to float CHW in [0, 1], ImageNet mean/std normalisation.
+
+An image is "memorized" when its cosine similarity to the memorized training image is > 0.5.
+
+``prepare_memorization_data`` (steps 1-5 of §3.3) writes into ``gen_folder``:
+
+    check/{samples/, images.txt, caption.txt, plan.json}    n_check images per paraphrase (100 steps)
+    check/sscd_similarity.txt                               SSCD similarity of each check image
+    anchor.txt                                              the anchor prompts (least memorizing)
+    target.txt                                              the memorized caption, then the target prompts
+    anchor/{samples/, images.txt, caption.txt, plan.json}   train_size // anchor_size images per anchor (200 steps)
+    anchor/sscd_similarity.txt
+    samples/NNNNN.png, images.txt, caption.txt              the anchor images with similarity <= 0.5 (training data)
+    memorization.json                                       the settings the folder was prepared with
+
+Every stage is reused on a rerun once finished. Deliberate differences from the reference: the
+kept check images are not copied to ``filtered/`` (nothing reads them; the scores are in
+``check/sscd_similarity.txt``), re-reading ``target.txt`` does not duplicate the memorized caption,
+the final filtering is not redone on every run, and a folder prepared with other settings raises
+instead of being reused silently.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ablation.generate import (generate_images, image_is_complete, read_text_lines, validate_generation_args,
+                               write_text_atomic)
+
+__all__ = ["SSCD_FILE", "SSCD_URL", "DEFAULT_SSCD_PATH", "SSCD_SIZE", "IMAGENET_MEAN", "IMAGENET_STD",
+           "load_sscd", "preprocess_sscd", "descriptors", "similarities", "select_prompts", "filter_images",
+           "memorization_rate", "prepare_memorization_data", "MemorizationSettingsError"]
+
+SSCD_FILE = "sscd_imagenet_mixup.torchscript.pt"
+SSCD_URL = f"https://dl.fbaipublicfiles.com/sscd-copy-detection/{SSCD_FILE}"
+DEFAULT_SSCD_PATH = Path(__file__).resolve().parents[1] / "assets" / "pretrained_models" / SSCD_FILE
+SSCD_SIZE = 288
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+THRESHOLD = 0.5
+
+
+class MemorizationSettingsError(RuntimeError):
+    """``gen_folder`` was prepared with different settings."""
+
+
+# ---------------------------------------------------------------------------------------- SSCD
+def load_sscd(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """Load the SSCD TorchScript descriptor model (``None``: ``assets/pretrained_models/{SSCD_FILE}``)."""
+    path = Path(DEFAULT_SSCD_PATH if path is None else path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SSCD model not found at {path}. The memorization pipeline needs the SSCD copy-detection "
+            f"descriptor model {SSCD_FILE} (facebookresearch/sscd-copy-detection); download it from "
+            f"{SSCD_URL} into {DEFAULT_SSCD_PATH.parent}/ or pass its path.")
+    with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated; SSCD ships only as one
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
+        model = torch.jit.load(str(path), map_location=torch.device(device))
+    model.eval()
+    return model
+
+
+def _resized_size(width: int, height: int, size: int = SSCD_SIZE) -> tuple[int, int]:
+    """(W, H) with the short side ``size`` and the long side ``int(size * long / short)`` (torchvision rule)."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def preprocess_sscd(image: Image.Image | str | os.PathLike, size: int = SSCD_SIZE) -> torch.Tensor:
+    """SSCD ``small_288`` preprocessing: RGB, short side -> ``size`` (bilinear), [0,1] CHW, ImageNet norm."""
+    if not isinstance(image, Image.Image):
+        with Image.open(image) as im:
+            image = im.convert("RGB")
+    else:
+        image = image.convert("RGB")
+    target = _resized_size(*image.size, size=size)
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.BILINEAR)
+    x = np.asarray(image, dtype=np.float32) / 255.0  # H, W, 3
+    x = (x - np.asarray(IMAGENET_MEAN, dtype=np.float32)) / np.asarray(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError, RuntimeError):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def descriptors(model, image_paths: Sequence[str | os.PathLike], batch_size: int = 32,
+                device: str | torch.device | None = None) -> torch.Tensor:
+    """L2-normalised SSCD descriptors ``[N, D]`` (float32, CPU) of ``image_paths``, in order.
+
+    Images of different sizes are fine: only images with the same preprocessed size are batched.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    paths = [Path(p) for p in image_paths]
+    if not paths:
+        raise ValueError("no images given")
+    device = _model_device(model) if device is None else torch.device(device)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:  # header only
+            groups.setdefault(_resized_size(*im.size), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(paths)
+    for indices in groups.values():
+        for s in range(0, len(indices), batch_size):
+            chunk = indices[s:s + batch_size]
+            x = torch.stack([preprocess_sscd(paths[i]) for i in chunk]).to(device)
+            d = model(x)
+            d = F.normalize(d.reshape(d.shape[0], -1).float(), dim=1).cpu()
+            for row, i in enumerate(chunk):
+                out[i] = d[row]
+    return torch.stack(out)
+
+
+def similarities(model, image_paths: Sequence[str | os.PathLike], reference_image_path: str | os.PathLike,
+                 batch_size: int = 32, device: str | torch.device | None = None) -> torch.Tensor:
+    """Cosine similarity ``[N]`` of each image to the reference image (SSCD descriptors)."""
+    d = descriptors(model, image_paths, batch_size=batch_size, device=device)
+    ref = descriptors(model, [reference_image_path], device=device)[0]
+    return d @ ref
+
+
+# ---------------------------------------------------------------------------------------- selection
+def _as_1d(sims, n: int) -> torch.Tensor:
+    sims = torch.as_tensor(sims, dtype=torch.float32).flatten()
+    if sims.numel() != n:
+        raise ValueError(f"{sims.numel()} similarities for {n} images")
+    return sims
+
+
+def select_prompts(captions_per_image: Sequence[str], sims, anchor_size: int = 10, target_size: int = 3,
+                   threshold: float = THRESHOLD) -> tuple[list[str], list[str]]:
+    """(anchor prompts, target prompts) from scored check images.
+
+    Per distinct caption, count its images with similarity <= ``threshold`` (not memorized); sort
+    the captions by that count, descending (stable: ties keep first-appearance order). Anchors are
+    the first ``anchor_size`` (least memorizing), targets the last ``target_size`` (most memorizing).
+    """
+    captions = list(captions_per_image)
+    sims = _as_1d(sims, len(captions))
+    if anchor_size < 1 or target_size < 0:
+        raise ValueError(f"anchor_size must be >= 1 and target_size >= 0, got {anchor_size}, {target_size}")
+    distinct = list(dict.fromkeys(captions))
+    need = max(anchor_size, target_size)
+    if len(distinct) < need:
+        raise ValueError(f"only {len(distinct)} distinct captions among the scored images, need at least "
+                         f"{need} (anchor_size={anchor_size}, target_size={target_size})")
+    kept = Counter(c for c, s in zip(captions, sims.tolist()) if s <= threshold)
+    order = sorted(distinct, key=lambda c: -kept[c])  # sorted() is stable
+    anchors = order[:anchor_size]
+    targets = order[len(order) - target_size:] if target_size else []
+    overlap = set(anchors) & set(targets)
+    if overlap:
+        warnings.warn(f"{len(overlap)} prompt(s) are both anchor and target (only {len(distinct)} distinct "
+                      f"captions for anchor_size={anchor_size} + target_size={target_size})", stacklevel=2)
+    return anchors, targets
+
+
+def filter_images(image_paths: Sequence, captions: Sequence[str], sims,
+                  threshold: float = THRESHOLD) -> list[tuple]:
+    """The (path, caption) pairs of the images with similarity <= ``threshold`` (not memorized), in order."""
+    image_paths, captions = list(image_paths), list(captions)
+    if len(image_paths) != len(captions):
+        raise ValueError(f"{len(image_paths)} images but {len(captions)} captions")
+    sims = _as_1d(sims, len(image_paths))
+    return [(p, c) for p, c, s in zip(image_paths, captions, sims.tolist()) if s <= threshold]
+
+
+def memorization_rate(sims, threshold: float = THRESHOLD) -> float:
+    """Share of images whose similarity is > ``threshold`` (memorized); lower is better."""
+    sims = torch.as_tensor(sims, dtype=torch.float32).flatten()
+    if sims.numel() == 0:
+        raise ValueError("memorization_rate of an empty set of similarities")
+    return float((sims > threshold).float().mean())
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _LazySSCD:
+    """Loads SSCD on first use, so finished stages never need the file."""
+
+    def __init__(self, path, device):
+        self.path, self.device, self.model = path, device, None
+
+    def __call__(self):
+        if self.model is None:
+            self.model = load_sscd(self.path, self.device)
+        return self.model
+
+
+def _scored(lazy: _LazySSCD, folder: Path, mem_image: Path) -> tuple[list[Path], list[str], torch.Tensor]:
+    """(image paths, captions, similarities) of a generated folder; similarities cached next to it."""
+    names = read_text_lines(folder / "images.txt")
+    captions = read_text_lines(folder / "caption.txt")
+    paths = [folder / n for n in names]
+    cache = folder / "sscd_similarity.txt"
+    if cache.exists():
+        vals = read_text_lines(cache)
+        if len(vals) == len(paths):
+            return paths, captions, torch.tensor([float(v) for v in vals])
+    sims = similarities(lazy(), paths, mem_image)
+    write_text_atomic(cache, "".join(f"{s:.6f}\n" for s in sims.tolist()))
+    return paths, captions, sims
+
+
+def _final_done(gen: Path) -> bool:
+    images_txt, caption_txt = gen / "images.txt", gen / "caption.txt"
+    if not (images_txt.exists() and caption_txt.exists()):
+        return False
+    names = read_text_lines(images_txt)
+    return (len(names) == len(read_text_lines(caption_txt)) and len(names) > 0
+            and all(image_is_complete(gen / n) for n in names))
+
+
+def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathLike | None,
+                              mem_image: str | os.PathLike, paraphrases: Sequence[str],
+                              gen_folder: str | os.PathLike, caption_target: str, train_size: int, *,
+                              n_check: int = 5, check_steps: int = 100, anchor_steps: int = 200,
+                              anchor_size: int = 10, target_size: int = 3, threshold: float = THRESHOLD,
+                              devices: Sequence[str] | str = ("cpu",), batch_size: int = 10, height: int = 512,
+                              width: int = 512, seed: int = 42, eta: float = 1.0, scale: float = 6.0,
+                              precision: str = "autocast", sscd_device: str | torch.device | None = None,
+                              ) -> tuple[Path, Path, list[str]]:
+    """Spec §3.3: check set -> SSCD scoring -> anchor/target prompts -> anchor set -> filtering.
+
+    Returns ``(gen/images.txt, gen/caption.txt, [caption_target, t1, ..., t_target_size])``; the
+    trainer turns the caption list into ``*+X`` memorization concepts. Finished stages are reused.
+    ``sscd_device`` defaults to the first of ``devices``.
+    """
+    gen = Path(gen_folder)
+    mem_image = Path(mem_image)
+    if not mem_image.is_file():
+        raise FileNotFoundError(f"memorized image {mem_image} not found")
+    if isinstance(paraphrases, str):
+        raise TypeError("paraphrases must be a list of prompts, not a single string")
+    cleaned = [p.strip() for p in paraphrases if p.strip()]
+    distinct = list(dict.fromkeys(cleaned))
+    if len(distinct) != len(cleaned):
+        warnings.warn(f"{len(cleaned) - len(distinct)} duplicate paraphrase(s) dropped", stacklevel=2)
+    if not caption_target or "\n" in caption_target:
+        raise ValueError(f"caption_target must be a non-empty single-line caption, got {caption_target!r}")
+    if len(distinct) < max(anchor_size, target_size):
+        raise ValueError(f"{len(distinct)} distinct paraphrases, need at least max(anchor_size={anchor_size}, "
+                         f"target_size={target_size})")
+    if anchor_size < 1 or train_size < 1 or train_size % anchor_size:
+        raise ValueError(f"train_size ({train_size}) must be a positive multiple of anchor_size ({anchor_size}): "
+                         f"each anchor prompt gets train_size // anchor_size images")
+    if n_check < 1:
+        raise ValueError(f"n_check must be >= 1, got {n_check}")
+    gen_kw = dict(eta=eta, scale=scale, batch_size=batch_size, height=height, width=width, seed=seed,
+                  devices=devices, precision=precision)
+    _, gen_kw["devices"] = validate_generation_args(distinct, steps=check_steps, **gen_kw)
+    validate_generation_args(distinct, steps=anchor_steps, **gen_kw)
+    devices = gen_kw["devices"]
+
+    settings = {"version": 1, "caption_target": caption_target, "mem_image_sha256": _sha256(mem_image),
+                "paraphrases": distinct, "n_check": n_check, "check_steps": check_steps,
+                "anchor_steps": anchor_steps, "anchor_size": anchor_size, "target_size": target_size,
+                "threshold": float(threshold), "train_size": train_size, "seed": seed, "height": height,
+                "width": width, "eta": float(eta), "scale": float(scale)}
+    settings_file = gen / "memorization.json"
+    if settings_file.exists():
+        old = json.loads(settings_file.read_text(encoding="utf-8"))
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if diff:
+            raise MemorizationSettingsError(
+                f"{gen} was prepared with different settings (differs in: {', '.join(diff)}); "
+                f"delete it or use another folder")
+    gen.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(settings_file, json.dumps(settings, indent=1) + "\n")
+    lazy = _LazySSCD(sscd_path, sscd_device if sscd_device is not None else devices[0])
+
+    # 1-2. check set, scoring, anchor/target prompts
+    anchor_txt, target_txt = gen / "anchor.txt", gen / "target.txt"
+    if anchor_txt.exists() and target_txt.exists():
+        anchors = read_text_lines(anchor_txt)
+        lines = read_text_lines(target_txt)
+        if not lines or lines[0] != caption_target or len(anchors) != anchor_size or len(lines) - 1 != target_size:
+            raise MemorizationSettingsError(f"{anchor_txt}/{target_txt} do not match caption_target, anchor_size "
+                                            f"and target_size; delete them to redo the prompt selection")
+        targets = lines[1:]  # the first line is the memorized caption itself: do not add it twice
+    else:
+        check_prompts = [p for p in distinct for _ in range(n_check)]
+        generate_images(model_factory, check_prompts, gen / "check", steps=check_steps,
+                        desc="memorization check set", **gen_kw)
+        _, captions, sims = _scored(lazy, gen / "check", mem_image)
+        anchors, targets = select_prompts(captions, sims, anchor_size, target_size, threshold)
+        print(f"check set: memorization rate {memorization_rate(sims, threshold):.3f}; "
+              f"anchors: {anchors}; targets: {targets}")
+        write_text_atomic(target_txt, "".join(t + "\n" for t in [caption_target, *targets]))
+        write_text_atomic(anchor_txt, "".join(a + "\n" for a in anchors))  # written last: marks the stage done
+
+    # 3. anchor set
+    per_anchor = train_size // anchor_size
+    anchor_prompts = [a for a in anchors for _ in range(per_anchor)]
+    generate_images(model_factory, anchor_prompts, gen / "anchor", steps=anchor_steps,
+                    desc="memorization anchor set", **gen_kw)
+
+    # 4. final filtering into gen/samples
+    images_txt, caption_txt = gen / "images.txt", gen / "caption.txt"
+    if _final_done(gen):
+        print(f"{gen}: filtered training set already prepared")
+    else:
+        paths, captions, sims = _scored(lazy, gen / "anchor", mem_image)
+        kept = filter_images(paths, captions, sims, threshold)
+        if not kept:
+            raise RuntimeError(f"all {len(paths)} anchor images are memorized (SSCD similarity > {threshold}); "
+                               f"no training data left")
+        samples = gen / "samples"
+        samples.mkdir(exist_ok=True)
+        keep_names = {p.name for p, _ in kept}
+        for old in samples.glob("*.png"):
+            if old.name not in keep_names:
+                old.unlink()
+        for p, _ in kept:
+            dst = samples / p.name
+            if not image_is_complete(dst):
+                tmp = samples / f".{p.name}.{os.getpid()}.tmp"
+                shutil.copyfile(p, tmp)
+                os.replace(tmp, dst)
+        write_text_atomic(caption_txt, "".join(c + "\n" for _, c in kept))
+        write_text_atomic(images_txt, "".join(f"samples/{p.name}\n" for p, _ in kept))
+        print(f"{gen}: kept {len(kept)} of {len(paths)} anchor images "
+              f"(memorization rate {memorization_rate(sims, threshold):.3f})")
+
+    # 5. ablation targets: the memorized caption and the most-memorizing paraphrases
+    return images_txt, caption_txt, [caption_target, *targets]

@@ -1,0 +1,189 @@
+"""ablation.generate: layout, determinism, batch-split invariance, resume, plan checks, multi-process."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ablation.generate import GenerationPlanError, generate_images, image_is_complete, validate_generation_args
+from ldm.util import instantiate_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a photo of a cat", "a dog on a beach", "a photo of a cat", "a red car", "a house"]
+KW = dict(steps=2, batch_size=2, height=16, width=16, seed=7)
+_CACHE = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The tiny model is far faster on one thread (and on shared CI cores OpenMP spinning costs seconds)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_factory(device):
+    """Module-level (picklable) factory: the tiny random-weights model, same weights in every process."""
+    if "model" not in _CACHE:
+        torch.manual_seed(0)
+        _CACHE["model"] = instantiate_from_config(OmegaConf.load(ROOT / "configs/tiny/v1-tiny.yaml").model).eval()
+    return _CACHE["model"].to(device)
+
+
+def failing_factory(device):
+    raise RuntimeError(f"boom from the factory on {device}")
+
+
+class CountingFactory:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, device):
+        self.calls += 1
+        return tiny_factory(device)
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((folder / "samples").glob("*.png"))}
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "run"
+    factory = CountingFactory()
+    assert generate_images(factory, PROMPTS, out, **KW) == out
+    assert factory.calls == 1
+    return out
+
+
+def test_layout_and_text_files(first_run):
+    out = first_run
+    names = [f"samples/{i:05d}.png" for i in range(len(PROMPTS))]
+    assert (out / "images.txt").read_text().splitlines() == names
+    assert (out / "caption.txt").read_text().splitlines() == PROMPTS
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [n.split("/")[1] for n in names]  # no temp files
+    for n in names:
+        with Image.open(out / n) as im:
+            assert im.format == "PNG" and im.mode == "RGB" and im.size == (16, 16)
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["prompts"] == PROMPTS and plan["steps"] == 2 and plan["seed"] == 7
+    # the images are not all the same (different prompts and per-image noise)
+    assert len(set(_bytes(out).values())) == len(PROMPTS)
+
+
+def test_deterministic_and_independent_of_batch_split(first_run, tmp_path):
+    ref = _bytes(first_run)
+    generate_images(tiny_factory, PROMPTS, tmp_path / "same", **KW)
+    assert _bytes(tmp_path / "same") == ref  # same settings: bit-identical files
+
+    # noise is per image: another batch split gives the same images (up to BLAS rounding)
+    generate_images(tiny_factory, PROMPTS, tmp_path / "split", **{**KW, "batch_size": 3})
+    for name in ref:
+        diff = np.abs(_pixels(tmp_path / "split" / "samples" / name) - _pixels(first_run / "samples" / name))
+        assert diff.max() <= 1, name
+
+    generate_images(tiny_factory, PROMPTS, tmp_path / "seed", **{**KW, "seed": 8})
+    assert all(_bytes(tmp_path / "seed")[n] != ref[n] for n in ref)
+
+
+def test_resume_regenerates_only_missing_or_damaged(first_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(first_run, out)
+    ref = _bytes(first_run)
+    samples = out / "samples"
+    (samples / "00001.png").unlink()
+    data = (samples / "00003.png").read_bytes()
+    (samples / "00003.png").write_bytes(data[: len(data) // 2])  # truncated, as if killed mid-write
+    assert not image_is_complete(samples / "00003.png")
+    untouched = {n: os.stat(samples / n).st_mtime_ns for n in ("00000.png", "00002.png", "00004.png")}
+    (samples / ".00004.png.999.tmp").write_bytes(b"partial")  # leftover of a killed run
+
+    factory = CountingFactory()
+    generate_images(factory, PROMPTS, out, **KW)
+    assert factory.calls == 1
+    assert _bytes(out) == ref  # bit-for-bit the uninterrupted result
+    assert {n: os.stat(samples / n).st_mtime_ns for n in untouched} == untouched  # only the two were rewritten
+    assert not list(samples.glob(".*"))
+    assert (out / "images.txt").read_text() == (first_run / "images.txt").read_text()
+
+
+def test_noop_rerun(first_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(first_run, out)
+    factory = CountingFactory()
+    generate_images(factory, PROMPTS, out, **{**KW, "batch_size": 5})
+    assert factory.calls == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert _bytes(out) == _bytes(first_run)
+
+
+def test_mismatched_plan_raises(first_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(first_run, out)
+    factory = CountingFactory()
+    with pytest.raises(GenerationPlanError, match="prompts"):
+        generate_images(factory, PROMPTS[:-1] + ["a boat"], out, **KW)
+    with pytest.raises(GenerationPlanError, match="steps"):
+        generate_images(factory, PROMPTS, out, **{**KW, "steps": 4})
+    # a folder without plan.json (e.g. made by the reference code) is judged by caption.txt
+    (out / "plan.json").unlink()
+    with pytest.raises(GenerationPlanError, match="caption.txt"):
+        generate_images(factory, PROMPTS[:3], out, **KW)
+    # images of unknown origin are not mixed in
+    (out / "caption.txt").unlink()
+    with pytest.raises(GenerationPlanError, match="unknown"):
+        generate_images(factory, PROMPTS, out, **KW)
+    assert factory.calls == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts=[]), "empty"),
+    (dict(prompts="a cat"), "list"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(height=20), "multiple of 8"),
+    (dict(width=0), "multiple of 8"),
+    (dict(steps=3), "DDIM grid"),  # range(0, 1000, 333) + 1 reaches t=1000
+    (dict(precision="half"), "precision"),
+    (dict(devices=()), "devices"),
+])
+def test_validation(kwargs, match, tmp_path):
+    args = {"prompts": ["a cat"], **kwargs}
+    with pytest.raises((ValueError, TypeError), match=match):
+        validate_generation_args(**args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        generate_images(failing_factory, args.pop("prompts"), tmp_path / "x", **args)
+    assert not (tmp_path / "x").exists()
+
+
+def test_multi_process_matches_single(first_run, tmp_path):
+    out = tmp_path / "mp"
+    generate_images(tiny_factory, PROMPTS, out, **KW, devices=("cpu", "cpu"))
+    ref = _bytes(first_run)
+    assert sorted(_bytes(out)) == sorted(ref)
+    for name in ref:  # same batches, other process (thread count): equal up to BLAS rounding
+        assert np.abs(_pixels(out / "samples" / name) - _pixels(first_run / "samples" / name)).max() <= 1
+    assert (out / "images.txt").read_text() == (first_run / "images.txt").read_text()
+    assert (out / "caption.txt").read_text() == (first_run / "caption.txt").read_text()
+
+
+def test_worker_error_propagates(tmp_path):
+    with pytest.raises(Exception, match="boom from the factory") as info:
+        generate_images(failing_factory, PROMPTS, tmp_path / "err", **KW, devices=("cpu", "cpu"))
+    assert "Traceback" in str(info.value) and "failing_factory" in str(info.value)
+    assert not (tmp_path / "err" / "images.txt").exists()
+
+
+def test_unpicklable_factory_with_several_devices(tmp_path):
+    with pytest.raises(TypeError, match="picklable"):
+        generate_images(lambda device: tiny_factory(device), PROMPTS, tmp_path / "x", **KW, devices=("cpu", "cpu"))
+    assert not (tmp_path / "x").exists()
