@@ -41,7 +41,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.models.diffusion.ddim import DDIMSampler, ddim_step
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.plms import PLMSSampler
 
 __all__ = ["generate_images", "validate_generation_args", "GenerationPlanError", "image_is_complete",
            "read_text_lines", "write_text_atomic", "PLAN_FILE"]
@@ -173,23 +174,6 @@ def _pending_batches(samples: Path, n_images: int, batch_size: int,
 
 
 # ---------------------------------------------------------------------------------------- sampling
-class _PerImageNoiseDDIM(DDIMSampler):
-    """DDIM whose eta noise for row ``j`` comes from ``generators[j]`` (CPU), so that every image's
-    noise is independent of the batch it is sampled in and of the device."""
-
-    def __init__(self, model, generators: Sequence[torch.Generator]):
-        super().__init__(model)
-        self.generators = list(generators)
-
-    def _step(self, eps, x, t, t_next, index, temperature, generator):  # DDIMSampler's per-step hook
-        a_t, a_prev, sigma_t = self._coefficients(index)
-        noise = None
-        if sigma_t > 0:
-            noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in self.generators])
-            noise = noise.to(device=x.device, dtype=x.dtype) * temperature
-        return ddim_step(x, eps(x, t), a_t, a_prev, sigma_t, noise)
-
-
 def _latent_shape(model, height: int, width: int) -> tuple[int, int, int]:
     try:
         f = 2 ** (model.first_stage_model.decoder.num_resolutions - 1)
@@ -204,12 +188,12 @@ class _Runner:
     """Everything a process needs to sample its batches (built once per process)."""
 
     def __init__(self, model_factory, device: str, prompts, samples: Path, steps, eta, scale, height, width,
-                 seed, precision):
+                 seed, precision, sampler="ddim"):
         self.device = torch.device(device)
         model = model_factory(self.device)
         self.model = model.to(self.device).eval()
         self.prompts, self.samples = prompts, samples
-        self.steps, self.eta, self.scale, self.seed = steps, eta, scale, seed
+        self.steps, self.eta, self.scale, self.seed, self.sampler = steps, eta, scale, seed, sampler
         self.size = (width, height)
         self.shape = _latent_shape(self.model, height, width)
         use_amp = precision == "autocast" and self.device.type == "cuda"
@@ -230,10 +214,12 @@ class _Runner:
         with self.amp():
             c = self.model.get_learned_conditioning([self.prompts[i] for i in indices])
             uc = self._uncond(len(indices)) if self.scale != 1.0 else None
-            z, _ = _PerImageNoiseDDIM(self.model, gens).sample(
+            sampler = PLMSSampler(self.model) if self.sampler == "plms" else DDIMSampler(self.model)
+            # the generators continue after x_T: each image's eta noise is its own stream
+            z, _ = sampler.sample(
                 S=self.steps, batch_size=len(indices), shape=self.shape, conditioning=c,
                 unconditional_conditioning=uc, unconditional_guidance_scale=self.scale, eta=self.eta,
-                x_T=x_T, verbose=False, progress=False)
+                x_T=x_T, generator=gens, verbose=False, progress=False)
             x = self.model.decode_first_stage(z)
         x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
         arrays = (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
@@ -277,7 +263,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
                     outdir: str | os.PathLike, *, steps: int = 200, eta: float = 1.0, scale: float = 6.0,
                     batch_size: int = 10, height: int = 512, width: int = 512, seed: int = 42,
                     devices: Sequence[str] | str = ("cpu",), precision: str = "autocast",
-                    desc: str = "generating") -> Path:
+                    sampler: str = "ddim", desc: str = "generating") -> Path:
     """Generate one image per entry of ``prompts`` into ``outdir``; returns ``outdir`` as a Path.
 
     ``prompts`` is the full per-image list (repeat a prompt n times for n images).
@@ -285,16 +271,20 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     (never when everything already exists); with several ``devices`` it must be picklable (a
     module-level function or a ``functools.partial`` of one), since one process per device is
     spawned and batch ``k`` goes to device ``k % len(devices)``. ``precision="autocast"`` samples
-    under fp16 autocast on CUDA (nothing on CPU); ``"full"`` is fp32 everywhere.
-    See the module docstring for the folder layout, seeding and resume rules.
+    under fp16 autocast on CUDA (nothing on CPU); ``"full"`` is fp32 everywhere. ``sampler`` is
+    ``"ddim"`` or ``"plms"`` (PLMS needs ``eta=0``). See the module docstring for the folder layout, seeding and resume rules.
     """
     prompts, devices = validate_generation_args(prompts, steps=steps, eta=eta, scale=scale, batch_size=batch_size,
                                                 height=height, width=width, seed=seed, devices=devices,
                                                 precision=precision)
+    if sampler not in ("ddim", "plms") or (sampler == "plms" and eta != 0):
+        raise ValueError(f"sampler must be 'ddim' or 'plms' (the latter with eta=0), got {sampler!r} with eta={eta}")
     outdir = Path(outdir)
     samples = outdir / "samples"
     names = [f"samples/{_image_name(i)}" for i in range(len(prompts))]
     plan = _plan_dict(prompts, steps, eta, scale, height, width, seed)
+    if sampler != "ddim":
+        plan["sampler"] = sampler
     images_txt, caption_txt, plan_file = outdir / "images.txt", outdir / "caption.txt", outdir / PLAN_FILE
 
     # --- is this folder ours (same plan)?
@@ -344,7 +334,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
         # (k, indices of the whole batch, indices to write); batch k goes to rank k % n.
         jobs = [(k, all_batches[k], todo) for k, todo in pending]
         kwargs = dict(prompts=prompts, samples=samples, steps=steps, eta=eta, scale=scale, height=height,
-                      width=width, seed=seed, precision=precision)
+                      width=width, seed=seed, precision=precision, sampler=sampler)
         if len(devices) == 1:
             runner = _Runner(model_factory, devices[0], **kwargs)
             try:

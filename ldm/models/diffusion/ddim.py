@@ -6,14 +6,26 @@ reuses the schedule and loop and only swaps the step rule.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ldm.modules.diffusionmodules.util import (make_ddim_sampling_parameters, make_ddim_timesteps,
-                                               noise_like)
+from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape, generator: Generators, device, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian noise. With a list of generators, row ``i`` is drawn from ``generator[i]`` (on that
+    generator's device), so each sample's noise is independent of its batch and of the device."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator]
+        return torch.stack(rows).to(device=device, dtype=dtype)
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
 def guided_eps(model, x: torch.Tensor, t: torch.Tensor, cond, uncond=None, scale: float = 1.0) -> torch.Tensor:
@@ -67,12 +79,12 @@ class DDIMSampler:
     def sample(self, S: int, batch_size: int, shape, conditioning=None, callback: Callable | None = None,
                img_callback: Callable | None = None, eta: float = 0.0, x_T: torch.Tensor | None = None,
                log_every_t: int = 100, unconditional_guidance_scale: float = 1.0, unconditional_conditioning=None,
-               verbose: bool = True, temperature: float = 1.0, generator: torch.Generator | None = None,
+               verbose: bool = True, temperature: float = 1.0, generator: Generators = None,
                ddim_discretize: str = "uniform", progress: bool = True, **kwargs):
         """Sample latents of ``(batch_size, *shape)``; returns ``(samples, {'x_inter', 'pred_x0'})``.
 
-        ``generator`` makes the start noise and the eta>0 noise reproducible independently of the
-        global RNG. Unsupported CompVis options (masks, score correctors, ...) raise.
+        ``generator`` (one, or one per sample) makes the start noise and the eta>0 noise reproducible
+        independently of the global RNG. Unsupported CompVis options (masks, score correctors, ...) raise.
         """
         unsupported = {k: v for k, v in kwargs.items() if v not in (None, False, 0, 0.0)}
         if unsupported:
@@ -83,7 +95,7 @@ class DDIMSampler:
         self.make_schedule(S, ddim_discretize=ddim_discretize, ddim_eta=eta, verbose=verbose)
         device = self.model.device
         size = (batch_size, *shape)
-        img = torch.randn(size, device=device, generator=generator) if x_T is None else x_T.to(device)
+        img = randn(size, generator, device) if x_T is None else x_T.to(device)
 
         intermediates = {"x_inter": [img], "pred_x0": [img]}
         timesteps = np.flip(self.ddim_timesteps)
@@ -121,5 +133,5 @@ class DDIMSampler:
         a_t, a_prev, sigma_t = self._coefficients(index)
         noise = None
         if sigma_t > 0:
-            noise = noise_like(x.shape, x.device, generator=generator, dtype=x.dtype) * temperature
+            noise = randn(x.shape, generator, x.device, x.dtype) * temperature
         return ddim_step(x, eps(x, t), a_t, a_prev, sigma_t, noise)

@@ -1,0 +1,317 @@
+#!/usr/bin/env python
+"""Concept ablation training (Kumari et al., ICCV 2023) on Stable Diffusion v1.
+
+    python train.py -t --gpus 0,1 --concept_type style --caption_target "van gogh" \
+        --prompts assets/finetune_prompts/painting.txt --name vangogh_painting --train_size 200
+
+Steps, top to bottom: check every input (cheap, before any model is built); generate the anchor
+images with the base model (resumable; memorization also scores paraphrases with SSCD); build the
+model and pick the trained weights; train with Lightning; write delta checkpoints
+``{logdir}/{timestamp}_{name}/checkpoints/delta_step_{N}.ckpt`` beside the run's merged config.
+Extra ``key.sub=value`` arguments override the merged config (e.g. ``training.max_steps=50``).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import warnings
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent
+
+
+def str2bool(v: str) -> bool:
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-t", "--train", action="store_true", help="train (without it: only prepare the data)")
+    p.add_argument("--gpus", default=None, help="comma-separated CUDA device ids, e.g. 0,1 (DDP); omit for CPU")
+    p.add_argument("--concept_type", required=True, choices=["style", "object", "memorization"])
+    p.add_argument("--caption_target", required=True,
+                   help='style: "van gogh"; object: "anchor+target" ("cat+grumpy cat"); memorization: the '
+                        'memorized caption; several concepts separated by ";"')
+    p.add_argument("--prompts", required=True, help="anchor prompt file (memorization: paraphrases of the caption)")
+    p.add_argument("-n", "--name", default="", help="run name (log dir postfix)")
+    p.add_argument("--mem_impath", default=None, help="memorized image (memorization)")
+    p.add_argument("--sscd_ckpt", default=str(REPO / "assets/pretrained_models/sscd_imagenet_mixup.torchscript.pt"),
+                   help="SSCD TorchScript copy-detection model (memorization only)")
+    p.add_argument("--parameter_group", default=None, choices=["cross-attn", "full-weight", "attn", "embedding"],
+                   help="trained weights (default: the concept config's; cross-attn, full-weight for memorization)")
+    p.add_argument("--loss_type_reverse", default=None, choices=["model-based", "noise-based"])
+    p.add_argument("-rc", "--resume-from-checkpoint-custom", dest="base_ckpt",
+                   default=str(REPO / "assets/pretrained_models/sd-v1-4.ckpt"), help="base SD weights")
+    p.add_argument("--delta_ckpt", default=None, help="start from this delta on top of the base")
+    p.add_argument("--model_config", default=str(REPO / "configs/stable-diffusion/v1-inference.yaml"))
+    p.add_argument("--config", default=None, help="concept config (default configs/ablation/{concept_type}.yaml)")
+    p.add_argument("--regularization", action="store_true", help="add 0.2 x the anchor-prompt noise loss")
+    p.add_argument("--train_size", type=int, default=1000, help="number of anchor images to generate")
+    p.add_argument("--train_max_steps", type=int, default=None)
+    p.add_argument("--base_lr", type=float, default=None)
+    p.add_argument("--scale_lr", type=str2bool, default=True, help="lr = base_lr x n_gpus x batch_size")
+    p.add_argument("--batch_size", type=int, default=None, help="per GPU")
+    p.add_argument("--save_freq", type=int, default=None, help="delta checkpoint every N steps")
+    p.add_argument("--image_logging_freq", type=int, default=None, help="sample grids every N steps (0: off)")
+    p.add_argument("--ckpt_format", default="ckpt", choices=["ckpt", "safetensors"])
+    p.add_argument("--precision", default="32-true", help="Lightning training precision, e.g. 32-true, bf16-mixed")
+    p.add_argument("-l", "--logdir", default="logs")
+    p.add_argument("-s", "--seed", type=int, default=23, help="training seed (generation uses the config's, 42)")
+    p.add_argument("--root", default="data", help="anchor images go to {root}/{prompts stem}_gen/")
+    p.add_argument("--n_samples", type=int, default=10, help="generation batch size")
+    p.add_argument("--wandb_entity", default="", help="log to Weights & Biases (offline without a login)")
+    return p
+
+
+# ----------------------------------------------------------------------------- checks (cheap, first)
+def parse_args(argv=None):
+    from omegaconf import OmegaConf
+
+    args, unknown = get_parser().parse_known_args(argv)
+    bad = [u for u in unknown if "=" not in u or u.startswith("-")]
+    if bad:
+        get_parser().error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like key.sub=value)")
+    config_path = Path(args.config or REPO / f"configs/ablation/{args.concept_type}.yaml")
+    for what, path in (("concept config", config_path), ("model config", Path(args.model_config))):
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} not found: {path}")
+    config = OmegaConf.merge(OmegaConf.load(config_path), {"model": OmegaConf.load(args.model_config).model},
+                             OmegaConf.from_dotlist(unknown))
+    tr = config.training
+    for flag, key in (("train_max_steps", "max_steps"), ("base_lr", "base_learning_rate"), ("batch_size", "batch_size"),
+                      ("save_freq", "save_freq"), ("parameter_group", "parameter_group"),
+                      ("loss_type_reverse", "loss_type_reverse")):
+        if getattr(args, flag) is not None:
+            tr[key] = getattr(args, flag)
+    if args.image_logging_freq is not None:
+        config.logging.image_every = args.image_logging_freq
+    return args, config
+
+
+def check_inputs(args, config):
+    """Every user error we can detect without building a model; returns (concepts, prompts, devices)."""
+    import torch
+
+    from ablation.prompts import parse_caption_target, read_prompts
+
+    concepts = parse_caption_target(args.concept_type, args.caption_target)
+    prompts = read_prompts(args.prompts)
+    tr = config.training
+    if args.train_size < 1:
+        raise ValueError(f"--train_size must be positive, got {args.train_size}")
+    if args.concept_type == "memorization":
+        if not args.mem_impath:
+            raise ValueError("memorization needs --mem_impath (the memorized image)")
+        if not Path(args.mem_impath).is_file():
+            raise FileNotFoundError(f"--mem_impath not found: {args.mem_impath}")
+        if not Path(args.sscd_ckpt).is_file():
+            raise FileNotFoundError(
+                f"SSCD model not found: {args.sscd_ckpt}. Memorization needs the copy-detection model "
+                "sscd_imagenet_mixup.torchscript.pt (github.com/facebookresearch/sscd-copy-detection); pass --sscd_ckpt")
+        if args.train_size % config.generation.anchor_size:
+            raise ValueError(f"--train_size ({args.train_size}) must be divisible by the number of anchor prompts "
+                             f"({config.generation.anchor_size})")
+        if tr.parameter_group == "embedding":
+            raise ValueError("the embedding parameter group cannot ablate memorized images (use full-weight or cross-attn)")
+    elif args.train_size % len(prompts):
+        raise ValueError(f"--train_size ({args.train_size}) must be a multiple of the number of prompts in "
+                         f"{args.prompts} ({len(prompts)}): each prompt gets the same number of images")
+    if tr.batch_size < 1 or (args.regularization and tr.batch_size % 2):
+        raise ValueError(f"batch_size {tr.batch_size}: must be >= 1, and even with --regularization "
+                         "(half ablation, half regularization)")
+    if tr.save_freq < 0 or tr.max_steps < 1:
+        raise ValueError("training.max_steps must be >= 1 and save_freq >= 0")
+    if tr.loss_type_reverse not in ("model-based", "noise-based"):
+        raise ValueError(f"loss_type_reverse must be model-based or noise-based, got {tr.loss_type_reverse!r}")
+    for what, path in (("base checkpoint (--resume-from-checkpoint-custom)", args.base_ckpt),
+                       ("--delta_ckpt", args.delta_ckpt)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{what} not found: {path}")
+    devices = ["cpu"]
+    if args.gpus is not None:
+        ids = [int(g) for g in str(args.gpus).replace(" ", "").strip(",").split(",") if g != ""]
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--gpus {args.gpus} given but CUDA is not available on this machine")
+        if not ids or max(ids) >= torch.cuda.device_count():
+            raise RuntimeError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        devices = [f"cuda:{i}" for i in ids]
+    return concepts, prompts, devices
+
+
+# ----------------------------------------------------------------------------- model
+def load_base_model(model_config: dict, base_ckpt: str, delta_ckpt: str | None, device: str):
+    """Base SD weights (+ optional delta) on ``device``; module-level so generation workers can pickle it."""
+    from ablation.delta import apply_delta
+    from ldm.checkpoint import load_model_from_config
+
+    model = load_model_from_config(model_config, base_ckpt, device="cpu", verbose=False)
+    if delta_ckpt:
+        apply_delta(model, delta_ckpt)
+    return model.to(device)
+
+
+def latent_factor(model_config) -> int:
+    return 2 ** (len(model_config.params.first_stage_config.params.ddconfig.ch_mult) - 1)
+
+
+# ----------------------------------------------------------------------------- data
+def prepare_data(args, config, concepts, prompts, devices):
+    """Generate (or reuse) the anchor images; returns (images_txt, caption_txt, concepts)."""
+    from omegaconf import OmegaConf
+
+    from ablation.generate import generate_images
+    from ablation.prompts import Concept
+
+    gen = config.generation
+    gen_folder = Path(args.root) / f"{Path(args.prompts).stem}_gen"
+    model_cfg = OmegaConf.to_container(config.model, resolve=True)
+    factory = functools.partial(load_base_model, model_cfg, args.base_ckpt, args.delta_ckpt)
+    size = config.data.size
+    if args.concept_type == "memorization":
+        from ablation.memorization import prepare_memorization_data
+
+        images_txt, caption_txt, targets = prepare_memorization_data(
+            factory, args.sscd_ckpt, args.mem_impath, prompts, gen_folder, concepts[0].target, args.train_size,
+            n_check=gen.check_images_per_prompt, check_steps=gen.check_steps, anchor_steps=gen.steps,
+            anchor_size=gen.anchor_size, target_size=gen.target_size, threshold=gen.sscd_threshold,
+            devices=tuple(devices), batch_size=args.n_samples, height=size, width=size, seed=gen.seed)
+        extra = [Concept("*", t) for t in targets if t not in {c.target for c in concepts}]
+        return images_txt, caption_txt, concepts + extra
+    per_image = [p for p in prompts for _ in range(args.train_size // len(prompts))]
+    generate_images(factory, per_image, gen_folder, steps=gen.steps, eta=gen.eta, scale=gen.scale,
+                    batch_size=args.n_samples, height=size, width=size, seed=gen.seed, devices=tuple(devices))
+    return gen_folder / "images.txt", gen_folder / "caption.txt", concepts
+
+
+def build_loader(args, config, concepts, images_txt, caption_txt, lf: int):
+    import torch
+
+    from ablation.data import AblationDataset, PairedDataset, load_image_captions
+
+    images, captions = load_image_captions(images_txt, caption_txt)
+    d = config.data
+    common = dict(concept_type=args.concept_type, size=d.size, aug=d.aug, flip_p=d.flip_p, latent_factor=lf)
+    dataset = AblationDataset(images, captions, concepts=concepts, seed=args.seed, **common)
+    batch_size = config.training.batch_size
+    if args.regularization:
+        reg = AblationDataset(images, captions, concepts=None, seed=args.seed + 1, **common)
+        dataset, batch_size = PairedDataset(reg, dataset), batch_size // 2
+    workers = config.training.num_workers
+    return dataset, torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                                persistent_workers=workers > 0, drop_last=False)
+
+
+def make_logger(args, run_dir: Path, run_name: str):
+    if not args.wandb_entity:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")
+    from lightning.pytorch.loggers import WandbLogger
+
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read(Path.home() / ".netrc")
+    offline = os.environ.get("WANDB_MODE") == "offline" or not logged_in
+    if offline:
+        print("wandb: no login found, logging offline (sync later with `wandb sync`)")
+    return WandbLogger(project="concept-ablation", entity=args.wandb_entity, name=run_name, id=run_name,
+                       save_dir=str(run_dir), offline=offline)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------- main
+def setup(argv=None):
+    """Parse and check everything cheap; raises ValueError / FileNotFoundError / RuntimeError."""
+    args, config = parse_args(argv)
+    return (args, config, *check_inputs(args, config))
+
+
+def main(argv=None):
+    return run(*setup(argv), argv=argv)
+
+
+def run(args, config, concepts, prompts, devices, argv=None):
+    images_txt, caption_txt, concepts = prepare_data(args, config, concepts, prompts, devices)
+    if not args.train:
+        print(f"data ready in {Path(images_txt).parent}; pass -t to train")
+        return None
+
+    import lightning as L
+    import torch
+    from omegaconf import OmegaConf
+
+    from ablation.module import ConceptAblation, DeltaCheckpoint, ImageLogger, PeakMemory
+    from ablation.prompts import target_prompt
+
+    # the frozen VAE and text encoder are in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    L.seed_everything(args.seed, workers=True)
+    tr = config.training
+    now = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    run_name = f"{now}_{args.name}" if args.name else now
+    run_dir = Path(args.logdir) / run_name
+    lf = latent_factor(config.model)
+
+    model = load_base_model(OmegaConf.to_container(config.model, resolve=True), args.base_ckpt, args.delta_ckpt, "cpu")
+    embedding_ids = None
+    if tr.parameter_group == "embedding":
+        tok = model.cond_stage_model.tokenizer
+        embedding_ids = torch.tensor(sorted({i for c in concepts for i in tok.encode(c.target)}))
+    n_gpus = len(devices) if devices[0] != "cpu" else 1
+    lr = tr.base_learning_rate * (n_gpus * tr.batch_size if args.scale_lr else 1)
+    module = ConceptAblation(model, tr.parameter_group, tr.loss_type_reverse, learning_rate=lr,
+                             weight_decay=tr.weight_decay,
+                             regularization_weight=tr.regularization_weight if args.regularization else 0.0,
+                             embedding_ids=embedding_ids)
+    dataset, loader = build_loader(args, config, concepts, images_txt, caption_txt, lf)
+    print(f"training {module.n_trainable():,} parameters ({tr.parameter_group}), lr {lr:.3g}, "
+          f"{len(dataset)} images, {tr.max_steps} steps -> {run_dir}")
+
+    # the run's merged config, saved before training so that sample.py can find it
+    (run_dir / "configs").mkdir(parents=True, exist_ok=True)
+    config.run = {"argv": sys.argv[1:] if argv is None else list(argv), "learning_rate": lr,
+                  "concepts": [f"{c.anchor}+{c.target}" if c.anchor else c.target for c in concepts]}
+    OmegaConf.save(config, run_dir / "configs" / f"{now}-project.yaml")
+
+    callbacks = [DeltaCheckpoint(run_dir / "checkpoints", tr.save_freq, args.ckpt_format,
+                                 metadata={"parameter_group": tr.parameter_group, "caption_target": args.caption_target}),
+                 PeakMemory()]
+    if config.logging.image_every:
+        import random
+
+        anchors = list(dict.fromkeys(prompts))[:4]
+        rng = random.Random(0)
+        targets = [target_prompt(args.concept_type, concepts, i, a, rng) for i, a in enumerate(anchors)]
+        callbacks.append(ImageLogger(run_dir / "images" / "train", config.logging.image_every, targets, anchors,
+                                     steps=config.logging.image_steps, latent_hw=config.data.size // lf))
+    gpu = devices[0] != "cpu"
+    trainer = L.Trainer(
+        accelerator="gpu" if gpu else "cpu",
+        devices=[int(d.split(":")[1]) for d in devices] if gpu else 1,
+        strategy="ddp" if gpu and len(devices) > 1 else "auto",
+        max_steps=tr.max_steps, precision=args.precision, logger=make_logger(args, run_dir, run_name),
+        callbacks=callbacks, enable_checkpointing=False, log_every_n_steps=1, num_sanity_val_steps=0,
+        limit_val_batches=0, default_root_dir=str(run_dir))
+    trainer.fit(module.train(), loader)
+    print(f"delta checkpoints: {', '.join(str(p) for p in callbacks[0].saved)}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    try:
+        checked = setup()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run(*checked)
