@@ -134,6 +134,12 @@ def check_inputs(args, config):
                        ("--delta_ckpt", args.delta_ckpt)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{what} not found: {path}")
+    if args.delta_ckpt is not None:
+        from omegaconf import OmegaConf
+
+        from ablation.delta import check_delta
+
+        check_delta(OmegaConf.to_container(config.model, resolve=True), args.delta_ckpt)
     devices = ["cpu"]
     if args.gpus is not None:
         ids = [int(g) for g in str(args.gpus).replace(" ", "").strip(",").split(",") if g != ""]
@@ -146,17 +152,6 @@ def check_inputs(args, config):
 
 
 # ----------------------------------------------------------------------------- model
-def load_base_model(model_config: dict, base_ckpt: str, delta_ckpt: str | None, device: str):
-    """Base SD weights (+ optional delta) on ``device``; module-level so generation workers can pickle it."""
-    from ablation.delta import apply_delta
-    from ldm.checkpoint import load_model_from_config
-
-    model = load_model_from_config(model_config, base_ckpt, device="cpu", verbose=False)
-    if delta_ckpt:
-        apply_delta(model, delta_ckpt)
-    return model.to(device)
-
-
 def latent_factor(model_config) -> int:
     return 2 ** (len(model_config.params.first_stage_config.params.ddconfig.ch_mult) - 1)
 
@@ -166,13 +161,14 @@ def prepare_data(args, config, concepts, prompts, devices):
     """Generate (or reuse) the anchor images; returns (images_txt, caption_txt, concepts)."""
     from omegaconf import OmegaConf
 
+    from ablation.delta import load_model
     from ablation.generate import generate_images
     from ablation.prompts import Concept
 
     gen = config.generation
     gen_folder = Path(args.root) / f"{Path(args.prompts).stem}_gen"
     model_cfg = OmegaConf.to_container(config.model, resolve=True)
-    factory = functools.partial(load_base_model, model_cfg, args.base_ckpt, args.delta_ckpt)
+    factory = functools.partial(load_model, model_cfg, args.base_ckpt, args.delta_ckpt)
     size = config.data.size
     if args.concept_type == "memorization":
         from ablation.memorization import prepare_memorization_data
@@ -251,6 +247,7 @@ def run(args, config, concepts, prompts, devices, argv=None):
     import torch
     from omegaconf import OmegaConf
 
+    from ablation.delta import load_model
     from ablation.module import ConceptAblation, DeltaCheckpoint, ImageLogger, PeakMemory
     from ablation.prompts import target_prompt
 
@@ -263,7 +260,7 @@ def run(args, config, concepts, prompts, devices, argv=None):
     run_dir = Path(args.logdir) / run_name
     lf = latent_factor(config.model)
 
-    model = load_base_model(OmegaConf.to_container(config.model, resolve=True), args.base_ckpt, args.delta_ckpt, "cpu")
+    model = load_model(OmegaConf.to_container(config.model, resolve=True), args.base_ckpt, args.delta_ckpt)
     embedding_ids = None
     if tr.parameter_group == "embedding":
         tok = model.cond_stage_model.tokenizer

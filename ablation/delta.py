@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from ldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
+from ldm.checkpoint import CheckpointError, load_model_from_config, load_state_dict, save_state_dict
 
 TOKEN_EMBEDDING = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 
@@ -36,6 +36,40 @@ def save_delta(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadat
     save_state_dict(state_dict, path, metadata=metadata)
 
 
+def _misfits(own: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> list[str]:
+    """Why ``delta`` cannot be written into a model with state dict ``own`` (empty if it fits)."""
+    problems = [f"{k}: not in the model" for k in delta if k not in own and k not in ("embed", "embed_ids")]
+    problems += [f"{k}: delta {list(v.shape)} vs model {list(own[k].shape)}"
+                 for k, v in delta.items() if k in own and v.shape != own[k].shape]
+    embed, embed_ids, weight = delta.get("embed"), delta.get("embed_ids"), own.get(TOKEN_EMBEDDING)
+    if embed is not None:
+        if weight is None or embed.numel() % weight.shape[1] or embed.numel() // weight.shape[1] > weight.shape[0]:
+            problems.append(f"embed: {list(embed.shape)} does not fit the token embedding "
+                            f"{list(weight.shape) if weight is not None else '(absent)'}")
+        elif embed_ids is not None and (embed_ids.numel() != embed.numel() // weight.shape[1]
+                                        or int(embed_ids.max()) >= weight.shape[0]):
+            problems.append("embed_ids do not match the embed rows or exceed the vocabulary")
+    return problems
+
+
+def _raise_misfits(path, problems: list[str]):
+    if problems:
+        raise CheckpointError(f"delta {path} does not fit the base model:\n  " + "\n  ".join(problems[:10]))
+
+
+def check_delta(model_config: Mapping, path: str | Path) -> None:
+    """Raise :class:`CheckpointError` if the delta at ``path`` cannot apply to ``model_config``'s model.
+
+    Cheap: the model is built on the meta device (no weights), so scripts call this before any work.
+    """
+    from ldm.util import instantiate_from_config
+
+    delta = load_state_dict(path)
+    with torch.device("meta"):
+        model = instantiate_from_config(model_config)
+    _raise_misfits(path, _misfits(model.state_dict(), delta))
+
+
 def apply_delta(model: nn.Module, path: str | Path) -> list[str]:
     """Overwrite ``model``'s tensors with those of a delta; every key must exist with the same shape.
 
@@ -44,24 +78,35 @@ def apply_delta(model: nn.Module, path: str | Path) -> list[str]:
     """
     delta = dict(load_state_dict(path))
     own = model.state_dict()
+    _raise_misfits(path, _misfits(own, delta))
     embed, embed_ids = delta.pop("embed", None), delta.pop("embed_ids", None)
-    problems = [f"{k}: not in the model" for k in delta if k not in own]
-    problems += [f"{k}: delta {list(v.shape)} vs model {list(own[k].shape)}"
-                 for k, v in delta.items() if k in own and v.shape != own[k].shape]
-    weight = own.get(TOKEN_EMBEDDING)
-    if embed is not None:
-        embed = embed.reshape(-1, weight.shape[1]) if weight is not None and embed.numel() % weight.shape[1] == 0 else embed
-        if weight is None or embed.dim() != 2 or embed.shape[1] != weight.shape[1] or embed.shape[0] > weight.shape[0]:
-            problems.append(f"embed: {list(embed.shape)} does not fit the token embedding "
-                            f"{list(weight.shape) if weight is not None else 'absent'}")
-        elif embed_ids is not None and (embed_ids.numel() != embed.shape[0] or int(embed_ids.max()) >= weight.shape[0]):
-            problems.append("embed_ids do not match embed rows or exceed the vocabulary")
-    if problems:
-        raise CheckpointError(f"delta {path} does not fit the base model:\n  " + "\n  ".join(problems[:10]))
     with torch.no_grad():
         for k, v in delta.items():
             own[k].copy_(v)
         if embed is not None:
+            weight = own[TOKEN_EMBEDDING]
+            embed = embed.reshape(-1, weight.shape[1])
             ids = embed_ids.long() if embed_ids is not None else torch.arange(weight.shape[0] - embed.shape[0], weight.shape[0])
             weight[ids.to(weight.device)] = embed.to(weight)
     return list(delta) + (["embed"] if embed is not None else [])
+
+
+def load_model(model_config: Mapping, ckpt: str | Path, delta: str | Path | None = None,
+               device: str | torch.device = "cpu") -> nn.Module:
+    """A full checkpoint, or base + delta, on ``device`` in eval mode (module-level: picklable for workers)."""
+    model = load_model_from_config(model_config, ckpt, device="cpu", verbose=False)
+    if delta:
+        apply_delta(model, delta)
+    return model.to(device)
+
+
+def find_run_config(path: str | Path | None) -> Path | None:
+    """The saved config of the training run a checkpoint lives in (``{run}/checkpoints/x`` ->
+    the last ``{run}/configs/*.yaml``), else None."""
+    if path is None:
+        return None
+    p = Path(path).resolve()
+    if p.parent.name != "checkpoints":
+        return None
+    configs = sorted((p.parent.parent / "configs").glob("*.yaml"))
+    return configs[-1] if configs else None

@@ -188,12 +188,13 @@ class _Runner:
     """Everything a process needs to sample its batches (built once per process)."""
 
     def __init__(self, model_factory, device: str, prompts, samples: Path, steps, eta, scale, height, width,
-                 seed, precision, sampler="ddim"):
+                 seed, precision, sampler="ddim", fixed_code=False):
         self.device = torch.device(device)
         model = model_factory(self.device)
         self.model = model.to(self.device).eval()
         self.prompts, self.samples = prompts, samples
         self.steps, self.eta, self.scale, self.seed, self.sampler = steps, eta, scale, seed, sampler
+        self.fixed_code = fixed_code
         self.size = (width, height)
         self.shape = _latent_shape(self.model, height, width)
         use_amp = precision == "autocast" and self.device.type == "cuda"
@@ -210,7 +211,11 @@ class _Runner:
         """Sample the whole batch ``indices`` (fixed noise per image) and write the images in ``todo``."""
         todo = set(todo)
         gens = [torch.Generator().manual_seed(self.seed + i) for i in indices]
-        x_T = torch.stack([torch.randn(self.shape, generator=g) for g in gens]).to(self.device)
+        if self.fixed_code:  # one start code shared by every image (eta noise stays per image)
+            x_T = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed))
+            x_T = x_T.expand(len(indices), *self.shape).to(self.device)
+        else:
+            x_T = torch.stack([torch.randn(self.shape, generator=g) for g in gens]).to(self.device)
         with self.amp():
             c = self.model.get_learned_conditioning([self.prompts[i] for i in indices])
             uc = self._uncond(len(indices)) if self.scale != 1.0 else None
@@ -263,7 +268,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
                     outdir: str | os.PathLike, *, steps: int = 200, eta: float = 1.0, scale: float = 6.0,
                     batch_size: int = 10, height: int = 512, width: int = 512, seed: int = 42,
                     devices: Sequence[str] | str = ("cpu",), precision: str = "autocast",
-                    sampler: str = "ddim", desc: str = "generating") -> Path:
+                    sampler: str = "ddim", fixed_code: bool = False, desc: str = "generating") -> Path:
     """Generate one image per entry of ``prompts`` into ``outdir``; returns ``outdir`` as a Path.
 
     ``prompts`` is the full per-image list (repeat a prompt n times for n images).
@@ -272,7 +277,8 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     module-level function or a ``functools.partial`` of one), since one process per device is
     spawned and batch ``k`` goes to device ``k % len(devices)``. ``precision="autocast"`` samples
     under fp16 autocast on CUDA (nothing on CPU); ``"full"`` is fp32 everywhere. ``sampler`` is
-    ``"ddim"`` or ``"plms"`` (PLMS needs ``eta=0``). See the module docstring for the folder layout, seeding and resume rules.
+    ``"ddim"`` or ``"plms"`` (PLMS needs ``eta=0``); ``fixed_code`` starts every image from the same
+    noise (seeded ``seed``). See the module docstring for the folder layout, seeding and resume rules.
     """
     prompts, devices = validate_generation_args(prompts, steps=steps, eta=eta, scale=scale, batch_size=batch_size,
                                                 height=height, width=width, seed=seed, devices=devices,
@@ -285,6 +291,8 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     plan = _plan_dict(prompts, steps, eta, scale, height, width, seed)
     if sampler != "ddim":
         plan["sampler"] = sampler
+    if fixed_code:
+        plan["fixed_code"] = True
     images_txt, caption_txt, plan_file = outdir / "images.txt", outdir / "caption.txt", outdir / PLAN_FILE
 
     # --- is this folder ours (same plan)?
@@ -334,7 +342,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
         # (k, indices of the whole batch, indices to write); batch k goes to rank k % n.
         jobs = [(k, all_batches[k], todo) for k, todo in pending]
         kwargs = dict(prompts=prompts, samples=samples, steps=steps, eta=eta, scale=scale, height=height,
-                      width=width, seed=seed, precision=precision, sampler=sampler)
+                      width=width, seed=seed, precision=precision, sampler=sampler, fixed_code=fixed_code)
         if len(devices) == 1:
             runner = _Runner(model_factory, devices[0], **kwargs)
             try:

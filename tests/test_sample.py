@@ -1,0 +1,93 @@
+"""sample.py on the tiny model: layouts, determinism, run-config discovery, deltas, errors."""
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import sample
+from ablation.delta import save_delta
+from conftest import ROOT
+from ldm.checkpoint import CheckpointError, save_state_dict
+from ldm.util import instantiate_from_config
+
+TINY = ROOT / "configs/tiny/v1-tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sample")
+    torch.manual_seed(0)
+    model = instantiate_from_config(OmegaConf.load(TINY).model)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_state_dict(model.state_dict(), d / "base.ckpt")
+    k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
+    save_delta(d / "delta.safetensors", {k: model.state_dict()[k] * 3})
+    return d
+
+
+def fast(base, *extra):
+    return ["--ckpt", str(base / "base.ckpt"), "--config", str(TINY), "--H", "16", "--W", "16",
+            "--ddim_steps", "2", "--n_samples", "2", *extra]
+
+
+def pngs(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted((folder / "samples").glob("*.png"))}
+
+
+def test_prompt_layout_numbering_metadata_and_determinism(base, tmp_path):
+    out = tmp_path / "a"
+    sample.main(fast(base, "--prompt", "a cat", "--outdir", str(out), "--metadata"))
+    first = pngs(out)
+    assert list(first) == ["00000.png", "00001.png"]
+    assert list(out.glob("*.jpg"))  # grid
+    sample.main(fast(base, "--prompt", "a dog", "--outdir", str(out), "--metadata", "--skip_grid"))
+    assert list(pngs(out)) == [f"{i:05}.png" for i in range(4)]
+    assert (out / "images.txt").read_text().split() == [f"samples/{i:05}.png" for i in range(4)]
+    assert (out / "caption.txt").read_text().splitlines() == ["a cat"] * 2 + ["a dog"] * 2
+    assert not list(out.glob(".staging-*"))
+    sample.main(fast(base, "--prompt", "a cat", "--outdir", str(tmp_path / "b")))
+    assert pngs(tmp_path / "b") == first  # same seed, same images
+
+
+def test_from_file_copies_iter_and_plms(base, tmp_path):
+    (tmp_path / "p.txt").write_text("a red cube\na blue ball\n")
+    out = tmp_path / "f"
+    sample.main(fast(base, "--from-file", str(tmp_path / "p.txt"), "--n_copies", "2", "--n_iter", "2",
+                     "--outdir", str(out), "--metadata", "--plms"))
+    assert (out / "caption.txt").read_text().splitlines() == ["a red cube"] * 2 + ["a blue ball"] * 2 + \
+        ["a red cube"] * 2 + ["a blue ball"] * 2
+    assert len(pngs(out)) == 8
+    assert any("plms" in p.name for p in out.glob("*.jpg"))
+
+
+def test_delta_changes_images_and_run_dir_is_found(base, tmp_path):
+    run = tmp_path / "logs" / "2026_run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "configs").mkdir()
+    OmegaConf.save(OmegaConf.load(TINY), run / "configs" / "2026-project.yaml")
+    delta = run / "checkpoints" / "delta_step_2.safetensors"
+    delta.write_bytes((base / "delta.safetensors").read_bytes())
+    args = ["--ckpt", str(base / "base.ckpt"), "--H", "16", "--W", "16", "--ddim_steps", "2", "--n_samples", "2",
+            "--prompt", "a cat", "--skip_grid"]
+    sample.main([*args, "--delta_ckpt", str(delta)])  # config and outdir from the run
+    with_delta = pngs(run)
+    assert len(with_delta) == 2
+    sample.main([*args, "--config", str(TINY), "--outdir", str(tmp_path / "plain")])
+    assert pngs(tmp_path / "plain") != with_delta
+
+
+def test_errors(base, tmp_path):
+    with pytest.raises(FileNotFoundError, match="--ckpt"):
+        sample.resolve(["--ckpt", str(tmp_path / "none.ckpt"), "--config", str(TINY)])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        sample.resolve(fast(base, "--from-file", str(tmp_path / "empty.txt")))
+    save_delta(tmp_path / "bad.ckpt", {"model.diffusion_model.out.2.weight": torch.zeros(2, 2)})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        sample.main(fast(base, "--delta_ckpt", str(tmp_path / "bad.ckpt"), "--outdir", str(tmp_path / "o")))
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+    with pytest.raises(RuntimeError, match="CUDA"):
+        sample.resolve(fast(base, "--gpus", "0"))
