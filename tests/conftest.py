@@ -33,3 +33,58 @@ def tol(meta: dict, output: str | None = None) -> dict:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Every model in the suite is tiny: one thread is faster, and OpenMP spinning on busy shared
+    cores can make a tiny op 50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY_CONFIG = ROOT / "configs" / "tiny" / "v1-tiny.yaml"
+_CACHE = {}
+
+
+def tiny_model(seed: int = 0, perturb: float = 0.05):
+    """A fresh tiny LatentDiffusion; UNet weights perturbed so zero-initialised layers are not zero."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    torch.manual_seed(seed)
+    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    if perturb:
+        with torch.no_grad():
+            for p in model.model.parameters():
+                p.add_(perturb * torch.randn_like(p))
+    return model
+
+
+def tiny_factory(device):
+    """Module-level (picklable) model factory for generation: the same tiny weights in every process."""
+    if "model" not in _CACHE:
+        _CACHE["model"] = tiny_model(perturb=0).eval()
+    return _CACHE["model"].to(device)
+
+
+class CountingFactory:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, device):
+        self.calls += 1
+        return tiny_factory(device)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A full tiny checkpoint file (the base model of train/sample tests)."""
+    from ldm.checkpoint import save_state_dict
+
+    path = tmp_path_factory.mktemp("tiny") / "base.ckpt"
+    save_state_dict(tiny_model().state_dict(), path)
+    return path

@@ -6,11 +6,10 @@ from omegaconf import OmegaConf
 from ablation.delta import apply_delta, delta_state_dict, save_delta
 from ablation.losses import ablation_loss, anchor_noise_loss, masked_error
 from ablation.params import install_sot_detach, optimizer_groups, select_trainable
-from conftest import ROOT
+from conftest import ROOT, tiny_model
 from ldm.checkpoint import CheckpointError
 from ldm.util import instantiate_from_config
 
-TINY = ROOT / "configs/tiny/v1-tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +20,7 @@ def sd_meta():
 
 
 def tiny():
-    torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(TINY).model)
-    with torch.no_grad():  # make the zero-initialised output layers non-zero
-        for p in model.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return tiny_model()
 
 
 def test_masked_error_hand_computed():

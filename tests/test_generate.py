@@ -6,47 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
+from conftest import CountingFactory, tiny_factory
 from ablation.generate import GenerationPlanError, generate_images, image_is_complete, validate_generation_args
-from ldm.util import instantiate_from_config
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a cat", "a dog on a beach", "a photo of a cat", "a red car", "a house"]
 KW = dict(steps=2, batch_size=2, height=16, width=16, seed=7)
-_CACHE = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model is far faster on one thread (and on shared CI cores OpenMP spinning costs seconds)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_factory(device):
-    """Module-level (picklable) factory: the tiny random-weights model, same weights in every process."""
-    if "model" not in _CACHE:
-        torch.manual_seed(0)
-        _CACHE["model"] = instantiate_from_config(OmegaConf.load(ROOT / "configs/tiny/v1-tiny.yaml").model).eval()
-    return _CACHE["model"].to(device)
 
 
 def failing_factory(device):
     raise RuntimeError(f"boom from the factory on {device}")
-
-
-class CountingFactory:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, device):
-        self.calls += 1
-        return tiny_factory(device)
 
 
 def _bytes(folder: Path) -> dict[str, bytes]:

@@ -8,23 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from PIL import Image
 
 import ablation.memorization as mem
+from conftest import CountingFactory, tiny_factory
 from ablation.generate import generate_images
-from ldm.util import instantiate_from_config
-
-ROOT = Path(__file__).resolve().parents[1]
-_CACHE = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class TinySSCD(torch.nn.Module):
@@ -140,20 +128,6 @@ def test_filter_images_and_memorization_rate():
 
 
 # ------------------------------------------------------------------------------------------ pipeline
-def tiny_factory(device):
-    if "model" not in _CACHE:
-        torch.manual_seed(0)
-        _CACHE["model"] = instantiate_from_config(OmegaConf.load(ROOT / "configs/tiny/v1-tiny.yaml").model).eval()
-    return _CACHE["model"].to(device)
-
-
-class CountingFactory:
-    def __init__(self):
-        self.calls = 0
-
-    def __call__(self, device):
-        self.calls += 1
-        return tiny_factory(device)
 
 
 PARAPHRASES = ["a photo of a house", "a painting of a galaxy", "an old phone case", "a city at night"]

@@ -1,4 +1,5 @@
 """sample.py on the tiny model: layouts, determinism, run-config discovery, deltas, errors."""
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,24 +8,17 @@ from omegaconf import OmegaConf
 
 import sample
 from ablation.delta import save_delta
-from conftest import ROOT
-from ldm.checkpoint import CheckpointError, save_state_dict
-from ldm.util import instantiate_from_config
-
-TINY = ROOT / "configs/tiny/v1-tiny.yaml"
+from conftest import TINY_CONFIG as TINY
+from conftest import tiny_model
+from ldm.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, tiny_ckpt):
     d = tmp_path_factory.mktemp("sample")
-    torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(TINY).model)
-    with torch.no_grad():
-        for p in model.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_state_dict(model.state_dict(), d / "base.ckpt")
+    shutil.copy(tiny_ckpt, d / "base.ckpt")
     k = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
-    save_delta(d / "delta.safetensors", {k: model.state_dict()[k] * 3})
+    save_delta(d / "delta.safetensors", {k: tiny_model().state_dict()[k] * 3})
     return d
 
 

@@ -10,25 +10,17 @@ from PIL import Image
 
 import train
 from ablation.delta import TOKEN_EMBEDDING, apply_delta
-from conftest import ROOT
-from ldm.checkpoint import load_model_from_config, load_state_dict, save_state_dict
-from ldm.util import instantiate_from_config
-
-TINY = ROOT / "configs/tiny/v1-tiny.yaml"
+from conftest import TINY_CONFIG as TINY
+from ldm.checkpoint import load_model_from_config, load_state_dict
 FAST = ["training.max_steps=3", "training.save_freq=2", "data.size=16", "generation.steps=2",
         "generation.check_steps=2", "logging.image_every=2", "logging.image_steps=2", "training.num_workers=0",
         "training.batch_size=2"]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tiny_ckpt):
     d = tmp_path_factory.mktemp("train")
-    torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(TINY).model)
-    with torch.no_grad():
-        for p in model.model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_state_dict(model.state_dict(), d / "base.ckpt")
+    shutil.copy(tiny_ckpt, d / "base.ckpt")
     (d / "cat.txt").write_text("a cat on a sofa\na photo of a cat in the garden\n")
     (d / "painting.txt").write_text("a painting of a harbour at dusk\na portrait of an old fisherman\n")
     (d / "mem.txt").write_text("\n".join(f"a phone case with a painted house, version {i}" for i in range(4)) + "\n")
