@@ -168,10 +168,6 @@ def test_gradients_match_diffusers(name, diffusers_api):
         torch.testing.assert_close(ours[names[dname]].grad, dparam.grad, rtol=1e-3, atol=1e-6, msg=dname)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="known bug: legacy=True with num_head_channels computes dim_head = ch // num_heads with "
-                          "num_heads == -1 (CompVis reassigns num_heads = ch // num_head_channels first). "
-                          "Remove this marker once openaimodel.UNetModel is fixed.")
 def test_legacy_num_head_channels_matches_diffusers(diffusers_api):
     p = unet_params(32, [1, 2], 1, 1, 24, num_head_channels=16, legacy=True)
     unet = perturbed_unet(p, seed=5)

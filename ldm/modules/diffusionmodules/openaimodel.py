@@ -169,8 +169,8 @@ class UNetModel(nn.Module):
                 heads, dim_head = num_heads, ch // num_heads
             else:
                 heads, dim_head = ch // num_head_channels, num_head_channels
-            if legacy:  # the reference's legacy rule: always split by num_heads
-                dim_head = ch // num_heads
+            if legacy:  # the reference's legacy rule: split the channels by the head count
+                dim_head = ch // heads
             return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, dropout=dropout,
                                       context_dim=context_dim, use_checkpoint=use_checkpoint)
 
