@@ -134,6 +134,11 @@ def check_inputs(args, config):
                        ("--delta_ckpt", args.delta_ckpt)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{what} not found: {path}")
+    if args.wandb_entity:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise RuntimeError("--wandb_entity needs the wandb package: pip install wandb")
     if args.delta_ckpt is not None:
         from omegaconf import OmegaConf
 
