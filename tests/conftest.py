@@ -1,4 +1,5 @@
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,22 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-REF = ROOT.parent / "shared" / "reference"
+
+
+def _find_reference() -> Path:
+    """``shared/reference`` beside the checkout; for a scratch clone, beside the repository it was cloned from."""
+    candidates = [ROOT.parent / "shared" / "reference"]
+    try:
+        origin = subprocess.run(["git", "-C", str(ROOT), "config", "--get", "remote.origin.url"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        origin = ""
+    if origin and Path(origin).is_dir():
+        candidates.append(Path(origin).resolve().parent / "shared" / "reference")
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+REF = _find_reference()
 
 
 def ref_case(name: str):
