@@ -31,13 +31,6 @@ def instantiate_from_config(config: Mapping) -> Any:
     return get_obj_from_str(config["target"])(**params)
 
 
-def count_params(model, verbose: bool = False) -> int:
-    n = sum(p.numel() for p in model.parameters())
-    if verbose:
-        print(f"{model.__class__.__name__} has {n * 1e-6:.2f} M params.")
-    return n
-
-
 def default(val, d):
     """``val`` unless it is None; ``d`` may be a zero-argument callable."""
     if val is not None:

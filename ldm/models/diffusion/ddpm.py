@@ -150,13 +150,6 @@ class DDPM(nn.Module):
         return (extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                 - extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
 
-    def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-        """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (extract_into_tensor(self.posterior_mean_coef1, t, x_t.shape) * x_start
-                + extract_into_tensor(self.posterior_mean_coef2, t, x_t.shape) * x_t)
-        return (mean, extract_into_tensor(self.posterior_variance, t, x_t.shape),
-                extract_into_tensor(self.posterior_log_variance_clipped, t, x_t.shape))
-
     # ------------------------------------------------------------------ objective
     def get_loss(self, pred: torch.Tensor, target: torch.Tensor, mean: bool = True) -> torch.Tensor:
         if self.loss_type == "l1":
@@ -276,9 +269,6 @@ class LatentDiffusion(DDPM):
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False, force_not_quantize: bool = False):
-        return self.first_stage_model.decode(z / self.scale_factor)
-
-    def differentiable_decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
         return self.first_stage_model.decode(z / self.scale_factor)
 
     def forward(self, x: torch.Tensor, c, *args, **kwargs):

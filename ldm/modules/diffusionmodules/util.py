@@ -113,10 +113,3 @@ def checkpoint(func, inputs, params, flag: bool):
     if flag and torch.is_grad_enabled():
         return _torch_checkpoint(func, *inputs, use_reentrant=False)
     return func(*inputs)
-
-
-def noise_like(shape, device, repeat: bool = False, generator: torch.Generator | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    if repeat:
-        return torch.randn((1, *shape[1:]), device=device, generator=generator, dtype=dtype).expand(shape[0], *shape[1:])
-    return torch.randn(shape, device=device, generator=generator, dtype=dtype)
