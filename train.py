@@ -260,8 +260,16 @@ def run(args, config, concepts, prompts, devices, argv=None):
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     L.seed_everything(args.seed, workers=True)
     tr = config.training
+    # Lightning's DDP launcher re-runs this script for ranks > 0: they inherit the run name
+    # through the environment instead of making their own timestamped folder.
+    is_rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     now = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    run_name = f"{now}_{args.name}" if args.name else now
+    if is_rank_zero:
+        run_name = f"{now}_{args.name}" if args.name else now
+        os.environ["ABLATION_RUN_NAME"] = run_name
+    else:
+        run_name = os.environ["ABLATION_RUN_NAME"]
+    now = run_name[:19]
     run_dir = Path(args.logdir) / run_name
     lf = latent_factor(config.model)
 
@@ -281,10 +289,11 @@ def run(args, config, concepts, prompts, devices, argv=None):
           f"{len(dataset)} images, {tr.max_steps} steps -> {run_dir}")
 
     # the run's merged config, saved before training so that sample.py can find it
-    (run_dir / "configs").mkdir(parents=True, exist_ok=True)
     config.run = {"argv": sys.argv[1:] if argv is None else list(argv), "learning_rate": lr,
                   "concepts": [f"{c.anchor}+{c.target}" if c.anchor else c.target for c in concepts]}
-    OmegaConf.save(config, run_dir / "configs" / f"{now}-project.yaml")
+    if is_rank_zero:
+        (run_dir / "configs").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(config, run_dir / "configs" / f"{now}-project.yaml")
 
     callbacks = [DeltaCheckpoint(run_dir / "checkpoints", tr.save_freq, args.ckpt_format,
                                  metadata={"parameter_group": tr.parameter_group, "caption_target": args.caption_target}),
