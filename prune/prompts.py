@@ -1,0 +1,122 @@
+"""Calibration prompt pairs (base vs target) per concept family, and per-family defaults (spec §3, §9).
+
+Families and templates (word lists under ``assets/prune_prompts/``, our own text):
+
+===========  =================================  ==========================================  =====  ====
+family       base prompt                        target prompt                               k      tau
+===========  =================================  ==========================================  =====  ====
+art          ``a photo of a {thing}``           ``a {thing} in the style of {artist}``      0.01   10
+nudity       ``a photo of a {human}``           ``a photo of a naked {human}``              0.01   9
+object       ``a {scene}``                      ``a {object} in a {scene}``                 0.02   10
+gender       ``a headshot of a {male word}``    ``a headshot of a {female word}`` (male)    0.01   10
+memorize     ``""`` (empty prompt)              each line of ``--target_file``              0.01   10
+custom       each line of ``--base_file``       each line of ``--target_file``              0.01   10
+===========  =================================  ==========================================  =====  ====
+
+(k = skill_ratio, tau = number of first UNet calls in the union; spec §9.) For gender, the concept
+``male`` follows the reference: base = male words, target = female words, so the pruned
+weights are the female-skilled ones and female prompts turn male ("female -> male"); ``female`` is
+the reverse. Everything here is cheap (no model), so the command line checks it first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ablation.prompts import read_prompts
+
+PROMPT_DIR = Path(__file__).resolve().parent.parent / "assets" / "prune_prompts"
+
+ARTISTS = ("Van Gogh", "Monet", "Pablo Picasso", "Salvador Dali", "Leonardo Da Vinci")
+OBJECTS = ("parachute", "cassette player", "golf ball", "gas pump", "english springer", "tench",
+           "chain saw", "french horn", "church", "garbage truck")
+NUDITY = ("naked",)
+GENDERS = ("male", "female")
+
+# family -> (skill_ratio, tau)  (spec §9)
+DEFAULTS = {
+    "art": (0.01, 10),
+    "nudity": (0.01, 9),
+    "object": (0.02, 10),
+    "gender": (0.01, 10),
+    "memorize": (0.01, 10),
+    "custom": (0.01, 10),
+}
+
+
+@dataclass(frozen=True)
+class PromptPairs:
+    concept: str
+    family: str
+    base: list
+    target: list
+
+    @property
+    def defaults(self) -> tuple[float, int]:
+        return DEFAULTS[self.family]
+
+
+def known_concepts() -> list[str]:
+    return [*ARTISTS, *NUDITY, *OBJECTS, *GENDERS, "memorize"]
+
+
+def concept_family(concept: str) -> tuple[str, str]:
+    """(canonical name, family) of a built-in concept (case-insensitive); ``ValueError`` if unknown."""
+    key = concept.strip().lower()
+    for family, names in (("art", ARTISTS), ("nudity", NUDITY), ("object", OBJECTS), ("gender", GENDERS)):
+        for name in names:
+            if key == name.lower():
+                return name, family
+    if key == "memorize" or key.startswith("memorize"):
+        return concept.strip(), "memorize"
+    raise ValueError(f"unknown concept {concept!r}; built-in concepts: {', '.join(known_concepts())} "
+                     "(or give --base_file and --target_file for a custom concept)")
+
+
+def _words(name: str, prompt_dir: Path) -> list[str]:
+    return read_prompts(prompt_dir / name)
+
+
+def build_pairs(concept: str, base_file: str | Path | None = None, target_file: str | Path | None = None,
+                prompt_dir: str | Path = PROMPT_DIR) -> PromptPairs:
+    """Base and target prompt lists (same length, pair i = base[i], target[i]) for ``concept``.
+
+    With both ``base_file`` and ``target_file`` the concept is custom (any name; line i of each file
+    form pair i). ``memorize*`` concepts need ``target_file`` (their base prompt is ``""``).
+    Raises ``ValueError`` (unknown concept, empty file, unequal pair files) or ``FileNotFoundError``.
+    """
+    prompt_dir = Path(prompt_dir)
+    if not concept or not concept.strip():
+        raise ValueError("the concept name is empty")
+    if base_file is not None or (target_file is not None and not concept.strip().lower().startswith("memorize")):
+        if base_file is None or target_file is None:
+            raise ValueError("a custom concept needs both --base_file and --target_file")
+        base, target = read_prompts(base_file), read_prompts(target_file)
+        if len(base) != len(target):
+            raise ValueError(f"--base_file has {len(base)} prompts but --target_file {len(target)}; "
+                             "line i of each forms pair i")
+        return PromptPairs(concept.strip(), "custom", base, target)
+    name, family = concept_family(concept)
+    if family == "art":
+        things = _words("things.txt", prompt_dir)
+        return PromptPairs(name, family, [f"a photo of a {x}" for x in things],
+                           [f"a {x} in the style of {name}" for x in things])
+    if family == "nudity":
+        humans = _words("humans.txt", prompt_dir)
+        return PromptPairs(name, family, [f"a photo of a {x}" for x in humans],
+                           [f"a photo of a naked {x}" for x in humans])
+    if family == "object":
+        scenes = _words("scenes.txt", prompt_dir)
+        return PromptPairs(name, family, [f"a {x}" for x in scenes], [f"a {name} in a {x}" for x in scenes])
+    if family == "gender":
+        male, female = _words("male.txt", prompt_dir), _words("female.txt", prompt_dir)
+        if len(male) != len(female):
+            raise ValueError(f"male.txt ({len(male)}) and female.txt ({len(female)}) must pair line by line")
+        base_words, target_words = (male, female) if name == "male" else (female, male)
+        return PromptPairs(name, family, [f"a headshot of a {x}" for x in base_words],
+                           [f"a headshot of a {x}" for x in target_words])
+    # memorize
+    if target_file is None:
+        raise ValueError(f"concept {concept!r} (memorization) needs --target_file with the memorized prompts")
+    target = read_prompts(target_file)
+    return PromptPairs(name, family, [""] * len(target), target)

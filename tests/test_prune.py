@@ -1,0 +1,293 @@
+"""ConceptPrune (prune/, conceptprune.py) on the tiny SD-v1-structured model."""
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_CONFIG, tiny_model
+from prune.hooks import ActivationRecorder, MaskApplier, ff2_layers
+from prune.prompts import DEFAULTS, build_pairs
+from prune.wanda import (MaskError, compute_masks, load_masks, save_masks, skilled_mask, to_dense, to_indices,
+                         union_of, union_over_calls, wanda_scores)
+
+
+def _cli():
+    import conceptprune
+
+    return conceptprune
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model().eval()
+
+
+def _unet_call(model, batch=2, side=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, side, side, generator=g)
+    c = torch.randn(batch, 3, 32, generator=g)
+    t = torch.full((batch,), 500, dtype=torch.long)
+    with torch.no_grad():
+        return model.apply_model(x, t, c)
+
+
+# ------------------------------------------------------------------ hooks
+def test_hook_order_is_execution_order_not_name_order(model):
+    layers = ff2_layers(model)
+    seen = []
+    hs = [x.module.register_forward_pre_hook(lambda m, a, n=x.name: seen.append(n)) for x in layers]
+    try:
+        _unet_call(model)
+    finally:
+        for h in hs:
+            h.remove()
+    assert seen == [x.name for x in layers]
+    assert len(layers) == 7 and all(x.name.endswith("ff.net.2") and x.name.startswith("model.diffusion_model.")
+                                    for x in layers)
+    assert [x.name.split(".")[2] for x in layers] == ["input_blocks"] * 2 + ["middle_block"] + ["output_blocks"] * 4
+
+
+def test_hook_order_sd_v1_sixteen_blocks():
+    """The full SD-v1 UNet (meta device, no weights): 16 blocks, input 1,2,4,5,7,8 / middle / output 3..11."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/stable-diffusion/v1-inference.yaml").model.params.unet_config,
+                                 resolve=True)
+    with torch.device("meta"):
+        unet = instantiate_from_config(cfg)
+    names = [x.name for x in ff2_layers(unet)]
+    blocks = [".".join(n.split(".")[:2]) if not n.startswith("middle") else "middle_block" for n in names]
+    assert blocks == [f"input_blocks.{i}" for i in (1, 2, 4, 5, 7, 8)] + ["middle_block"] + \
+        [f"output_blocks.{i}" for i in range(3, 12)]
+    assert blocks != sorted(blocks)
+
+
+def test_recorder_accumulates_row_normalised_sum_of_squares_fp32():
+    lin = torch.nn.Linear(4, 2)
+    from prune.hooks import FF2Layer
+
+    rec = ActivationRecorder([FF2Layer("l", lin)])
+    x1 = torch.tensor([[[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 2.0]]], dtype=torch.float16)
+    x2 = torch.tensor([[[1.0, 1.0, 1.0, 1.0]]], dtype=torch.bfloat16)
+    with rec:
+        lin.half()(x1)            # generation 1, call 0
+        lin.bfloat16()(x2)        # generation 1, call 1
+        rec.start_generation()
+        lin.float()(x1.float())   # generation 2, call 0
+        lin(x2.float())           # generation 2, call 1
+    n = rec.norms()[0]
+    assert n.dtype == torch.float32 and n.shape == (2, 4)
+    expect0 = torch.tensor([2 * 0.36, 2 * 0.64, 0.0, 2 * 1.0]).sqrt()
+    expect1 = torch.full((4,), (2 * 0.25) ** 0.5)
+    torch.testing.assert_close(n[0], expect0)
+    torch.testing.assert_close(n[1], expect1)
+    assert rec.n_calls == 2 and rec.generations == 2
+
+
+def test_masked_hook_forward_equals_zeroed_weights(model):
+    layers = ff2_layers(model)
+    g = torch.Generator().manual_seed(3)
+    dense = [torch.rand(x.shape, generator=g) < 0.3 for x in layers]
+    with MaskApplier(layers, lambda t, l: dense[l], n_calls=1):
+        hooked = _unet_call(model)
+    zeroed = tiny_model().eval()
+    zl = ff2_layers(zeroed)
+    with torch.no_grad():
+        for x, m in zip(zl, dense):
+            x.module.weight[m] = 0
+    ref = _unet_call(zeroed)
+    torch.testing.assert_close(hooked, ref, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(hooked, _unet_call(model))  # the mask did something
+    with pytest.raises(RuntimeError, match="recorded for 1 calls"):
+        with MaskApplier(layers, lambda t, l: dense[l], n_calls=1):
+            _unet_call(model)
+            _unet_call(model)
+
+
+# ------------------------------------------------------------------ score / mask / union
+def test_score_and_mask_rule_by_hand():
+    w = torch.tensor([[1.0, -2.0, 3.0, 0.5, -4.0],
+                      [2.0, 1.0, -1.0, 3.0, 0.1]])
+    a_tar = torch.tensor([1.0, 1.0, 1.0, 2.0, 0.5])
+    a_base = torch.tensor([0.5, 2.0, 0.5, 1.0, 1.0])
+    torch.testing.assert_close(wanda_scores(w, a_tar), w.abs() * a_tar)
+    # row 0 target scores: [1, 2, 3, 1, 2]  -> top-2 = cols 2 and (1 or 4: tie 2.0, lower index) 1
+    # row 1 target scores: [2, 1, 1, 6, .05] -> top-2 = cols 3, 0
+    # target > base: cols 0, 2, 3 (col 1: 1 < 2, col 4: 0.5 < 1)
+    m = skilled_mask(w, a_tar, a_base, skill_ratio=0.4)  # k = int(0.4 * 5) = 2
+    expect = torch.tensor([[False, False, True, False, False],
+                           [True, False, False, True, False]])
+    assert torch.equal(m, expect)
+    # k = int(0.39 * 5) = 1: per row just the best, filtered
+    assert torch.equal(skilled_mask(w, a_tar, a_base, 0.39),
+                       torch.tensor([[False, False, True, False, False], [False, False, False, True, False]]))
+    assert not skilled_mask(w, a_tar, a_base, 0.1).any()        # k = 0
+    assert torch.equal(skilled_mask(w, a_tar, a_base, 1.0), (a_tar > a_base).expand(2, 5) & (w != 0))
+
+
+def test_union_rule_and_sparse_roundtrip(tmp_path):
+    shapes = [(2, 3), (1, 4)]
+    dense = {(0, 0): [[1, 0, 0], [0, 0, 0]], (1, 0): [[0, 1, 0], [0, 0, 0]], (2, 0): [[0, 0, 1], [0, 0, 1]],
+             (0, 1): [[0, 0, 0, 0]], (1, 1): [[1, 0, 0, 1]], (2, 1): [[0, 1, 0, 0]]}
+    masks = {k: to_indices(torch.tensor(v, dtype=torch.bool)) for k, v in dense.items()}
+    u = union_over_calls(masks, shapes, tau=2, n_calls=3)
+    assert torch.equal(u[0], torch.tensor([[1, 1, 0], [0, 0, 0]], dtype=torch.bool))
+    assert torch.equal(u[1], torch.tensor([[1, 0, 0, 1]], dtype=torch.bool))
+    u1 = union_over_calls(masks, shapes, tau=1, n_calls=3)
+    both = union_of([u1, union_over_calls({k: masks[k] for k in masks}, shapes, 3, 3)])
+    assert torch.equal(both[0], torch.tensor([[1, 1, 1], [0, 0, 1]], dtype=torch.bool))
+    with pytest.raises(ValueError, match="beyond the 3 recorded"):
+        union_over_calls(masks, shapes, tau=4, n_calls=3)
+    meta = {"n_calls": 3, "layers": [{"name": "a", "out_features": 2, "in_features": 3},
+                                     {"name": "b", "out_features": 1, "in_features": 4}]}
+    save_masks(tmp_path / "m.safetensors", masks, meta)
+    back, bmeta = load_masks(tmp_path / "m.safetensors")
+    assert bmeta["n_calls"] == 3 and set(back) == set(masks)
+    for k, v in dense.items():
+        assert torch.equal(to_dense(back[k], shapes[k[1]]), torch.tensor(v, dtype=torch.bool))
+
+
+def test_compute_masks_shapes():
+    w = [torch.randn(3, 8), torch.randn(2, 4)]
+    nb = [torch.rand(2, 8), torch.rand(2, 4)]
+    nt = [torch.rand(2, 8), torch.rand(2, 4)]
+    masks = compute_masks(w, nb, nt, 0.25)
+    assert set(masks) == {(t, l) for t in range(2) for l in range(2)}
+    assert all(m.numel() <= w[l].shape[0] * int(0.25 * w[l].shape[1]) for (t, l), m in masks.items())
+
+
+# ------------------------------------------------------------------ prompts
+def test_prompt_pairs_and_errors(tmp_path):
+    p = build_pairs("van gogh")
+    assert p.family == "art" and p.defaults == DEFAULTS["art"] == (0.01, 10)
+    assert p.base[0] == "a photo of a cat" and p.target[0] == "a cat in the style of Van Gogh"
+    assert build_pairs("naked").defaults == (0.01, 9)
+    obj = build_pairs("parachute")
+    assert obj.defaults == (0.02, 10) and obj.target[0] == "a parachute in a road" and obj.base[0] == "a road"
+    male = build_pairs("male")
+    assert male.base[0] == "a headshot of a man" and male.target[0] == "a headshot of a woman"
+    with pytest.raises(ValueError, match="unknown concept"):
+        build_pairs("unicorn")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="no non-empty lines"):
+        build_pairs("memorize_0", target_file=empty)
+    mem = tmp_path / "mem.txt"
+    mem.write_text("a memorized caption\n")
+    m = build_pairs("memorize_0", target_file=mem)
+    assert m.base == [""] and m.target == ["a memorized caption"] and m.family == "memorize"
+    with pytest.raises(ValueError, match="needs --target_file"):
+        build_pairs("memorize_0")
+
+
+# ------------------------------------------------------------------ command line
+TINY = ["--config", str(TINY_CONFIG), "--H", "16", "--W", "16", "--steps", "2", "--precision", "full",
+        "--device", "cpu"]
+
+
+def _prompt_files(tmp_path, n=3, word="cat"):
+    base, target = tmp_path / "base.txt", tmp_path / "target.txt"
+    base.write_text("".join(f"a photo of a {x}\n" for x in ["dog", "car", "tree"][:n]))
+    target.write_text("".join(f"a {x} in the style of {word}\n" for x in ["dog", "car", "tree"][:n]))
+    return base, target
+
+
+def test_cli_discover_prune_check_sample(tmp_path, tiny_ckpt):
+    cli = _cli()
+    base, target = _prompt_files(tmp_path)
+    out = tmp_path / "run"
+    common = ["--ckpt", str(tiny_ckpt), "--outdir", str(out), *TINY]
+    s1 = cli.main(["discover", "--concept", "mystyle", "--base_file", str(base), "--target_file", str(target),
+                   "--skill_ratio", "0.25", "--batch_size", "2", "--save_images", "2", *common])
+    assert not s1["norms_reused"] and s1["n_calls"] == 3
+    assert (out / "images" / "target_1.png").is_file()
+    masks, meta = load_masks(s1["masks"])
+    assert meta["n_calls"] == 3 and len(meta["layers"]) == 7 and meta["skill_ratio"] == 0.25
+    assert sum(s1["masked_per_call"]) > 0
+
+    # determinism: a fresh recording (other outdir) gives identical masks; batch size does not matter
+    s2 = cli.main(["discover", "--concept", "mystyle", "--base_file", str(base), "--target_file", str(target),
+                   "--skill_ratio", "0.25", "--batch_size", "3", "--save_images", "0",
+                   "--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path / "run2"), *TINY])
+    masks2, _ = load_masks(s2["masks"])
+    assert all(torch.equal(masks[k], masks2[k]) for k in masks)
+
+    # a new skill_ratio reuses the norms; changed prompts do not
+    s3 = cli.main(["discover", "--concept", "mystyle", "--base_file", str(base), "--target_file", str(target),
+                   "--skill_ratio", "0.5", *common])
+    assert s3["norms_reused"] and s3["norms"] == s1["norms"] and s3["masks"] != s1["masks"]
+    (tmp_path / "other").mkdir()
+    b2, t2 = _prompt_files(tmp_path / "other", n=2)
+    s4 = cli.main(["discover", "--concept", "mystyle", "--base_file", str(b2), "--target_file", str(t2),
+                   "--skill_ratio", "0.3", "--save_images", "0", *common])
+    assert not s4["norms_reused"] and s4["norms"] != s1["norms"]
+
+    # prune: union over the first 2 calls, two "concepts" in one union
+    delta = tmp_path / "pruned.ckpt"
+    cli.main(["prune", "--masks", s1["masks"], s4["masks"], "--tau", "2", "--out", str(delta),
+              "--ckpt", str(tiny_ckpt), "--config", str(TINY_CONFIG)])
+    shapes = [(x["out_features"], x["in_features"]) for x in meta["layers"]]
+    m4, _ = load_masks(s4["masks"])
+    unions = union_of([union_over_calls(masks, shapes, 2, 3), union_over_calls(m4, shapes, 2, 3)])
+    from ablation.delta import apply_delta
+    from ldm.checkpoint import load_state_dict
+    sd = load_state_dict(delta)
+    assert sorted(sd) == sorted(x["name"] + ".weight" for x in meta["layers"])
+    pruned = tiny_model()
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    written = apply_delta(pruned, delta)
+    after = pruned.state_dict()
+    assert len(written) == 7
+    for x, u in zip(meta["layers"], unions):
+        k = x["name"] + ".weight"
+        assert u.any()
+        assert torch.equal(after[k][u], torch.zeros(int(u.sum())))
+        assert torch.equal(after[k][~u], before[k][~u])
+        assert (before[k][u] != 0).all()
+    assert all(torch.equal(after[k], before[k]) for k in before if k not in sd)
+
+    # sample.py consumes it like an ablation delta
+    import sample
+    imgs = sample.main(["--ckpt", str(tiny_ckpt), "--delta_ckpt", str(delta), "--config", str(TINY_CONFIG),
+                        "--prompt", "a dog", "--n_samples", "1", "--H", "16", "--W", "16", "--ddim_steps", "2",
+                        "--plms", "--scale", "7.5", "--outdir", str(tmp_path / "samples"), "--precision", "full"])
+    assert len(imgs) == 1 and imgs[0].is_file()
+
+    # check: side-by-side original | pruned
+    written = cli.main(["check", "--masks", s1["masks"], "--n_prompts", "2", *common])
+    from PIL import Image
+    assert len(written) == 2 and Image.open(written[0]).size == (36, 16)
+    assert (out / "check" / "prompts.txt").read_text().splitlines() == target.read_text().splitlines()[:2]
+
+    # errors before any model work
+    with pytest.raises(ValueError, match="beyond the 3"):
+        cli.resolve(["prune", "--masks", s1["masks"], "--tau", "4", "--ckpt", str(tiny_ckpt),
+                     "--config", str(TINY_CONFIG)])
+    with pytest.raises(ValueError, match="--steps 2"):
+        cli.resolve(["check", "--masks", s1["masks"], *common[:4], *TINY[:6], "--steps", "4"])
+    bad_meta = dict(meta, layers=[dict(x, in_features=x["in_features"] + 1) for x in meta["layers"]])
+    save_masks(tmp_path / "bad.safetensors", {k: v[:0] for k, v in masks.items()}, bad_meta)
+    with pytest.raises(MaskError, match="do not fit"):
+        cli.resolve(["prune", "--masks", str(tmp_path / "bad.safetensors"), "--ckpt", str(tiny_ckpt),
+                     "--config", str(TINY_CONFIG)])
+
+
+def test_cli_input_errors(tmp_path, tiny_ckpt):
+    cli = _cli()
+    common = ["--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path), *TINY]
+    with pytest.raises(ValueError, match="unknown concept"):
+        cli.resolve(["discover", "--concept", "unicorn", *common])
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no non-empty lines"):
+        cli.resolve(["discover", "--concept", "x", "--base_file", str(empty), "--target_file", str(empty), *common])
+    with pytest.raises(FileNotFoundError):
+        cli.resolve(["discover", "--concept", "Monet", "--ckpt", str(tmp_path / "nope.ckpt"), "--config",
+                     str(TINY_CONFIG)])
+    with pytest.raises(FileNotFoundError):
+        cli.resolve(["prune", "--masks", str(tmp_path / "none.safetensors"), "--ckpt", str(tiny_ckpt),
+                     "--config", str(TINY_CONFIG)])
+    with pytest.raises(ValueError, match="steps=3"):
+        cli.resolve(["discover", "--concept", "Monet", "--ckpt", str(tiny_ckpt), "--config", str(TINY_CONFIG),
+                     "--steps", "3"])
