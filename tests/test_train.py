@@ -138,3 +138,14 @@ def test_missing_files_fail_clearly(workdir, tmp_path):
         train.setup(["--concept_type", "texture", "--caption_target", "x", "--prompts", str(workdir / "cat.txt")])
     with pytest.raises(SystemExit):
         train.setup([*base, "--prompts", str(workdir / "cat.txt"), "--bogus-flag"])
+
+
+def test_wandb_logs_offline_without_login(workdir, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run_dir = train.main(["-t", "--concept_type", "object", "--caption_target", "cat+grumpy cat", "--prompts",
+                          str(workdir / "cat.txt"), "--train_size", "4", "--wandb_entity", "someone",
+                          *args(workdir), "logging.image_every=0"])
+    assert list((run_dir / "wandb").glob("offline-run-*"))
