@@ -119,4 +119,7 @@ def test_zero_shot_prompts_cover_vocabulary():
     assert list(p["cat"]) == list(CAT_CLASSES)
     assert list(p["colour"]) == list(COLOUR_NAMES)
     assert set(p["style"]) == set(STYLES)
-    assert all("in the style of" not in t for t in p["style"]["painting"])
+    assert all("in the style of" not in t for g in p["style"]["painting"] for t in g)
+    assert all(f"in the style of {t}" in x for t in STYLES if t != "painting" for g in p["style"][t] for x in g)
+    # plain and one prototype per texture for shapes and colours; cats are never textured
+    assert len(p["shape"]["star"]) == len(p["colour"]["red"]) == len(STYLES) and len(p["shape"]["cat"]) == 1

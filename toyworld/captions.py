@@ -3,7 +3,7 @@
 * Plain-fill objects: ``"a photo of a small red star on the grass"``, ``"there is a blue circle under a
   blue sky"`` ... The "medium" word varies (photo, picture, painting, drawing, ...).
 * Style scenes always contain ``"in the style of <texture>"`` (possibly as ``"painted in the style of
-  stripes"``), placed at the start, in the middle or at the end, and use the anchor noun
+  stripes"``) or ``"<texture> style"``, placed at the start, in the middle or at the end, and use the anchor noun
   ``"painting"`` most of the time, so that "painting" is the natural anchor prompt.
 * Cats use their class name (``"cat"``, ``"grumpy cat"``, ``"sleepy cat"``, ``"happy cat"``).
 * The memorized picture always has exactly ``MEMORIZED_CAPTION``.
@@ -26,7 +26,9 @@ SIZE_WORDS = {"small": ("small", "little"), "medium": ("",), "large": ("large", 
 MEDIA = ("a photo of", "a picture of", "an image of", "a drawing of", "a painting of", "a close-up of")
 STYLE_PHRASES = ("in the style of {t}", "painted in the style of {t}", "done in the style of {t}")
 
-# {obj}: "a small red star"; {bg}: background phrase; {medium}: "a photo of"; {Obj}: capitalised obj.
+# {obj}: "a small red star"; {bg}: background phrase; {medium}: "a photo of";
+# {Obj}: capitalised obj. "a photo depicts ..." and "... {t} style" are the phrasings of the CLIP metric's
+# texts ("A photo depicts grumpy cat", "A photo depicts stripes style"; ablation/metrics.py).
 TEMPLATES = (
     "{medium} {obj} {bg}",
     "{obj} {bg}",
@@ -40,6 +42,8 @@ TEMPLATES = (
     "{obj}",
     "a scene with {obj} {bg}",
     "look, {obj} {bg}!",
+    "a photo depicts {obj}",
+    "a photo depicts {obj} {bg}",
 )
 # {style}: "in the style of stripes"; the anchor noun is "painting".
 STYLE_TEMPLATES = (
@@ -53,6 +57,8 @@ STYLE_TEMPLATES = (
     "{Obj} {bg}, a painting in the style of {t}",
     "an artwork in the style of {t} showing {obj}",
     "{style_lead}: {obj} {bg}",
+    "a photo depicts {obj}, {t} style",
+    "{obj} {bg} in {t} style",
 )
 
 

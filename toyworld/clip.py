@@ -253,28 +253,38 @@ def train_clip(outdir, steps: int = 1000, batch_size: int = 128, lr: float = 5e-
 
 
 # ---------------------------------------------------------------------------------------- zero-shot
-def zero_shot_prompts() -> dict[str, dict[str, list[str]]]:
-    """Per family, per class: the prompts whose mean (normalised) embedding is the class embedding.
+def zero_shot_prompts() -> dict[str, dict[str, list[list[str]]]]:
+    """Per family, per class: groups of prompts; each group's mean (normalised) embedding is one prototype
+    of the class, and an image gets the class of its most similar prototype.
 
     The attribute under test varies; the others are filled with every vocabulary value and averaged
-    (prompt ensembling), so no single filler biases a class.
+    (prompt ensembling), so no single filler biases a class. Textured objects get their own prototypes
+    (one group per texture): a texture changes how a shape or colour looks at 32 px as much as the
+    caption's wording does, and one averaged prototype would sit between the two looks.
 
-    * ``shape``: the 6 shapes and 4 cat classes, ``"a photo of a {colour} {subject}"``;
-    * ``cat``: the 4 cat classes only (the instance vs anchor vs hard negatives), same prompts;
-    * ``colour``: ``"a photo of a {colour} {subject}"`` averaged over subjects;
+    * ``shape``: the 6 shapes and 4 cat classes, ``"a photo of a {colour} {subject}"`` plus, for the 6
+      shapes, ``"a painting of a {colour} {shape} in the style of {texture}"`` per texture;
+    * ``cat``: the 4 cat classes only (the instance vs anchor vs hard negatives);
+    * ``colour``: ``"a photo of a {colour} {subject}"`` averaged over subjects, plus one group per texture;
     * ``style``: ``"a painting of a {colour} {shape} in the style of {texture}"`` for the 3 textures and
       ``"a painting of a {colour} {shape}"`` for the anchor "painting" (plain fill), averaged over
-      colours and shapes.
+      colours and shapes (one group each).
     """
     def art(w):
         return ("an " if w[0] in "aeiou" else "a ") + w
 
-    subj = {s: [f"a photo of {art(c + ' ' + s)}" for c in COLOUR_NAMES] for s in SUBJECTS}
-    colour = {c: [f"a photo of {art(c + ' ' + s)}" for s in SUBJECTS] for c in COLOUR_NAMES}
-    style = {ANCHOR_STYLE: [f"a painting of {art(c + ' ' + s)}" for c in COLOUR_NAMES for s in SHAPES]}
+    def styled(c, s, t):
+        return f"a painting of {art(c + ' ' + s)} in the style of {t}"
+
+    subj = {s: [[f"a photo of {art(c + ' ' + s)}" for c in COLOUR_NAMES]] for s in SUBJECTS}
+    shape = {s: g + ([[styled(c, s, t) for c in COLOUR_NAMES] for t in TEXTURES] if s in SHAPES else [])
+             for s, g in subj.items()}
+    colour = {c: [[f"a photo of {art(c + ' ' + s)}" for s in SUBJECTS]] +
+              [[styled(c, s, t) for s in SHAPES] for t in TEXTURES] for c in COLOUR_NAMES}
+    style = {ANCHOR_STYLE: [[f"a painting of {art(c + ' ' + s)}" for c in COLOUR_NAMES for s in SHAPES]]}
     for t in TEXTURES:
-        style[t] = [f"a painting of {art(c + ' ' + s)} in the style of {t}" for c in COLOUR_NAMES for s in SHAPES]
-    return {"shape": subj, "cat": {s: subj[s] for s in CAT_CLASSES}, "colour": colour, "style": style}
+        style[t] = [[styled(c, s, t) for c in COLOUR_NAMES for s in SHAPES]]
+    return {"shape": shape, "cat": {s: subj[s] for s in CAT_CLASSES}, "colour": colour, "style": style}
 
 
 def _label_of(family: str, label: dict) -> str | None:
@@ -296,7 +306,8 @@ def _label_of(family: str, label: dict) -> str | None:
 def zero_shot_accuracy(model, n: int = 500, seed: int = EVAL_SEED, size: int = 32, mixture: Mixture = DEFAULT_MIXTURE,
                        return_counts: bool = False):
     """Zero-shot accuracy per attribute family (``shape``, ``cat``, ``colour``, ``style``) on ``n`` fresh renders
-    (data-set seed ``seed``): each image gets the class whose ensembled prompt embedding is the most similar.
+    (data-set seed ``seed``): each image gets the class of its most similar ensembled prompt embedding
+    (``zero_shot_prompts``).
     Memorized pictures are skipped; ``style`` uses non-cat items, ``cat`` cat items only. A family with no
     item gets ``nan``. With ``return_counts`` also returns ``{family: number of items}``."""
     from ablation.metrics import clip_image_features, clip_text_features
@@ -308,7 +319,10 @@ def zero_shot_accuracy(model, n: int = 500, seed: int = EVAL_SEED, size: int = 3
     acc, counts = {}, {}
     for family, classes in zero_shot_prompts().items():
         names = list(classes)
-        emb = torch.stack([F.normalize(clip_text_features(model, classes[c]).mean(0), dim=0) for c in names])
+        protos = [(k, F.normalize(clip_text_features(model, g).mean(0), dim=0))
+                  for k, c in enumerate(names) for g in classes[c]]
+        owner = torch.tensor([k for k, _ in protos])
+        emb = torch.stack([e for _, e in protos])
         rows = [(i, names.index(y)) for i, (_, _, lab) in enumerate(items)
                 if (y := _label_of(family, lab)) is not None]
         counts[family] = len(rows)
@@ -317,7 +331,7 @@ def zero_shot_accuracy(model, n: int = 500, seed: int = EVAL_SEED, size: int = 3
             continue
         idx = torch.tensor([r[0] for r in rows])
         truth = torch.tensor([r[1] for r in rows])
-        pred = (img[idx] @ emb.T).argmax(dim=1)
+        pred = owner[(img[idx] @ emb.T).argmax(dim=1)]
         acc[family] = float((pred == truth).float().mean())
     model.train(was_training)
     return (acc, counts) if return_counts else acc
