@@ -1,0 +1,126 @@
+"""toyworld/ldm.py: the toy world's VAE + UNet trainer (tiny runs; the real run is tools/train_toyworld.sh)."""
+import json
+
+import pytest
+import torch
+
+from ldm.checkpoint import load_model_from_config, load_state_dict
+from toyworld import ldm as tl
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A random-weights toy CLIP with the text tower configs/toyworld/ldm.yaml expects."""
+    from transformers import CLIPModel
+
+    from toyworld.clip import tiny_clip_config
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("clip")
+    CLIPModel(tiny_clip_config(image_size=32)).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return tl.render_pool(48, seed=3, size=32, progress=False)
+
+
+def test_render_pool_matches_the_data_set(pool):
+    from toyworld import make_item
+
+    images, captions, labels = pool
+    assert images.shape == (48, 3, 32, 32) and images.dtype == torch.uint8
+    im, text, label = make_item(3, 7, 32)
+    assert captions[7] == text and labels[7] == label
+    assert torch.equal(images[7], torch.from_numpy(__import__("numpy").array(im)).permute(2, 0, 1))
+
+
+def test_cached_pool_is_the_rendered_pool(pool, tmp_path):
+    first = tl.cached_pool(48, seed=3, size=32, cache_dir=tmp_path, progress=False)
+    (cached,) = list(tmp_path.glob("pool-3-48-32-*.pt"))
+    again = tl.cached_pool(48, seed=3, size=32, cache_dir=tmp_path, progress=False)
+    for a, b, c in zip(pool, first, again):
+        assert (torch.equal(a, b) and torch.equal(a, c)) if isinstance(a, torch.Tensor) else a == b == c
+    assert cached.is_file() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_vae_training_lowers_the_reconstruction_error(pool):
+    images = pool[0]
+    ldm, _ = tl.build_ldm()
+    vae = ldm.first_stage_model
+    x = tl.to_model_range(images[:16])
+    with torch.no_grad():
+        before = (vae.decode(vae.encode(x).mode()) - x).abs().mean().item()
+    torch.manual_seed(0)
+    history = tl.train_vae(vae, images, steps=40, batch_size=16, lr=2e-3, progress=False, log_every=10)
+    with torch.no_grad():
+        after = (vae.decode(vae.encode(x).mode()) - x).abs().mean().item()
+    assert after < 0.8 * before, (before, after)
+    assert [h["step"] for h in history] == [0, 10, 20, 30, 39]
+    assert not any(p.requires_grad for p in vae.parameters())  # frozen again, as LatentDiffusion expects
+
+
+def test_scale_factor_gives_unit_variance():
+    # other seed than measure_scale_factor's own, so mean and noise are independent
+    mean = 3.0 * torch.randn(200, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    s = tl.measure_scale_factor(mean, torch.full((200, 4, 8, 8), 0.5), seed=0)
+    assert abs(s * (9 + 0.25) ** 0.5 - 1) < 0.02
+
+
+def test_clip_that_does_not_fit_is_refused(tmp_path):
+    from transformers import CLIPModel
+
+    from toyworld.clip import tiny_clip_config
+
+    CLIPModel(tiny_clip_config(image_size=32, text_hidden=32)).save_pretrained(tmp_path)
+    ldm, _ = tl.build_ldm()
+    with pytest.raises(ValueError, match="does not fit"):
+        tl.load_clip_text(ldm, tmp_path)
+
+
+def test_unet_training_learns_and_keeps_the_ema(pool, clip_dir):
+    images, captions, _ = pool
+    torch.manual_seed(0)
+    ldm, _ = tl.build_ldm()
+    tl.load_clip_text(ldm, clip_dir)
+    mean, std = tl.latent_moments(ldm.first_stage_model, images)
+    before = {k: v.clone() for k, v in ldm.model.state_dict().items()}
+    history = tl.train_unet(ldm, mean, std, captions, steps=30, batch_size=8, lr=1e-3, ema_decay=0.9,
+                            progress=False, log_every=10)
+    assert len(history) == 4 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    after = ldm.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # the text encoder and the VAE are not trained
+    assert not any(p.requires_grad for p in ldm.cond_stage_model.parameters())
+
+
+def test_main_writes_a_loadable_model_and_reuses_the_vae_stage(tmp_path, clip_dir, capsys, monkeypatch):
+    monkeypatch.setenv("TOYWORLD_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "ldm"
+    argv = ["--clip", str(clip_dir), "--out", str(out), "--pool", "24", "--vae_steps", "3", "--unet_steps", "3",
+            "--batch_size", "4", "--preview_steps", "2"]
+    report = tl.main(argv)
+    for name in ("ldm.yaml", tl.WEIGHTS_NAME, "vae_loss.png", "unet_loss.png", "samples.png", "train.json",
+                 "vae.json", "vae.safetensors"):
+        assert (out / name).is_file(), name
+    sd = load_state_dict(out / tl.WEIGHTS_NAME)
+    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(out / "ldm.yaml")
+    assert config.model.params.scale_factor == pytest.approx(report["scale_factor"])
+    model = load_model_from_config(config.model, out / tl.WEIGHTS_NAME, verbose=False)
+    assert model.scale_factor == pytest.approx(report["scale_factor"])
+    assert torch.equal(model.cond_stage_model.transformer.text_model.embeddings.token_embedding.weight,
+                       sd["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"].float())
+    vae_meta = (out / "vae.json").read_text()
+    capsys.readouterr()
+    tl.main(argv)
+    assert "reusing" in capsys.readouterr().out and (out / "vae.json").read_text() == vae_meta
+    assert json.loads((out / "train.json").read_text())["unet_steps"] == 3
+
+
+def test_stage_unet_needs_a_clip(tmp_path):
+    with pytest.raises(SystemExit, match="toy CLIP"):
+        tl.main(["--clip", str(tmp_path), "--out", str(tmp_path / "o")])

@@ -1,0 +1,384 @@
+"""Train the toy world's latent diffusion model (``configs/toyworld/ldm.yaml``) on a CPU.
+
+Two stages, each a plain loop over a pre-rendered pool of (32x32 render, caption) items:
+
+1. ``vae``: the ``AutoencoderKL`` with L1 + MSE reconstruction and ``kl_weight`` x KL (no GAN or LPIPS
+   terms: the world is flat colours and simple textures). ``scale_factor`` is then measured as
+   1 / std of the posterior samples of the pool (SD's 0.18215 plays the same part).
+2. ``unet``: the ``UNetModel`` as an eps-prediction LDM through ``LatentDiffusion.forward`` (uniform
+   t, simple loss), on posterior samples of the pool's latents, conditioned by the frozen toy CLIP text
+   tower (``toyworld.clip``); captions are dropped to ``""`` with probability ``p_uncond`` so that
+   classifier-free guidance works; the EMA of the weights is what is saved.
+
+Output folder::
+
+    ldm.yaml                      configs/toyworld/ldm.yaml with the measured scale_factor
+    toyworld-ldm.safetensors      the whole LatentDiffusion state dict (CompVis keys, fp16)
+    vae_loss.png, unet_loss.png   loss curves (and *_loss.json)
+    samples.png                   a grid of samples for a few prompts (DDIM 50, eta 1, CFG 6)
+    train.json                    settings, timings, final losses
+
+CLI (after ``python -m toyworld.clip --out DIR``)::
+
+    python -m toyworld.ldm --clip assets/toyworld/clip --out assets/toyworld/ldm
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dataset import DEFAULT_MIXTURE, Mixture, iter_samples
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs/toyworld/ldm.yaml"
+WEIGHTS_NAME = "toyworld-ldm.safetensors"
+PREVIEW_PROMPTS = (
+    "a red circle on the grass", "a blue star against a blue sky", "a yellow triangle on a plain background",
+    "a painting of a green heart in the style of stripes", "a painting of a purple square in the style of polka dots",
+    "a painting of an orange cross in the style of checkerboard", "a photo of a grumpy cat", "a photo of a happy cat",
+)
+
+__all__ = ["render_pool", "cached_pool", "train_vae", "latent_moments", "measure_scale_factor", "train_unet", "build_ldm",
+           "save_ldm", "main", "DEFAULT_CONFIG", "WEIGHTS_NAME"]
+
+
+# ---------------------------------------------------------------------------------------- data
+def render_pool(n: int, seed: int, size: int = 32, mixture: Mixture = DEFAULT_MIXTURE, progress: bool = True):
+    """``(images uint8 [n, 3, size, size], captions, labels)`` of data-set items ``0..n-1`` of ``seed``."""
+    from tqdm.auto import tqdm
+
+    images = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    captions, labels = [], []
+    for i, (im, text, label) in enumerate(tqdm(iter_samples(seed, size, mixture, 0, n), total=n, desc="render",
+                                               disable=not progress)):
+        images[i] = torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        captions.append(text)
+        labels.append(label)
+    return images, captions, labels
+
+
+def cached_pool(n: int, seed: int, size: int = 32, cache_dir=None, progress: bool = True):
+    """``render_pool``, kept in ``cache_dir`` (default ``~/.cache/toyworld``) under a name that includes a
+    hash of the world's code (renderer, captions, sampling), so a changed world is never read stale."""
+    import hashlib
+    import os
+
+    here = Path(__file__).resolve().parent
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("render.py", "captions.py", "dataset.py")))
+    cache = Path(cache_dir or os.environ.get("TOYWORLD_CACHE", Path.home() / ".cache/toyworld"))
+    path = cache / f"pool-{seed}-{n}-{size}-{code.hexdigest()[:12]}.pt"
+    if path.is_file():
+        obj = torch.load(path, weights_only=True)
+        return obj["images"], obj["captions"], obj["labels"]
+    images, captions, labels = render_pool(n, seed, size, progress=progress)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"images": images, "captions": captions, "labels": labels}, tmp)
+    os.replace(tmp, path)
+    return images, captions, labels
+
+
+def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float().div(127.5).sub(1.0)
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int, final_frac: float = 0.1) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _save_curve(path: Path, history: list[dict], keys: tuple[str, ...], title: str) -> None:
+    path.with_suffix(".json").write_text(json.dumps(history, indent=1) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k in keys:
+        ax.plot([h["step"] for h in history], [h[k] for h in history], label=k)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- stage 1: VAE
+def train_vae(vae, images_u8: torch.Tensor, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
+              kl_weight: float = 1e-6, crop: int | None = 16, crop_frac: float = 0.8, seed: int = 0,
+              log_every: int = 50, progress: bool = True):
+    """Train ``vae`` (an ``AutoencoderKL``) in place on ``images_u8``; returns the loss history.
+
+    ``crop``: the first ``crop_frac`` of the steps see random ``crop`` x ``crop`` windows (one offset per
+    batch), 4x cheaper than whole 32 px images (the autoencoder is convolutional); the rest see whole
+    images, so that the mid-block attention at the latent resolution adapts to the full 8x8 grid."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    vae.requires_grad_(True)  # LatentDiffusion freezes its first stage; mode does not matter (no dropout/BN)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    history, t0 = [], time.time()
+    bar = tqdm(range(steps), desc="vae", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr, warmup=min(100, steps // 10))
+        x = to_model_range(images_u8[torch.randint(len(images_u8), (batch_size,), generator=gen)])
+        if crop and crop < x.shape[-1] and step < crop_frac * steps:
+            i, j = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=gen).tolist()
+            x = x[:, :, i:i + crop, j:j + crop]
+        posterior = vae.encode(x)
+        rec = vae.decode(posterior.sample(generator=gen))
+        l1, l2 = (rec - x).abs().mean(), (rec - x).pow(2).mean()
+        kl = posterior.kl().mean()  # summed over latent dims, averaged over the batch (as CompVis)
+        loss = l1 + l2 + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % log_every == 0 or step == steps - 1:
+            history.append({"step": step, "l1": l1.item(), "mse": l2.item(), "kl": kl.item(),
+                            "time_s": round(time.time() - t0, 1)})
+            bar.set_postfix(l1=f"{l1.item():.4f}")
+    vae.requires_grad_(False)
+    return history
+
+
+@torch.no_grad()
+def latent_moments(vae, images_u8: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (unscaled latents)."""
+    means, stds = [], []
+    for s in range(0, len(images_u8), batch_size):
+        post = vae.encode(to_model_range(images_u8[s:s + batch_size]))
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def measure_scale_factor(mean: torch.Tensor, std: torch.Tensor, seed: int = 0) -> float:
+    """1 / std of posterior samples, so that scaled latents have unit variance (SD: 0.18215)."""
+    gen = torch.Generator().manual_seed(seed)
+    z = mean + std * torch.randn(mean.shape, generator=gen)
+    return float(1.0 / z.flatten().std())
+
+
+# ---------------------------------------------------------------------------------------- stage 2: UNet
+def build_ldm(config_path=DEFAULT_CONFIG, scale_factor: float | None = None):
+    """A fresh ``LatentDiffusion`` from the toy config (and its OmegaConf config), optionally with
+    ``scale_factor`` set."""
+    from omegaconf import OmegaConf
+
+    from ldm.util import instantiate_from_config
+
+    config = OmegaConf.load(str(config_path))
+    if scale_factor is not None:
+        config.model.params.scale_factor = float(scale_factor)
+    return instantiate_from_config(config.model), config
+
+
+def load_clip_text(ldm, clip_dir) -> None:
+    """Copy the toy CLIP's text tower (``toyworld.clip`` output) into ``ldm.cond_stage_model``."""
+    from transformers import CLIPModel
+
+    from ldm.checkpoint import load_into
+
+    from .clip import ldm_text_config, text_state_dict_for_ldm
+
+    clip = CLIPModel.from_pretrained(str(clip_dir))
+    want = ldm_text_config(clip.config)
+    have = ldm.cond_stage_model.transformer.text_model.config
+    wrong = {k: (v, getattr(have, k)) for k, v in want.items() if getattr(have, k) != v}
+    if wrong:
+        raise ValueError(f"the CLIP in {clip_dir} does not fit the LDM config's text_config: {wrong}")
+    sd = text_state_dict_for_ldm(clip, prefix="transformer.text_model.")
+    load_into(ldm.cond_stage_model, sd, strict=True)
+
+
+def _tokens(ldm, texts: list[str]) -> torch.Tensor:
+    return ldm.cond_stage_model.tokenizer(texts, max_length=ldm.cond_stage_model.max_length)
+
+
+def train_unet(ldm, mean: torch.Tensor, std: torch.Tensor, captions: list[str], steps: int = 5000,
+               batch_size: int = 64, lr: float = 5e-4, p_uncond: float = 0.1, ema_decay: float = 0.999,
+               seed: int = 0, log_every: int = 50, progress: bool = True):
+    """Train ``ldm.model`` (the UNet) in place; ends with the EMA weights loaded. Returns the history."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = _tokens(ldm, list(captions))
+    empty = _tokens(ldm, [""])
+    text = ldm.cond_stage_model.transformer
+    unet = ldm.model
+    unet.train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    history, t0 = [], time.time()
+    bar = tqdm(range(steps), desc="unet", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr, warmup=min(200, steps // 10))
+        idx = torch.randint(len(mean), (batch_size,), generator=gen)
+        z = ldm.scale_factor * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen))
+        tok = ids[idx].clone()
+        tok[torch.rand(batch_size, generator=gen) < p_uncond] = empty[0]
+        with torch.no_grad():
+            c = text(input_ids=tok).last_hidden_state
+        t = torch.randint(0, ldm.num_timesteps, (batch_size,), generator=gen)
+        noise = torch.randn(z.shape, generator=gen)
+        loss, _ = ldm.p_losses(z, c, t, noise=noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():  # EMA with a short warm-up, so early weights do not linger
+            d = min(ema_decay, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - d)
+        if step % log_every == 0 or step == steps - 1:
+            history.append({"step": step, "loss": loss.item(), "time_s": round(time.time() - t0, 1)})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    unet.load_state_dict(ema.state_dict())
+    unet.eval()
+    return history
+
+
+# ---------------------------------------------------------------------------------------- output
+def save_ldm(ldm, config, outdir) -> Path:
+    """Write ``ldm.yaml`` and the fp16 ``toyworld-ldm.safetensors`` into ``outdir``; returns the weights path."""
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import save_state_dict
+
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in ldm.state_dict().items()}
+    path = out / WEIGHTS_NAME
+    save_state_dict(sd, path, metadata={"config": "ldm.yaml", "trained_by": "toyworld/ldm.py"})
+    OmegaConf.save(config, out / "ldm.yaml")
+    return path
+
+
+@torch.no_grad()
+def sample_grid(ldm, prompts, path, n_per_prompt: int = 8, steps: int = 50, scale: float = 6.0, seed: int = 0):
+    """Save a grid (one row per prompt) of DDIM samples; returns the PIL grid."""
+    from PIL import Image
+
+    from ldm.models.diffusion.ddim import DDIMSampler
+
+    sampler = DDIMSampler(ldm)
+    rows = []
+    lf = 2 ** (len(ldm.first_stage_model.encoder.down) - 1)
+    shape = (ldm.channels, ldm.image_size, ldm.image_size)
+    for k, prompt in enumerate(prompts):
+        gens = [torch.Generator().manual_seed(seed + 1000 * k + i) for i in range(n_per_prompt)]
+        c = ldm.get_learned_conditioning([prompt] * n_per_prompt)
+        uc = ldm.get_learned_conditioning([""] * n_per_prompt)
+        z, _ = sampler.sample(steps, n_per_prompt, shape, conditioning=c, eta=1.0, unconditional_guidance_scale=scale,
+                              unconditional_conditioning=uc, generator=gens, verbose=False, progress=False)
+        x = ldm.decode_first_stage(z).clamp(-1, 1).add(1).mul(127.5).round().byte()
+        rows.append(torch.cat(list(x.permute(0, 2, 3, 1)), dim=1))
+    grid = Image.fromarray(torch.cat(rows, dim=0).numpy())
+    size = ldm.image_size * lf
+    grid = grid.resize((grid.width * 2, grid.height * 2), Image.Resampling.NEAREST) if size <= 64 else grid
+    grid.save(path)
+    return grid
+
+
+def _stage_vae(args, config_path, out: Path, images) -> tuple[dict, float, list]:
+    """Stage 1, or its saved result when ``out/vae.json`` records the same settings."""
+    from ldm.checkpoint import load_into, load_state_dict, save_state_dict
+
+    settings = {"pool": args.pool, "seed": args.seed, "vae_steps": args.vae_steps, "vae_lr": args.vae_lr,
+                "batch_size": args.batch_size, "crop": args.vae_crop, "config": Path(config_path).read_text()}
+    meta_path, weights = out / "vae.json", out / "vae.safetensors"
+    ldm, _ = build_ldm(config_path)
+    vae = ldm.first_stage_model
+    if meta_path.is_file() and weights.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("settings") == settings:
+            load_into(vae, load_state_dict(weights), strict=True)
+            print(f"stage 1 (vae): reusing {weights}")
+            return vae.state_dict(), meta["scale_factor"], meta["history"]
+    history = train_vae(vae, images, args.vae_steps, args.batch_size, args.vae_lr, crop=args.vae_crop or None,
+                        seed=args.seed)
+    _save_curve(out / "vae_loss.png", history, ("l1", "mse"), "toy-world AutoencoderKL")
+    mean, std = latent_moments(vae, images)
+    scale = measure_scale_factor(mean, std, args.seed)
+    save_state_dict(vae.state_dict(), weights)
+    meta_path.write_text(json.dumps({"settings": settings, "scale_factor": scale, "history": history}) + "\n")
+    return vae.state_dict(), scale, history
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description="Train the toy world's VAE and UNet (configs/toyworld/ldm.yaml).")
+    p.add_argument("--clip", default=None, help="toy CLIP folder written by python -m toyworld.clip (needed for the UNet)")
+    p.add_argument("--out", default="assets/toyworld/ldm")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--stage", choices=("vae", "all"), default="all",
+                   help="vae: only stage 1 (reused by a later 'all' run with the same settings)")
+    p.add_argument("--pool", type=int, default=30000, help="rendered training items")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae_steps", type=int, default=1500)
+    p.add_argument("--vae_lr", type=float, default=1e-3)
+    p.add_argument("--unet_steps", type=int, default=6000)
+    p.add_argument("--unet_lr", type=float, default=5e-4)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--vae_crop", type=int, default=16, help="VAE crops for the first 80%% of its steps (0: whole)")
+    p.add_argument("--preview_steps", type=int, default=50, help="DDIM steps of samples.png")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.stage == "all" and (args.clip is None or not (Path(args.clip) / "config.json").is_file()):
+        raise SystemExit(f"--clip {args.clip} is not a toy CLIP folder (no config.json); "
+                         "run python -m toyworld.clip first")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    ldm, config = build_ldm(args.config)
+    if args.stage == "all":
+        load_clip_text(ldm, args.clip)  # fails early when the CLIP does not fit the config
+    size = int(config.model.params.first_stage_config.params.ddconfig.resolution)
+    images, captions, _ = cached_pool(args.pool, args.seed, size)
+
+    vae_state, scale, vae_hist = _stage_vae(args, args.config, out, images)
+    if args.stage == "vae":
+        return {"scale_factor": scale, "vae_final_l1": vae_hist[-1]["l1"]}
+    ldm.first_stage_model.load_state_dict(vae_state)
+    ldm.scale_factor = scale
+    config.model.params.scale_factor = scale
+    mean, std = latent_moments(ldm.first_stage_model, images)
+
+    unet_hist = train_unet(ldm, mean, std, captions, args.unet_steps, args.batch_size, args.unet_lr, seed=args.seed)
+    _save_curve(out / "unet_loss.png", unet_hist, ("loss",), "toy-world UNet (eps MSE)")
+    path = save_ldm(ldm, config, out)
+    sample_grid(ldm, PREVIEW_PROMPTS, out / "samples.png", steps=args.preview_steps, seed=args.seed)
+    report = {"pool": args.pool, "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
+              "batch_size": args.batch_size, "vae_lr": args.vae_lr, "unet_lr": args.unet_lr,
+              "scale_factor": scale, "vae_final_l1": vae_hist[-1]["l1"], "unet_final_loss": unet_hist[-1]["loss"],
+              "vae_time_s": vae_hist[-1]["time_s"], "unet_time_s": unet_hist[-1]["time_s"],
+              "total_time_s": round(time.time() - t0, 1), "weights": path.name,
+              "weights_mb": round(path.stat().st_size / 2 ** 20, 2)}
+    (out / "train.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
