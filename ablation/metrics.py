@@ -127,7 +127,8 @@ def load_clip(name_or_path: PathLike = DEFAULT_CLIP, device: str | torch.device 
             f"could not load the CLIP model {name!r} ({type(e).__name__}: {e}). Without network access the "
             f"hub id must already be in the Hugging Face cache; otherwise download it once (e.g. "
             f"`hf download {DEFAULT_CLIP} --local-dir <dir>`) and pass the directory through --clip_model.") from e
-    return model.eval().to(device)
+    # fp32 whatever the stored dtype (CPU fp16 is slow or unsupported; CUDA callers use autocast)
+    return model.eval().float().to(device)
 
 
 def _clip_image_size(model) -> int:

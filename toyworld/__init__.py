@@ -32,13 +32,15 @@ Roles in "Ablating Concepts in Text-to-Image Diffusion Models" (``CONCEPTS``)
 
 Every written image has ground-truth labels (``labels.jsonl``: subject, role, colour, style, ...).
 
-Next steps
-----------
-1. train a small CLIP-like text encoder (+ image tower) on (render, caption) pairs;
-2. train a small VAE on 32x32 / 64x64 renders and a small UNet (latent diffusion) conditioned on it;
-3. train a classifier on ground-truth renders (``labels.jsonl``) for subject / style / colour /
-   memorized-ness, used to judge samples before and after ablation;
-4. run the ablation recipes with ``CONCEPTS`` as target/anchor prompts.
+Models trained on it (``tools/train_toyworld.sh`` retrains all of them; weights in ``assets/toyworld/``)
+----------------------------------------------------------------------------------------------------------
+* ``toyworld.clip``: a small CLIP (real CLIP tokenizer); its text tower is the LDM's text encoder, the whole
+  model is ``evaluate.py --clip_model`` for the toy world;
+* ``toyworld.ldm``: the AutoencoderKL and the UNet of ``configs/toyworld/ldm.yaml`` trained as an LDM;
+* ``toyworld.judge``: a ground-truth classifier (and its features for KID/FID) and a copy-detection
+  descriptor (TorchScript, the SSCD stand-in);
+* ``toyworld.quality`` measures them; ``toyworld.mission`` runs the three ablations with ``train.py`` and
+  ``evaluate.py`` and writes the README's table and grid.
 """
 from .captions import MEMORIZED_CAPTION, TEMPLATES, STYLE_TEMPLATES, anchor_caption, caption
 from .dataset import (DEFAULT_MIXTURE, Mixture, ToyWorldDataset, iter_samples, make_dataset, make_item,

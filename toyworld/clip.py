@@ -239,10 +239,13 @@ def train_clip(outdir, steps: int = 1000, batch_size: int = 128, lr: float = 5e-
                             "logit_scale": model.logit_scale.detach().exp().item(), "time_s": round(time.time() - t0, 2)})
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     model.eval()
+    with torch.no_grad():  # the saved file is fp16: make the returned model (and its evaluation) match it
+        for p in model.parameters():
+            p.copy_(p.half().float())
     if save:
         out = Path(outdir)
         out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, safe_serialization=True)
+        save_half(model, out)
         _save_curve(out, history)
         meta = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "size": size, "pool": pool,
                 "warmup": warmup, "schedule": schedule, "weight_decay": weight_decay,
@@ -250,6 +253,12 @@ def train_clip(outdir, steps: int = 1000, batch_size: int = 128, lr: float = 5e-
                 "ldm_text_config": ldm_text_config(config)}
         (out / "train.json").write_text(json.dumps(meta, indent=2) + "\n")
     return model, history
+
+
+def save_half(model, outdir) -> None:
+    """``save_pretrained`` with fp16 weights (half the size; ``ablation.metrics.load_clip`` loads fp32)."""
+    model.half().save_pretrained(outdir, safe_serialization=True)
+    model.float()
 
 
 # ---------------------------------------------------------------------------------------- zero-shot

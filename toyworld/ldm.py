@@ -119,7 +119,7 @@ def _save_curve(path: Path, history: list[dict], keys: tuple[str, ...], title: s
 
 # ---------------------------------------------------------------------------------------- stage 1: VAE
 def train_vae(vae, images_u8: torch.Tensor, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
-              kl_weight: float = 1e-6, crop: int | None = 16, crop_frac: float = 0.8, seed: int = 0,
+              kl_weight: float = 1e-6, crop: int | None = 16, crop_frac: float = 0.85, seed: int = 0,
               log_every: int = 50, progress: bool = True):
     """Train ``vae`` (an ``AutoencoderKL``) in place on ``images_u8``; returns the loss history.
 
@@ -196,7 +196,7 @@ def load_clip_text(ldm, clip_dir) -> None:
 
     from .clip import ldm_text_config, text_state_dict_for_ldm
 
-    clip = CLIPModel.from_pretrained(str(clip_dir))
+    clip = CLIPModel.from_pretrained(str(clip_dir)).float()
     want = ldm_text_config(clip.config)
     have = ldm.cond_stage_model.transformer.text_model.config
     wrong = {k: (v, getattr(have, k)) for k, v in want.items() if getattr(have, k) != v}
@@ -302,7 +302,7 @@ def _stage_vae(args, config_path, out: Path, images) -> tuple[dict, float, list]
     from ldm.checkpoint import load_into, load_state_dict, save_state_dict
 
     settings = {"pool": args.pool, "seed": args.seed, "vae_steps": args.vae_steps, "vae_lr": args.vae_lr,
-                "batch_size": args.batch_size, "crop": args.vae_crop, "config": Path(config_path).read_text()}
+                "batch_size": args.batch_size, "crop": args.vae_crop, "crop_frac": args.vae_crop_frac, "config": Path(config_path).read_text()}
     meta_path, weights = out / "vae.json", out / "vae.safetensors"
     ldm, _ = build_ldm(config_path)
     vae = ldm.first_stage_model
@@ -313,7 +313,7 @@ def _stage_vae(args, config_path, out: Path, images) -> tuple[dict, float, list]
             print(f"stage 1 (vae): reusing {weights}")
             return vae.state_dict(), meta["scale_factor"], meta["history"]
     history = train_vae(vae, images, args.vae_steps, args.batch_size, args.vae_lr, crop=args.vae_crop or None,
-                        seed=args.seed)
+                        crop_frac=args.vae_crop_frac, seed=args.seed)
     _save_curve(out / "vae_loss.png", history, ("l1", "mse"), "toy-world AutoencoderKL")
     mean, std = latent_moments(vae, images)
     scale = measure_scale_factor(mean, std, args.seed)
@@ -336,7 +336,8 @@ def main(argv=None) -> dict:
     p.add_argument("--unet_steps", type=int, default=6000)
     p.add_argument("--unet_lr", type=float, default=5e-4)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--vae_crop", type=int, default=16, help="VAE crops for the first 80%% of its steps (0: whole)")
+    p.add_argument("--vae_crop", type=int, default=16, help="VAE crops for the first --vae_crop_frac of its steps (0: whole)")
+    p.add_argument("--vae_crop_frac", type=float, default=0.85)
     p.add_argument("--preview_steps", type=int, default=50, help="DDIM steps of samples.png")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
     args = p.parse_args(argv)

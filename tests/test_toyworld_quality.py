@@ -1,0 +1,34 @@
+"""toyworld/quality.py: prompt set and scoring rule (the measured numbers come from the shipped models)."""
+import math
+
+from toyworld import CAT_CLASSES, COLOUR_NAMES, SHAPES, SUBJECTS, TEXTURES
+from toyworld.quality import markdown, quality_prompts, score_samples
+
+
+def test_prompts_cover_every_subject_colour_and_texture():
+    items = quality_prompts()
+    plain = [w for w in items if w["style"] == "painting"]
+    styled = [w for w in items if w["style"] != "painting"]
+    assert {(w["subject"], w["colour"]) for w in plain} == {(s, c) for s in SUBJECTS for c in COLOUR_NAMES}
+    assert {(w["subject"], w["style"]) for w in styled} == {(s, t) for s in SHAPES for t in TEXTURES}
+    for w in items:
+        assert w["subject"] in w["prompt"] and w["colour"] in w["prompt"]
+        assert (f"in the style of {w['style']}" in w["prompt"]) == (w["style"] != "painting")
+
+
+def test_score_samples():
+    wanted = [{"subject": "star", "colour": "red", "style": "stripes"},
+              {"subject": "grumpy cat", "colour": "blue", "style": "painting"},
+              {"subject": "circle", "colour": "green", "style": "painting"}]
+    predicted = [{"subject": "star", "colour": "red", "style": "polka dots"},
+                 {"subject": "happy cat", "colour": "blue", "style": "painting"},
+                 {"subject": "circle", "colour": "green", "style": "painting"}]
+    s = score_samples(wanted, predicted)
+    assert s["n"] == 3 and math.isclose(s["subject"], 2 / 3) and s["shape"] == 1.0 and s["colour"] == 1.0
+    assert s["style"] == 0.0 and s["plain_fill"] == 1.0 and s["cat_variant"] == 0.0
+    assert math.isclose(s["all"], 1 / 3)
+    assert "grumpy cat" in CAT_CLASSES
+    table = markdown({"diffusion": s, "memorization": {"copy_rate_memorized_caption": 0.9,
+                                                       "copy_rate_other_prompts": 0.0},
+                      "clip_zero_shot": {"shape": 0.91}})
+    assert "| samples showing the prompted colour | 1.00 |" in table and "zero-shot accuracy, shape | 0.91" in table

@@ -1,0 +1,179 @@
+"""The README's first run: ablate a style, an instance and the memorized picture of the toy world with
+``train.py``, score each with ``evaluate.py``, and write the before/after table and image grid.
+
+Everything runs through the same entry points a researcher uses with Stable Diffusion (``train.main``,
+``evaluate.main``), with the toy world's weights (``assets/toyworld/``), configs
+(``configs/toyworld/``), prompt files and evaluation set::
+
+    python -m toyworld.mission --out outputs/toyworld-mission          # a few minutes per recipe on a CPU
+    python -m toyworld.mission --recipes style --quick                  # the short CI version
+
+Output: ``{out}/logs/<run>/`` (training runs, their delta checkpoints and eval images),
+``{out}/metrics/evaluation.{pkl,csv,json}``, ``{out}/mission.md`` (the table), ``{out}/mission.json``
+and ``{out}/grid.png`` (rows: base model, then ablated, for each recipe's target prompts).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from .captions import MEMORIZED_CAPTION
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "assets/toyworld"
+
+# name -> what train.py / evaluate.py get; "eval_target" is the evaluate.py --caption_target
+RECIPES = {
+    "style": {"concept_type": "style", "caption_target": "stripes", "prompts": "prompts/painting.txt",
+              "eval_target": "stripes"},
+    "instance": {"concept_type": "object", "caption_target": "cat+grumpy cat", "prompts": "prompts/cat.txt",
+                 "eval_target": "grumpy cat"},
+    "memorized": {"concept_type": "memorization", "caption_target": MEMORIZED_CAPTION,
+                  "prompts": "prompts/lighthouse_mem.txt", "eval_target": MEMORIZED_CAPTION},
+}
+# anchor images (train_size) and evaluation images (numgen) of the full run and the --quick one; train_size
+# must be a multiple of the prompt count (36) and, for memorization, of generation.anchor_size (10)
+SIZES = {"full": {"train_size": 180, "numgen": 25}, "quick": {"train_size": 72, "numgen": 10}}
+QUICK_MEMORIZATION_TRAIN_SIZE = 60
+
+
+def _paths(assets: Path) -> dict:
+    return {"config": assets / "ldm" / "ldm.yaml", "weights": assets / "ldm" / "toyworld-ldm.safetensors",
+            "clip": assets / "clip", "copydetect": assets / "copydetect" / "copydetect.torchscript.pt",
+            "features": assets / "judge" / "features.torchscript.pt"}
+
+
+def memorized_reference(out: Path) -> Path:
+    """The memorized picture, as the file ``--mem_impath`` points at."""
+    from .render import render_memorized
+
+    path = out / "memorized.png"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        render_memorized(32).save(path)
+    return path
+
+
+def train_argv(name: str, recipe: dict, assets: Path, out: Path, train_size: int, extra=()) -> list[str]:
+    p = _paths(assets)
+    argv = ["-t", "--concept_type", recipe["concept_type"], "--caption_target", recipe["caption_target"],
+            "--prompts", str(assets / recipe["prompts"]), "--name", f"toy_{name}", "--train_size", str(train_size),
+            "--model_config", str(p["config"]), "--config", str(REPO / f"configs/toyworld/{recipe['concept_type']}.yaml"),
+            "-rc", str(p["weights"]), "--logdir", str(out / "logs"), "--root", str(out / "data"),
+            "--n_samples", "36", "--ckpt_format", "safetensors", "--image_logging_freq", "0"]
+    if recipe["concept_type"] == "memorization":
+        argv += ["--mem_impath", str(memorized_reference(out)), "--sscd_ckpt", str(p["copydetect"])]
+    return argv + list(extra)
+
+
+def evaluate_argv(run_dir: Path, recipe: dict, assets: Path, out: Path, numgen: int) -> list[str]:
+    p = _paths(assets)
+    argv = ["--root", str(run_dir), "--concept_type", recipe["concept_type"], "--caption_target", recipe["eval_target"],
+            "--eval_json", str(assets / "eval.json"), "--eval_prompts", str(assets / "eval_prompts"),
+            "--numgen", str(numgen), "--outpkl", str(out / "metrics" / "evaluation.pkl"),
+            "--base_ckpt", str(p["weights"]), "--base_outpath", str(out / "baseline"), "--clip_model", str(p["clip"]),
+            "--feature_model", str(p["features"]), "--feature_size", "32", "--H", "32", "--W", "32",
+            "--n_samples", "50", "--precision", "full"]
+    if recipe["concept_type"] == "memorization":
+        argv += ["--mem_impath", str(memorized_reference(out)), "--sscd_ckpt", str(p["copydetect"])]
+    return argv
+
+
+def summarize(name: str, recipe: dict, row: dict, assets: Path = ASSETS) -> dict:
+    """The numbers of the README table from one evaluate.py row."""
+    if recipe["concept_type"] == "memorization":
+        return {"recipe": name, "target": recipe["eval_target"],
+                "memorization_rate": (row["Baseline memorization rate"], row["Memorization rate"])}
+    entry = json.loads((assets / "eval.json").read_text())[
+        "style" if recipe["concept_type"] == "style" else "object"][recipe["eval_target"]]
+    t, a = entry["target"], entry["anchor"]
+    acc = lambda c: (row[f"Baseline CLIP accuracy_{c}_{a}"], row[f"CLIP accuracy_{c}_{a}"])  # noqa: E731
+    return {"recipe": name, "target": t, "anchor": a, "target_accuracy": acc(t),
+            "hard_negative_accuracy": {h: acc(h) for h in entry["hard_negative"]},
+            "anchor_clip_score": (row[f"Baseline CLIP scores_{a}_{a}"], row[f"CLIP scores_{a}_{a}"]),
+            "kid": {c: row[f"KID_{c}"] for c in [t, a, *entry["hard_negative"]]}}
+
+
+def markdown(summaries: list[dict]) -> str:
+    def pair(p):
+        return f"{p[0]:.2f} → {p[1]:.2f}"
+
+    lines = ["| recipe | concept | measure | base → ablated |", "|---|---|---|---|"]
+    for s in summaries:
+        if "memorization_rate" in s:
+            lines.append(f"| {s['recipe']} | \"{s['target']}\" | copy rate (SSCD-style > 0.5) | "
+                         f"{pair(s['memorization_rate'])} |")
+            continue
+        lines.append(f"| {s['recipe']} | {s['target']} (target) | CLIP accuracy vs {s['anchor']} | "
+                     f"{pair(s['target_accuracy'])} |")
+        for h, p in s["hard_negative_accuracy"].items():
+            lines.append(f"| {s['recipe']} | {h} (hard negative) | CLIP accuracy vs {s['anchor']} | {pair(p)} |")
+        lines.append(f"| {s['recipe']} | {s['anchor']} (anchor) | CLIP score | {pair(s['anchor_clip_score'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def image_grid(rows: list[tuple[str, list[Path]]], path: Path, scale: int = 3) -> Path:
+    """One labelled row of images per ``(label, paths)``."""
+    from PIL import Image, ImageDraw
+
+    cell = 32 * scale
+    label_w = 130
+    n = max(len(p) for _, p in rows)
+    grid = Image.new("RGB", (label_w + n * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, paths) in enumerate(rows):
+        draw.text((6, r * cell + cell // 2 - 6), label, fill="black")
+        for c, p in enumerate(paths):
+            im = Image.open(p).convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+            grid.paste(im, (label_w + c * cell, r * cell))
+    grid.save(path)
+    return path
+
+
+def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_extra=()) -> dict:
+    import evaluate
+    import train
+    from evaluate import ablated_dir, base_dir
+
+    sizes = SIZES["quick" if quick else "full"]
+    out.mkdir(parents=True, exist_ok=True)
+    summaries, grid_rows = [], []
+    for name in recipes:
+        recipe = RECIPES[name]
+        train_size = sizes["train_size"]
+        if quick and recipe["concept_type"] == "memorization":
+            train_size = QUICK_MEMORIZATION_TRAIN_SIZE
+        run_dir = train.main(train_argv(name, recipe, assets, out, train_size, train_extra))
+        plan = evaluate.setup(evaluate_argv(run_dir, recipe, assets, out, sizes["numgen"]))
+        df = evaluate.run(plan)
+        ckpt = plan.checkpoints[-1]
+        summaries.append(summarize(name, recipe, df.loc[ckpt.expname].to_dict(), assets))
+        target = plan.concepts[0]
+        pick = lambda folder: sorted((folder / "samples").glob("*.png"))[:8]  # noqa: E731
+        grid_rows += [(f"{name}: base", pick(base_dir(plan, target))),
+                      (f"{name}: ablated", pick(ablated_dir(ckpt, target)))]
+    report = {"quick": quick, "sizes": sizes, "summaries": summaries}
+    (out / "mission.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "mission.md").write_text(markdown(summaries))
+    image_grid(grid_rows, out / "grid.png")
+    print(markdown(summaries))
+    return report
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/toyworld-mission")
+    p.add_argument("--assets", default=str(ASSETS))
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    p.add_argument("--quick", action="store_true", help="fewer anchor and evaluation images (the CI test)")
+    args = p.parse_args(argv)
+    report = run(args.recipes, Path(args.out), Path(args.assets), args.quick)
+    if any(isinstance(v, float) and math.isnan(v) for s in report["summaries"] for v in s.values()):
+        print("warning: some metrics are NaN")
+    return report
+
+
+if __name__ == "__main__":
+    main()
