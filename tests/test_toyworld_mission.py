@@ -1,0 +1,61 @@
+"""End to end on the shipped toy-world model (assets/toyworld/): a short style ablation with train.py,
+scored by evaluate.py with the toy CLIP; the method's effect is asserted, not just the plumbing."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from toyworld import mission
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets/toyworld"
+
+
+@pytest.fixture(scope="module")
+def style_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mission")
+    report = mission.run(["style"], out, ASSETS, quick=True)
+    return out, report
+
+
+def test_style_ablation_removes_the_style_and_keeps_the_others(style_run):
+    out, report = style_run
+    s = report["summaries"][0]
+    base, ablated = s["target_accuracy"]
+    assert base >= 0.8 and ablated <= 0.4, s
+    # the other textures lose far less than the target (10 images each in the quick run: steps of 0.1)
+    drops = [b - a for b, a in s["hard_negative_accuracy"].values()]
+    assert sum(drops) / len(drops) <= 0.25 and (base - ablated) >= 2 * max(sum(drops) / len(drops), 0.1), s
+    assert (out / "grid.png").is_file() and "stripes" in (out / "mission.md").read_text()
+    assert json.loads((out / "mission.json").read_text())["summaries"][0]["recipe"] == "style"
+
+
+@torch.no_grad()
+def test_target_prediction_collapses_onto_the_anchor(style_run):
+    """Issue 3's effect measure, on a trained model: after the run, eps(x_t, target prompt) is much closer to
+    eps(x_t, anchor prompt) (both from the ablated model, what the model-based loss asks) than before.
+
+    Measured but not asserted: at this learning rate, unrelated prompts' predictions move too (more than the
+    target/anchor gap itself; see the issue notes), although their images keep their concept."""
+    from omegaconf import OmegaConf
+
+    from ablation.delta import load_model
+
+    out, _ = style_run
+    run_dir = next((out / "logs").iterdir())
+    delta = sorted((run_dir / "checkpoints").glob("delta_step_*"))[-1]
+    config = OmegaConf.to_container(OmegaConf.load(ASSETS / "ldm/ldm.yaml").model, resolve=True)
+    weights = ASSETS / "ldm/toyworld-ldm.safetensors"
+    base, ablated = load_model(config, weights), load_model(config, weights, delta)
+    anchor = ["a painting of a red star on the grass", "a drawing of a blue heart", "a painting of a green cross"] * 2
+    target = [p + ", in the style of stripes" for p in anchor]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, base.channels, base.image_size, base.image_size, generator=g)
+    t = torch.tensor([200, 400, 600, 800, 300, 500])
+
+    def eps(model, prompts):
+        return model.apply_model(x, t, model.get_learned_conditioning(prompts))
+
+    gap_before = (eps(base, target) - eps(base, anchor)).pow(2).mean()
+    gap_after = (eps(ablated, target) - eps(ablated, anchor)).pow(2).mean()
+    assert gap_after < 0.25 * gap_before, (gap_before, gap_after)
