@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import tempfile
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .dataset import DEFAULT_MIXTURE, Mixture, iter_samples
+from .training import lr_at, save_curve
 from .render import COLOUR_NAMES, STYLES, SUBJECTS, render_memorized
 
 __all__ = ["EVAL_SEED", "HEADS", "ToyJudge", "train_judge", "load_judge", "judge_accuracy", "classify",
@@ -132,31 +132,6 @@ def perturb(x: torch.Tensor, gen: torch.Generator, strength: float = 1.0) -> tor
     x = x * bright * colour
     x = x + torch.randn(x.shape, generator=gen) * (0.03 * strength) * torch.rand(b, 1, 1, 1, generator=gen)
     return x.clamp(0, 1)
-
-
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-def _save_curve(path: Path, history: list[dict], keys: Sequence[str], title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    steps = [h["step"] for h in history]
-    for k in keys:
-        ax.plot(steps, [h[k] for h in history], label=k)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _check_seed(seed: int) -> None:
@@ -274,7 +249,7 @@ def train_judge(outdir, steps: int = 600, batch_size: int = 128, lr: float = 3e-
     bar = tqdm(range(steps), desc="judge", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, warmup)
+            g["lr"] = lr_at(step, steps, lr, warmup)
         idx = torch.randint(0, pool, (batch_size,), generator=gen)
         x = images[idx].float() / 255
         x = _shift(x, 2, gen)
@@ -300,7 +275,7 @@ def train_judge(outdir, steps: int = 600, batch_size: int = 128, lr: float = 3e-
         config = model.config
         state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(out / JUDGE_FILE), metadata={"config": json.dumps(config), "format": "pt"})
-        _save_curve(out / "loss.png", history, ["loss", *HEADS], "toy-world judge")
+        save_curve(out / "loss.png", history, ["loss", *HEADS], "toy-world judge")
         meta = {"config": config, "heads": {k: [str(c) for c in v] for k, v in HEADS.items()},
                 "steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
                 "pool": pool, "mixture": mixture.__dict__, "render_s": round(render_s, 1),
@@ -453,7 +428,7 @@ def train_copy_descriptor(outdir, steps: int = 600, batch_size: int = 128, lr: f
     bar = tqdm(range(steps), desc="copydetect", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, warmup)
+            g["lr"] = lr_at(step, steps, lr, warmup)
         idx = torch.randperm(images.shape[0], generator=gen)[:batch_size - 1]
         x = torch.cat([memorized, images[idx].float() / 255])
         a, b = model.embed(perturb(x, gen)), model.embed(perturb(x, gen))
@@ -479,7 +454,7 @@ def train_copy_descriptor(outdir, steps: int = 600, batch_size: int = 128, lr: f
         tmp = out / (COPY_FILE + ".tmp")
         scripted.save(str(tmp))
         os.replace(tmp, out / COPY_FILE)
-        _save_curve(out / "loss.png", history, ["loss"], "copy descriptor (InfoNCE)")
+        save_curve(out / "loss.png", history, ["loss"], "copy descriptor (InfoNCE)")
         rates = copy_detection_rates(out / COPY_FILE, n=eval_n, size=size) if eval_n > 0 else {}
         meta = {"config": {"dim": dim, "size": size, "width": width, "input": "ImageNet-normalised [B,3,H,W]"},
                 "steps": steps, "batch_size": batch_size, "lr": lr, "tau": tau, "weight_decay": weight_decay,

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from .dataset import DEFAULT_MIXTURE, Mixture, iter_samples
+from .training import lr_at, save_curve
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs/toyworld/ldm.yaml"
@@ -90,33 +90,6 @@ def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float().div(127.5).sub(1.0)
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int, final_frac: float = 0.1) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, steps - warmup))
-    return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def _save_curve(path: Path, history: list[dict], keys: tuple[str, ...], title: str) -> None:
-    path.with_suffix(".json").write_text(json.dumps(history, indent=1) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for k in keys:
-        ax.plot([h["step"] for h in history], [h[k] for h in history], label=k)
-    ax.set_xlabel("step")
-    ax.set_yscale("log")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------- stage 1: VAE
 def train_vae(vae, images_u8: torch.Tensor, steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
               kl_weight: float = 1e-6, crop: int | None = 16, crop_frac: float = 0.85, seed: int = 0,
@@ -135,7 +108,7 @@ def train_vae(vae, images_u8: torch.Tensor, steps: int = 2000, batch_size: int =
     bar = tqdm(range(steps), desc="vae", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, warmup=min(100, steps // 10))
+            g["lr"] = lr_at(step, steps, lr, warmup=min(100, steps // 10), final_frac=0.1)
         x = to_model_range(images_u8[torch.randint(len(images_u8), (batch_size,), generator=gen)])
         if crop and crop < x.shape[-1] and step < crop_frac * steps:
             i, j = torch.randint(0, x.shape[-1] - crop + 1, (2,), generator=gen).tolist()
@@ -229,7 +202,7 @@ def train_unet(ldm, mean: torch.Tensor, std: torch.Tensor, captions: list[str], 
     bar = tqdm(range(steps), desc="unet", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, lr, warmup=min(200, steps // 10))
+            g["lr"] = lr_at(step, steps, lr, warmup=min(200, steps // 10), final_frac=0.1)
         idx = torch.randint(len(mean), (batch_size,), generator=gen)
         z = ldm.scale_factor * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen))
         tok = ids[idx].clone()
@@ -314,7 +287,7 @@ def _stage_vae(args, config_path, out: Path, images) -> tuple[dict, float, list]
             return vae.state_dict(), meta["scale_factor"], meta["history"]
     history = train_vae(vae, images, args.vae_steps, args.batch_size, args.vae_lr, crop=args.vae_crop or None,
                         crop_frac=args.vae_crop_frac, seed=args.seed)
-    _save_curve(out / "vae_loss.png", history, ("l1", "mse"), "toy-world AutoencoderKL")
+    save_curve(out / "vae_loss.png", history, ("l1", "mse"), "toy-world AutoencoderKL", write_json=True)
     mean, std = latent_moments(vae, images)
     scale = measure_scale_factor(mean, std, args.seed)
     save_state_dict(vae.state_dict(), weights)
@@ -367,7 +340,7 @@ def main(argv=None) -> dict:
     mean, std = latent_moments(ldm.first_stage_model, images)
 
     unet_hist = train_unet(ldm, mean, std, captions, args.unet_steps, args.batch_size, args.unet_lr, seed=args.seed)
-    _save_curve(out / "unet_loss.png", unet_hist, ("loss",), "toy-world UNet (eps MSE)")
+    save_curve(out / "unet_loss.png", unet_hist, ("loss",), "toy-world UNet (eps MSE)", write_json=True)
     path = save_ldm(ldm, config, out)
     sample_grid(ldm, PREVIEW_PROMPTS, out / "samples.png", steps=args.preview_steps, seed=args.seed)
     report = {"pool": args.pool, "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
