@@ -9,17 +9,8 @@ from toyworld.clip import (EVAL_SEED, ldm_text_config, text_features, text_state
                            train_clip, zero_shot_accuracy, zero_shot_prompts)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("clip")
     model, history = train_clip(out, steps=30, batch_size=16, lr=1e-3, seed=0, size=32, log_every=5,
                                 pool=256, progress=False)

@@ -11,17 +11,8 @@ from toyworld.judge import (EVAL_SEED, HEADS, ToyJudge, _judge_loss, _to_tensor,
                             train_judge)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory):
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("judge")
     model, history = train_judge(out, steps=6, batch_size=16, pool=96, eval_n=48, log_every=2, progress=False)
     return out, model, history
@@ -29,7 +20,6 @@ def judge_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def copy_dir(tmp_path_factory):
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("copy")
     model, history = train_copy_descriptor(out, steps=60, batch_size=32, lr=3e-3, pool=300, eval_n=0,
                                            progress=False)

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .dataset import DEFAULT_MIXTURE, Mixture, iter_samples
-from .training import lr_at, save_curve
+from .training import adamw, lr_at, save_curve
 from .render import COLOUR_NAMES, STYLES, SUBJECTS, render_memorized
 
 __all__ = ["EVAL_SEED", "HEADS", "ToyJudge", "train_judge", "load_judge", "judge_accuracy", "classify",
@@ -239,10 +239,7 @@ def train_judge(outdir, steps: int = 600, batch_size: int = 128, lr: float = 3e-
     images, targets = render_pool(seed, pool, size, mixture)
     render_s = time.time() - t0
     model = ToyJudge(size=size, width=width).train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = adamw(model, lr, weight_decay)
     warmup = min(100, steps // 10 + 1)
     history = []
     t1 = time.time()
@@ -418,10 +415,7 @@ def train_copy_descriptor(outdir, steps: int = 600, batch_size: int = 128, lr: f
     memorized = _to_tensor(render_memorized(size)).float()[None] / 255
     render_s = time.time() - t0
     model = CopyDescriptor(dim=dim, size=size, width=width).train()
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = adamw(model, lr, weight_decay)
     warmup = min(100, steps // 10 + 1)
     history = []
     t1 = time.time()

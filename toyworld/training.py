@@ -15,6 +15,15 @@ def lr_at(step: int, steps: int, lr: float, warmup: int, final_frac: float = 0.0
     return lr * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def adamw(model, lr: float, weight_decay: float):
+    """AdamW with weight decay on matrices and kernels only (not on biases and norm scales)."""
+    import torch
+
+    params = list(model.parameters())
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
+
+
 def save_curve(path: Path, history: list[dict], keys: Sequence[str], title: str, write_json: bool = False) -> None:
     """Plot ``history[i][k]`` against ``history[i]["step"]`` for each ``k`` (log scale) into ``path``;
     with ``write_json`` the history also goes to ``path`` with a ``.json`` suffix."""
