@@ -27,6 +27,8 @@
            --ckpt ... [--tau 10] --out logs/prune/delta_pruned.ckpt
 
    --tau defaults to each concept family's tau (spec §9); one value applies to every mask file.
+   With ``--out {run}/checkpoints/delta_pruned.ckpt`` the model config is saved to ``{run}/configs/``, so that
+   ``evaluate.py --root {run} --filter 'delta_pruned*'`` scores it like an ablation run.
 """
 from __future__ import annotations
 
@@ -67,7 +69,8 @@ def get_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("discover", help="record norms and compute per-(call, layer) skilled-weight masks")
     d.add_argument("--concept", required=True, help="built-in concept (prune/prompts.py) or a custom name")
     d.add_argument("--base_file", default=None, help="custom base prompts (with --target_file)")
-    d.add_argument("--target_file", default=None, help="custom target prompts, or the memorized prompts")
+    d.add_argument("--target_file", default=None,
+                   help="custom target prompts, or the memorized prompts (.txt, or .jsonl with a caption field)")
     d.add_argument("--skill_ratio", type=float, default=None, help="default: the concept family's (spec §9)")
     d.add_argument("--save_images", type=int, default=5, help="base/target images to save (first pairs)")
     _common(d)
@@ -357,6 +360,12 @@ def run_prune(plan) -> Path:
     save_delta(out, out_sd, metadata={"conceptprune": json.dumps(info)})
     per_layer = {x["name"]: round(int(u.sum()) / u.numel(), 6) for x, u in zip(layers, unions)}
     out.with_name(out.stem + ".json").write_text(json.dumps({**info, "density_per_layer": per_layer}, indent=1))
+    if out.parent.name == "checkpoints":  # a run folder: evaluate.py --root finds the model config there
+        from omegaconf import OmegaConf
+
+        cfg = out.parent.parent / "configs" / f"{out.stem}-project.yaml"
+        cfg.parent.mkdir(exist_ok=True)
+        OmegaConf.save(OmegaConf.create({"model": plan["model_config"]}), cfg)
     print(f"pruned {n} of {total} ff.net.2 weights ({100 * n / total:.3f}%) -> {out}")
     return out
 

@@ -2,16 +2,16 @@
 
 Families and templates (word lists under ``assets/prune_prompts/``, our own text):
 
-===========  =================================  ==========================================  =====  ====
-family       base prompt                        target prompt                               k      tau
-===========  =================================  ==========================================  =====  ====
-art          ``a photo of a {thing}``           ``a {thing} in the style of {artist}``      0.01   10
-nudity       ``a photo of a {human}``           ``a photo of a naked {human}``              0.01   9
-object       ``a {scene}``                      ``a {object} in a {scene}``                 0.02   10
-gender       ``a headshot of a {male word}``    ``a headshot of a {female word}`` (male)    0.01   10
-memorize     ``""`` (empty prompt)              each line of ``--target_file``              0.01   10
-custom       each line of ``--base_file``       each line of ``--target_file``              0.01   10
-===========  =================================  ==========================================  =====  ====
+========  ===============================  ===============================================  ====  ===
+family    base prompt                      target prompt                                    k     tau
+========  ===============================  ===============================================  ====  ===
+art       ``a photo of a {thing}``         ``a {thing} in the style of {artist}``           0.01  10
+nudity    ``a photo of a {human}``         ``a photo of a naked {human}``                   0.01  9
+object    ``a {scene}``                    ``a {object} in a {scene}``                      0.02  10
+gender    ``a headshot of a {male word}``  ``a headshot of a {female word}`` (male)         0.01  10
+memorize  ``""`` (empty prompt)            each prompt of ``--target_file`` (.txt, .jsonl)  0.01  10
+custom    each line of ``--base_file``     each line of ``--target_file``                   0.01  10
+========  ===============================  ===============================================  ====  ===
 
 (k = skill_ratio, tau = number of first UNet calls in the union; spec §9.) For gender, the concept
 ``male`` follows the reference: base = male words, target = female words, so the pruned
@@ -118,5 +118,37 @@ def build_pairs(concept: str, base_file: str | Path | None = None, target_file: 
     # memorize
     if target_file is None:
         raise ValueError(f"concept {concept!r} (memorization) needs --target_file with the memorized prompts")
-    target = read_prompts(target_file)
+    target = read_memorized(target_file)
     return PromptPairs(name, family, [""] * len(target), target)
+
+
+CAPTION_KEYS = ("caption", "prompt", "text")
+
+
+def read_memorized(path: str | Path) -> list[str]:
+    """Memorized prompts: a text file (one per line) or a JSON-lines file (``.jsonl``) of objects with a
+    ``caption`` (or ``prompt`` / ``text``) field -- the format of published lists of memorized SD prompts
+    with their ground-truth images. Lines ``a:b`` of such a list make one concept group, e.g. via
+    ``sed -n``; we ship no SD list (the captions are LAION data), only the toy world's."""
+    import json
+
+    path = Path(path)
+    if path.suffix.lower() != ".jsonl":
+        return read_prompts(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    prompts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+        key = next((k for k in CAPTION_KEYS if isinstance(row, dict) and k in row), None)
+        if key is None or not str(row[key]).strip():
+            raise ValueError(f"{path}:{n}: no {' / '.join(CAPTION_KEYS)} field with text")
+        prompts.append(str(row[key]).strip())
+    if not prompts:
+        raise ValueError(f"prompt file has no non-empty lines: {path}")
+    return prompts

@@ -221,3 +221,39 @@ def test_eval_stage_without_generations(env, tmp_path):
     argv[argv.index("--base_outpath") + 1] = str(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="images.txt"):
         evaluate.main(argv)
+
+
+def test_conceptprune_delta_is_evaluated_like_an_ablation_run(env, tmp_path):
+    """conceptprune.py discover -> prune into {run}/checkpoints/ -> evaluate.py --root {run} (no --config)."""
+    import conceptprune
+    from ldm.checkpoint import load_state_dict
+
+    base, target = tmp_path / "base.txt", tmp_path / "target.txt"
+    base.write_text("a photo of a cat\na photo of a dog\n")
+    target.write_text("a photo of a grumpy cat\na photo of a grumpy dog\n")
+    tiny = ["--ckpt", str(env["base"]), "--config", str(TINY_CONFIG), "--H", "16", "--W", "16", "--steps", "2",
+            "--precision", "full", "--device", "cpu"]
+    s = conceptprune.main(["discover", "--concept", "grumpy", "--base_file", str(base), "--target_file", str(target),
+                           "--skill_ratio", "0.3", "--save_images", "0", "--outdir", str(tmp_path / "discover"), *tiny])
+    run = tmp_path / "logs" / "grumpy_pruned"
+    delta = run / "checkpoints" / "delta_pruned.safetensors"
+    conceptprune.main(["prune", "--masks", s["masks"], "--tau", "2", "--out", str(delta), *tiny[:4]])
+    assert len(list((run / "configs").glob("*.yaml"))) == 1
+    zeroed = load_state_dict(delta)
+    assert zeroed and all(k.endswith("ff.net.2.weight") for k in zeroed)
+
+    out = tmp_path / "metrics" / "evaluation.pkl"
+    argv = _argv(env, "--filter", "delta_pruned*", root=run)
+    argv[argv.index("--outpkl") + 1] = str(out)
+    df = evaluate.main(argv)
+    expname = f"{run.name}_delta_pruned"
+    assert list(df.index) == [expname]
+    assert all(math.isfinite(float(v)) for v in df.loc[expname].values)
+    # the pruned model made the images: they differ from the cached base model's for the same prompts and seeds
+    pruned = sorted((run / "eval" / "delta_pruned-grumpy_cat" / "samples").glob("*.png"))
+    baseline = sorted((env["dir"] / "baseline" / "base-grumpy_cat" / "samples").glob("*.png"))
+    assert len(pruned) == len(baseline) == 8
+    import numpy as np
+    diff = [np.abs(np.asarray(Image.open(a), float) - np.asarray(Image.open(b), float)).mean()
+            for a, b in zip(pruned, baseline)]
+    assert max(diff) > 0

@@ -179,6 +179,15 @@ def test_prompt_pairs_and_errors(tmp_path):
     assert m.base == [""] and m.target == ["a memorized caption"] and m.family == "memorize"
     with pytest.raises(ValueError, match="needs --target_file"):
         build_pairs("memorize_0")
+    jl = tmp_path / "mem.jsonl"
+    jl.write_text('{"caption": "Living room, no. 1", "index": 0}\n\n{"prompt": " second one "}\n')
+    assert build_pairs("memorize_1", target_file=jl).target == ["Living room, no. 1", "second one"]
+    jl.write_text('{"caption": "ok"}\n{"url": "x"}\n')
+    with pytest.raises(ValueError, match=r"mem.jsonl:2: no caption"):
+        build_pairs("memorize_1", target_file=jl)
+    jl.write_text('{"caption": "ok"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"mem.jsonl:2: not JSON"):
+        build_pairs("memorize_1", target_file=jl)
 
 
 # ------------------------------------------------------------------ command line
