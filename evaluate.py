@@ -319,7 +319,9 @@ def _write_prompts_json(folder: Path, prompts: list[str]) -> None:
 def _base_identity(plan: Plan) -> dict:
     ckpt = Path(plan.args.base_ckpt).resolve()
     config = hashlib.sha256(json.dumps(plan.base_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {"base_ckpt": str(ckpt), "size": ckpt.stat().st_size, "model_config_sha256": config}
+    st = ckpt.stat()
+    # size alone misses retrained weights of the same architecture written to the same path
+    return {"base_ckpt": str(ckpt), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model_config_sha256": config}
 
 
 def _check_base_identity(folder: Path, ident: dict) -> None:

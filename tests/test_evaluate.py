@@ -257,3 +257,20 @@ def test_conceptprune_delta_is_evaluated_like_an_ablation_run(env, tmp_path):
     diff = [np.abs(np.asarray(Image.open(a), float) - np.asarray(Image.open(b), float)).mean()
             for a, b in zip(pruned, baseline)]
     assert max(diff) > 0
+
+
+def test_baseline_cache_notices_rewritten_base_weights(env, tmp_path):
+    """Retrained weights of the same size at the same path must not reuse the old base generations."""
+    import os
+
+    base = tmp_path / "base.ckpt"
+    shutil.copy(env["base"], base)
+    argv = _argv(env)
+    for flag, value in (("--base_ckpt", base), ("--base_outpath", tmp_path / "baseline"),
+                        ("--outpkl", tmp_path / "m" / "evaluation.pkl")):
+        argv[argv.index(flag) + 1] = str(value)
+    evaluate.main(argv)
+    st = base.stat()
+    os.utime(base, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, rewritten later
+    with pytest.raises(RuntimeError, match="another base model"):
+        evaluate.main(argv)

@@ -59,3 +59,22 @@ def test_target_prediction_collapses_onto_the_anchor(style_run):
     gap_before = (eps(base, target) - eps(base, anchor)).pow(2).mean()
     gap_after = (eps(ablated, target) - eps(ablated, anchor)).pow(2).mean()
     assert gap_after < 0.25 * gap_before, (gap_before, gap_after)
+
+
+def test_conceptprune_prompt_pairs_of_the_toy_world():
+    """The shipped ConceptPrune prompt pairs differ from their base prompts only by the concept."""
+    from prune.prompts import build_pairs
+    from toyworld.captions import MEMORIZED_CAPTION
+
+    for name, spec in mission.PRUNE.items():
+        pairs = build_pairs(spec["concept"], *(ASSETS / spec[k] if k in spec else None
+                                               for k in ("base_file", "target_file")))
+        assert pairs.base and len(pairs.base) == len(pairs.target), name
+        if name == "memorized":
+            assert pairs.family == "memorize" and pairs.target == [MEMORIZED_CAPTION] and pairs.base == [""]
+            continue
+        for b, t in zip(pairs.base, pairs.target):
+            if name == "instance":
+                assert t.replace("grumpy cat", "cat") == b, (b, t)
+            else:
+                assert "a painting of " + t.removesuffix(" in the style of stripes") == b, (b, t)

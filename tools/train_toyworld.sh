@@ -15,6 +15,6 @@ OUT=${1:-assets/toyworld}
 PY=${PYTHON:-.venv/bin/python}
 export PYTHONPATH=.
 "$PY" -m toyworld.clip --out "$OUT/clip" --steps 3000 --batch_size 128 --lr 1e-3 --pool 24000 --seed 0 --eval_n 1000
-"$PY" -m toyworld.ldm --clip "$OUT/clip" --out "$OUT/ldm" --pool 30000 --vae_steps 1200 --unet_steps 10000 --seed 0
+"$PY" -m toyworld.ldm --clip "$OUT/clip" --out "$OUT/ldm" --pool 30000 --vae_steps 1200 --unet_steps 5000 --seed 0
 "$PY" -m toyworld.judge --out "$OUT" --what both --seed 0
 "$PY" -m toyworld.quality --assets "$OUT" --out "$OUT/quality"

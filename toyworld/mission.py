@@ -7,10 +7,16 @@ Everything runs through the same entry points a researcher uses with Stable Diff
 
     python -m toyworld.mission --out outputs/toyworld-mission          # a few minutes per recipe on a CPU
     python -m toyworld.mission --recipes style --quick                  # the short CI version
+    python -m toyworld.mission --method conceptprune                    # the same recipes with ConceptPrune
+
+``--method conceptprune`` replaces ``train.py`` by ``conceptprune.py discover`` and ``prune`` on the prompt
+pairs of ``assets/toyworld/prune_prompts/`` (PLMS 50, CFG 7.5, seed 0, 32 px; tau 10), with the pruned
+delta written into a run folder that ``evaluate.py`` scores exactly like an ablation run.
 
 Output: ``{out}/logs/<run>/`` (training runs, their delta checkpoints and eval images),
 ``{out}/metrics/evaluation.{pkl,csv,json}``, ``{out}/mission.md`` (the table), ``{out}/mission.json``
-and ``{out}/grid.png`` (rows: base model, then ablated, for each recipe's target prompts).
+and ``{out}/grid.png`` (rows: base model, then ablated, for each recipe's target prompts); ConceptPrune
+writes ``mission-conceptprune.{md,json}`` and ``grid-conceptprune.png`` beside them.
 """
 from __future__ import annotations
 
@@ -33,6 +39,18 @@ RECIPES = {
     "memorized": {"concept_type": "memorization", "caption_target": MEMORIZED_CAPTION,
                   "prompts": "prompts/lighthouse_mem.txt", "eval_target": MEMORIZED_CAPTION},
 }
+# ConceptPrune per recipe: concept name and prompt files for conceptprune.py discover. The toy UNet's ff.net.2
+# layers have 128-256 inputs, so the paper's skill_ratio 0.01 keeps 1-2 weights per row: the default here is
+# PRUNE_SKILL_RATIO (--skill_ratio).
+PRUNE = {
+    "style": {"concept": "stripes", "base_file": "prune_prompts/stripes_base.txt",
+              "target_file": "prune_prompts/stripes_target.txt"},
+    "instance": {"concept": "grumpy cat", "base_file": "prune_prompts/grumpy_cat_base.txt",
+                 "target_file": "prune_prompts/grumpy_cat_target.txt"},
+    "memorized": {"concept": "memorize_lighthouse", "target_file": "prune_prompts/memorize_lighthouse.txt"},
+}
+PRUNE_SKILL_RATIO = 0.1
+PRUNE_TAU = 10
 # anchor images (train_size) and evaluation images (numgen) of the full run and the --quick one; train_size
 # must be a multiple of the prompt count (36) and, for memorization, of generation.anchor_size (10)
 SIZES = {"full": {"train_size": 180, "numgen": 25}, "quick": {"train_size": 72, "numgen": 10}}
@@ -68,9 +86,29 @@ def train_argv(name: str, recipe: dict, assets: Path, out: Path, train_size: int
     return argv + list(extra)
 
 
-def evaluate_argv(run_dir: Path, recipe: dict, assets: Path, out: Path, numgen: int) -> list[str]:
+def prune_run(name: str, assets: Path, out: Path, skill_ratio: float = PRUNE_SKILL_RATIO,
+              tau: int = PRUNE_TAU) -> Path:
+    """ConceptPrune for recipe ``name``: discover + prune into ``{out}/logs/toy_prune_{name}/checkpoints/``."""
+    import conceptprune
+
+    p, spec = _paths(assets), PRUNE[name]
+    run_dir = out / "logs" / f"toy_prune_{name}"
+    model = ["--ckpt", str(p["weights"]), "--config", str(p["config"])]
+    argv = ["discover", "--concept", spec["concept"], "--target_file", str(assets / spec["target_file"]),
+            "--skill_ratio", str(skill_ratio), "--outdir", str(run_dir / "discover"), "--H", "32", "--W", "32",
+            "--precision", "full", "--batch_size", "20", *model]
+    if "base_file" in spec:
+        argv += ["--base_file", str(assets / spec["base_file"])]
+    found = conceptprune.main(argv)
+    conceptprune.main(["prune", "--masks", found["masks"], "--tau", str(tau),
+                       "--out", str(run_dir / "checkpoints" / "delta_pruned.safetensors"), *model])
+    return run_dir
+
+
+def evaluate_argv(run_dir: Path, recipe: dict, assets: Path, out: Path, numgen: int,
+                  checkpoints: str = "delta_step_*") -> list[str]:
     p = _paths(assets)
-    argv = ["--root", str(run_dir), "--concept_type", recipe["concept_type"], "--caption_target", recipe["eval_target"],
+    argv = ["--root", str(run_dir), "--filter", checkpoints, "--concept_type", recipe["concept_type"], "--caption_target", recipe["eval_target"],
             "--eval_json", str(assets / "eval.json"), "--eval_prompts", str(assets / "eval_prompts"),
             "--numgen", str(numgen), "--outpkl", str(out / "metrics" / "evaluation.pkl"),
             "--base_ckpt", str(p["weights"]), "--base_outpath", str(out / "baseline"), "--clip_model", str(p["clip"]),
@@ -96,11 +134,11 @@ def summarize(name: str, recipe: dict, row: dict, assets: Path = ASSETS) -> dict
             "kid": {c: row[f"KID_{c}"] for c in [t, a, *entry["hard_negative"]]}}
 
 
-def markdown(summaries: list[dict]) -> str:
+def markdown(summaries: list[dict], after: str = "ablated") -> str:
     def pair(p):
         return f"{p[0]:.2f} → {p[1]:.2f}"
 
-    lines = ["| recipe | concept | measure | base → ablated |", "|---|---|---|---|"]
+    lines = [f"| recipe | concept | measure | base → {after} |", "|---|---|---|---|"]
     for s in summaries:
         if "memorization_rate" in s:
             lines.append(f"| {s['recipe']} | \"{s['target']}\" | copy rate (SSCD-style > 0.5) | "
@@ -132,7 +170,8 @@ def image_grid(rows: list[tuple[str, list[Path]]], path: Path, scale: int = 3) -
     return path
 
 
-def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_extra=()) -> dict:
+def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_extra=(), method: str = "ablation",
+        skill_ratio: float = PRUNE_SKILL_RATIO) -> dict:
     import evaluate
     import train
     from evaluate import ablated_dir, base_dir
@@ -145,20 +184,28 @@ def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_ex
         train_size = sizes["train_size"]
         if quick and recipe["concept_type"] == "memorization":
             train_size = QUICK_MEMORIZATION_TRAIN_SIZE
-        run_dir = train.main(train_argv(name, recipe, assets, out, train_size, train_extra))
-        plan = evaluate.setup(evaluate_argv(run_dir, recipe, assets, out, sizes["numgen"]))
+        if method == "conceptprune":
+            run_dir, pattern = prune_run(name, assets, out, skill_ratio), "delta_pruned*"
+        else:
+            run_dir = train.main(train_argv(name, recipe, assets, out, train_size, train_extra))
+            pattern = "delta_step_*"
+        plan = evaluate.setup(evaluate_argv(run_dir, recipe, assets, out, sizes["numgen"], pattern))
         df = evaluate.run(plan)
         ckpt = plan.checkpoints[-1]
         summaries.append(summarize(name, recipe, df.loc[ckpt.expname].to_dict(), assets))
         target = plan.concepts[0]
         pick = lambda folder: sorted((folder / "samples").glob("*.png"))[:8]  # noqa: E731
         grid_rows += [(f"{name}: base", pick(base_dir(plan, target))),
-                      (f"{name}: ablated", pick(ablated_dir(ckpt, target)))]
-    report = {"quick": quick, "sizes": sizes, "summaries": summaries}
-    (out / "mission.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "mission.md").write_text(markdown(summaries))
-    image_grid(grid_rows, out / "grid.png")
-    print(markdown(summaries))
+                      (f"{name}: {'pruned' if method == 'conceptprune' else 'ablated'}", pick(ablated_dir(ckpt, target)))]
+    report = {"method": method, "quick": quick, "sizes": sizes, "summaries": summaries}
+    if method == "conceptprune":
+        report["conceptprune"] = {"skill_ratio": skill_ratio, "tau": PRUNE_TAU}
+    suffix = "-conceptprune" if method == "conceptprune" else ""  # both methods can share one --out (and its baseline)
+    table = markdown(summaries, "pruned" if method == "conceptprune" else "ablated")
+    (out / f"mission{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / f"mission{suffix}.md").write_text(table)
+    image_grid(grid_rows, out / f"grid{suffix}.png")
+    print(table)
     return report
 
 
@@ -168,8 +215,11 @@ def main(argv=None) -> dict:
     p.add_argument("--assets", default=str(ASSETS))
     p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     p.add_argument("--quick", action="store_true", help="fewer anchor and evaluation images (the CI test)")
+    p.add_argument("--method", choices=("ablation", "conceptprune"), default="ablation")
+    p.add_argument("--skill_ratio", type=float, default=PRUNE_SKILL_RATIO, help="ConceptPrune's k (--method conceptprune)")
     args = p.parse_args(argv)
-    report = run(args.recipes, Path(args.out), Path(args.assets), args.quick)
+    report = run(args.recipes, Path(args.out), Path(args.assets), args.quick, method=args.method,
+                 skill_ratio=args.skill_ratio)
     if any(isinstance(v, float) and math.isnan(v) for s in report["summaries"] for v in s.values()):
         print("warning: some metrics are NaN")
     return report
