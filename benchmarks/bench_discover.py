@@ -33,16 +33,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_unet import _status_kb  # noqa: E402  (the /proc/self/status reader of the UNet benchmark)
 
 
 def _hwm_mib() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
+    kb = _status_kb("VmHWM")
+    return None if kb is None else round(kb / 1024, 1)
 
 
 def build(model: str, device: str):

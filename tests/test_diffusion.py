@@ -195,3 +195,14 @@ def test_sd_v1_layout_on_meta():
           for k, v in ref["keys"].items()}
     result = ld.load_state_dict(sd, strict=True, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_ddim_grid_never_indexes_past_the_schedule():
+    """S = 3 makes the reference grid reach t = 999 (+1 = 1000: IndexError upstream); the step is dropped."""
+    from ldm.modules.diffusionmodules.util import make_ddim_timesteps
+
+    assert make_ddim_timesteps("uniform", 3, 1000).tolist() == [1, 334, 667]
+    assert make_ddim_timesteps("uniform", 7, 1000).tolist() == [1 + 142 * i for i in range(8)]  # reference grid
+    assert make_ddim_timesteps("uniform", 50, 1000).tolist() == list(range(1, 1000, 20))
+    for s in range(1, 101):
+        assert make_ddim_timesteps("uniform", s, 1000).max() < 1000

@@ -34,7 +34,10 @@ def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps
     if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
         raise ValueError(f"number of sampling steps must be in [1, {num_ddpm_timesteps}], got {num_ddim_timesteps}")
     if method == "uniform":
+        # The reference grid: every multiple of T // S below T (S + 1 or more steps when S does not divide T).
+        # Where it reaches T - 1 (e.g. S = 3 or 9) the reference indexes t = T and crashes; drop that step.
         steps = np.arange(0, num_ddpm_timesteps, num_ddpm_timesteps // num_ddim_timesteps)
+        steps = steps[steps + 1 < num_ddpm_timesteps]
     elif method == "quad":
         steps = (np.linspace(0, np.sqrt(num_ddpm_timesteps * 0.8), num_ddim_timesteps) ** 2).astype(int)
     else:
