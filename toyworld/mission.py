@@ -108,7 +108,8 @@ def prune_run(name: str, assets: Path, out: Path, skill_ratio: float = PRUNE_SKI
 def evaluate_argv(run_dir: Path, recipe: dict, assets: Path, out: Path, numgen: int,
                   checkpoints: str = "delta_step_*") -> list[str]:
     p = _paths(assets)
-    argv = ["--root", str(run_dir), "--filter", checkpoints, "--concept_type", recipe["concept_type"], "--caption_target", recipe["eval_target"],
+    argv = ["--root", str(run_dir), "--filter", checkpoints, "--concept_type", recipe["concept_type"],
+            "--caption_target", recipe["eval_target"],
             "--eval_json", str(assets / "eval.json"), "--eval_prompts", str(assets / "eval_prompts"),
             "--numgen", str(numgen), "--outpkl", str(out / "metrics" / "evaluation.pkl"),
             "--base_ckpt", str(p["weights"]), "--base_outpath", str(out / "baseline"), "--clip_model", str(p["clip"]),
@@ -177,6 +178,9 @@ def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_ex
     from evaluate import ablated_dir, base_dir
 
     sizes = SIZES["quick" if quick else "full"]
+    pruning = method == "conceptprune"
+    after = "pruned" if pruning else "ablated"
+    suffix = "-conceptprune" if pruning else ""  # both methods can share one --out (and its baseline cache)
     out.mkdir(parents=True, exist_ok=True)
     summaries, grid_rows = [], []
     for name in recipes:
@@ -184,7 +188,7 @@ def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_ex
         train_size = sizes["train_size"]
         if quick and recipe["concept_type"] == "memorization":
             train_size = QUICK_MEMORIZATION_TRAIN_SIZE
-        if method == "conceptprune":
+        if pruning:
             run_dir, pattern = prune_run(name, assets, out, skill_ratio), "delta_pruned*"
         else:
             run_dir = train.main(train_argv(name, recipe, assets, out, train_size, train_extra))
@@ -196,12 +200,11 @@ def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_ex
         target = plan.concepts[0]
         pick = lambda folder: sorted((folder / "samples").glob("*.png"))[:8]  # noqa: E731
         grid_rows += [(f"{name}: base", pick(base_dir(plan, target))),
-                      (f"{name}: {'pruned' if method == 'conceptprune' else 'ablated'}", pick(ablated_dir(ckpt, target)))]
+                      (f"{name}: {after}", pick(ablated_dir(ckpt, target)))]
     report = {"method": method, "quick": quick, "sizes": sizes, "summaries": summaries}
-    if method == "conceptprune":
+    if pruning:
         report["conceptprune"] = {"skill_ratio": skill_ratio, "tau": PRUNE_TAU}
-    suffix = "-conceptprune" if method == "conceptprune" else ""  # both methods can share one --out (and its baseline)
-    table = markdown(summaries, "pruned" if method == "conceptprune" else "ablated")
+    table = markdown(summaries, after)
     (out / f"mission{suffix}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"mission{suffix}.md").write_text(table)
     image_grid(grid_rows, out / f"grid{suffix}.png")
@@ -216,7 +219,8 @@ def main(argv=None) -> dict:
     p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     p.add_argument("--quick", action="store_true", help="fewer anchor and evaluation images (the CI test)")
     p.add_argument("--method", choices=("ablation", "conceptprune"), default="ablation")
-    p.add_argument("--skill_ratio", type=float, default=PRUNE_SKILL_RATIO, help="ConceptPrune's k (--method conceptprune)")
+    p.add_argument("--skill_ratio", type=float, default=PRUNE_SKILL_RATIO,
+                   help="ConceptPrune's k (--method conceptprune)")
     args = p.parse_args(argv)
     report = run(args.recipes, Path(args.out), Path(args.assets), args.quick, method=args.method,
                  skill_ratio=args.skill_ratio)
