@@ -124,3 +124,20 @@ def test_main_writes_a_loadable_model_and_reuses_the_vae_stage(tmp_path, clip_di
 def test_stage_unet_needs_a_clip(tmp_path):
     with pytest.raises(SystemExit, match="toy CLIP"):
         tl.main(["--clip", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_vae_stage_is_keyed_on_the_first_stage_config_only(tmp_path):
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    args = argparse.Namespace(pool=10, seed=0, vae_steps=3, vae_lr=1e-3, batch_size=4, vae_crop=16,
+                              vae_crop_frac=0.85)
+    config = OmegaConf.load(tl.DEFAULT_CONFIG)
+    config.model.params.linear_end = 0.03  # another schedule, same autoencoder
+    OmegaConf.save(config, tmp_path / "schedule.yaml")
+    config.model.params.first_stage_config.params.ddconfig.ch = 16
+    OmegaConf.save(config, tmp_path / "vae.yaml")
+    base = tl.vae_settings(args, tl.DEFAULT_CONFIG)
+    assert tl.vae_settings(args, tmp_path / "schedule.yaml") == base
+    assert tl.vae_settings(args, tmp_path / "vae.yaml") != base

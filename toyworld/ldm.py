@@ -47,7 +47,7 @@ PREVIEW_PROMPTS = (
 )
 
 __all__ = ["render_pool", "cached_pool", "train_vae", "latent_moments", "measure_scale_factor", "train_unet", "build_ldm",
-           "save_ldm", "main", "DEFAULT_CONFIG", "WEIGHTS_NAME"]
+           "save_ldm", "vae_settings", "main", "DEFAULT_CONFIG", "WEIGHTS_NAME"]
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -281,12 +281,22 @@ def sample_grid(ldm, prompts, path, n_per_prompt: int = 8, steps: int = 50, scal
     return grid
 
 
+def vae_settings(args, config_path) -> dict:
+    """What stage 1's result depends on: its own arguments and the first-stage part of the config (so a
+    changed diffusion schedule or UNet reuses the autoencoder)."""
+    from omegaconf import OmegaConf
+
+    first_stage = OmegaConf.to_container(OmegaConf.load(str(config_path)).model.params.first_stage_config)
+    return {"pool": args.pool, "seed": args.seed, "vae_steps": args.vae_steps, "vae_lr": args.vae_lr,
+            "batch_size": args.batch_size, "crop": args.vae_crop, "crop_frac": args.vae_crop_frac,
+            "first_stage_config": first_stage}
+
+
 def _stage_vae(args, config_path, out: Path, images) -> tuple[dict, float, list]:
     """Stage 1, or its saved result when ``out/vae.json`` records the same settings."""
     from ldm.checkpoint import load_into, load_state_dict, save_state_dict
 
-    settings = {"pool": args.pool, "seed": args.seed, "vae_steps": args.vae_steps, "vae_lr": args.vae_lr,
-                "batch_size": args.batch_size, "crop": args.vae_crop, "crop_frac": args.vae_crop_frac, "config": Path(config_path).read_text()}
+    settings = vae_settings(args, config_path)
     meta_path, weights = out / "vae.json", out / "vae.safetensors"
     ldm, _ = build_ldm(config_path)
     vae = ldm.first_stage_model
