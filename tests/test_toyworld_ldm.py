@@ -126,6 +126,32 @@ def test_stage_unet_needs_a_clip(tmp_path):
         tl.main(["--clip", str(tmp_path), "--out", str(tmp_path / "o")])
 
 
+def test_offset_noise_adds_one_constant_per_sample_and_channel(pool, clip_dir, monkeypatch):
+    """The UNet's training noise gets a per-(sample, channel) constant of std ``offset_noise``: its spatial
+    means then vary far more than white noise's 1/8 on the 8x8 latent."""
+    images, captions, _ = pool
+    ldm, _ = tl.build_ldm()
+    tl.load_clip_text(ldm, clip_dir)
+    mean, std = tl.latent_moments(ldm.first_stage_model, images)
+    seen = []
+    real = ldm.p_losses
+
+    def spy(z, c, t, noise=None):
+        seen.append(noise.clone())
+        return real(z, c, t, noise=noise)
+
+    monkeypatch.setattr(ldm, "p_losses", spy)
+
+    def mean_std(offset):
+        seen.clear()
+        tl.train_unet(ldm, mean, std, captions, steps=4, batch_size=16, offset_noise=offset, progress=False)
+        return torch.cat(seen).mean(dim=(2, 3)).std().item()
+
+    white, offset = mean_std(0.0), mean_std(0.5)
+    assert white == pytest.approx(1 / 8, rel=0.2)
+    assert offset == pytest.approx((1 / 64 + 0.25) ** 0.5, rel=0.2)
+
+
 def test_vae_stage_is_keyed_on_the_first_stage_config_only(tmp_path):
     import argparse
 

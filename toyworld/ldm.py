@@ -197,8 +197,13 @@ def _encode_all(ldm, texts: list[str], batch_size: int = 256, progress: bool = T
 
 def train_unet(ldm, mean: torch.Tensor, std: torch.Tensor, captions: list[str], steps: int = 5000,
                batch_size: int = 64, lr: float = 5e-4, p_uncond: float = 0.1, ema_decay: float = 0.999,
-               seed: int = 0, log_every: int = 50, progress: bool = True):
-    """Train ``ldm.model`` (the UNet) in place; ends with the EMA weights loaded. Returns the history."""
+               offset_noise: float = 0.0, seed: int = 0, log_every: int = 50, progress: bool = True):
+    """Train ``ldm.model`` (the UNet) in place; ends with the EMA weights loaded. Returns the history.
+
+    ``offset_noise``: std of a per-sample, per-channel constant added to the training noise. On an 8x8
+    latent the noise's own spatial mean is weak (std 1/8), so the latent's mean, i.e. the picture's
+    colour, shows through x_t down to large t: the UNet then reads colour from x_t instead of learning it
+    from the prompt, and at sampling time the start noise's mean picks the colour."""
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
@@ -223,6 +228,8 @@ def train_unet(ldm, mean: torch.Tensor, std: torch.Tensor, captions: list[str], 
         c[torch.rand(batch_size, generator=gen) < p_uncond] = empty
         t = torch.randint(0, ldm.num_timesteps, (batch_size,), generator=gen)
         noise = torch.randn(z.shape, generator=gen)
+        if offset_noise:
+            noise = noise + offset_noise * torch.randn(z.shape[:2] + (1, 1), generator=gen)
         loss, _ = ldm.p_losses(z, c, t, noise=noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -329,6 +336,8 @@ def main(argv=None) -> dict:
     p.add_argument("--vae_lr", type=float, default=1e-3)
     p.add_argument("--unet_steps", type=int, default=6000)
     p.add_argument("--unet_lr", type=float, default=5e-4)
+    p.add_argument("--offset_noise", type=float, default=0.0,
+                   help="std of a per-channel constant added to the UNet's training noise (see train_unet)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--vae_crop", type=int, default=16, help="VAE crops for the first --vae_crop_frac of its steps (0: whole)")
     p.add_argument("--vae_crop_frac", type=float, default=0.85)
@@ -360,12 +369,14 @@ def main(argv=None) -> dict:
     config.model.params.scale_factor = scale
     mean, std = latent_moments(ldm.first_stage_model, images)
 
-    unet_hist = train_unet(ldm, mean, std, captions, args.unet_steps, args.batch_size, args.unet_lr, seed=args.seed)
+    unet_hist = train_unet(ldm, mean, std, captions, args.unet_steps, args.batch_size, args.unet_lr,
+                           offset_noise=args.offset_noise, seed=args.seed)
     save_curve(out / "unet_loss.png", unet_hist, ("loss",), "toy-world UNet (eps MSE)", write_json=True)
     path = save_ldm(ldm, config, out)
     sample_grid(ldm, PREVIEW_PROMPTS, out / "samples.png", steps=args.preview_steps, seed=args.seed)
     report = {"pool": args.pool, "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
               "batch_size": args.batch_size, "vae_lr": args.vae_lr, "unet_lr": args.unet_lr,
+              "offset_noise": args.offset_noise,
               "scale_factor": scale, "vae_final_l1": vae_hist[-1]["l1"], "unet_final_loss": unet_hist[-1]["loss"],
               "vae_time_s": vae_hist[-1]["time_s"], "unet_time_s": unet_hist[-1]["time_s"],
               "total_time_s": round(time.time() - t0, 1), "weights": path.name,
