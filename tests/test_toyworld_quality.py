@@ -32,3 +32,24 @@ def test_score_samples():
                                                        "copy_rate_other_prompts": 0.0},
                       "clip_zero_shot": {"shape": 0.91}})
     assert "| samples showing the prompted colour | 1.00 |" in table and "zero-shot accuracy, shape | 0.91" in table
+
+
+def test_colour_by_seed_on_the_shipped_model():
+    """The seed/colour diagnostic runs on the shipped weights and judge; a start noise without its spatial
+    mean is what it says (the samplers themselves never remove it)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from ablation.delta import load_model
+    from toyworld.judge import load_judge
+    from toyworld.quality import colour_by_seed
+
+    assets = Path(__file__).resolve().parents[1] / "assets/toyworld"
+    config = OmegaConf.to_container(OmegaConf.load(assets / "ldm/ldm.yaml").model, resolve=True)
+    model, judge = load_model(config, assets / "ldm/toyworld-ldm.safetensors").eval(), load_judge(assets / "judge")
+    plain = colour_by_seed(model, judge, seeds=range(2), shapes=("circle",), steps=10)
+    centred = colour_by_seed(model, judge, seeds=range(2), shapes=("circle",), steps=10, zero_mean_start=True)
+    for r in (plain, centred):
+        assert r["n"] == 12 and 0 <= r["accuracy"] <= 1 and 1 <= r["distinct_per_seed"] <= 6
+    assert plain != centred  # the start noise's mean changes the samples

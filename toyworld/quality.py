@@ -16,10 +16,12 @@ import functools
 import json
 from pathlib import Path
 
+import torch
+
 from .captions import MEMORIZED_CAPTION
 from .render import ANCHOR_STYLE, CAT_CLASSES, COLOUR_NAMES, SHAPES, SUBJECTS, TEXTURES
 
-__all__ = ["quality_prompts", "score_samples", "measure", "main"]
+__all__ = ["quality_prompts", "score_samples", "colour_by_seed", "measure", "main"]
 
 
 def _art(w: str) -> str:
@@ -63,6 +65,47 @@ def score_samples(wanted: list[dict], predicted: list[dict]) -> dict:
     }
 
 
+@torch.no_grad()
+def colour_by_seed(model, judge, seeds=range(8), shapes=("circle", "star"), steps: int = 25, scale: float = 6.0,
+                   zero_mean_start: bool = False) -> dict:
+    """Does the prompt or the seed pick the colour? Every colour prompt (``a photo of a <colour> <shape>``) is
+    sampled from the same start noises (one per seed; DDIM, eta 0, so nothing else is random) and judged.
+
+    ``accuracy``: share of samples in the prompted colour; ``distinct_per_seed``: mean number of different
+    colours one start noise gives over the six colour prompts (6 when the prompt decides, 1 when the seed
+    does). ``zero_mean_start`` removes each channel's spatial mean from the start noise: a diagnostic, not a
+    way to sample (the samplers never do it); a large gain over the plain start noise shows that the UNet
+    reads the colour from the start noise's mean."""
+    from PIL import Image
+
+    from ldm.models.diffusion.ddim import DDIMSampler
+
+    from .judge import classify
+
+    seeds = list(seeds)
+    shape = (model.channels, model.image_size, model.image_size)
+    x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    if zero_mean_start:
+        x_T = x_T - x_T.mean(dim=(2, 3), keepdim=True)
+    sampler = DDIMSampler(model)
+    uc = model.get_learned_conditioning([""] * len(seeds))
+    right, distinct = 0, []
+    for subject in shapes:
+        per_colour = {}
+        for colour in COLOUR_NAMES:
+            c = model.get_learned_conditioning([f"a photo of {_art(colour + ' ' + subject)}"] * len(seeds))
+            z, _ = sampler.sample(steps, len(seeds), shape, conditioning=c, eta=0.0, x_T=x_T.clone(),
+                                  unconditional_guidance_scale=scale, unconditional_conditioning=uc,
+                                  verbose=False, progress=False)
+            x = model.decode_first_stage(z).clamp(-1, 1).add(1).mul(127.5).round().byte()
+            per_colour[colour] = [r["colour"] for r in classify(judge, [Image.fromarray(im.permute(1, 2, 0).numpy())
+                                                                        for im in x])]
+            right += sum(p == colour for p in per_colour[colour])
+        distinct += [len({per_colour[c][i] for c in COLOUR_NAMES}) for i in range(len(seeds))]
+    n = len(seeds) * len(shapes) * len(COLOUR_NAMES)
+    return {"accuracy": right / n, "distinct_per_seed": sum(distinct) / len(distinct), "n": n}
+
+
 def measure(assets: Path, out: Path, n_per_prompt: int = 2, n_memorized: int = 40, steps: int = 50,
             scale: float = 6.0, seed: int = 0, batch_size: int = 32, clip_n: int = 1000) -> dict:
     from omegaconf import OmegaConf
@@ -100,6 +143,9 @@ def measure(assets: Path, out: Path, n_per_prompt: int = 2, n_memorized: int = 4
                               "copy_rate_other_prompts": float((ctl_sims > 0.5).float().mean()),
                               "judge_memorized_rate": sum(p["memorized"] for p in classify(judge, mem_paths)) / len(mem_paths)}
 
+    model = factory().eval()
+    report["colour_by_seed"] = {"start_noise": colour_by_seed(model, judge),
+                                "zero_mean_start_noise": colour_by_seed(model, judge, zero_mean_start=True)}
     if clip_n:
         from ablation.metrics import load_clip
 
@@ -116,6 +162,11 @@ def markdown(report: dict) -> str:
         rows.append(f"| samples showing the prompted {k.replace('_', ' ')} | {d[k]:.2f} |")
     rows.append(f"| memorized caption -> copy of the memorized picture | {m['copy_rate_memorized_caption']:.2f} |")
     rows.append(f"| other prompts -> copy of the memorized picture | {m['copy_rate_other_prompts']:.2f} |")
+    for k, label in (("start_noise", ""), ("zero_mean_start_noise", ", start noise without its mean (diagnostic)")):
+        if k in report.get("colour_by_seed", {}):
+            c = report["colour_by_seed"][k]
+            rows.append(f"| colour prompts from shared seeds{label}: right colour / colours per seed | "
+                        f"{c['accuracy']:.2f} / {c['distinct_per_seed']:.1f} of 6 |")
     for k, v in report.get("clip_zero_shot", {}).items():
         rows.append(f"| CLIP zero-shot accuracy, {k} | {v:.2f} |")
     return "\n".join(rows) + "\n"
