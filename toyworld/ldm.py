@@ -47,7 +47,7 @@ PREVIEW_PROMPTS = (
 )
 
 __all__ = ["render_pool", "cached_pool", "train_vae", "latent_moments", "measure_scale_factor", "train_unet", "build_ldm",
-           "save_ldm", "vae_settings", "main", "DEFAULT_CONFIG", "WEIGHTS_NAME"]
+           "save_ldm", "vae_settings", "decode_u8", "main", "DEFAULT_CONFIG", "WEIGHTS_NAME"]
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -88,6 +88,11 @@ def cached_pool(n: int, seed: int, size: int = 32, cache_dir=None, progress: boo
 
 def to_model_range(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.float().div(127.5).sub(1.0)
+
+
+def decode_u8(ldm, z: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> uint8 images ``[n, 3, H, W]`` (the inverse of ``to_model_range`` after decoding)."""
+    return ldm.decode_first_stage(z).clamp(-1, 1).add(1).mul(127.5).round().byte()
 
 
 # ---------------------------------------------------------------------------------------- stage 1: VAE
@@ -279,7 +284,7 @@ def sample_grid(ldm, prompts, path, n_per_prompt: int = 8, steps: int = 50, scal
         uc = ldm.get_learned_conditioning([""] * n_per_prompt)
         z, _ = sampler.sample(steps, n_per_prompt, shape, conditioning=c, eta=1.0, unconditional_guidance_scale=scale,
                               unconditional_conditioning=uc, generator=gens, verbose=False, progress=False)
-        x = ldm.decode_first_stage(z).clamp(-1, 1).add(1).mul(127.5).round().byte()
+        x = decode_u8(ldm, z)
         rows.append(torch.cat(list(x.permute(0, 2, 3, 1)), dim=1))
     grid = Image.fromarray(torch.cat(rows, dim=0).numpy())
     size = ldm.image_size * lf

@@ -81,6 +81,7 @@ def colour_by_seed(model, judge, seeds=range(8), shapes=("circle", "star"), step
     from ldm.models.diffusion.ddim import DDIMSampler
 
     from .judge import classify
+    from .ldm import decode_u8
 
     seeds = list(seeds)
     shape = (model.channels, model.image_size, model.image_size)
@@ -97,9 +98,8 @@ def colour_by_seed(model, judge, seeds=range(8), shapes=("circle", "star"), step
             z, _ = sampler.sample(steps, len(seeds), shape, conditioning=c, eta=0.0, x_T=x_T.clone(),
                                   unconditional_guidance_scale=scale, unconditional_conditioning=uc,
                                   verbose=False, progress=False)
-            x = model.decode_first_stage(z).clamp(-1, 1).add(1).mul(127.5).round().byte()
-            per_colour[colour] = [r["colour"] for r in classify(judge, [Image.fromarray(im.permute(1, 2, 0).numpy())
-                                                                        for im in x])]
+            images = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in decode_u8(model, z)]
+            per_colour[colour] = [r["colour"] for r in classify(judge, images)]
             right += sum(p == colour for p in per_colour[colour])
         distinct += [len({per_colour[c][i] for c in COLOUR_NAMES}) for i in range(len(seeds))]
     n = len(seeds) * len(shapes) * len(COLOUR_NAMES)
