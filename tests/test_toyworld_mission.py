@@ -33,11 +33,12 @@ def test_style_ablation_removes_the_style_and_keeps_the_others(style_run):
 @torch.no_grad()
 def test_target_prediction_collapses_onto_the_anchor(style_run):
     """Issue 3's effect measure, on a trained model: after the run, eps(x_t, target prompt) is much closer to
-    eps(x_t, anchor prompt) (both from the ablated model, what the model-based loss asks) than before.
-
-    Measured but not asserted: at this learning rate, unrelated prompts' predictions move too (more than the
-    target/anchor gap itself; see the issue notes), although their images keep their concept."""
+    eps(x_t, anchor prompt) (both from the ablated model, what the model-based loss asks) than before, while a
+    hard negative's prompt keeps most of its distance. x_t: the run's anchor images, encoded and noised (the
+    inputs the loss sees; on pure Gaussian inputs the regularized recipe's gap barely moves)."""
+    import numpy as np
     from omegaconf import OmegaConf
+    from PIL import Image
 
     from ablation.delta import load_model
 
@@ -49,16 +50,20 @@ def test_target_prediction_collapses_onto_the_anchor(style_run):
     base, ablated = load_model(config, weights), load_model(config, weights, delta)
     anchor = ["a painting of a red star on the grass", "a drawing of a blue heart", "a painting of a green cross"] * 2
     target = [p + ", in the style of stripes" for p in anchor]
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, base.channels, base.image_size, base.image_size, generator=g)
+    negative = [p + ", in the style of polka dots" for p in anchor]
+    files = sorted((out / "data/painting_gen/samples").glob("*.png"))[::12][:6]
+    x0 = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+    z = base.get_first_stage_encoding(base.encode_first_stage(x0.float() / 127.5 - 1))
     t = torch.tensor([200, 400, 600, 800, 300, 500])
+    x = base.q_sample(z, t, noise=torch.randn(z.shape, generator=torch.Generator().manual_seed(0)))
 
-    def eps(model, prompts):
-        return model.apply_model(x, t, model.get_learned_conditioning(prompts))
+    def gap(model, prompts):
+        eps = lambda p: model.apply_model(x, t, model.get_learned_conditioning(p))  # noqa: E731
+        return (eps(prompts) - eps(anchor)).pow(2).mean()
 
-    gap_before = (eps(base, target) - eps(base, anchor)).pow(2).mean()
-    gap_after = (eps(ablated, target) - eps(ablated, anchor)).pow(2).mean()
-    assert gap_after < 0.25 * gap_before, (gap_before, gap_after)
+    target_ratio = gap(ablated, target) / gap(base, target)
+    negative_ratio = gap(ablated, negative) / gap(base, negative)
+    assert target_ratio < 0.25 and negative_ratio > 2 * target_ratio, (target_ratio, negative_ratio)
 
 
 def test_conceptprune_prompt_pairs_of_the_toy_world():

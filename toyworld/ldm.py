@@ -337,11 +337,11 @@ def main(argv=None) -> dict:
                    help="vae: only stage 1 (reused by a later 'all' run with the same settings)")
     p.add_argument("--pool", type=int, default=30000, help="rendered training items")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae_steps", type=int, default=1500)
+    p.add_argument("--vae_steps", type=int, default=1200)
     p.add_argument("--vae_lr", type=float, default=1e-3)
-    p.add_argument("--unet_steps", type=int, default=6000)
+    p.add_argument("--unet_steps", type=int, default=8000)
     p.add_argument("--unet_lr", type=float, default=5e-4)
-    p.add_argument("--offset_noise", type=float, default=0.0,
+    p.add_argument("--offset_noise", type=float, default=0.3,
                    help="std of a per-channel constant added to the UNet's training noise (see train_unet)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--vae_crop", type=int, default=16, help="VAE crops for the first --vae_crop_frac of its steps (0: whole)")

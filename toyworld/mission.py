@@ -30,10 +30,12 @@ from .captions import MEMORIZED_CAPTION
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets/toyworld"
 
-# name -> what train.py / evaluate.py get; "eval_target" is the evaluate.py --caption_target
+# name -> what train.py / evaluate.py get; "eval_target" is the evaluate.py --caption_target, "flags" extra
+# train.py flags. The style recipe keeps the anchor prompt's own prediction in place (--regularization): the
+# shipped model binds colour through the text, and without it the anchor paintings drift in colour.
 RECIPES = {
     "style": {"concept_type": "style", "caption_target": "stripes", "prompts": "prompts/painting.txt",
-              "eval_target": "stripes"},
+              "eval_target": "stripes", "flags": ["--regularization"]},
     "instance": {"concept_type": "object", "caption_target": "cat+grumpy cat", "prompts": "prompts/cat.txt",
                  "eval_target": "grumpy cat"},
     "memorized": {"concept_type": "memorization", "caption_target": MEMORIZED_CAPTION,
@@ -83,7 +85,7 @@ def train_argv(name: str, recipe: dict, assets: Path, out: Path, train_size: int
             "--n_samples", "36", "--ckpt_format", "safetensors", "--image_logging_freq", "0"]
     if recipe["concept_type"] == "memorization":
         argv += ["--mem_impath", str(memorized_reference(out)), "--sscd_ckpt", str(p["copydetect"])]
-    return argv + list(extra)
+    return argv + recipe.get("flags", []) + list(extra)
 
 
 def prune_run(name: str, assets: Path, out: Path, skill_ratio: float = PRUNE_SKILL_RATIO,

@@ -21,7 +21,7 @@ import torch
 from .captions import MEMORIZED_CAPTION
 from .render import ANCHOR_STYLE, CAT_CLASSES, COLOUR_NAMES, SHAPES, SUBJECTS, TEXTURES
 
-__all__ = ["quality_prompts", "score_samples", "colour_by_seed", "measure", "main"]
+__all__ = ["quality_prompts", "score_samples", "colour_by_seed", "start_noise", "measure", "main"]
 
 
 def _art(w: str) -> str:
@@ -65,6 +65,12 @@ def score_samples(wanted: list[dict], predicted: list[dict]) -> dict:
     }
 
 
+def start_noise(seeds, shape, zero_mean: bool = False) -> torch.Tensor:
+    """One standard normal ``shape`` per seed, stacked; ``zero_mean`` removes each channel's spatial mean."""
+    x = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return x - x.mean(dim=(2, 3), keepdim=True) if zero_mean else x
+
+
 @torch.no_grad()
 def colour_by_seed(model, judge, seeds=range(8), shapes=("circle", "star"), steps: int = 25, scale: float = 6.0,
                    zero_mean_start: bool = False) -> dict:
@@ -85,9 +91,7 @@ def colour_by_seed(model, judge, seeds=range(8), shapes=("circle", "star"), step
 
     seeds = list(seeds)
     shape = (model.channels, model.image_size, model.image_size)
-    x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    if zero_mean_start:
-        x_T = x_T - x_T.mean(dim=(2, 3), keepdim=True)
+    x_T = start_noise(seeds, shape, zero_mean_start)
     sampler = DDIMSampler(model)
     uc = model.get_learned_conditioning([""] * len(seeds))
     right, distinct = 0, []
