@@ -41,6 +41,7 @@ def test_target_prediction_collapses_onto_the_anchor(style_run):
     from PIL import Image
 
     from ablation.delta import load_model
+    from toyworld.ldm import to_model_range
 
     out, _ = style_run
     run_dir = next((out / "logs").iterdir())
@@ -53,7 +54,7 @@ def test_target_prediction_collapses_onto_the_anchor(style_run):
     negative = [p + ", in the style of polka dots" for p in anchor]
     files = sorted((out / "data/painting_gen/samples").glob("*.png"))[::12][:6]
     x0 = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
-    z = base.get_first_stage_encoding(base.encode_first_stage(x0.float() / 127.5 - 1))
+    z = base.get_first_stage_encoding(base.encode_first_stage(to_model_range(x0)))
     t = torch.tensor([200, 400, 600, 800, 300, 500])
     x = base.q_sample(z, t, noise=torch.randn(z.shape, generator=torch.Generator().manual_seed(0)))
 
