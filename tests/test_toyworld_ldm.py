@@ -134,13 +134,13 @@ def test_offset_noise_adds_one_constant_per_sample_and_channel(pool, clip_dir, m
     tl.load_clip_text(ldm, clip_dir)
     mean, std = tl.latent_moments(ldm.first_stage_model, images)
     seen = []
-    real = ldm.p_losses
+    real = ldm.q_sample
 
-    def spy(z, c, t, noise=None):
+    def spy(z, t, noise=None):
         seen.append(noise.clone())
-        return real(z, c, t, noise=noise)
+        return real(z, t, noise)
 
-    monkeypatch.setattr(ldm, "p_losses", spy)
+    monkeypatch.setattr(ldm, "q_sample", spy)
 
     def mean_std(offset):
         seen.clear()
@@ -167,3 +167,33 @@ def test_vae_stage_is_keyed_on_the_first_stage_config_only(tmp_path):
     base = tl.vae_settings(args, tl.DEFAULT_CONFIG)
     assert tl.vae_settings(args, tmp_path / "schedule.yaml") == base
     assert tl.vae_settings(args, tmp_path / "vae.yaml") != base
+
+
+def test_min_snr_weights_cap_the_clean_timesteps():
+    ldm, _ = tl.build_ldm()
+    abar = ldm.alphas_cumprod
+    snr = abar / (1 - abar)
+    w = tl.min_snr_weights(abar, 5.0)
+    assert torch.equal(tl.min_snr_weights(abar, 0.0), torch.ones_like(abar))
+    noisy = snr <= 5.0
+    assert noisy.any() and (~noisy).any()  # SD's schedule crosses SNR 5 (near t = 100)
+    assert torch.allclose(w[noisy], torch.ones_like(w[noisy]))
+    assert torch.allclose(w[~noisy], 5.0 / snr[~noisy])
+    assert w[0] < 0.01  # t = 0: SNR ~ 1000
+
+
+def test_unet_loss_with_unit_weights_is_the_ldm_loss(clip_dir):
+    torch.manual_seed(0)
+    ldm, _ = tl.build_ldm()
+    tl.load_clip_text(ldm, clip_dir)
+    z = torch.randn(4, ldm.channels, ldm.image_size, ldm.image_size)
+    c = ldm.get_learned_conditioning(["a red circle", "a blue star", "", "a photo of a cat"])
+    t, noise = torch.tensor([0, 10, 500, 999]), torch.randn_like(z)
+    ones = torch.ones(ldm.num_timesteps)
+    expected, _ = ldm.p_losses(z, c, t, noise=noise)
+    assert tl.unet_loss(ldm, z, c, t, noise, ones).item() == pytest.approx(expected.item(), rel=1e-5)
+    weight = tl.min_snr_weights(ldm.alphas_cumprod, 5.0)
+    per_sample = torch.stack([tl.unet_loss(ldm, z[i:i + 1], c[i:i + 1], t[i:i + 1], noise[i:i + 1], ones)
+                              for i in range(4)])
+    assert tl.unet_loss(ldm, z, c, t, noise, weight).item() == pytest.approx(
+        (weight[t] * per_sample).mean().item(), rel=1e-5)

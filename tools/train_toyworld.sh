@@ -35,6 +35,7 @@ wait "$other" || { status=$?; echo "VAE or judges failed (exit $status), see $LO
 [ "$status" -eq 0 ] || exit "$status"
 
 echo "step 2: UNet"
-"$PY" -m toyworld.ldm --clip "$OUT/clip" "${VAE_ARGS[@]}" --unet_steps 8000 --offset_noise 0.3
+"$PY" -m toyworld.ldm --clip "$OUT/clip" "${VAE_ARGS[@]}" --unet_steps 8000 --unet_lr 1e-3 --offset_noise 0.3 \
+    --min_snr_gamma 5
 echo "step 3: quality"
 "$PY" -m toyworld.quality --assets "$OUT" --out "$OUT/quality"
