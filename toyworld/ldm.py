@@ -47,7 +47,8 @@ PREVIEW_PROMPTS = (
 )
 
 __all__ = ["render_pool", "cached_pool", "train_vae", "latent_moments", "measure_scale_factor", "min_snr_weights",
-           "unet_loss", "train_unet", "build_ldm", "save_ldm", "vae_settings", "decode_u8", "main", "DEFAULT_CONFIG", "WEIGHTS_NAME"]
+           "unet_loss", "train_unet", "build_ldm", "save_ldm", "vae_settings", "decode_u8", "main", "DEFAULT_CONFIG",
+           "WEIGHTS_NAME"]
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -222,8 +223,8 @@ def train_unet(ldm, mean: torch.Tensor, std: torch.Tensor, captions: list[str], 
     """Train ``ldm.model`` (the UNet) in place; ends with the EMA weights loaded. Returns the history.
 
     The loss is ``unet_loss``: the LDM's simple eps MSE, each sample weighted by ``min_snr_weights`` when
-    ``min_snr_gamma`` > 0, so that the nearly clean timesteps (fine detail) stop dominating the gradient
-    at the expense of the noisy ones, where shape and texture are decided.
+    ``min_snr_gamma`` > 0, so that the nearly clean timesteps (fine detail) no longer outweigh the noisy
+    ones, where shape and texture are decided.
 
     ``offset_noise``: std of a per-sample, per-channel constant added to the training noise. On an 8x8
     latent the noise's own spatial mean is weak (std 1/8), so the latent's mean, i.e. the picture's
