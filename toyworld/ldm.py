@@ -210,10 +210,10 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def unet_loss(ldm, z: torch.Tensor, c: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
               weight: torch.Tensor) -> torch.Tensor:
-    """``LatentDiffusion.p_losses`` with its default settings (simple eps MSE, no learned logvar, no ELBO
-    term), each sample's MSE times ``weight[t]``."""
+    """``LatentDiffusion.p_losses`` with its default settings (simple eps loss of the model's ``loss_type``,
+    no learned logvar, no ELBO term), each sample's loss times ``weight[t]``."""
     eps = ldm.apply_model(ldm.q_sample(z, t, noise), t, c)
-    return (weight[t] * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+    return (weight[t] * ldm.get_loss(eps, noise, mean=False).mean(dim=(1, 2, 3))).mean()
 
 
 def train_unet(ldm, mean: torch.Tensor, std: torch.Tensor, captions: list[str], steps: int = 5000,
