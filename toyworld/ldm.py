@@ -362,8 +362,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae_steps", type=int, default=1200)
     p.add_argument("--vae_lr", type=float, default=1e-3)
-    p.add_argument("--unet_steps", type=int, default=8000)
-    p.add_argument("--unet_lr", type=float, default=1e-3)
+    p.add_argument("--unet_steps", type=int, default=5000)
+    p.add_argument("--unet_lr", type=float, default=2e-3)
     p.add_argument("--offset_noise", type=float, default=0.3,
                    help="std of a per-channel constant added to the UNet's training noise (see train_unet)")
     p.add_argument("--min_snr_gamma", type=float, default=5.0,
