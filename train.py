@@ -53,6 +53,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_config", default=str(REPO / "configs/stable-diffusion/v1-inference.yaml"))
     p.add_argument("--config", default=None, help="concept config (default configs/ablation/{concept_type}.yaml)")
     p.add_argument("--regularization", action="store_true", help="add 0.2 x the anchor-prompt noise loss")
+    p.add_argument("--preserve_prompts", default=None,
+                   help="prompt file (one per line) whose predictions stay pinned to the base model's, weighted by "
+                        "training.preservation_weight: an addition to the paper's method for neighbouring concepts "
+                        "(not with the embedding group; no prompt may mention the target)")
     p.add_argument("--train_size", type=int, default=1000, help="number of anchor images to generate")
     p.add_argument("--train_max_steps", type=int, default=None)
     p.add_argument("--base_lr", type=float, default=None)
@@ -126,6 +130,17 @@ def check_inputs(args, config):
     if tr.batch_size < 1 or (args.regularization and tr.batch_size % 2):
         raise ValueError(f"batch_size {tr.batch_size}: must be >= 1, and even with --regularization "
                          "(half ablation, half regularization)")
+    if args.preserve_prompts is not None:
+        keep = read_prompts(args.preserve_prompts)
+        if tr.parameter_group == "embedding":
+            raise ValueError("--preserve_prompts does nothing with the embedding group: prompts without the target's "
+                             "tokens are unchanged by construction")
+        clash = [k for k in keep for c in concepts if c.target.lower() in k.lower()]
+        if clash:
+            raise ValueError(f"--preserve_prompts {args.preserve_prompts}: {len(clash)} prompt(s) mention the target "
+                             f"being ablated, e.g. {clash[0]!r}")
+        if tr.get("preservation_weight", 1.0) <= 0:
+            raise ValueError("training.preservation_weight must be positive with --preserve_prompts")
     if tr.save_freq < 0 or tr.max_steps < 1:
         raise ValueError("training.max_steps must be >= 1 and save_freq >= 0")
     if tr.loss_type_reverse not in ("model-based", "noise-based"):
@@ -254,7 +269,7 @@ def run(args, config, concepts, prompts, devices, argv=None):
 
     from ablation.delta import load_model
     from ablation.module import ConceptAblation, DeltaCheckpoint, ImageLogger, PeakMemory
-    from ablation.prompts import target_prompt
+    from ablation.prompts import read_prompts, target_prompt
 
     # the frozen VAE and text encoder are in eval mode on purpose
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -283,7 +298,9 @@ def run(args, config, concepts, prompts, devices, argv=None):
     module = ConceptAblation(model, tr.parameter_group, tr.loss_type_reverse, learning_rate=lr,
                              weight_decay=tr.weight_decay,
                              regularization_weight=tr.regularization_weight if args.regularization else 0.0,
-                             embedding_ids=embedding_ids)
+                             embedding_ids=embedding_ids,
+                             preserve_prompts=read_prompts(args.preserve_prompts) if args.preserve_prompts else None,
+                             preservation_weight=tr.get("preservation_weight", 1.0))
     dataset, loader = build_loader(args, config, concepts, images_txt, caption_txt, lf)
     print(f"training {module.n_trainable():,} parameters ({tr.parameter_group}), lr {lr:.3g}, "
           f"{len(dataset)} images, {tr.max_steps} steps -> {run_dir}")

@@ -40,3 +40,19 @@ def anchor_noise_loss(model, x0: torch.Tensor, c_anchor: torch.Tensor, mask: tor
     """The regularization term: the standard denoising loss with the anchor prompt."""
     x_t = model.q_sample(x0, t, noise)
     return masked_error(model.apply_model(x_t, t, c_anchor), noise, mask).mean()
+
+
+def preservation_loss(model, x0: torch.Tensor, c_keep: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
+                      noise: torch.Tensor, base_weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Keep eps(x_t, prompt to preserve) equal to the base model's (not part of the paper; see train.py).
+
+    ``base_weights``: the trained parameters' values before training, keyed relative to
+    ``model.model`` (``diffusion_model.…``); the base prediction runs the same network with them
+    swapped in, so only the trained parameters are held twice.
+    """
+    x_t = model.q_sample(x0, t, noise)
+    pred = model.apply_model(x_t, t, c_keep)
+    with torch.no_grad():
+        target = torch.func.functional_call(model.model, base_weights, (x_t, t), {"c_crossattn": [c_keep]},
+                                            strict=False)
+    return masked_error(pred, target, mask).mean()

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from ablation.delta import delta_state_dict, save_delta
-from ablation.losses import ablation_loss, anchor_noise_loss
+from ablation.losses import ablation_loss, anchor_noise_loss, preservation_loss
 from ablation.params import install_sot_detach, optimizer_groups, select_trainable
 
 
@@ -19,12 +19,15 @@ class ConceptAblation(L.LightningModule):
 
     Batches are dicts from ``AblationDataset`` (``image``, ``mask``, ``caption`` = target prompt,
     ``caption_anchor``), or ``(regularization_batch, ablation_batch)`` pairs with
-    ``regularization_weight`` > 0.
+    ``regularization_weight`` > 0. With ``preserve_prompts`` each step also keeps the prediction for a
+    random batch of those prompts, on the ablation batch's images noised afresh, equal to the base model's
+    (weight ``preservation_weight``; an addition to the paper's method, off by default).
     """
 
     def __init__(self, model, parameter_group: str = "cross-attn", loss_type: str = "model-based",
                  learning_rate: float = 1e-5, weight_decay: float = 0.01, regularization_weight: float = 0.0,
-                 embedding_ids: torch.Tensor | None = None):
+                 embedding_ids: torch.Tensor | None = None, preserve_prompts: list[str] | None = None,
+                 preservation_weight: float = 1.0):
         super().__init__()
         self.model = model
         self.loss_type = loss_type
@@ -35,6 +38,17 @@ class ConceptAblation(L.LightningModule):
         self.trainable = select_trainable(model, parameter_group, embedding_ids)
         self.parameter_group = parameter_group
         self._hooks = install_sot_detach(model)
+        if preserve_prompts and parameter_group == "embedding":
+            raise ValueError("preserve prompts do nothing with the embedding group: prompts without the target's "
+                             "tokens are unchanged by construction")
+        self.preserve_prompts = list(preserve_prompts or [])
+        self.preservation_weight = preservation_weight
+        self.base_weights: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self):
+        # the base values of what trains, on the training device (keys relative to model.model)
+        if self.preserve_prompts:
+            self.base_weights = {n.removeprefix("model."): p.detach().clone() for n, p in self.trainable.items()}
 
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable.values())
@@ -79,6 +93,14 @@ class ConceptAblation(L.LightningModule):
             loss_reg = anchor_noise_loss(self.model, rx0, rc, rmask, rt, rnoise)
             loss = loss + self.regularization_weight * loss_reg
             logs["train/loss_regularization"] = loss_reg
+        if self.preserve_prompts:
+            pick = torch.randint(len(self.preserve_prompts), (x0.shape[0],)).tolist()
+            with torch.no_grad():
+                c_keep = self.model.get_learned_conditioning([self.preserve_prompts[i] for i in pick])
+            pt, pnoise = self._random_t_noise(x0)
+            loss_keep = preservation_loss(self.model, x0, c_keep, mask, pt, pnoise, self.base_weights)
+            loss = loss + self.preservation_weight * loss_keep
+            logs["train/loss_preservation"] = loss_keep
         logs["train/loss"] = loss
         self.log_dict(logs, prog_bar=True, on_step=True, batch_size=x0.shape[0])
         return loss

@@ -4,7 +4,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ablation.delta import apply_delta, delta_state_dict, save_delta
-from ablation.losses import ablation_loss, anchor_noise_loss, masked_error
+from ablation.losses import ablation_loss, anchor_noise_loss, masked_error, preservation_loss
 from ablation.params import install_sot_detach, optimizer_groups, select_trainable
 from conftest import ROOT, tiny_model
 from ldm.checkpoint import CheckpointError
@@ -68,6 +68,31 @@ def test_model_based_target_is_stop_gradient():
     assert loss.item() == 0.0
     loss.backward()
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in trainable.values())
+
+
+def test_preservation_loss_pins_prompts_to_the_base_weights():
+    import copy
+
+    model = tiny().eval()
+    base = copy.deepcopy(model)
+    trainable = select_trainable(model, "cross-attn")
+    base_weights = {n.removeprefix("model."): p.detach().clone() for n, p in trainable.items()}
+    x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 600])
+    c, mask = torch.randn(2, 77, 32), torch.ones(2, 1, 8, 8)
+    assert preservation_loss(model, x0, c, mask, t, noise, base_weights).item() == 0.0
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(0.05 * torch.randn_like(p))
+    loss = preservation_loss(model, x0, c, mask, t, noise, base_weights)
+    # the target is the untouched copy's prediction; the trained weights themselves are not swapped back
+    x_t = model.q_sample(x0, t, noise)
+    with torch.no_grad():
+        want = masked_error(model.apply_model(x_t, t, c), base.apply_model(x_t, t, c), mask).mean()
+    torch.testing.assert_close(loss.detach(), want)
+    assert loss.item() > 0
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in trainable.values())
+    assert not any(torch.equal(p.detach(), base_weights[n.removeprefix("model.")]) for n, p in trainable.items())
 
 
 def test_parameter_groups_on_sd_v1_layout(sd_meta):

@@ -105,6 +105,29 @@ def test_embedding_group(workdir):
     check_run(workdir, run_dir, lambda k: k in ("embed", "embed_ids"))
 
 
+def test_preserve_prompts(workdir, tmp_path):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("a painting of a harbour in the style of monet\na photo of a dog\n")
+    run_dir = train.main(["-t", "--concept_type", "style", "--caption_target", "van gogh", "--prompts",
+                          str(workdir / "painting.txt"), "--train_size", "4", "--preserve_prompts", str(keep),
+                          "training.preservation_weight=2.0", *args(workdir)])
+    check_run(workdir, run_dir, kv)
+    events = b"".join(p.read_bytes() for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert b"train/loss_preservation" in events
+    common = ["--concept_type", "style", "--caption_target", "van gogh", "--prompts", str(workdir / "painting.txt"),
+              "--model_config", str(TINY), "-rc", str(workdir / "base.ckpt"), "--root", str(tmp_path / "data"),
+              "--logdir", str(tmp_path / "logs"), "--preserve_prompts"]
+    keep.write_text("a photo of a dog\na Van Gogh painting of a harbour\n")
+    with pytest.raises(ValueError, match="mention the target"):
+        train.setup([*common, str(keep)])
+    keep.write_text("a photo of a dog\n")
+    with pytest.raises(ValueError, match="embedding"):
+        train.setup([*common, str(keep), "--parameter_group", "embedding"])
+    with pytest.raises(FileNotFoundError):
+        train.setup([*common, str(tmp_path / "missing.txt")])
+    assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
+
+
 @pytest.mark.parametrize("extra,match", [
     (["--concept_type", "object", "--caption_target", "grumpy cat"], "anchor\\+target|\\+"),
     (["--concept_type", "object", "--caption_target", "cat+"], ""),
