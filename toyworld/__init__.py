@@ -39,8 +39,9 @@ Models trained on it (``tools/train_toyworld.sh`` retrains all of them; weights 
 * ``toyworld.ldm``: the AutoencoderKL and the UNet of ``configs/toyworld/ldm.yaml`` trained as an LDM;
 * ``toyworld.judge``: a ground-truth classifier (and its features for KID/FID) and a copy-detection
   descriptor (TorchScript, the SSCD stand-in);
-* ``toyworld.quality`` measures them; ``toyworld.mission`` runs the three ablations with ``train.py`` and
-  ``evaluate.py`` and writes the README's table and grid.
+* ``toyworld.quality`` measures them; ``toyworld.mission`` runs the ablations (style, instance, memorized
+  picture; the first two also with ``--preserve_prompts``) with ``train.py`` and ``evaluate.py`` and writes
+  the README's table and grid.
 """
 from .captions import MEMORIZED_CAPTION, TEMPLATES, STYLE_TEMPLATES, anchor_caption, caption
 from .dataset import (DEFAULT_MIXTURE, Mixture, ToyWorldDataset, iter_samples, make_dataset, make_item,
