@@ -44,11 +44,16 @@ class ConceptAblation(L.LightningModule):
         self.preserve_prompts = list(preserve_prompts or [])
         self.preservation_weight = preservation_weight
         self.base_weights: dict[str, torch.Tensor] = {}
+        self.keep_context: torch.Tensor | None = None
 
     def on_fit_start(self):
-        # the base values of what trains, on the training device (keys relative to model.model)
+        # on the training device: the base values of what trains (keys relative to model.model), and the kept
+        # prompts' encodings, computed once because the text encoder is frozen in every group that allows them
         if self.preserve_prompts:
             self.base_weights = {n.removeprefix("model."): p.detach().clone() for n, p in self.trainable.items()}
+            with torch.no_grad():
+                self.keep_context = torch.cat([self.model.get_learned_conditioning(self.preserve_prompts[i:i + 64])
+                                               for i in range(0, len(self.preserve_prompts), 64)])
 
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable.values())
@@ -94,9 +99,8 @@ class ConceptAblation(L.LightningModule):
             loss = loss + self.regularization_weight * loss_reg
             logs["train/loss_regularization"] = loss_reg
         if self.preserve_prompts:
-            pick = torch.randint(len(self.preserve_prompts), (x0.shape[0],)).tolist()
-            with torch.no_grad():
-                c_keep = self.model.get_learned_conditioning([self.preserve_prompts[i] for i in pick])
+            pick = torch.randint(len(self.preserve_prompts), (x0.shape[0],))
+            c_keep = self.keep_context[pick.to(self.keep_context.device)]
             pt, pnoise = self._random_t_noise(x0)
             loss_keep = preservation_loss(self.model, x0, c_keep, mask, pt, pnoise, self.base_weights)
             loss = loss + self.preservation_weight * loss_keep

@@ -29,6 +29,7 @@ writes ``mission-conceptprune.{md,json}`` and ``grid-conceptprune.png`` beside t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -229,17 +230,23 @@ def summarize(name: str, recipe: dict, row: dict, assets: Path = ASSETS, folders
            "kid": {c: row[f"KID_{c}"] for c in [t, a, *entry["hard_negative"]]}}
     if folders:
         from ablation.data import read_image_list
-        from ablation.metrics import clip_accuracy, load_clip
+        from ablation.metrics import clip_accuracy
 
-        from .judge import load_judge
-
-        judge = load_judge(assets / "judge" / "judge.safetensors")
+        judge, clip = _scorers(assets)
         out["judge"] = {c: (judge_share(judge, b, c, a), judge_share(judge, f, c, a))
                         for c, (b, f) in folders.items()}
-        base_anchor = folders[a][0]
-        out["anchor_level"] = clip_accuracy(load_clip(str(_paths(assets)["clip"]), "cpu"),
-                                            read_image_list(base_anchor / "images.txt"), t, a)
+        out["anchor_level"] = clip_accuracy(clip, read_image_list(folders[a][0] / "images.txt"), t, a)
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _scorers(assets: Path):
+    """The judge and the toy CLIP, loaded once per mission run (every recipe is scored with them)."""
+    from ablation.metrics import load_clip
+
+    from .judge import load_judge
+
+    return load_judge(assets / "judge" / "judge.safetensors"), load_clip(str(_paths(assets)["clip"]), "cpu")
 
 
 def markdown(summaries: list[dict], after: str = "ablated") -> str:
