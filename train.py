@@ -103,7 +103,7 @@ def check_inputs(args, config):
     """Every user error we can detect without building a model; returns (concepts, prompts, devices)."""
     import torch
 
-    from ablation.prompts import parse_caption_target, read_prompts
+    from ablation.prompts import check_preserve_prompts, parse_caption_target, read_prompts
 
     concepts = parse_caption_target(args.concept_type, args.caption_target)
     prompts = read_prompts(args.prompts)
@@ -131,14 +131,8 @@ def check_inputs(args, config):
         raise ValueError(f"batch_size {tr.batch_size}: must be >= 1, and even with --regularization "
                          "(half ablation, half regularization)")
     if args.preserve_prompts is not None:
-        keep = read_prompts(args.preserve_prompts)
-        if tr.parameter_group == "embedding":
-            raise ValueError("--preserve_prompts does nothing with the embedding group: prompts without the target's "
-                             "tokens are unchanged by construction")
-        clash = [k for k in keep for c in concepts if c.target.lower() in k.lower()]
-        if clash:
-            raise ValueError(f"--preserve_prompts {args.preserve_prompts}: {len(clash)} prompt(s) mention the target "
-                             f"being ablated, e.g. {clash[0]!r}")
+        check_preserve_prompts(read_prompts(args.preserve_prompts), tr.parameter_group, concepts,
+                               f"--preserve_prompts {args.preserve_prompts}")
         if tr.get("preservation_weight", 1.0) <= 0:
             raise ValueError("training.preservation_weight must be positive with --preserve_prompts")
     if tr.save_freq < 0 or tr.max_steps < 1:

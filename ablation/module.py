@@ -12,6 +12,7 @@ from PIL import Image
 from ablation.delta import delta_state_dict, save_delta
 from ablation.losses import ablation_loss, anchor_noise_loss, preservation_loss
 from ablation.params import install_sot_detach, optimizer_groups, select_trainable
+from ablation.prompts import check_preserve_prompts
 
 
 class ConceptAblation(L.LightningModule):
@@ -38,9 +39,7 @@ class ConceptAblation(L.LightningModule):
         self.trainable = select_trainable(model, parameter_group, embedding_ids)
         self.parameter_group = parameter_group
         self._hooks = install_sot_detach(model)
-        if preserve_prompts and parameter_group == "embedding":
-            raise ValueError("preserve prompts do nothing with the embedding group: prompts without the target's "
-                             "tokens are unchanged by construction")
+        check_preserve_prompts(preserve_prompts or [], parameter_group)
         self.preserve_prompts = list(preserve_prompts or [])
         self.preservation_weight = preservation_weight
         self.base_weights: dict[str, torch.Tensor] = {}

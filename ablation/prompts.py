@@ -90,6 +90,19 @@ def parse_caption_target(concept_type: str, caption_target: str) -> list[Concept
     return concepts
 
 
+def check_preserve_prompts(keep: Sequence[str], parameter_group: str, concepts: Sequence[Concept] = (),
+                           source: str = "preserve prompts") -> None:
+    """Raise ``ValueError`` if prompts kept at the base model's prediction (``--preserve_prompts``, read from
+    ``source``) cannot work: with the ``embedding`` group they are unchanged by construction, and none may name a
+    target being ablated."""
+    if keep and parameter_group == "embedding":
+        raise ValueError("--preserve_prompts does nothing with the embedding group: prompts without the target's "
+                         "tokens are unchanged by construction")
+    clash = [k for k in keep for c in concepts if c.target.lower() in k.lower()]
+    if clash:
+        raise ValueError(f"{source}: {len(clash)} prompt(s) mention the target being ablated, e.g. {clash[0]!r}")
+
+
 def read_prompts(path: str | PathLike) -> list[str]:
     """Non-empty, stripped lines of a prompt file. Duplicates are kept (the reference does too)."""
     path = Path(path)

@@ -34,6 +34,7 @@ import functools
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 from .captions import MEMORIZED_CAPTION, caption
@@ -42,32 +43,32 @@ from .render import ANCHOR_STYLE, COLOUR_NAMES, SUBJECTS, TEXTURES
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets/toyworld"
 
-# name -> what train.py / evaluate.py get; "eval_target" is the evaluate.py --caption_target, "flags" extra
-# train.py flags. The style recipe keeps the anchor prompt's own prediction in place (--regularization): the
-# shipped model binds colour through the text, and without it the anchor paintings drift in colour.
-RECIPES = {
-    "style": {"concept_type": "style", "caption_target": "stripes", "prompts": "prompts/painting.txt",
-              "eval_target": "stripes", "flags": ["--regularization"]},
-    "instance": {"concept_type": "object", "caption_target": "cat+grumpy cat", "prompts": "prompts/cat.txt",
-                 "eval_target": "grumpy cat"},
-    "memorized": {"concept_type": "memorization", "caption_target": MEMORIZED_CAPTION,
-                  "prompts": "prompts/lighthouse_mem.txt", "eval_target": MEMORIZED_CAPTION},
-}
 # The paper's recipe plus --preserve_prompts (train.py; not in the paper): other world captions keep the base
 # model's prediction (training.preservation_weight of the concept config: 8), with 4x the steps because the
 # term slows the ablation down. Full runs, 25 images per hard negative, stripes after ablation: weight 1 / 100
 # steps 0.53, 4 / 300 0.32, 8 / 400 0.28, with polka dots and checkerboard at 0.92-1.00 throughout.
-# style-preserve drops --regularization: its true-noise anchor term fights the ablation at high noise levels
-# (400-step direct K/V fits, batch 8: share of the base model's squared stripes-vs-painting eps gap left at
-# t >= 900: 0.11 alone, 0.44 with it at weight 2, 0.18 with preservation at weight 8), and the kept captions
-# hold the anchor paintings anyway. Full runs, 200 target images: stripes 0.30 -> 0.23 by CLIP, 0.12 -> 0.07 by
-# the judge; painting CLIP score 0.42 -> 0.46.
 PRESERVE_OVERRIDES = ["training.max_steps=400", "training.save_freq=400"]
-RECIPES["style-preserve"] = {**RECIPES["style"], "flags": [], "preserve": "preserve_prompts/style.txt",
-                             "overrides": PRESERVE_OVERRIDES}
-RECIPES["instance-preserve"] = {**RECIPES["instance"], "preserve": "preserve_prompts/instance.txt",
-                                "overrides": PRESERVE_OVERRIDES}
-RECIPES = {k: RECIPES[k] for k in ("style", "style-preserve", "instance", "instance-preserve", "memorized")}
+# name -> what train.py / evaluate.py get; "eval_target" is the evaluate.py --caption_target, "flags" extra
+# train.py flags, "preserve" the --preserve_prompts file, "overrides" config overrides.
+_STYLE = {"concept_type": "style", "caption_target": "stripes", "prompts": "prompts/painting.txt",
+          "eval_target": "stripes"}
+_INSTANCE = {"concept_type": "object", "caption_target": "cat+grumpy cat", "prompts": "prompts/cat.txt",
+             "eval_target": "grumpy cat"}
+RECIPES = {
+    # The style recipe keeps the anchor prompt's own prediction in place (--regularization): the shipped model
+    # binds colour through the text, and without it the anchor paintings drift in colour.
+    "style": {**_STYLE, "flags": ["--regularization"]},
+    # style-preserve drops --regularization: its true-noise anchor term fights the ablation at high noise levels
+    # (400-step direct K/V fits, batch 8: share of the base model's squared stripes-vs-painting eps gap left at
+    # t >= 900: 0.11 alone, 0.44 with it at weight 2, 0.18 with preservation at weight 8), and the kept captions
+    # hold the anchor paintings anyway. Full runs, 200 target images: stripes 0.30 -> 0.23 by CLIP, 0.12 -> 0.07
+    # by the judge; painting CLIP score 0.42 -> 0.46.
+    "style-preserve": {**_STYLE, "preserve": "preserve_prompts/style.txt", "overrides": PRESERVE_OVERRIDES},
+    "instance": _INSTANCE,
+    "instance-preserve": {**_INSTANCE, "preserve": "preserve_prompts/instance.txt", "overrides": PRESERVE_OVERRIDES},
+    "memorized": {"concept_type": "memorization", "caption_target": MEMORIZED_CAPTION,
+                  "prompts": "prompts/lighthouse_mem.txt", "eval_target": MEMORIZED_CAPTION},
+}
 # preservation file -> (the word it must not contain: the target; anchor prompts appended, or None). The instance
 # file adds the anchor prompts (cat anchor CLIP score 0.77 -> 0.87); the style file does not (with them, the
 # judge saw checkerboard fall to 0.66 instead of 0.86 of 0.96, at 50 images).
@@ -192,8 +193,6 @@ def evaluate_argv(run_dir: Path, recipe: dict, assets: Path, out: Path, numgen: 
 def prompt_attributes(prompt: str) -> dict:
     """What a world prompt asks for: ``subject`` (longest subject name in it, so "grumpy cat" beats "cat"),
     ``colour`` and ``style`` (a texture, else the plain-fill anchor)."""
-    import re
-
     words = prompt.lower()
     found = lambda names: [n for n in names if re.search(rf"\b{n}\b", words)]  # noqa: E731
     subjects, colours = found(SUBJECTS), found(COLOUR_NAMES)
