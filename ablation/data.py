@@ -6,8 +6,8 @@ Item layout of :class:`AblationDataset` (``torch.utils.data.default_collate`` ba
 * ``image``: float32 ``[3, size, size]`` in ``[-1, 1]`` (``x / 127.5 - 1``). Channels first, ready
   for the VAE; the reference returned HWC and permuted later.
 * ``mask``: float32 ``[1, size/f, size/f]`` with ``f = latent_factor`` (8 for SD): 1 where the
-  loss counts. All ones except after a zoom-out, where it covers the pasted image minus a
-  one-latent-pixel border. The reference returned ``[64, 64]``.
+  loss counts. All ones except after a zoom-out (scale < 0.6 size), where it covers the pasted
+  image minus a one-latent-pixel border. The reference returned ``[64, 64]``.
 * ``caption``: the prompt fed to the model being trained: the target prompt in ablation mode, the
   anchor prompt in regularization mode, with the zoom prefix when the augmentation adds one.
 * ``caption_anchor`` (ablation mode only): the unmodified anchor prompt, used for the model-based
@@ -144,13 +144,25 @@ def center_crop_square(image: Image.Image) -> Image.Image:
 
 
 def draw_zoom_scale(size: int, rng: random.Random) -> int:
-    """Zoom augmentation scale: with probability 2/3 uniform in ``[size//3, size]`` (zoom-out),
+    """Zoom augmentation scale: with probability 2/3 uniform in ``[size//3, size]`` (zoom-out side),
     else uniform in ``[int(1.2 size), int(1.4 size) - 1]`` (zoom-in); odd values rounded up to even."""
     if rng.randrange(3) < 2:
         scale = rng.randint(size // 3, size)
     else:
         scale = rng.randint(int(1.2 * size), int(1.4 * size) - 1)
     return scale + (scale % 2)
+
+
+def zoom_branch(scale: int, size: int) -> str:
+    """Which of the original's three branches a zoom scale takes (spec §3.4, ``finetune_data.py``):
+    ``"out"`` (pasted small, caption prefix) only below ``0.6 * size``; ``"in"`` (random crop, prefix)
+    above ``size``; ``"plain"`` (the full image, all-ones mask, no prefix) for every scale in between,
+    including ``[0.6 size, size)`` -- about 40% of augmented samples at size 512."""
+    if scale < 0.6 * size:
+        return "out"
+    if scale > size:
+        return "in"
+    return "plain"
 
 
 def _to_float(image: Image.Image) -> np.ndarray:
@@ -161,16 +173,19 @@ def transform_image(image: Image.Image, size: int, rng: random.Random, aug: bool
                     latent_factor: int = 8) -> tuple[np.ndarray, np.ndarray, str]:
     """Spec §3.4 image pipeline. Returns ``(image HWC float32 in [-1,1], mask [size/f, size/f] float32, prefix)``.
 
-    RGB, centre crop to a square, horizontal flip with probability ``flip_p``. Without ``aug`` (and
-    for an augmentation scale equal to ``size``): resize to ``size`` with LANCZOS (the reference used
-    bicubic; the maintainer recommends Lanczos, issue #13) and an all-ones mask. With ``aug``:
+    RGB, centre crop to a square, horizontal flip with probability ``flip_p``. With ``aug`` a scale is
+    drawn (:func:`draw_zoom_scale`) and, as in the original, one of three branches taken
+    (:func:`zoom_branch`):
 
-    * scale < size (zoom-out): bicubic resize to the scale and paste, centred at a random position
+    * scale < 0.6 size (zoom-out): bicubic resize to the scale and paste, centred at a random position
       that keeps it inside, on a canvas of zeros (grey in [-1,1]); the latent mask is 1 on
-      ``[(c - s/2)//f + 1 : (c + s/2)//f - 1]`` on both axes. The caption prefix "a far away " or
-      "very small " is returned only when scale < 0.6 size.
+      ``[(c - s/2)//f + 1 : (c + s/2)//f - 1]`` on both axes; prefix "a far away " or "very small ".
     * scale > size (zoom-in): bicubic resize to the scale, random ``size`` crop, all-ones mask,
       prefix "zoomed in " or "close up ".
+    * otherwise, i.e. every scale in ``[0.6 size, size]``: the plain full image, all-ones mask, no prefix.
+
+    The plain image (also without ``aug``) is resized to ``size`` with LANCZOS (the original used
+    bicubic; the maintainer recommends Lanczos, issue #13).
 
     For tiny test sizes the border rule can leave an empty mask (never for size 512, f = 8); the mask
     then falls back to the pasted region without the border, so the masked loss stays finite.
@@ -180,10 +195,9 @@ def transform_image(image: Image.Image, size: int, rng: random.Random, aug: bool
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     latent = size // latent_factor
     scale = draw_zoom_scale(size, rng) if aug else size
-    prefix = ""
-    if scale < size:
-        if scale < 0.6 * size:
-            prefix = zoom_prefix("out", rng)
+    branch = zoom_branch(scale, size)
+    if branch == "out":
+        prefix = zoom_prefix("out", rng)
         half = scale // 2
         cy = rng.randint(half, size - half)
         cx = rng.randint(half, size - half)
@@ -197,16 +211,16 @@ def transform_image(image: Image.Image, size: int, rng: random.Random, aug: bool
             mask[(cy - half) // latent_factor:-(-(cy + half) // latent_factor),
                  (cx - half) // latent_factor:-(-(cx + half) // latent_factor)] = 1.0
         return canvas, mask, prefix
-    if scale > size:
+    if branch == "in":
         prefix = zoom_prefix("in", rng)
         half = size // 2
         cy = rng.randint(half, scale - half)
         cx = rng.randint(half, scale - half)
         big = image.resize((scale, scale), resample=Image.Resampling.BICUBIC)
         array = _to_float(big.crop((cx - half, cy - half, cx + half, cy + half)))
-    else:
-        array = _to_float(image.resize((size, size), resample=Image.Resampling.LANCZOS))
-    return array, np.ones((latent, latent), dtype=np.float32), prefix
+        return array, np.ones((latent, latent), dtype=np.float32), prefix
+    array = _to_float(image.resize((size, size), resample=Image.Resampling.LANCZOS))
+    return array, np.ones((latent, latent), dtype=np.float32), ""
 
 
 # ----------------------------------------------------------------------------- datasets

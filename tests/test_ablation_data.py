@@ -213,9 +213,63 @@ def test_zoom_out(tmp_path, monkeypatch):
         cols = m.sum(0).nonzero().flatten().tolist()
         assert rows == list(range(y0 // 8 + 1, (y0 + 24) // 8 - 1))
         assert cols == list(range(x0 // 8 + 1, (x0 + 24) // 8 - 1))
-    _force_scale(monkeypatch, 50)  # in [0.6*size, size): pasted, masked, but no prefix
+    _force_scale(monkeypatch, 38)  # the largest even scale below 0.6*64 = 38.4 still pastes
     item = ds[0]
-    assert item["caption"] == "a grumpy cat" and item["mask"].sum() < 64
+    assert item["caption"].endswith(" a grumpy cat") and item["mask"].sum() < 64
+
+
+@pytest.mark.parametrize("scale", [40, 50, 64])
+def test_zoom_plain_branch(tmp_path, monkeypatch, scale):
+    # the original pastes only below 0.6*size; scales in [0.6*size, size] give the plain full image
+    paths = _make_images(tmp_path, n=1)
+    plain = D.AblationDataset(paths, ["a cat"], "object", "cat+grumpy cat", size=64, flip_p=0.0, seed=0)[0]
+    _force_scale(monkeypatch, scale)
+    ds = D.AblationDataset(paths, ["a cat"], "object", "cat+grumpy cat", size=64, aug=True, flip_p=0.0, seed=0)
+    item = ds[0]
+    assert item["caption"] == "a grumpy cat"  # no prefix
+    assert torch.all(item["mask"] == 1)
+    assert torch.equal(item["image"], plain["image"])
+
+
+def test_zoom_branch_rule():
+    assert [D.zoom_branch(s, 512) for s in (170, 306, 308, 400, 510, 512, 614, 716)] == \
+        ["out", "out", "plain", "plain", "plain", "plain", "in", "in"]
+
+
+def _branch_of(item, plain_image):
+    if item["caption"].startswith(("a far away ", "very small ")):
+        assert item["mask"].sum() < item["mask"].numel()
+        return "out"
+    if item["caption"].startswith(("zoomed in ", "close up ")):
+        assert torch.all(item["mask"] == 1)
+        return "in"
+    assert torch.all(item["mask"] == 1) and torch.equal(item["image"], plain_image)
+    return "plain"
+
+
+def test_zoom_branch_rates(tmp_path):
+    # size 512: raw scales 170..512 on the zoom-out side (343 values); 170..306 stay below 307.2 after
+    # rounding up to even, so P(out) = 2/3 * 137/343, P(plain) = 2/3 * 206/343 (about 40%), P(in) = 1/3
+    rng = random.Random(0)
+    n = 30000
+    counts = {"out": 0, "plain": 0, "in": 0}
+    for _ in range(n):
+        counts[D.zoom_branch(D.draw_zoom_scale(512, rng), 512)] += 1
+    expected = {"out": 2 / 3 * 137 / 343, "plain": 2 / 3 * 206 / 343, "in": 1 / 3}
+    assert expected["plain"] == pytest.approx(0.4004, abs=1e-4)
+    for k in counts:  # 4 standard errors
+        assert abs(counts[k] / n - expected[k]) < 4 * (expected[k] * (1 - expected[k]) / n) ** 0.5, (k, counts)
+    # the dataset at size 64 (raw 21..64: 44 values, 21..37 paste): the same rule end to end
+    paths = _make_images(tmp_path, n=1)
+    plain = D.AblationDataset(paths, ["a cat"], "object", "cat+grumpy cat", size=64, flip_p=0.0, seed=0)[0]["image"]
+    ds = D.AblationDataset(paths, ["a cat"], "object", "cat+grumpy cat", size=64, aug=True, flip_p=0.0, seed=3)
+    n = 2000
+    counts = {"out": 0, "plain": 0, "in": 0}
+    for _ in range(n):
+        counts[_branch_of(ds[0], plain)] += 1
+    expected = {"out": 2 / 3 * 17 / 44, "plain": 2 / 3 * 27 / 44, "in": 1 / 3}
+    for k in counts:
+        assert abs(counts[k] / n - expected[k]) < 4 * (expected[k] * (1 - expected[k]) / n) ** 0.5, (k, counts)
 
 
 def test_zoom_in(tmp_path, monkeypatch):
