@@ -12,9 +12,9 @@ Stage 1 (generation, skipped with ``--eval_stage``), for every checkpoint ``{run
   target and the anchor, ``numgen`` for each hard negative (memorization: the memorized caption only,
   ``4 * numgen`` images);
 * prompts: style concepts read ``assets/eval_prompts/{concept}_eval.txt`` (spaces and ``-`` -> ``_``);
-  object concepts read the ANCHOR's file with the anchor word replaced by the concept (whole-word,
-  case-insensitive replacement on the lower-cased prompt); the file is cycled line by line until the
-  wanted number of images (image ``i`` gets line ``i % n_lines``);
+  object concepts read the ANCHOR's file with the anchor word replaced by the concept exactly as the
+  original does (a plain substring replace: "robots" -> "r2d2s"; a warning names such lines); the file
+  is cycled line by line until the wanted number of images (image ``i`` gets line ``i % n_lines``);
 * ablated images (base + delta) in ``{run}/eval/{ckpt stem}-{concept}/`` and base-model images, made
   from the very same per-image prompt list and seeds, cached in ``{base_outpath}/base-{concept}/``
   (generated once, reused by every later run and checkpoint). DDIM ``--steps`` (50), ``--eta`` (1),
@@ -44,6 +44,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,21 +143,59 @@ def _cycle(lines: list[str], n: int) -> list[str]:
 
 
 def replace_word(prompt: str, old: str, new: str) -> str:
-    """``prompt`` lower-cased with every whole-word ``old`` replaced by ``new``."""
-    return re.sub(rf"(?<![0-9a-z]){re.escape(old.lower())}(?![0-9a-z])", lambda _: new, prompt.lower())
+    """The original's object-prompt rewrite (``compvis/evaluate.py`` ``load_data``, spec §8.2): the stripped
+    line with every occurrence of ``old`` replaced by ``new``. A plain, case-sensitive substring replace, kept
+    exactly so that the paper's own prompt files give the paper's prompts: "robots" becomes "r2d2s", "fishbowl"
+    becomes "nemobowl", and "Cat" is left as it is."""
+    return prompt.strip().replace(old, new)
+
+
+def _whole_word(word: str, flags: int = 0) -> re.Pattern:
+    return re.compile(rf"(?<![0-9A-Za-z]){re.escape(word)}(?![0-9A-Za-z])", flags)
+
+
+def odd_rewrites(lines: list[str], anchor: str) -> list[str]:
+    """The prompts the substring rewrite treats unlike a whole-word one, described with their numbers:
+    the anchor inside a longer word, the anchor only in another case (not replaced), or no anchor at all (the
+    line stays the anchor's prompt for every concept)."""
+    odd = []
+    for n, line in enumerate(lines, 1):
+        hits, words = line.count(anchor), len(_whole_word(anchor).findall(line))
+        if hits > words:
+            odd.append(f"prompt {n} {line!r}: {anchor!r} inside a longer word, replaced there too")
+        elif hits == 0 and _whole_word(anchor, re.IGNORECASE).search(line):
+            odd.append(f"prompt {n} {line!r}: {anchor!r} only in another case, not replaced")
+        elif hits == 0:
+            odd.append(f"prompt {n} {line!r}: no {anchor!r}, the prompt stays the same for every concept")
+    return odd
+
+
+def _eval_file(prompt_dir: Path, name: str, concept: str) -> list[str]:
+    path = prompt_dir / f"{name.replace(' ', '_').replace('-', '_')}_eval.txt"
+    if not path.is_file():
+        ours = sorted(p.name for p in prompt_dir.glob("*_eval.txt")) if prompt_dir.is_dir() else []
+        raise FileNotFoundError(
+            f"no evaluation prompts for {concept!r}: {path} not found. {prompt_dir} has "
+            f"{', '.join(ours) or 'no *_eval.txt files'}. Write your own file of prompts (one per line), or pass "
+            f"--eval_prompts <the original repository's assets/eval_prompts> to use the paper's")
+    return _read_lines(path)
 
 
 def concept_prompts(concept_type: str, concept: str, anchor: str, n: int, prompt_dir: Path) -> list[str]:
+    """``n`` prompts for ``concept`` (image ``i`` gets line ``i % n_lines``), as the original builds them:
+    style concepts read their own file unchanged; object concepts read the anchor's file with
+    :func:`replace_word`. Lines the rewrite treats oddly are named in one warning per file."""
     if concept_type == "style":
-        lines = _read_lines(prompt_dir / f"{concept.replace(' ', '_').replace('-', '_')}_eval.txt")
-        return _cycle([line.lower() for line in lines], n)
-    lines = _read_lines(prompt_dir / f"{anchor.replace(' ', '_').replace('-', '_')}_eval.txt")
-    rewritten = [replace_word(line, anchor, concept) for line in lines]
-    missing = [line for line in lines if replace_word(line, anchor, "\0") == line.lower()]
-    if missing and concept != anchor:
-        raise ValueError(f"{len(missing)} prompt(s) of the {anchor!r} eval file do not contain the word "
-                         f"{anchor!r}, e.g. {missing[0]!r}: they cannot be rewritten for {concept!r}")
-    return _cycle(rewritten, n)
+        return _cycle(_eval_file(prompt_dir, concept, concept), n)
+    lines = _eval_file(prompt_dir, anchor, concept)
+    odd = odd_rewrites(lines, anchor) if concept != anchor else []
+    if odd:
+        # the same text for every concept of the file, so Python shows it once
+        warnings.warn(f"{prompt_dir / (anchor.replace(' ', '_').replace('-', '_') + '_eval.txt')}: object prompts "
+                      f"are rewritten as in the original (plain substring replace of {anchor!r}); "
+                      f"{len(odd)} prompt(s) differ from a whole-word rewrite:\n  " + "\n  ".join(odd),
+                      stacklevel=2)
+    return _cycle([replace_word(line, anchor, concept) for line in lines], n)
 
 
 def load_eval_entry(eval_json: Path, concept_type: str, caption_target: str) -> dict:

@@ -70,7 +70,7 @@ def env(tmp_path_factory):
     (run / "checkpoints" / "notes.txt").write_text("not a checkpoint")
     prompts = d / "prompts"
     prompts.mkdir()
-    (prompts / "cat_eval.txt").write_text("a photo of a cat\nA Cat on a sofa\n\n")
+    (prompts / "cat_eval.txt").write_text("a photo of a cat\n a cat on a sofa \n\n")
     (prompts / "painting_eval.txt").write_text("")
     eval_json = d / "eval.json"
     eval_json.write_text(json.dumps({
@@ -93,7 +93,9 @@ def _argv(env, *extra, root=None, caption="grumpy cat", concept_type="object"):
 
 
 def test_prompts_and_names():
-    assert evaluate.replace_word("A Cat on a category", "cat", "grumpy cat") == "a grumpy cat on a category"
+    # the original's rewrite: strip, then a plain case-sensitive substring replace
+    assert evaluate.replace_word(" A Cat on a cat category ", "cat", "grumpy cat") == \
+        "A Cat on a grumpy cat grumpy category"
     assert evaluate.folder_name("C-3PO") == "c_3po"
     assert evaluate.folder_name("van gogh") == "van_gogh"
 
