@@ -33,7 +33,8 @@ baseline CLIP accuracy (memorization: rate) per concept.
 Differences from the reference (spec §13 item 10), on purpose: FID is reported beside KID; KID is a
 float, not a one-element list; ``prompts.json`` goes into the folder it describes; the output folder
 is created; the base folder holds the same prompts and seeds as the ablated one (the CompVis code made
-``4 * numgen`` base images for every concept); ``--filter`` matches delta checkpoints.
+``4 * numgen`` base images for every concept: ``--baseline_set paper``, folders ``base{4 numgen}-{concept}``
+for the hard negatives); ``--filter`` matches delta checkpoints.
 """
 from __future__ import annotations
 
@@ -87,6 +88,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--W", type=int, default=512)
     p.add_argument("--n_samples", type=int, default=10, help="generation batch size")
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast", help="autocast: fp16 on CUDA")
+    p.add_argument("--baseline_set", choices=["paired", "paper"], default="paired",
+                   help="the base-model images each concept is compared with (KID, FID, Baseline columns): "
+                        "paired = the ablated images' own prompts and seeds (numgen per hard negative); "
+                        "paper = the original's 4*numgen base images for every concept")
     return p
 
 
@@ -181,12 +186,12 @@ def _eval_file(prompt_dir: Path, name: str, concept: str) -> list[str]:
     return _read_lines(path)
 
 
-def concept_prompts(concept_type: str, concept: str, anchor: str, n: int, prompt_dir: Path) -> list[str]:
-    """``n`` prompts for ``concept`` (image ``i`` gets line ``i % n_lines``), as the original builds them:
-    style concepts read their own file unchanged; object concepts read the anchor's file with
-    :func:`replace_word`. Lines the rewrite treats oddly are named in one warning per file."""
+def concept_lines(concept_type: str, concept: str, anchor: str, prompt_dir: Path) -> list[str]:
+    """The prompt lines of ``concept``, as the original builds them: style concepts read their own file
+    unchanged; object concepts read the anchor's file with :func:`replace_word`. Lines the rewrite treats
+    oddly are named in one warning per file."""
     if concept_type == "style":
-        return _cycle(_eval_file(prompt_dir, concept, concept), n)
+        return _eval_file(prompt_dir, concept, concept)
     lines = _eval_file(prompt_dir, anchor, concept)
     odd = odd_rewrites(lines, anchor) if concept != anchor else []
     if odd:
@@ -194,8 +199,13 @@ def concept_prompts(concept_type: str, concept: str, anchor: str, n: int, prompt
         warnings.warn(f"{prompt_dir / (anchor.replace(' ', '_').replace('-', '_') + '_eval.txt')}: object prompts "
                       f"are rewritten as in the original (plain substring replace of {anchor!r}); "
                       f"{len(odd)} prompt(s) differ from a whole-word rewrite:\n  " + "\n  ".join(odd),
-                      stacklevel=2)
-    return _cycle([replace_word(line, anchor, concept) for line in lines], n)
+                      stacklevel=3)
+    return [replace_word(line, anchor, concept) for line in lines]
+
+
+def concept_prompts(concept_type: str, concept: str, anchor: str, n: int, prompt_dir: Path) -> list[str]:
+    """``n`` prompts for ``concept`` from :func:`concept_lines`: image ``i`` gets line ``i % n_lines``."""
+    return _cycle(concept_lines(concept_type, concept, anchor, prompt_dir), n)
 
 
 def load_eval_entry(eval_json: Path, concept_type: str, caption_target: str) -> dict:
@@ -344,8 +354,34 @@ def ablated_dir(ckpt: Checkpoint, concept: Concept) -> Path:
     return ckpt.run / "eval" / f"{ckpt.path.stem}-{folder_name(concept.name)}"
 
 
+def base_prompts(plan: Plan, concept: Concept) -> list[str]:
+    """The base model's prompts for ``concept`` (``--baseline_set``).
+
+    ``paired`` (default): the ablated folder's own prompt list, so base image ``i`` has the prompt and seed of
+    ablated image ``i``. ``paper``: the original's baseline, ``4 * numgen`` images for every concept with each
+    line repeated consecutively (its ``load_data``); for the target and the anchor that is the paired list
+    anyway (the original, too, sampled both from the same list and seed), for a hard negative a separate,
+    larger set whose first ``numgen`` images share their start noise (mostly not their prompts) with the
+    ablated ones.
+    """
+    n = 4 * plan.args.numgen
+    if plan.args.baseline_set == "paired" or plan.anchor is None or len(concept.prompts) == n:
+        return concept.prompts
+    cache = plan.extras.setdefault("base_prompts", {})
+    if concept.name not in cache:
+        with warnings.catch_warnings():  # already warned about these lines in setup()
+            warnings.simplefilter("ignore")
+            lines = concept_lines(plan.concept_type, concept.name, plan.anchor, Path(plan.args.eval_prompts))
+        cache[concept.name] = [lines[i * len(lines) // n] for i in range(n)]
+    return cache[concept.name]
+
+
 def base_dir(plan: Plan, concept: Concept) -> Path:
-    return Path(plan.args.base_outpath) / f"base-{folder_name(concept.name)}"
+    name = folder_name(concept.name)
+    prompts = base_prompts(plan, concept)
+    if prompts is concept.prompts:
+        return Path(plan.args.base_outpath) / f"base-{name}"
+    return Path(plan.args.base_outpath) / f"base{len(prompts)}-{name}"  # the --baseline_set paper set
 
 
 def _write_prompts_json(folder: Path, prompts: list[str]) -> None:
@@ -397,7 +433,7 @@ def generate_all(plan: Plan) -> None:
         from ablation.generate import write_text_atomic
 
         write_text_atomic(folder / BASE_META, json.dumps(ident, indent=1) + "\n")
-        _generate(base_factory, concept.prompts, folder, plan, f"base {concept.name}")
+        _generate(base_factory, base_prompts(plan, concept), folder, plan, f"base {concept.name}")
     for ckpt in plan.checkpoints:
         factory = functools.partial(load_model, ckpt.model_config, plan.args.base_ckpt, str(ckpt.path))
         for concept in plan.concepts:
@@ -460,7 +496,7 @@ def compute_metrics(plan: Plan) -> dict[str, dict[str, float]]:
 
     base = {}
     for c in plan.concepts:
-        base[c.name] = folder_stats(folder_images(base_dir(plan, c), len(c.prompts)), c.name)
+        base[c.name] = folder_stats(folder_images(base_dir(plan, c), len(base_prompts(plan, c))), c.name)
     results = {}
     for ckpt in plan.checkpoints:
         row = {}
