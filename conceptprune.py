@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from contextlib import nullcontext
 from pathlib import Path
+
+from ablation import cli
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
@@ -51,36 +52,40 @@ def _common(p: argparse.ArgumentParser, model: bool = True, sampling: bool = Tru
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config")
     p.add_argument("--outdir", default=None)
     if sampling:
-        p.add_argument("--H", type=int, default=512)
-        p.add_argument("--W", type=int, default=512)
-        p.add_argument("--steps", type=int, default=50, help="PLMS steps (S steps make S + 1 UNet calls)")
-        p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
-        p.add_argument("--seed", type=int, default=0, help="seed of the start noise of every generation")
+        p.add_argument("--H", type=cli.image_side, default=512)
+        p.add_argument("--W", type=cli.image_side, default=512)
+        p.add_argument("--steps", type=cli.positive_int, default=50,
+                       help="PLMS steps (S steps make S + 1 UNet calls)")
+        p.add_argument("--scale", type=cli.finite_float, default=7.5, help="classifier-free guidance scale")
+        p.add_argument("--seed", type=cli.nonnegative_int, default=0,
+                       help="seed of the start noise of every generation")
         p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
                        help="autocast: fp16 on CUDA (norms are accumulated in fp32 either way)")
-        p.add_argument("--batch_size", type=int, default=4,
+        p.add_argument("--batch_size", type=cli.positive_int, default=4,
                        help="prompts per UNet batch; every prompt gets the same seed-`seed` start noise")
         p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = cli.ArgumentParser(description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=cli.ArgumentParser)
     d = sub.add_parser("discover", help="record norms and compute per-(call, layer) skilled-weight masks")
     d.add_argument("--concept", required=True, help="built-in concept (prune/prompts.py) or a custom name")
     d.add_argument("--base_file", default=None, help="custom base prompts (with --target_file)")
     d.add_argument("--target_file", default=None,
                    help="custom target prompts, or the memorized prompts (.txt, or .jsonl with a caption field)")
-    d.add_argument("--skill_ratio", type=float, default=None, help="default: the concept family's (spec §9)")
-    d.add_argument("--save_images", type=int, default=5, help="base/target images to save (first pairs)")
+    d.add_argument("--skill_ratio", type=cli.finite_float, default=None,
+                   help="default: the concept family's (spec §9)")
+    d.add_argument("--save_images", type=cli.nonnegative_int, default=5,
+                   help="base/target images to save (first pairs)")
     _common(d)
     c = sub.add_parser("check", help="sample the target prompts with the per-call masks applied")
     c.add_argument("--masks", required=True)
-    c.add_argument("--n_prompts", type=int, default=None, help="only the first N target prompts")
+    c.add_argument("--n_prompts", type=cli.positive_int, default=None, help="only the first N target prompts")
     _common(c)
     r = sub.add_parser("prune", help="union over the first tau calls -> pruned delta checkpoint")
     r.add_argument("--masks", required=True, nargs="+", help="one mask file per concept")
-    r.add_argument("--tau", type=int, default=None, help="default: each concept family's tau")
+    r.add_argument("--tau", type=cli.positive_int, default=None, help="default: each concept family's tau")
     r.add_argument("--out", default=None, help="delta path (.ckpt/.safetensors); default {outdir}/delta_pruned.ckpt")
     _common(r, sampling=False)
     return p
@@ -97,9 +102,9 @@ def _model_config(args):
     if "model" not in config:
         raise ValueError(f"{args.config} has no 'model:' section")
     model_config = OmegaConf.to_container(config.model, resolve=True)
-    if args.delta_ckpt:
-        from ablation.delta import check_delta
-        check_delta(model_config, args.delta_ckpt)
+    from ablation.delta import check_checkpoints
+
+    check_checkpoints(model_config, args.ckpt, args.delta_ckpt)
     return model_config
 
 
@@ -149,14 +154,13 @@ def resolve(argv=None) -> dict:
         pairs = build_pairs(args.concept, args.base_file, args.target_file)
         skill_ratio = pairs.defaults[0] if args.skill_ratio is None else args.skill_ratio
         n_skilled(skill_ratio, 1)  # range check
-        if args.save_images < 0:
-            raise ValueError("--save_images must be >= 0")
         settings = {"sampler": "plms", "steps": args.steps, "scale": args.scale, "seed": args.seed,
                     "H": args.H, "W": args.W, "precision": args.precision, "negative_prompt": ""}
         identity = {"version": NORMS_VERSION, "base": pairs.base, "target": pairs.target, "settings": settings,
                     "ckpt": _file_identity(args.ckpt), "delta": _file_identity(args.delta_ckpt),
                     "config": sha256_json(model_config)}
-        outdir = Path(args.outdir or f"outputs/prune/{pairs.concept.replace(' ', '_')}")
+        outdir = cli.check_output(args.outdir or f"outputs/prune/{pairs.concept.replace(' ', '_')}", "--outdir",
+                                  kind="dir")
         plan.update(pairs=pairs, skill_ratio=skill_ratio, settings=settings, outdir=outdir,
                     norms_key=sha256_json(identity)[:16],
                     prompts_sha256=sha256_json({"base": pairs.base, "target": pairs.target}))
@@ -170,7 +174,7 @@ def resolve(argv=None) -> dict:
         prompts = meta["target_prompts"][: args.n_prompts] if args.n_prompts else meta["target_prompts"]
         if not prompts:
             raise ValueError("no target prompts to check")
-        outdir = Path(args.outdir) if args.outdir else Path(args.masks).parent
+        outdir = cli.check_output(args.outdir or Path(args.masks).parent, "--outdir", kind="dir")
         plan.update(masks=masks, meta=meta, prompts=prompts, outdir=outdir)
     else:  # prune
         shapes = _meta_shapes(model_config)
@@ -179,8 +183,6 @@ def resolve(argv=None) -> dict:
             masks, meta = load_masks(path)
             check_fit(meta, shapes, f"the model of {args.config}")
             tau = args.tau if args.tau is not None else int(meta.get("tau", 10))
-            if tau < 1:
-                raise ValueError(f"--tau must be >= 1, got {tau}")
             if tau > meta["n_calls"]:
                 raise ValueError(f"tau={tau} is beyond the {meta['n_calls']} UNet calls recorded in {path}")
             loaded.append((path, masks, meta, tau))
@@ -191,6 +193,13 @@ def resolve(argv=None) -> dict:
         out = Path(args.out) if args.out else Path(args.outdir or Path(args.masks[0]).parent) / "delta_pruned.ckpt"
         if out.suffix.lower() not in (".ckpt", ".safetensors", ".pt", ".pth"):
             raise ValueError(f"--out must end in .ckpt or .safetensors: {out}")
+        inputs = [args.ckpt, args.delta_ckpt, args.config, *args.masks]
+        outputs = {"--out": out, "its summary": out.with_name(out.stem + ".json")}
+        if out.parent.name == "checkpoints":
+            outputs["its run config"] = out.parent.parent / "configs" / f"{out.stem}-project.yaml"
+        for what, path in outputs.items():
+            cli.check_output(path, what if what == "--out" else f"{what} (from --out)", inputs=inputs)
+        cli.check_distinct_outputs(outputs)
         plan.update(loaded=loaded, out=out)
     return plan
 
@@ -379,9 +388,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        checked = resolve()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # CheckpointError/MaskError included
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    checked = cli.exit_on_usage_error(resolve)  # CheckpointError/MaskError included
     RUNNERS[checked["args"].command](checked)

@@ -25,10 +25,12 @@ Stage 2 (metrics), per concept ``t``: ``CLIP scores_{t}_{t}`` and ``CLIP accurac
 ablated folder, the same with a ``Baseline `` prefix on the base folder, ``KID_{t}`` and ``FID_{t}`` of
 the ablated vs the base folder's features (clean-fid Inception by default, or ``--feature_model``);
 memorization adds ``Memorization rate`` and ``Baseline memorization rate`` (SSCD cosine > 0.5 with
-``--mem_impath``). Rows are indexed ``{run name}_{ckpt stem}`` in a pandas DataFrame pickled to
-``--outpkl`` (loaded and updated when it exists; its folder is created), with a CSV and a JSON copy
-beside it, a table on stdout and a bar chart ``{outpkl stem}_{concept}.png`` of the ablated vs the
-baseline CLIP accuracy (memorization: rate) per concept.
+``--mem_impath``). Rows are indexed ``{run name}_{ckpt stem}`` in a table kept as JSON beside
+``--outpkl`` (``{outpkl stem}.json``: merged with new results when it exists; its folder is created),
+with a CSV copy, the pandas DataFrame pickled to ``--outpkl`` for the original's readers (written only:
+a pickle is never read back, since unpickling runs code), a table on stdout and a bar chart
+``{outpkl stem}_{concept}.png`` of the ablated vs the baseline CLIP accuracy (memorization: rate) per
+concept. Every output location is checked before any generation.
 
 Differences from the reference (spec §13 item 10), on purpose: FID is reported beside KID; KID is a
 float, not a one-element list; ``prompts.json`` goes into the folder it describes; the output folder
@@ -57,7 +59,9 @@ BASE_META = "base_model.json"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ablation import cli
+
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--root", required=True, help="a training run folder (with checkpoints/) or a folder of runs")
     p.add_argument("--filter", default="delta_step_*", help="glob for checkpoints under {run}/checkpoints/")
     p.add_argument("--concept_type", required=True, choices=["style", "object", "memorization"])
@@ -65,7 +69,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="a key of --eval_json (style/object) or the memorized caption (memorization)")
     p.add_argument("--eval_json", default=str(REPO / "assets/eval.json"))
     p.add_argument("--eval_prompts", default=str(PROMPT_DIR), help="folder of {name}_eval.txt prompt files")
-    p.add_argument("--numgen", type=int, default=50, help="images per hard negative; target and anchor get 4x")
+    p.add_argument("--numgen", type=cli.positive_int, default=50,
+                   help="images per hard negative (>= 2 with hard negatives: KID needs two); target and anchor "
+                        "get 4x")
     p.add_argument("--outpkl", default="metrics/evaluation.pkl")
     p.add_argument("--base_ckpt", default=str(REPO / "assets/pretrained_models/sd-v1-4.ckpt"))
     p.add_argument("--base_outpath", default=str(REPO / "assets/baseline_generation"),
@@ -77,16 +83,16 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature_model", default=None,
                    help="TorchScript feature extractor for KID/FID (default: clean-fid Inception); "
                         "a file named inception-2015-12-05.pt runs as clean-fid's Inception")
-    p.add_argument("--feature_size", type=int, default=299, help="input size of --feature_model")
+    p.add_argument("--feature_size", type=cli.positive_int, default=299, help="input size of --feature_model")
     p.add_argument("--sscd_ckpt", default=None, help="SSCD TorchScript model (memorization)")
     p.add_argument("--mem_impath", default=None, help="the memorized image (memorization)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=1.0)
-    p.add_argument("--scale", type=float, default=6.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--H", type=int, default=512)
-    p.add_argument("--W", type=int, default=512)
-    p.add_argument("--n_samples", type=int, default=10, help="generation batch size")
+    p.add_argument("--steps", type=cli.positive_int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=cli.nonnegative_float, default=1.0)
+    p.add_argument("--scale", type=cli.finite_float, default=6.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=42)
+    p.add_argument("--H", type=cli.image_side, default=512)
+    p.add_argument("--W", type=cli.image_side, default=512)
+    p.add_argument("--n_samples", type=cli.positive_int, default=10, help="generation batch size")
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast", help="autocast: fp16 on CUDA")
     p.add_argument("--baseline_set", choices=["paired", "paper"], default="paired",
                    help="the base-model images each concept is compared with (KID, FID, Baseline columns): "
@@ -211,7 +217,13 @@ def concept_prompts(concept_type: str, concept: str, anchor: str, n: int, prompt
 def load_eval_entry(eval_json: Path, concept_type: str, caption_target: str) -> dict:
     if not eval_json.is_file():
         raise FileNotFoundError(f"--eval_json not found: {eval_json}")
-    data = json.loads(eval_json.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(eval_json.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--eval_json {eval_json} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--eval_json {eval_json}: expected an object of sections (style, object, ...), "
+                         f"got a {type(data).__name__}")
     section = data.get(concept_type)
     if not isinstance(section, dict) or not section:
         raise ValueError(f"{eval_json} has no {concept_type!r} section (it has: {', '.join(sorted(data)) or 'none'})")
@@ -219,6 +231,9 @@ def load_eval_entry(eval_json: Path, concept_type: str, caption_target: str) -> 
         raise ValueError(f"--caption_target {caption_target!r} is not a {concept_type} entry of {eval_json}; "
                          f"known {concept_type} targets: {', '.join(repr(k) for k in sorted(section))}")
     entry = section[caption_target]
+    if not isinstance(entry, dict):
+        raise ValueError(f"{eval_json}: entry {caption_target!r} must be an object with 'target', 'anchor' and "
+                         f"'hard_negative', got a {type(entry).__name__}")
     for key in ("target", "anchor"):
         if not isinstance(entry.get(key), str) or not entry[key].strip():
             raise ValueError(f"{eval_json}: entry {caption_target!r} needs a non-empty {key!r}")
@@ -276,12 +291,10 @@ def setup(argv=None) -> Plan:
     """Parse and check everything that is cheap to check, before any model is built."""
     import importlib.util
 
-    from ablation.delta import check_delta, find_run_config
+    from ablation.cli import check_distinct_outputs, check_output
+    from ablation.delta import check_checkpoints, check_delta, find_run_config
 
     args = get_parser().parse_args(argv)
-    for name in ("numgen", "steps", "n_samples", "H", "W", "feature_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not args.caption_target.strip():
         raise ValueError("--caption_target is empty")
     prompt_dir = Path(args.eval_prompts)
@@ -312,6 +325,9 @@ def setup(argv=None) -> Plan:
                     for n, k in zip(names, counts)]
     for c in concepts:
         folder_name(c.name)
+        if len(c.prompts) < 2:
+            raise ValueError(f"--numgen {args.numgen} gives {c.name!r} {len(c.prompts)} image: KID needs at least 2 "
+                             f"per concept; use --numgen 2 or more")
 
     ckpt_paths = find_checkpoints(Path(args.root), args.filter)
     checkpoints = []
@@ -322,8 +338,26 @@ def setup(argv=None) -> Plan:
             check_delta(model_config, path)
         checkpoints.append(Checkpoint(path.parent.parent, path, model_config))
     base_config = _model_config(Path(args.config)) if args.config else checkpoints[0].model_config
-    if not args.eval_stage and not Path(args.base_ckpt).is_file():
-        raise FileNotFoundError(f"--base_ckpt not found: {args.base_ckpt}")
+    if not args.eval_stage:
+        if not Path(args.base_ckpt).is_file():
+            raise FileNotFoundError(f"--base_ckpt not found: {args.base_ckpt}")
+        check_checkpoints(base_config, args.base_ckpt)
+
+    # every output location, before any work (the pickle is written last, after hours of generation)
+    outpkl = Path(args.outpkl)
+    inputs = [args.base_ckpt, args.eval_json, args.mem_impath, args.config, *(c.path for c in checkpoints)]
+    outputs = {"--outpkl": outpkl, "its CSV": outpkl.with_suffix(".csv"), "its JSON": outpkl.with_suffix(".json"),
+               "the chart": chart_file(outpkl, args.caption_target)}
+    if outpkl.suffix.lower() in (".csv", ".json", ".png"):
+        raise ValueError(f"--outpkl {outpkl}: use a .pkl name; the CSV, JSON and chart are written beside it")
+    for what, path in outputs.items():
+        check_output(path, what if what == "--outpkl" else f"{what} (from --outpkl)", inputs=inputs)
+    check_distinct_outputs(outputs)
+    read_table(outpkl)  # an earlier table that cannot be merged fails now, not after the metrics
+    if not args.eval_stage:
+        check_output(args.base_outpath, "--base_outpath", kind="dir")
+        for run in dict.fromkeys(c.run for c in checkpoints):
+            check_output(run / "eval", f"the eval folder of run {run}", kind="dir")
 
     # metric models: fail now, not after hours of generation
     clip = args.clip_model
@@ -338,15 +372,20 @@ def setup(argv=None) -> Plan:
                           "TorchScript feature extractor>")
 
     devices = () if args.eval_stage else _devices(args.gpus)
-    if not args.eval_stage:
+    plan = Plan(args, args.concept_type, target, anchor, concepts, checkpoints, base_config, devices, outpkl)
+    if args.eval_stage:  # metrics only: every generation must be there now, not after CLIP has loaded
+        for c in concepts:
+            folder_images(base_dir(plan, c), len(base_prompts(plan, c)))
+            for ckpt in checkpoints:
+                folder_images(ablated_dir(ckpt, c), len(c.prompts))
+    else:
         from ablation.generate import validate_generation_args
 
         for c in concepts:
             validate_generation_args(c.prompts, steps=args.steps, eta=args.eta, scale=args.scale,
                                      batch_size=args.n_samples, height=args.H, width=args.W, seed=args.seed,
                                      devices=devices, precision=args.precision)
-    return Plan(args, args.concept_type, target, anchor, concepts, checkpoints, base_config, devices,
-                Path(args.outpkl))
+    return plan
 
 
 # ---------------------------------------------------------------------------------------- stage 1
@@ -448,11 +487,17 @@ def folder_images(folder: Path, expected: int | None = None) -> list[Path]:
     listing = folder / "images.txt"
     if not listing.is_file():
         raise FileNotFoundError(f"{listing} not found: generate first (run without --eval_stage)")
+    from ablation.generate import image_is_complete
+
     paths = [folder / line for line in read_text_lines(listing) if line.strip()]
     missing = [p for p in paths if not p.is_file()]
     if missing or not paths:
         raise FileNotFoundError(f"{folder}: {len(missing)} of {len(paths)} listed images missing"
                                 + (f", e.g. {missing[0]}" if missing else ""))
+    damaged = [p for p in paths if not image_is_complete(p)]
+    if damaged:
+        raise ValueError(f"{folder}: {len(damaged)} image(s) are truncated or not images, e.g. {damaged[0]}; "
+                         f"delete them and run without --eval_stage to regenerate them")
     if expected is not None and len(paths) != expected:
         raise ValueError(f"{folder} holds {len(paths)} images, expected {expected} (other --numgen?)")
     return paths
@@ -530,28 +575,60 @@ def plan_columns(plan: Plan) -> list[str]:
     return cols
 
 
+def read_table(outpkl: Path):
+    """The table of earlier evaluations: the JSON beside ``outpkl`` (``{expname: {column: value}}``).
+
+    The pickle is never read: unpickling a file runs whatever code it holds, and ``--outpkl`` may point
+    anywhere. The JSON is written together with it and is the source of truth; a pickle without its
+    JSON is refused rather than silently replaced."""
+    import pandas as pd
+
+    js = outpkl.with_suffix(".json")
+    if not js.is_file():
+        if outpkl.exists():
+            raise ValueError(f"{outpkl} exists without {js.name} beside it; it is not read (a pickle can run "
+                             f"code). Move it away, or restore {js.name}, to merge new results into the table")
+        return pd.DataFrame()
+    try:
+        rows = json.loads(js.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{js} (the results table of --outpkl) is not valid JSON: {e}") from None
+    if not isinstance(rows, dict) or not all(isinstance(r, dict) for r in rows.values()) or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for r in rows.values()
+            for v in r.values()):
+        raise ValueError(f"{js} is not a results table ({{expname: {{column: number}}}})")
+    df = pd.DataFrame.from_dict(rows, orient="index", dtype="float64")
+    return df if len(df.columns) else pd.DataFrame(index=list(rows))
+
+
 def update_table(outpkl: Path, results: dict[str, dict[str, float]]):
-    """Load ``outpkl`` if it exists, write/overwrite the cells of ``results``, save pkl + CSV + JSON."""
+    """Merge ``results`` into the table of ``outpkl`` (see :func:`read_table`), save JSON + CSV + pkl."""
     import pandas as pd
 
     outpkl.parent.mkdir(parents=True, exist_ok=True)
-    df = pd.read_pickle(outpkl) if outpkl.is_file() else pd.DataFrame()
+    df = read_table(outpkl)
     for expname, row in results.items():
         for col, value in row.items():
             if col not in df.columns:
                 df[col] = pd.Series(dtype="float64")
             df.loc[expname, col] = float(value)
     df.index.name = "expname"
+    from ablation.generate import write_text_atomic
+
+    write_text_atomic(outpkl.with_suffix(".json"), df.to_json(orient="index", indent=1) + "\n")
+    write_text_atomic(outpkl.with_suffix(".csv"), df.to_csv())
     tmp = outpkl.with_name(f".{outpkl.name}.tmp")
-    df.to_pickle(tmp)
+    df.to_pickle(tmp)  # for the original's readers (pd.read_pickle); never read back here
     tmp.replace(outpkl)
-    df.to_csv(outpkl.with_suffix(".csv"))
-    outpkl.with_suffix(".json").write_text(df.to_json(orient="index", indent=1) + "\n", encoding="utf-8")
     return df
 
 
+def chart_file(outpkl: Path, caption_target: str) -> Path:
+    return outpkl.with_name(f"{outpkl.stem}_{folder_name(caption_target)}.png")
+
+
 def chart_path(plan: Plan) -> Path:
-    return plan.outpkl.with_name(f"{plan.outpkl.stem}_{folder_name(plan.args.caption_target)}.png")
+    return chart_file(plan.outpkl, plan.args.caption_target)
 
 
 def plot_chart(plan: Plan, results: dict[str, dict[str, float]]) -> Path:
@@ -614,9 +691,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        checked = setup()
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:  # CheckpointError is a RuntimeError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    run(checked)
+    from ablation.cli import exit_on_usage_error
+
+    run(exit_on_usage_error(setup))

@@ -32,7 +32,9 @@ def str2bool(v: str) -> bool:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ablation import cli
+
+    p = cli.ArgumentParser(description=__doc__)
     p.add_argument("-t", "--train", action="store_true", help="train (without it: only prepare the data)")
     p.add_argument("--gpus", default=None, help="comma-separated CUDA device ids, e.g. 0,1 (DDP); omit for CPU")
     p.add_argument("--concept_type", required=True, choices=["style", "object", "memorization"])
@@ -57,19 +59,21 @@ def get_parser() -> argparse.ArgumentParser:
                    help="prompt file (one per line) whose predictions stay pinned to the base model's, weighted by "
                         "training.preservation_weight: an addition to the paper's method for neighbouring concepts "
                         "(not with the embedding group; no prompt may mention the target)")
-    p.add_argument("--train_size", type=int, default=1000, help="number of anchor images to generate")
-    p.add_argument("--train_max_steps", type=int, default=None)
-    p.add_argument("--base_lr", type=float, default=None)
+    p.add_argument("--train_size", type=cli.positive_int, default=1000, help="number of anchor images to generate")
+    p.add_argument("--train_max_steps", type=cli.positive_int, default=None)
+    p.add_argument("--base_lr", type=cli.positive_float, default=None)
     p.add_argument("--scale_lr", type=str2bool, default=True, help="lr = base_lr x n_gpus x batch_size")
-    p.add_argument("--batch_size", type=int, default=None, help="per GPU")
-    p.add_argument("--save_freq", type=int, default=None, help="delta checkpoint every N steps")
-    p.add_argument("--image_logging_freq", type=int, default=None, help="sample grids every N steps (0: off)")
+    p.add_argument("--batch_size", type=cli.positive_int, default=None, help="per GPU")
+    p.add_argument("--save_freq", type=cli.nonnegative_int, default=None, help="delta checkpoint every N steps")
+    p.add_argument("--image_logging_freq", type=cli.nonnegative_int, default=None,
+                   help="sample grids every N steps (0: off)")
     p.add_argument("--ckpt_format", default="ckpt", choices=["ckpt", "safetensors"])
     p.add_argument("--precision", default="32-true", help="Lightning training precision, e.g. 32-true, bf16-mixed")
     p.add_argument("-l", "--logdir", default="logs")
-    p.add_argument("-s", "--seed", type=int, default=23, help="training seed (generation uses the config's, 42)")
+    p.add_argument("-s", "--seed", type=cli.nonnegative_int, default=23,
+                   help="training seed (generation uses the config's, 42)")
     p.add_argument("--root", default="data", help="anchor images go to {root}/{prompts stem}_gen/")
-    p.add_argument("--n_samples", type=int, default=10, help="generation batch size")
+    p.add_argument("--n_samples", type=cli.positive_int, default=10, help="generation batch size")
     p.add_argument("--wandb_entity", default="", help="log to Weights & Biases (offline without a login)")
     return p
 
@@ -103,13 +107,15 @@ def check_inputs(args, config):
     """Every user error we can detect without building a model; returns (concepts, prompts, devices)."""
     import torch
 
-    from ablation.prompts import check_preserve_prompts, parse_caption_target, read_prompts
+    from ablation.cli import check_config_values, check_output
+    from ablation.prompts import check_anchor_words, check_preserve_prompts, parse_caption_target, read_prompts
 
+    check_config_values(config)  # overrides such as training.max_steps=abc or data.size=12
     concepts = parse_caption_target(args.concept_type, args.caption_target)
     prompts = read_prompts(args.prompts)
     tr = config.training
-    if args.train_size < 1:
-        raise ValueError(f"--train_size must be positive, got {args.train_size}")
+    if args.concept_type == "object":
+        check_anchor_words(concepts, prompts, f"--prompts {args.prompts}")
     if args.concept_type == "memorization":
         if not args.mem_impath:
             raise ValueError("memorization needs --mem_impath (the memorized image)")
@@ -135,25 +141,33 @@ def check_inputs(args, config):
                                f"--preserve_prompts {args.preserve_prompts}")
         if tr.get("preservation_weight", 1.0) <= 0:
             raise ValueError("training.preservation_weight must be positive with --preserve_prompts")
-    if tr.save_freq < 0 or tr.max_steps < 1:
-        raise ValueError("training.max_steps must be >= 1 and save_freq >= 0")
     if tr.loss_type_reverse not in ("model-based", "noise-based"):
         raise ValueError(f"loss_type_reverse must be model-based or noise-based, got {tr.loss_type_reverse!r}")
-    for what, path in (("base checkpoint (--resume-from-checkpoint-custom)", args.base_ckpt),
-                       ("--delta_ckpt", args.delta_ckpt)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{what} not found: {path}")
+    if tr.parameter_group not in ("cross-attn", "full-weight", "attn", "embedding"):
+        raise ValueError(f"parameter_group must be cross-attn, full-weight, attn or embedding, got "
+                         f"{tr.parameter_group!r}")
     if args.wandb_entity:
         import importlib.util
 
         if importlib.util.find_spec("wandb") is None:
             raise RuntimeError("--wandb_entity needs the wandb package: pip install wandb")
-    if args.delta_ckpt is not None:
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
-        from ablation.delta import check_delta
+    from ablation.delta import check_checkpoints
+    from ablation.generate import validate_generation_args
 
-        check_delta(OmegaConf.to_container(config.model, resolve=True), args.delta_ckpt)
+    gen = config.generation
+    validate_generation_args(["x"], steps=gen.steps, eta=gen.eta, scale=gen.scale, batch_size=args.n_samples,
+                             height=config.data.size, width=config.data.size, seed=gen.seed)
+    if args.concept_type == "memorization":
+        validate_generation_args(["x"], steps=gen.check_steps, eta=gen.eta, scale=gen.scale,
+                                 batch_size=args.n_samples, height=config.data.size, width=config.data.size,
+                                 seed=gen.seed)
+    if not Path(args.base_ckpt).is_file():
+        raise FileNotFoundError(f"base checkpoint (--resume-from-checkpoint-custom) not found: {args.base_ckpt}")
+    check_checkpoints(OmegaConf.to_container(config.model, resolve=True), args.base_ckpt, args.delta_ckpt)
+    check_output(args.root, "--root (anchor images)", kind="dir")
+    check_output(args.logdir, "--logdir", kind="dir")
     devices = ["cpu"]
     if args.gpus is not None:
         ids = [int(g) for g in str(args.gpus).replace(" ", "").strip(",").split(",") if g != ""]
@@ -240,6 +254,26 @@ def _read(path: Path) -> str:
         return ""
 
 
+def join_or_make_run_dir(logdir: Path, name: str, is_rank_zero: bool) -> Path:
+    """Rank 0 creates ``{logdir}/{timestamp}_{name}`` exclusively (a ``-2``, ``-3``, ... suffix when another run
+    took that name in the same second); Lightning's DDP launcher re-runs this script for ranks > 0, which
+    join rank 0's folder through the environment instead of making their own."""
+    if not is_rank_zero:
+        return logdir / os.environ["ABLATION_RUN_NAME"]
+    now = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    stem = f"{now}_{name}" if name else now
+    logdir.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        run_dir = logdir / (stem if k == 1 else f"{stem}-{k}")
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        os.environ["ABLATION_RUN_NAME"] = run_dir.name
+        return run_dir
+    raise RuntimeError(f"could not create a new run folder {stem}-N under {logdir}")
+
+
 # ----------------------------------------------------------------------------- main
 def setup(argv=None):
     """Parse and check everything cheap; raises ValueError / FileNotFoundError / RuntimeError."""
@@ -269,17 +303,7 @@ def run(args, config, concepts, prompts, devices, argv=None):
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     L.seed_everything(args.seed, workers=True)
     tr = config.training
-    # Lightning's DDP launcher re-runs this script for ranks > 0: they inherit the run name
-    # through the environment instead of making their own timestamped folder.
     is_rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
-    now = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    if is_rank_zero:
-        run_name = f"{now}_{args.name}" if args.name else now
-        os.environ["ABLATION_RUN_NAME"] = run_name
-    else:
-        run_name = os.environ["ABLATION_RUN_NAME"]
-    now = run_name[:19]
-    run_dir = Path(args.logdir) / run_name
     lf = latent_factor(config.model)
 
     model = load_model(OmegaConf.to_container(config.model, resolve=True), args.base_ckpt, args.delta_ckpt)
@@ -296,6 +320,8 @@ def run(args, config, concepts, prompts, devices, argv=None):
                              preserve_prompts=read_prompts(args.preserve_prompts) if args.preserve_prompts else None,
                              preservation_weight=tr.get("preservation_weight", 1.0))
     dataset, loader = build_loader(args, config, concepts, images_txt, caption_txt, lf)
+    run_dir = join_or_make_run_dir(Path(args.logdir), args.name, is_rank_zero)
+    run_name, now = run_dir.name, run_dir.name[:19]
     print(f"training {module.n_trainable():,} parameters ({tr.parameter_group}), lr {lr:.3g}, "
           f"{len(dataset)} images, {tr.max_steps} steps -> {run_dir}")
 
@@ -303,7 +329,7 @@ def run(args, config, concepts, prompts, devices, argv=None):
     config.run = {"argv": sys.argv[1:] if argv is None else list(argv), "learning_rate": lr,
                   "concepts": [f"{c.anchor}+{c.target}" if c.anchor else c.target for c in concepts]}
     if is_rank_zero:
-        (run_dir / "configs").mkdir(parents=True, exist_ok=True)
+        (run_dir / "configs").mkdir(exist_ok=True)
         OmegaConf.save(config, run_dir / "configs" / f"{now}-project.yaml")
 
     callbacks = [DeltaCheckpoint(run_dir / "checkpoints", tr.save_freq, args.ckpt_format,
@@ -331,9 +357,6 @@ def run(args, config, concepts, prompts, devices, argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        checked = setup()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    run(*checked)
+    from ablation.cli import exit_on_usage_error
+
+    run(*exit_on_usage_error(setup))  # bad input: one line and exit 2, before any work

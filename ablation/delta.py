@@ -7,13 +7,15 @@ but no ids is written into the *last* K rows, as the reference did.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Mapping
 
 import torch
 import torch.nn as nn
 
-from ldm.checkpoint import CheckpointError, load_model_from_config, load_state_dict, save_state_dict
+from ldm.checkpoint import (CheckpointError, load_into, load_model_from_config, load_state_dict, save_state_dict,
+                            state_dict_shapes)
 
 TOKEN_EMBEDDING = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 
@@ -57,17 +59,53 @@ def _raise_misfits(path, problems: list[str]):
         raise CheckpointError(f"delta {path} does not fit the base model:\n  " + "\n  ".join(problems[:10]))
 
 
-def check_delta(model_config: Mapping, path: str | Path) -> None:
-    """Raise :class:`CheckpointError` if the delta at ``path`` cannot apply to ``model_config``'s model.
+def _meta_model(model_config: Mapping) -> nn.Module:
+    from ldm.util import instantiate_from_config
+
+    with torch.device("meta"):
+        return instantiate_from_config(model_config)
+
+
+def check_delta(model_config: Mapping, path: str | Path, model: nn.Module | None = None) -> None:
+    """Raise :class:`CheckpointError` if the delta at ``path`` cannot apply to ``model_config``'s model,
+    or holds a NaN/inf (it would give black images).
 
     Cheap: the model is built on the meta device (no weights), so scripts call this before any work.
     """
-    from ldm.util import instantiate_from_config
-
     delta = load_state_dict(path)
-    with torch.device("meta"):
-        model = instantiate_from_config(model_config)
+    model = _meta_model(model_config) if model is None else model
     _raise_misfits(path, _misfits(model.state_dict(), delta))
+    bad = [k for k, v in delta.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"delta {path} holds NaN or inf values in {len(bad)} tensor(s), e.g. {bad[0]}; "
+                              f"it is broken (diverged training?) and would give black images")
+
+
+def check_base(model_config: Mapping, path: str | Path, model: nn.Module | None = None) -> None:
+    """Raise :class:`CheckpointError` unless the base checkpoint at ``path`` is safe to open and holds every
+    weight of ``model_config``'s model with the right shape. Reads the header / pickle only, no weights."""
+    shapes = state_dict_shapes(path)
+    model = _meta_model(model_config) if model is None else model
+    with warnings.catch_warnings():  # pre-hooks may fill buffers with real tensors: a no-op on meta
+        warnings.simplefilter("ignore", UserWarning)
+        report = load_into(model, shapes)  # meta into meta: key names and shapes only
+    if report.missing or report.mismatched:
+        raise CheckpointError(f"base checkpoint {path} does not fit the model config:\n{report}")
+
+
+def check_checkpoints(model_config: Mapping, base: str | Path | None, delta: str | Path | None = None) -> None:
+    """:func:`check_base` and :func:`check_delta` for the files a command loads (None: not given), with
+    one meta model between them. FileNotFoundError names a missing file."""
+    for what, path in (("base checkpoint", base), ("delta checkpoint", delta)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{what} not found: {path}")
+    if base is None and delta is None:
+        return
+    model = _meta_model(model_config)
+    if base is not None:
+        check_base(model_config, base, model)
+    if delta is not None:
+        check_delta(model_config, delta, model)
 
 
 def apply_delta(model: nn.Module, path: str | Path) -> list[str]:

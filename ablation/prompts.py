@@ -103,12 +103,38 @@ def check_preserve_prompts(keep: Sequence[str], parameter_group: str, concepts: 
         raise ValueError(f"{source}: {len(clash)} prompt(s) mention the target being ablated, e.g. {clash[0]!r}")
 
 
+def check_anchor_words(concepts: Sequence[Concept], prompts: Sequence[str], source: str = "anchor prompts") -> int:
+    """Object concepts rewrite each anchor prompt by replacing the anchor word (:func:`object_prompt`): raise
+    ``ValueError`` if a concept's anchor occurs in none of ``prompts`` (its ablation would train the anchor
+    prompts onto themselves, a no-op), and warn with the count when some prompts lack every anchor.
+    Returns the number of prompts that contain an anchor."""
+    import warnings
+
+    lowered = [p.lower() for p in prompts]
+    for c in concepts:
+        if c.anchor and c.anchor != MEMORIZATION_ANCHOR and not any(c.anchor.lower() in p for p in lowered):
+            raise ValueError(f"{source}: the anchor word {c.anchor!r} of '{c.anchor}+{c.target}' occurs in none of "
+                             f"its {len(prompts)} prompts, e.g. {prompts[0]!r}: no target prompt could be made and "
+                             f"nothing would be ablated")
+    hits = sum(any(c.anchor and c.anchor.lower() in p for c in concepts) for p in lowered)
+    if hits < len(prompts):
+        anchors = ", ".join(repr(c.anchor) for c in concepts)
+        warnings.warn(f"{source}: only {hits} of {len(prompts)} prompts contain the anchor word ({anchors}); the "
+                      f"others train the unchanged prompt onto itself", stacklevel=2)
+    return hits
+
+
 def read_prompts(path: str | PathLike) -> list[str]:
     """Non-empty, stripped lines of a prompt file. Duplicates are kept (the reference does too)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                         f"save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"prompt file has no non-empty lines: {path}")

@@ -11,6 +11,7 @@ loads (and a ``.ckpt`` that really is safetensors is read as safetensors).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import importlib
 import os
@@ -31,6 +32,7 @@ __all__ = [
     "LoadReport",
     "load_checkpoint",
     "load_state_dict",
+    "state_dict_shapes",
     "load_into",
     "save_state_dict",
     "skip_init",
@@ -93,14 +95,60 @@ def _numpy_safe_globals() -> list:
     # permits when the instance's concrete class (``numpy.dtypes.Float64DType`` etc.) is
     # allow-listed. Only plain numeric/bool dtypes: no object, string or void dtypes.
     entries += sorted({type(np.dtype(c)) for c in "?bhilqBHILQefdgFD"}, key=str)
+    # numeric arrays (object arrays stay refused: their dtype class is not listed above)
+    reconstruct = multiarray._reconstruct
+    entries += [(reconstruct, "numpy.core.multiarray._reconstruct"),
+                (reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray]
     return entries
 
 
+class ConfigStandIn:
+    """Inert stand-in for omegaconf's containers and nodes in pickled ``hyper_parameters``.
+
+    Lightning checkpoints of CompVis-style training store the run's ``DictConfig``. Unpickling the
+    real class would run omegaconf code on the file's data; instead every omegaconf name below
+    builds one of these (state lands in ``__dict__``), and :func:`_plain` turns the result into
+    plain dicts, lists and values after loading.
+    """
+
+
+_OMEGACONF_NAMES = tuple(f"omegaconf.{n}" for n in (
+    "dictconfig.DictConfig", "listconfig.ListConfig", "base.ContainerMetadata", "base.Metadata",
+    "nodes.AnyNode", "nodes.StringNode", "nodes.IntegerNode", "nodes.FloatNode", "nodes.BooleanNode",
+    "nodes.BytesNode", "nodes.PathNode"))
+
+
+def _plain(obj):
+    """``obj`` with every :class:`ConfigStandIn` replaced by the plain value it stood for."""
+    if isinstance(obj, ConfigStandIn):
+        state = obj.__dict__
+        if "_val" in state:  # a value node
+            return _plain(state["_val"])
+        content = state.get("_content")
+        return _plain(content) if isinstance(content, (dict, list)) else content
+    if type(obj) in (dict, collections.OrderedDict):  # references only: tensors are not copied
+        return type(obj)((k, _plain(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
 def _allowed_globals() -> list:
+    import pathlib
+    import typing
+
     entries: list = [(ModelCheckpointStandIn, name) for name in _LIGHTNING_CALLBACK_NAMES]
     # Lightning's ``save_hyperparameters`` may store an argparse Namespace; it has no
     # ``__setstate__``, so building one only fills its ``__dict__``.
     entries.append(argparse.Namespace)
+    entries += [(ConfigStandIn, name) for name in _OMEGACONF_NAMES]
+    # omegaconf metadata names types (typing.Any, dict, ...) and keeps a defaultdict cache; calling
+    # these builds plain containers only
+    entries += [(typing.Any, "typing.Any"), collections.defaultdict, dict, list, int, float, str, bool]
+    # paths come back as *pure* paths: no file-system method can be reached through them
+    for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+        pure = pathlib.PureWindowsPath if "Windows" in name else pathlib.PurePosixPath
+        entries += [(pure, f"pathlib.{name}"), (pure, f"pathlib._local.{name}")]
     entries += _numpy_safe_globals()
     return entries
 
@@ -185,9 +233,15 @@ def load_checkpoint(path: PathLike) -> dict:
         )
     try:
         with _safe_globals_scope():
-            # mmap keeps a 4 GB checkpoint out of RAM until tensors are touched; torch only
-            # supports it for the zip container.
-            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
+            if p.name.endswith(".safetensors"):
+                # torch.load reads any path named *.safetensors as safetensors: hand it the open
+                # file instead, so that the content decides (no mmap for a file object)
+                with open(p, "rb") as f:
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
+            else:
+                # mmap keeps a 4 GB checkpoint out of RAM until tensors are touched; torch only
+                # supports it for the zip container.
+                obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
     except pickle.UnpicklingError as e:
         name = _offending_global(str(e))
         what = f"the global {name!r}" if name else "a construct outside the allow-list"
@@ -203,7 +257,7 @@ def load_checkpoint(path: PathLike) -> dict:
         raise CheckpointError(f"could not read checkpoint {p}: {e}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict at the top level, got {type(obj).__name__}")
-    return obj
+    return _plain(obj)
 
 
 def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
@@ -219,6 +273,35 @@ def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         keys = ", ".join(map(repr, list(sd.keys())[:8]))
         raise CheckpointError(f"{path}: no tensors found (top-level keys: {keys or 'none'})")
     return tensors
+
+
+def state_dict_shapes(path: PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint as *meta* tensors (name, shape, dtype), without reading the weights.
+
+    safetensors: the header only. torch zip files: the pickle is read with the same restricted
+    unpickler as :func:`load_checkpoint` (so an unsafe file is refused here too) and the tensor data
+    stays memory-mapped, untouched. Cheap enough to vet a 4 GB base checkpoint before any work.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if _sniff_format(p) == "safetensors":
+        from safetensors import safe_open
+
+        dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                  "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                  "BOOL": torch.bool}
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                out = {}
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    out[k] = torch.empty(sl.get_shape(), dtype=dtypes.get(sl.get_dtype(), torch.float32),
+                                         device="meta")
+                return out
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"could not read safetensors file {p}: {e}") from e
+    return {k: torch.empty_like(v, device="meta") for k, v in load_state_dict(p).items()}
 
 
 # --------------------------------------------------------------------------- model loading

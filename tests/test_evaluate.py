@@ -138,8 +138,9 @@ def test_end_to_end_object(env, monkeypatch, capsys):
 
     monkeypatch.setattr("ablation.delta.load_model_from_config", no_model)
     mtimes = {p: p.stat().st_mtime_ns for p in (d / "baseline").rglob("*.png")}
-    stored.loc["other_run", "KID_cat"] = 1.0
-    stored.to_pickle(out / "evaluation.pkl")
+    table = json.loads((out / "evaluation.json").read_text())  # the JSON is the table, the pickle only a copy
+    table["other_run"] = {"KID_cat": 1.0}
+    (out / "evaluation.json").write_text(json.dumps(table))
     df2 = evaluate.main(_argv(env))
     assert {p: p.stat().st_mtime_ns for p in (d / "baseline").rglob("*.png")} == mtimes
     assert set(df2.index) == {expname, "other_run"}
@@ -190,9 +191,9 @@ def test_memorization(env, tmp_path):
     ({"--base_ckpt": "MISSING"}, FileNotFoundError, "--base_ckpt"),
     ({"--feature_model": "MISSING"}, FileNotFoundError, "--feature_model"),
     ({"--clip_model": "MISSING"}, FileNotFoundError, "--clip_model"),
-    ({"--numgen": "0"}, ValueError, "--numgen"),
     ({"--concept_type": "style", "--caption_target": "van gogh"}, FileNotFoundError, "van_gogh_eval.txt"),
     ({"--concept_type": "memorization"}, ValueError, "--mem_impath"),
+    ({"--numgen": "1"}, ValueError, "KID needs at least 2"),
 ])
 def test_clear_errors(env, change, exc, match):
     argv = _argv(env)

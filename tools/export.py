@@ -54,7 +54,9 @@ class ExportError(ValueError):
 # --------------------------------------------------------------------------- arguments
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ablation.cli import ArgumentParser
+
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="base checkpoint (.ckpt / .safetensors)")
     p.add_argument("--delta_ckpt", required=True, help="delta checkpoint to merge into --ckpt")
     p.add_argument("--out", required=True, help="merged checkpoint: .safetensors or .ckpt")
@@ -70,7 +72,8 @@ def resolve(args) -> tuple[dict, Path]:
     """Check everything cheap before loading weights. Returns (model config, config path)."""
     from omegaconf import OmegaConf
 
-    from ablation.delta import check_delta, find_run_config
+    from ablation.cli import check_output
+    from ablation.delta import check_checkpoints, find_run_config
 
     for what, path in (("--ckpt", args.ckpt), ("--delta_ckpt", args.delta_ckpt)):
         if not Path(path).is_file():
@@ -78,8 +81,6 @@ def resolve(args) -> tuple[dict, Path]:
     out = Path(args.out)
     if out.suffix.lower() not in SUFFIXES:
         raise ExportError(f"--out {out}: the suffix must be .safetensors or .ckpt")
-    if out.is_dir():
-        raise ExportError(f"--out {out} is a directory")
     config_path = Path(args.config) if args.config else (find_run_config(args.delta_ckpt) or DEFAULT_CONFIG)
     if not config_path.is_file():
         raise FileNotFoundError(f"config not found: {config_path}")
@@ -93,8 +94,10 @@ def resolve(args) -> tuple[dict, Path]:
         target = Path(args.diffusers)
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
             raise ExportError(f"--diffusers {target} exists and is not an empty directory")
+        check_output(target, "--diffusers", kind="dir")
         diffusers_configs(model_config)  # unsupported architectures fail here, before any work
-    check_delta(model_config, args.delta_ckpt)
+    check_output(out, "--out", inputs=[args.ckpt, args.delta_ckpt, config_path])
+    check_checkpoints(model_config, args.ckpt, args.delta_ckpt)
     return model_config, config_path
 
 
@@ -287,11 +290,15 @@ def _size(n_bytes: int) -> str:
 
 
 def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    return export(args, *resolve(args))
+
+
+def export(args, model_config: dict, config_path: Path) -> int:
+    """Merge and write (after :func:`resolve` checked the arguments)."""
     from ablation.delta import load_model
     from ldm.checkpoint import save_state_dict
 
-    args = get_parser().parse_args(argv)
-    model_config, config_path = resolve(args)
     print(f"config: {config_path}")
     model = load_model(model_config, args.ckpt, args.delta_ckpt, device="cpu")
 
@@ -315,13 +322,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (FileNotFoundError, ExportError) as e:
-        sys.exit(f"error: {e}")
-    except Exception as e:  # CheckpointError and friends: a one-line message, not a traceback
-        from ldm.checkpoint import CheckpointError
+    from ablation.cli import exit_on_usage_error
 
-        if isinstance(e, CheckpointError):
-            sys.exit(f"error: {e}")
-        raise
+    cli_args = get_parser().parse_args()
+    sys.exit(export(cli_args, *exit_on_usage_error(lambda: resolve(cli_args))))

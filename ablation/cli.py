@@ -1,0 +1,232 @@
+"""What every entry point checks before it does any work: numbers, output locations, config values.
+
+The scripts (``train.py``, ``sample.py``, ``evaluate.py``, ``conceptprune.py``, ``tools/export.py``)
+share these rules so that a class of bad input is refused the same way everywhere:
+
+* :class:`ArgumentParser` prints one ``error:`` line (no usage block) and exits with status 2;
+* the ``type=`` functions (:func:`positive_int`, :func:`finite_float`, :func:`image_side`, ...) refuse
+  non-numbers, NaN/inf and out-of-range values while the command line is parsed;
+* :func:`check_output` refuses an output that cannot be written (checked by creating and removing a
+  probe file in the nearest existing folder, which is what counts for root too) or that is one of
+  the command's inputs, before anything is generated or written;
+* :func:`check_config_values` applies the same rules to ``key.sub=value`` overrides of a training
+  config (``training.max_steps=abc``, ``data.size=12``, ``generation.steps=-1``).
+
+Everything here is cheap and loads no model.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+__all__ = ["ArgumentParser", "UsageError", "positive_int", "nonnegative_int", "finite_float", "nonnegative_float",
+           "positive_float", "unit_interval", "image_side", "check_output", "check_distinct_outputs",
+           "check_config_values", "exit_on_usage_error"]
+
+
+class UsageError(ValueError):
+    """A command-line value or an output location that cannot work; scripts print it and exit 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``prog: error: ...`` on stderr and exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# ---------------------------------------------------------------------------------------- numbers
+def _number(text: str, kind: Callable[[str], Any]):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _ranged(kind, test: Callable[[Any], bool], what: str, name: str):
+    def parse(text: str):
+        value = _number(text, kind)
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _ranged(int, lambda v: v >= 1, "an integer >= 1", "positive_int")
+nonnegative_int = _ranged(int, lambda v: v >= 0, "an integer >= 0", "nonnegative_int")
+finite_float = _ranged(float, lambda v: True, "a finite number", "finite_float")
+nonnegative_float = _ranged(float, lambda v: v >= 0, "a finite number >= 0", "nonnegative_float")
+positive_float = _ranged(float, lambda v: v > 0, "a finite number > 0", "positive_float")
+unit_interval = _ranged(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "unit_interval")
+# SD's VAE downsamples by 8: an image side must be a positive multiple of it
+image_side = _ranged(int, lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8", "image_side")
+
+
+def minimum_int(low: int) -> Callable[[str], int]:
+    """``type=`` for an integer >= ``low``."""
+    return _ranged(int, lambda v: v >= low, f"an integer >= {low}", f"int_ge_{low}")
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+def _probe_dir(folder: Path, what: str) -> None:
+    """Raise UsageError unless a file can be created in ``folder`` (an existing directory)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+    except OSError as e:
+        raise UsageError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_output(path: str | os.PathLike | None, what: str, *, kind: str = "file",
+                 inputs: Iterable[str | os.PathLike | None] = ()) -> Path | None:
+    """Refuse an output location before any work: ``kind`` "file" or "dir" (a folder the command writes in).
+
+    The nearest existing folder on the path must accept a new file (a probe file is created and removed;
+    nothing else is written, no folder is created), nothing on the path may be a file where a folder is
+    needed, and a file output may not be one of ``inputs`` (it would overwrite what it reads).
+    Returns ``path`` as a Path (None stays None).
+    """
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if str(path).strip() == "":
+        raise UsageError(f"{what} is empty")
+    if kind == "file":
+        if p.is_dir():
+            raise UsageError(f"{what} {p} is a directory, not a file")
+        for src in inputs:
+            if src is not None and _same_path(p, Path(src)):
+                raise UsageError(f"{what} {p} is also an input of this command ({src}); writing it would "
+                                 f"overwrite the input: choose another output path")
+    elif p.exists() and not p.is_dir():
+        raise UsageError(f"{what} {p} exists and is not a directory")
+    folder = p if (kind == "dir" and p.is_dir()) else p.parent
+    while not folder.exists():
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"{what} {p}: {folder} is a file, not a directory")
+    _probe_dir(folder, f"{what} {p}")
+    return p
+
+
+def check_distinct_outputs(outputs: Mapping[str, str | os.PathLike | None]) -> None:
+    """Refuse two outputs of one command that name the same file."""
+    named = [(what, Path(p)) for what, p in outputs.items() if p is not None]
+    for i, (wa, a) in enumerate(named):
+        for wb, b in named[i + 1:]:
+            if _same_path(a, b):
+                raise UsageError(f"{wa} and {wb} are the same path ({a})")
+
+
+# ---------------------------------------------------------------------------------------- configs
+def _int_rule(low: int, multiple: int = 1):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"an integer >= {low}" + (f" and a multiple of {multiple}" if multiple > 1 else "")
+        if v < low or v % multiple:
+            return f"an integer >= {low}" + (f" and a multiple of {multiple}" if multiple > 1 else "")
+        return None
+    return check
+
+
+def _float_rule(low: float | None = None, high: float | None = None, strict_low: bool = False):
+    def check(v):
+        want = "a finite number"
+        if low is not None:
+            want += f" {'>' if strict_low else '>='} {low:g}"
+        if high is not None:
+            want += f" and <= {high:g}"
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return want
+        if low is not None and (v <= low if strict_low else v < low):
+            return want
+        if high is not None and v > high:
+            return want
+        return None
+    return check
+
+
+# key -> rule; keys absent from a config are not checked (each concept type has its own set)
+CONFIG_RULES: dict[str, Callable[[Any], str | None]] = {
+    "training.max_steps": _int_rule(1),
+    "training.batch_size": _int_rule(1),
+    "training.save_freq": _int_rule(0),
+    "training.num_workers": _int_rule(0),
+    "training.base_learning_rate": _float_rule(0, strict_low=True),
+    "training.weight_decay": _float_rule(0),
+    "training.regularization_weight": _float_rule(0),
+    "training.preservation_weight": _float_rule(0, strict_low=True),
+    "data.size": _int_rule(8, multiple=8),
+    "data.flip_p": _float_rule(0, 1),
+    "generation.steps": _int_rule(1),
+    "generation.check_steps": _int_rule(1),
+    "generation.check_images_per_prompt": _int_rule(1),
+    "generation.anchor_size": _int_rule(1),
+    "generation.target_size": _int_rule(1),
+    "generation.eta": _float_rule(0),
+    "generation.scale": _float_rule(),
+    "generation.seed": _int_rule(0),
+    "generation.sscd_threshold": _float_rule(-1, 1),
+    "logging.image_every": _int_rule(0),
+    "logging.image_steps": _int_rule(1),
+}
+
+
+def check_config_values(config, rules: Mapping[str, Callable[[Any], str | None]] = CONFIG_RULES) -> None:
+    """Raise UsageError for the first config value that breaks its rule (``OmegaConf`` node or dict)."""
+    from omegaconf import OmegaConf
+
+    for key, rule in rules.items():
+        value = OmegaConf.select(config, key, default=None) if not isinstance(config, Mapping) else \
+            _select(config, key)
+        if value is None:
+            continue
+        want = rule(value)
+        if want:
+            raise UsageError(f"config value {key}={value!r}: must be {want}")
+
+
+def _select(d: Mapping, key: str):
+    for part in key.split("."):
+        if not isinstance(d, Mapping) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+# ---------------------------------------------------------------------------------------- scripts
+def exit_on_usage_error(fn: Callable[[], Any], errors: tuple[type[BaseException], ...] = ()) -> Any:
+    """Run a script's cheap setup ``fn``; a bad input becomes one ``error:`` line and exit status 2."""
+    # UsageError is a ValueError, CheckpointError a RuntimeError, a missing file an OSError
+    caught = (ValueError, OSError, RuntimeError, ImportError, *errors)
+    try:
+        return fn()
+    except caught as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
