@@ -194,6 +194,8 @@ def test_memorization(env, tmp_path):
     ({"--concept_type": "style", "--caption_target": "van gogh"}, FileNotFoundError, "van_gogh_eval.txt"),
     ({"--concept_type": "memorization"}, ValueError, "--mem_impath"),
     ({"--numgen": "1"}, ValueError, "KID needs at least 2"),
+    ({"--outpkl": "/proc/no-such-dir/evaluation.pkl"}, ValueError, "--outpkl.*cannot write"),
+    ({"--base_outpath": "/proc/no-such-dir/base"}, ValueError, "--base_outpath.*cannot write"),
 ])
 def test_clear_errors(env, change, exc, match):
     argv = _argv(env)
