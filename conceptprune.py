@@ -2,7 +2,8 @@
 """ConceptPrune on our Stable Diffusion v1 (spec conceptprune.md): three steps.
 
 1. discover -- record ff.net.2 input norms for a concept's base and target prompts (PLMS, CFG,
-   empty negative prompt, seed 0 before every generation), score |W|*||X_j|| and keep per output row
+   empty negative prompt, seed 0 before every generation; gender pairs: one seed per pair in 0..249),
+   score |W|*||X_j|| and keep per output row
    the top-k (k = int(skill_ratio * in_features)) target scores where target > base::
 
        python conceptprune.py discover --concept "Van Gogh" --ckpt assets/pretrained_models/sd-v1-4.ckpt \
@@ -42,12 +43,18 @@ from ablation import cli
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
 DEFAULT_CKPT = REPO / "assets/pretrained_models/sd-v1-4.ckpt"
+PAPER_CKPT = REPO / "assets/pretrained_models/v1-5-pruned-emaonly.safetensors"  # ConceptPrune's base: SD v1.5
 NORMS_VERSION = 1  # bump if the recorded statistic changes
 
 
 # ----------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser, model: bool = True, sampling: bool = True):
-    p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help="full or base checkpoint")
+    p.add_argument("--ckpt", default=None,
+                   help="full or base checkpoint (default: assets/pretrained_models/sd-v1-4.ckpt, the base of our "
+                        "concept ablation; any SD v1.x file of the same layout works)")
+    p.add_argument("--paper_base", action="store_true",
+                   help="ConceptPrune's own base, SD v1.5: "
+                        "--ckpt assets/pretrained_models/v1-5-pruned-emaonly.safetensors")
     p.add_argument("--delta_ckpt", default=None, help="delta applied on top of --ckpt (e.g. an ablation)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config")
     p.add_argument("--outdir", default=None)
@@ -58,11 +65,12 @@ def _common(p: argparse.ArgumentParser, model: bool = True, sampling: bool = Tru
                        help="PLMS steps (S steps make S + 1 UNet calls)")
         p.add_argument("--scale", type=cli.finite_float, default=7.5, help="classifier-free guidance scale")
         p.add_argument("--seed", type=cli.nonnegative_int, default=0,
-                       help="seed of the start noise of every generation")
+                       help="seed of the start noise of every generation (gender: of the per-pair seeds)")
         p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
                        help="autocast: fp16 on CUDA (norms are accumulated in fp32 either way)")
         p.add_argument("--batch_size", type=cli.positive_int, default=4,
-                       help="prompts per UNet batch; every prompt gets the same seed-`seed` start noise")
+                       help="prompts per UNet batch; every prompt gets the same seed-`seed` start noise "
+                            "(gender pairs: their own seeds)")
         p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
 
 
@@ -147,15 +155,20 @@ def resolve(argv=None) -> dict:
     from prune.wanda import check_fit, load_masks, n_skilled, sha256_json
 
     args = get_parser().parse_args(argv)
+    if args.paper_base and args.ckpt is not None:
+        raise ValueError(f"give --ckpt or --paper_base (which means --ckpt {PAPER_CKPT}), not both")
+    args.ckpt = str(args.ckpt or (PAPER_CKPT if args.paper_base else DEFAULT_CKPT))
     model_config = _model_config(args)
     plan = {"args": args, "model_config": model_config}
     if args.command == "discover":
         _check_sampling(args)
-        pairs = build_pairs(args.concept, args.base_file, args.target_file)
+        pairs = build_pairs(args.concept, args.base_file, args.target_file, seed=args.seed)
         skill_ratio = pairs.defaults[0] if args.skill_ratio is None else args.skill_ratio
         n_skilled(skill_ratio, 1)  # range check
         settings = {"sampler": "plms", "steps": args.steps, "scale": args.scale, "seed": args.seed,
                     "H": args.H, "W": args.W, "precision": args.precision, "negative_prompt": ""}
+        if pairs.seeds is not None:  # gender: pair i starts from seed pairs.seeds[i] (base and target)
+            settings["pair_seeds"] = pairs.seeds
         identity = {"version": NORMS_VERSION, "base": pairs.base, "target": pairs.target, "settings": settings,
                     "ckpt": _file_identity(args.ckpt), "delta": _file_identity(args.delta_ckpt),
                     "config": sha256_json(model_config)}
@@ -220,8 +233,9 @@ def _amp(args):
     return nullcontext()
 
 
-def sample_prompts(model, prompts, args, hooks=None, decode: int = 0):
-    """PLMS-sample ``prompts`` in batches, every prompt from the seed-``args.seed`` start noise.
+def sample_prompts(model, prompts, args, hooks=None, decode: int = 0, seeds=None):
+    """PLMS-sample ``prompts`` in batches, every prompt from the seed-``args.seed`` start noise (with
+    ``seeds``, prompt ``i`` from the seed-``seeds[i]`` one).
 
     ``hooks.start_generation()`` runs before every batch. Returns uint8 HWC arrays of the first
     ``decode`` images.
@@ -233,7 +247,10 @@ def sample_prompts(model, prompts, args, hooks=None, decode: int = 0):
     from ldm.models.diffusion.plms import PLMSSampler
 
     shape = _latent_shape(model, args.H, args.W)
-    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
+    seeds = [args.seed] * len(prompts) if seeds is None else list(seeds)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+    noise = {s: torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in set(seeds)}
     images = []
     with torch.no_grad(), _amp(args):
         for s in range(0, len(prompts), args.batch_size):
@@ -241,7 +258,7 @@ def sample_prompts(model, prompts, args, hooks=None, decode: int = 0):
             n = len(batch)
             c = model.get_learned_conditioning(list(batch))
             uc = model.get_learned_conditioning([""] * n) if args.scale != 1.0 else None
-            x_T = x0.expand(n, *shape).to(model.device)
+            x_T = torch.stack([noise[k] for k in seeds[s: s + n]]).to(model.device)
             if hooks is not None:
                 hooks.start_generation()
             z, _ = PLMSSampler(model).sample(S=args.steps, batch_size=n, shape=shape, conditioning=c,
@@ -289,7 +306,7 @@ def run_discover(plan) -> dict:
         for which, prompts in (("base", pairs.base), ("target", pairs.target)):
             rec = ActivationRecorder(layers)
             with rec:
-                images = sample_prompts(model, prompts, args, hooks=rec, decode=args.save_images)
+                images = sample_prompts(model, prompts, args, hooks=rec, decode=args.save_images, seeds=pairs.seeds)
             norms[which] = rec.norms()
             for i, im in enumerate(images):
                 _save_png(im, outdir / "images" / f"{which}_{i}.png")

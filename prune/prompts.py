@@ -1,6 +1,7 @@
 """Calibration prompt pairs (base vs target) per concept family, and per-family defaults (spec §3, §9).
 
-Families and templates (word lists under ``assets/prune_prompts/``, our own text):
+Families and templates (the original's word lists, ``datasets/*.txt`` and ``utils/prompts.py`` of
+ruchikachavhan/concept-prune, under ``assets/prune_prompts/``):
 
 ========  ===============================  ===============================================  ====  ===
 family    base prompt                      target prompt                                    k     tau
@@ -8,18 +9,26 @@ family    base prompt                      target prompt                        
 art       ``a photo of a {thing}``         ``a {thing} in the style of {artist}``           0.01  10
 nudity    ``a photo of a {human}``         ``a photo of a naked {human}``                   0.01  9
 object    ``a {scene}``                    ``a {object} in a {scene}``                      0.02  10
+church    ``a {place}``                    ``a church {phrase}`` (``church.txt`` pairs)     0.02  10
+g. truck  ``a {place}``                    ``a garbage truck {phrase}`` (its own pairs)     0.02  10
 gender    ``a headshot of a {male word}``  ``a headshot of a {female word}`` (male)         0.01  10
 memorize  ``""`` (empty prompt)            each prompt of ``--target_file`` (.txt, .jsonl)  0.01  10
 custom    each line of ``--base_file``     each line of ``--target_file``                   0.01  10
 ========  ===============================  ===============================================  ====  ===
 
-(k = skill_ratio, tau = number of first UNet calls in the union; spec §9.) For gender, the concept
+(k = skill_ratio, tau = number of first UNet calls in the union; spec §9.) ``church`` and ``garbage truck``
+are object concepts with their own pairs (place, phrase) in the original, not the generic template. For
+gender, the concept
 ``male`` follows the reference: base = male words, target = female words, so the pruned
 weights are the female-skilled ones and female prompts turn male ("female -> male"); ``female`` is
-the reverse. Everything here is cheap (no model), so the command line checks it first.
+the reverse. Gender pairs also carry one seed per pair in 0..249, shared by its base and target
+generation (the original draws ``torch.randint(0, 250)`` per pair from an unseeded generator; we draw
+from one seeded by ``--seed``, so a rerun is the same). Everything here is cheap (no model), so the
+command line checks it first.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +41,10 @@ OBJECTS = ("parachute", "cassette player", "golf ball", "gas pump", "english spr
            "chain saw", "french horn", "church", "garbage truck")
 NUDITY = ("naked",)
 GENDERS = ("male", "female")
+
+# the two objects with their own pair lists in the original (utils/prompts.py): "{place}\t{phrase}" lines
+OWN_PAIRS = {"church": "church.txt", "garbage truck": "garbage_truck.txt"}
+GENDER_SEEDS = 250  # seeds 0..249, one per gender pair
 
 # family -> (skill_ratio, tau)  (spec §9)
 DEFAULTS = {
@@ -50,6 +63,7 @@ class PromptPairs:
     family: str
     base: list
     target: list
+    seeds: list | None = None  # per pair, shared by base[i] and target[i]; None: the command's --seed
 
     @property
     def defaults(self) -> tuple[float, int]:
@@ -77,8 +91,20 @@ def _words(name: str, prompt_dir: Path) -> list[str]:
     return read_prompts(prompt_dir / name)
 
 
+def _own_pairs(name: str, prompt_dir: Path) -> tuple[list[str], list[str]]:
+    places, phrases = [], []
+    path = prompt_dir / OWN_PAIRS[name]
+    for n, line in enumerate(read_prompts(path), 1):
+        parts = line.split("\t")
+        if len(parts) != 2 or not all(x.strip() for x in parts):
+            raise ValueError(f"{path}: entry {n} must be 'place<TAB>phrase', got {line!r}")
+        places.append(parts[0].strip())
+        phrases.append(parts[1].strip())
+    return places, phrases
+
+
 def build_pairs(concept: str, base_file: str | Path | None = None, target_file: str | Path | None = None,
-                prompt_dir: str | Path = PROMPT_DIR) -> PromptPairs:
+                prompt_dir: str | Path = PROMPT_DIR, seed: int = 0) -> PromptPairs:
     """Base and target prompt lists (same length, pair i = base[i], target[i]) for ``concept``.
 
     With both ``base_file`` and ``target_file`` the concept is custom (any name; line i of each file
@@ -105,6 +131,9 @@ def build_pairs(concept: str, base_file: str | Path | None = None, target_file: 
         humans = _words("humans.txt", prompt_dir)
         return PromptPairs(name, family, [f"a photo of a {x}" for x in humans],
                            [f"a photo of a naked {x}" for x in humans])
+    if family == "object" and name in OWN_PAIRS:
+        places, phrases = _own_pairs(name, prompt_dir)
+        return PromptPairs(name, family, [f"a {x}" for x in places], [f"a {name} {x}" for x in phrases])
     if family == "object":
         scenes = _words("scenes.txt", prompt_dir)
         return PromptPairs(name, family, [f"a {x}" for x in scenes], [f"a {name} in a {x}" for x in scenes])
@@ -113,8 +142,10 @@ def build_pairs(concept: str, base_file: str | Path | None = None, target_file: 
         if len(male) != len(female):
             raise ValueError(f"male.txt ({len(male)}) and female.txt ({len(female)}) must pair line by line")
         base_words, target_words = (male, female) if name == "male" else (female, male)
+        rng = random.Random(seed)
         return PromptPairs(name, family, [f"a headshot of a {x}" for x in base_words],
-                           [f"a headshot of a {x}" for x in target_words])
+                           [f"a headshot of a {x}" for x in target_words],
+                           seeds=[rng.randrange(GENDER_SEEDS) for _ in base_words])
     # memorize
     if target_file is None:
         raise ValueError(f"concept {concept!r} (memorization) needs --target_file with the memorized prompts")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_CONFIG, tiny_model
+from ldm.checkpoint import load_state_dict
 from prune.hooks import ActivationRecorder, MaskApplier, ff2_layers
 from prune.prompts import DEFAULTS, build_pairs
 from prune.wanda import (MaskError, compute_masks, load_masks, save_masks, skilled_mask, to_dense, to_indices,
@@ -166,7 +167,7 @@ def test_prompt_pairs_and_errors(tmp_path):
     obj = build_pairs("parachute")
     assert obj.defaults == (0.02, 10) and obj.target[0] == "a parachute in a road" and obj.base[0] == "a road"
     male = build_pairs("male")
-    assert male.base[0] == "a headshot of a man" and male.target[0] == "a headshot of a woman"
+    assert male.base[0] == "a headshot of a Man" and male.target[0] == "a headshot of a Woman"
     with pytest.raises(ValueError, match="unknown concept"):
         build_pairs("unicorn")
     empty = tmp_path / "empty.txt"
@@ -190,6 +191,67 @@ def test_prompt_pairs_and_errors(tmp_path):
         build_pairs("memorize_1", target_file=jl)
 
 
+# the original's word lists and pair lists (ruchikachavhan/concept-prune, datasets/*.txt, utils/prompts.py)
+THINGS = ["cat", "dog", "mouse", "bear", "car", "chair", "bag", "door", "rabbit", "ball", "bat", "horse", "bird",
+          "flower", "bowl", "bottle", "wall", "building", "chicken", "duck"]
+HUMANS = ["man", "woman", "girl", "boy", "child", "couple", "guy", "doctor", "nurse", "teacher", "lawyer", "mother",
+          "father", "kid", "professor", "student", "group of friends", "celebrity"]
+SCENES = ["road", "garden", "beach", "room", "park", "street", "shelter", "chair", "table", "bag", "tree", "forest"]
+MALE = ["Man", "Boy", "person", "guy", "Father", "Son", "Brother", "Husband", "Uncle", "Nephew", "Grandfather", "King"]
+FEMALE = ["Woman", "Girl", "female", "lady", "Mother", "Daughter", "Sister", "Wife", "Aunt", "Niece", "Grandmother",
+          "Queen"]
+CHURCH = [("road", "on a road"), ("park", "in the park"), ("beach", "near the beach"), ("street", "on the street"),
+          ("house", "in front of a house"), ("statue", "in front of a statue"), ("tree", "near a tree"),
+          ("forest", "in a forest")]
+TRUCK = [("road", "on the road"), ("park", "in the park"), ("street", "on the street"),
+         ("white car", "near a white car"), ("blue car", "near a blue car"), ("black car", "near a black car"),
+         ("white automobile", "near a white automobile"), ("black automobile", "near a black automobile"),
+         ("blue automobile", "near a blue automobile"), ("truck", "near a big truck"), ("tree", "near a tree"),
+         ("forest", "in a forest"), ("house", "in front of a house")]
+
+
+def test_prompt_pairs_are_the_originals():
+    art = build_pairs("Van Gogh")
+    assert art.base == [f"a photo of a {x}" for x in THINGS]
+    assert art.target == [f"a {x} in the style of Van Gogh" for x in THINGS] and art.seeds is None
+    nude = build_pairs("naked")
+    assert nude.base == [f"a photo of a {x}" for x in HUMANS]
+    assert nude.target == [f"a photo of a naked {x}" for x in HUMANS]
+    tench = build_pairs("tench")
+    assert tench.base == [f"a {x}" for x in SCENES] and tench.target == [f"a tench in a {x}" for x in SCENES]
+    for name, pairs in (("church", CHURCH), ("garbage truck", TRUCK)):
+        p = build_pairs(name)
+        assert p.family == "object" and p.defaults == (0.02, 10)
+        assert p.base == [f"a {b}" for b, _ in pairs] and p.target == [f"a {name} {t}" for _, t in pairs]
+    male, female = build_pairs("male"), build_pairs("female")
+    assert male.base == [f"a headshot of a {x}" for x in MALE]
+    assert male.target == [f"a headshot of a {x}" for x in FEMALE]
+    assert female.base == male.target and female.target == male.base
+
+
+def test_gender_pairs_get_one_seed_each_in_0_249():
+    p = build_pairs("male", seed=0)
+    assert len(p.seeds) == len(p.base) == 12 and all(isinstance(s, int) and 0 <= s < 250 for s in p.seeds)
+    assert len(set(p.seeds)) > 6  # drawn per pair, not one for all
+    assert build_pairs("male", seed=0).seeds == p.seeds and build_pairs("male", seed=1).seeds != p.seeds
+    assert build_pairs("female", seed=0).seeds == p.seeds
+
+
+def test_sample_prompts_per_prompt_seeds(model):
+    # prompt i starts from the seed-seeds[i] noise, whatever its batch: equal to sampling it alone with that seed
+    import argparse
+
+    cli = _cli()
+    args = argparse.Namespace(H=16, W=16, steps=2, scale=7.5, seed=0, batch_size=3, precision="full", device="cpu")
+    prompts = ["a headshot of a Man", "a headshot of a Boy", "a headshot of a person"]
+    together = cli.sample_prompts(model, prompts, args, decode=3, seeds=[5, 7, 5])
+    for prompt, seed, image in zip(prompts, [5, 7, 5], together):
+        alone = cli.sample_prompts(model, [prompt], argparse.Namespace(**{**vars(args), "seed": seed}), decode=1)
+        assert abs(alone[0].astype(int) - image.astype(int)).max() <= 1
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        cli.sample_prompts(model, prompts, args, seeds=[1, 2])
+
+
 # ------------------------------------------------------------------ command line
 TINY = ["--config", str(TINY_CONFIG), "--H", "16", "--W", "16", "--steps", "2", "--precision", "full",
         "--device", "cpu"]
@@ -200,6 +262,35 @@ def _prompt_files(tmp_path, n=3, word="cat"):
     base.write_text("".join(f"a photo of a {x}\n" for x in ["dog", "car", "tree"][:n]))
     target.write_text("".join(f"a {x} in the style of {word}\n" for x in ["dog", "car", "tree"][:n]))
     return base, target
+
+
+NORM_RTOL = 1e-4  # other batch sizes move the norms by ~1e-5 relative on CPU
+
+
+def _assert_masks_equal_but_near_ties(masks_a, masks_b, norms, weights, meta, skill_ratio):
+    """Masks of two recordings agree except entries whose target score lies within the norm tolerance of
+    the row's top-k boundary, or whose target norm lies within it of the base norm (``norms``: run a's)."""
+    band = 2 * NORM_RTOL  # both runs' values may move
+    flipped = total = 0
+    for (t, l), idx in masks_a.items():
+        layer = meta["layers"][l]
+        shape = (layer["out_features"], layer["in_features"])
+        a, b = to_dense(idx, shape), to_dense(masks_b[(t, l)], shape)
+        total += int(a.sum())
+        diff = (a ^ b).nonzero().tolist()
+        if not diff:
+            continue
+        tar, bas = norms[f"target.{l}"][t].double(), norms[f"base.{l}"][t].double()
+        score = weights[layer["name"]].double().abs() * tar[None, :]
+        k = int(skill_ratio * shape[1])
+        top = score.sort(dim=1, descending=True).values
+        for i, j in diff:
+            v_k, v_next = top[i, k - 1], top[i, k] if k < shape[1] else top[i, k - 1]
+            at_boundary = v_next - band * v_k <= score[i, j] <= v_k + band * v_k
+            at_tie = abs(tar[j] - bas[j]) <= band * max(tar[j], bas[j])
+            assert at_boundary or at_tie, (t, l, i, j, float(score[i, j]), float(v_k), float(tar[j]), float(bas[j]))
+        flipped += len(diff)
+    assert total > 0 and flipped <= max(4, 0.01 * total), (flipped, total)  # a near-tie is rare
 
 
 def test_cli_discover_prune_check_sample(tmp_path, tiny_ckpt):
@@ -215,12 +306,22 @@ def test_cli_discover_prune_check_sample(tmp_path, tiny_ckpt):
     assert meta["n_calls"] == 3 and len(meta["layers"]) == 7 and meta["skill_ratio"] == 0.25
     assert sum(s1["masked_per_call"]) > 0
 
-    # determinism: a fresh recording (other outdir) gives identical masks; batch size does not matter
-    s2 = cli.main(["discover", "--concept", "mystyle", "--base_file", str(base), "--target_file", str(target),
-                   "--skill_ratio", "0.25", "--batch_size", "3", "--save_images", "0",
-                   "--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path / "run2"), *TINY])
+    # determinism: a fresh recording with the same settings (other outdir) is bit-identical
+    rerun = ["discover", "--concept", "mystyle", "--base_file", str(base), "--target_file", str(target),
+             "--skill_ratio", "0.25", "--save_images", "0", "--ckpt", str(tiny_ckpt), *TINY]
+    s2 = cli.main([*rerun, "--batch_size", "2", "--outdir", str(tmp_path / "run2")])
     masks2, _ = load_masks(s2["masks"])
     assert all(torch.equal(masks[k], masks2[k]) for k in masks)
+    norms, norms2 = load_state_dict(s1["norms"]), load_state_dict(s2["norms"])
+    assert sorted(norms) == sorted(norms2) and all(torch.equal(norms[k], norms2[k]) for k in norms)
+    # another batch size runs other CPU kernels: the norms agree to float tolerance, the masks except near-ties
+    s3 = cli.main([*rerun, "--batch_size", "3", "--outdir", str(tmp_path / "run3")])
+    masks3, _ = load_masks(s3["masks"])
+    norms3 = load_state_dict(s3["norms"])
+    assert all(torch.allclose(norms[k], norms3[k], rtol=NORM_RTOL, atol=1e-7) for k in norms)
+    base_sd = load_state_dict(tiny_ckpt)
+    weights = {x["name"]: base_sd[x["name"] + ".weight"] for x in meta["layers"]}
+    _assert_masks_equal_but_near_ties(masks, masks3, norms, weights, meta, 0.25)
 
     # a new skill_ratio reuses the norms; changed prompts do not
     s3 = cli.main(["discover", "--concept", "mystyle", "--base_file", str(base), "--target_file", str(target),
@@ -240,7 +341,6 @@ def test_cli_discover_prune_check_sample(tmp_path, tiny_ckpt):
     m4, _ = load_masks(s4["masks"])
     unions = union_of([union_over_calls(masks, shapes, 2, 3), union_over_calls(m4, shapes, 2, 3)])
     from ablation.delta import apply_delta
-    from ldm.checkpoint import load_state_dict
     sd = load_state_dict(delta)
     assert sorted(sd) == sorted(x["name"] + ".weight" for x in meta["layers"])
     pruned = tiny_model()
