@@ -404,7 +404,7 @@ def test_dataloader_workers_smoke(tmp_path):
 # ----------------------------------------------------------------------------- prompt files
 
 @pytest.mark.parametrize("name,minimum", [("cat.txt", 150), ("dog.txt", 150), ("fish.txt", 150), ("robot.txt", 150),
-                                          ("painting.txt", 150), ("people.txt", 150), ("orleans_mem.txt", 30)])
+                                          ("painting.txt", 150), ("people.txt", 150)])
 def test_prompt_files(name, minimum):
     lines = read_prompts(PROMPTS / name)
     assert len(set(lines)) >= minimum
@@ -420,5 +420,36 @@ def test_prompt_files(name, minimum):
         text = "\n".join(lines).lower()
         for artist in ("van gogh", "monet", "dali", "rutkowski", "vermeer"):
             assert artist not in text
-    if name == "orleans_mem.txt":
-        assert sum("orleans" in l.lower() for l in lines) == len(lines)
+
+
+# the paper's eight memorized images (compvis/scripts/memorization.sh, spec §1.2): our own paraphrase file for
+# each, the memorized caption (--caption_target) and the original's image it needs (--mem_impath)
+MEMORIZED = {
+    "orleans_mem.txt": ("New Orleans House Galaxy Case", "orleans.png", "orleans"),
+    "lukas_mem.txt": ("Portrait of Tiger in black and white by Lukas Holas", "lukas.png", "lukas holas"),
+    "vangoghcafe_mem.txt": ("VAN GOGH CAFE TERASSE copy.jpg", "vangoghcafe.png", "van gogh"),
+    "marvel_mem.txt": ("Captain Marvel Exclusive Ccxp Poster Released Online By Marvel", "marvel.png",
+                       "captain marvel"),
+    "bloodborne_mem.txt": ("Sony Boss Confirms Bloodborne Expansion is Coming", "bloodborne.png", "bloodborne"),
+    "longdark_mem.txt": ("<i>The Long Dark</i> Gets First Trailer, Steam Early Access", "longdark.png",
+                         "the long dark"),
+    "anne_mem.txt": ("Ann Graham Lotz", "anne.png", "graham lotz"),
+    "letterm_mem.txt": ("A painting with letter M written on it Canvas Wall Art Print", "letterm.png", "canvas"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MEMORIZED))
+def test_memorization_paraphrase_files(name):
+    caption, image, subject = MEMORIZED[name]
+    lines = read_prompts(PROMPTS / name)
+    # 30 distinct paraphrases, as the paper's files: 5 check images each, the 10 least memorizing become the
+    # anchors, the 3 most memorizing extra targets
+    assert len(lines) == len(set(lines)) == 30
+    assert all(subject in line.lower() for line in lines), subject
+    assert caption.lower() not in {line.lower() for line in lines}  # paraphrases, not the caption itself
+    assert parse_caption_target("memorization", caption)[0].target == caption
+    # the README says which caption and which image each file needs
+    readme = (ROOT / "README.md").read_text()
+    row = next((r for r in readme.splitlines() if r.startswith("|") and f"`{name}`" in r), None)
+    assert row is not None and caption in row and f"`{image}`" in row, name
+
