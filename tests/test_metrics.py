@@ -383,7 +383,7 @@ def _prompt_lines(name: str) -> list[str]:
 def test_eval_json_schema():
     data = _eval_json()
     assert set(data) <= {"style", "object", "memorization"} and {"style", "object"} <= set(data)
-    assert {"van gogh", "salvador dali", "claude monet", "greg rutkowski"} <= set(data["style"])
+    assert {"van gogh", "salvador dali", "monet", "greg rutkowski"} <= set(data["style"])
     assert {"grumpy cat", "snoopy", "nemo", "r2d2"} <= set(data["object"]) and len(data["object"]) >= 5
     for kind in ("style", "object"):
         for key, entry in data[kind].items():
@@ -412,6 +412,8 @@ def test_eval_prompt_files_have_ten_prompts():
             assert len(lines) == 10 and all(line.strip() for line in lines), name
             assert len(set(lines)) == 10, name
     for key, entry in data["object"].items():
+        if key == "kids":  # the paper's entry; we ship no kids_eval.txt (tests/test_protocol.py)
+            continue
         lines = _prompt_lines(entry["anchor"])
         assert len(lines) == 10 and all(line.strip() for line in lines), entry["anchor"]
         assert len(set(lines)) == 10, entry["anchor"]
