@@ -76,7 +76,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--base_ckpt", default=str(REPO / "assets/pretrained_models/sd-v1-4.ckpt"))
     p.add_argument("--base_outpath", default=str(REPO / "assets/baseline_generation"),
                    help="cache of the base model's generations")
-    p.add_argument("--gpus", default=None, help="comma-separated CUDA ids, one generation process each")
+    p.add_argument("--gpus", default=None, help=cli.GPUS_HELP)
     p.add_argument("--eval_stage", action="store_true", help="metrics only, on existing generations")
     p.add_argument("--config", default=None, help="model config (default: the run's saved config)")
     p.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="hub id or local CLIPModel dir")
@@ -243,17 +243,6 @@ def load_eval_entry(eval_json: Path, concept_type: str, caption_target: str) -> 
     return {"target": entry["target"], "anchor": entry["anchor"], "hard_negative": negs}
 
 
-def _devices(gpus: str | None) -> tuple[str, ...]:
-    import torch
-
-    if gpus is None:
-        return ("cuda",) if torch.cuda.is_available() else ("cpu",)
-    ids = [int(g) for g in gpus.split(",") if g.strip()]
-    if not torch.cuda.is_available() or not ids or max(ids) >= torch.cuda.device_count():
-        raise RuntimeError(f"--gpus {gpus}: {torch.cuda.device_count()} CUDA device(s) available")
-    return tuple(f"cuda:{i}" for i in ids)
-
-
 def _step_key(p: Path):
     nums = re.findall(r"\d+", p.stem)
     return (p.parent.parent.name, int(nums[-1]) if nums else -1, p.name)
@@ -291,7 +280,7 @@ def setup(argv=None) -> Plan:
     """Parse and check everything that is cheap to check, before any model is built."""
     import importlib.util
 
-    from ablation.cli import check_distinct_outputs, check_output
+    from ablation.cli import check_distinct_outputs, check_output, parse_devices
     from ablation.delta import check_checkpoints, check_delta, find_run_config
 
     args = get_parser().parse_args(argv)
@@ -371,7 +360,7 @@ def setup(argv=None) -> Plan:
                           "torchvision); install it, or pass --feature_model <inception-2015-12-05.pt or another "
                           "TorchScript feature extractor>")
 
-    devices = () if args.eval_stage else _devices(args.gpus)
+    devices = () if args.eval_stage else parse_devices(args.gpus)
     plan = Plan(args, args.concept_type, target, anchor, concepts, checkpoints, base_config, devices, outpkl)
     if args.eval_stage:  # metrics only: every generation must be there now, not after CLIP has loaded
         for c in concepts:

@@ -58,16 +58,15 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=cli.nonnegative_int, default=42)
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast", help="autocast: fp16 on CUDA")
     p.add_argument("--metadata", action="store_true", help="append images.txt / caption.txt in outdir")
-    p.add_argument("--gpus", default=None, help="comma-separated CUDA ids, one process each; omit for one device")
+    p.add_argument("--gpus", default=None, help=cli.GPUS_HELP)
     return p
 
 
 def resolve(argv=None):
     """Parse and check everything cheap. Returns (args, model_config, per-image prompts, outdir, devices)."""
-    import torch
     from omegaconf import OmegaConf
 
-    from ablation.cli import check_output
+    from ablation.cli import check_output, parse_devices
     from ablation.delta import check_checkpoints, find_run_config
     from ablation.generate import validate_generation_args
     from ablation.prompts import read_prompts
@@ -103,12 +102,7 @@ def resolve(argv=None):
         prompts = [args.prompt] * (args.n_copies if args.n_copies > 1 else args.n_samples)
     prompts = prompts * args.n_iter
 
-    devices = ("cuda",) if torch.cuda.is_available() else ("cpu",)
-    if args.gpus is not None:
-        ids = [int(g) for g in args.gpus.split(",") if g.strip()]
-        if not torch.cuda.is_available() or not ids or max(ids) >= torch.cuda.device_count():
-            raise RuntimeError(f"--gpus {args.gpus}: {torch.cuda.device_count()} CUDA device(s) available")
-        devices = tuple(f"cuda:{i}" for i in ids)
+    devices = parse_devices(args.gpus)
     if args.plms and args.ddim_eta != 0:
         print("note: PLMS is deterministic; --ddim_eta is ignored")
         args.ddim_eta = 0.0

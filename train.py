@@ -36,7 +36,12 @@ def get_parser() -> argparse.ArgumentParser:
 
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("-t", "--train", action="store_true", help="train (without it: only prepare the data)")
-    p.add_argument("--gpus", default=None, help="comma-separated CUDA device ids, e.g. 0,1 (DDP); omit for CPU")
+    p.add_argument("--gpus", default=None,
+                   help="CUDA device ids, e.g. 0,1 (DDP, one process each), or cpu:N for N CPU processes (DDP on "
+                        "gloo, the same code path); omit for one CPU process")
+    p.add_argument("--num_nodes", type=cli.positive_int, default=1,
+                   help="machines of a multi-node DDP job (Lightning; start one process per device on each node "
+                        "with torchrun or your cluster's launcher)")
     p.add_argument("--concept_type", required=True, choices=["style", "object", "memorization"])
     p.add_argument("--caption_target", required=True,
                    help='style: "van gogh"; object: "anchor+target" ("cat+grumpy cat"); memorization: the '
@@ -62,7 +67,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_size", type=cli.positive_int, default=1000, help="number of anchor images to generate")
     p.add_argument("--train_max_steps", type=cli.positive_int, default=None)
     p.add_argument("--base_lr", type=cli.positive_float, default=None)
-    p.add_argument("--scale_lr", type=str2bool, default=True, help="lr = base_lr x n_gpus x batch_size")
+    p.add_argument("--scale_lr", type=str2bool, default=True,
+                   help="lr = base_lr x processes (devices x nodes) x batch_size")
     p.add_argument("--batch_size", type=cli.positive_int, default=None, help="per GPU")
     p.add_argument("--save_freq", type=cli.nonnegative_int, default=None, help="delta checkpoint every N steps")
     p.add_argument("--image_logging_freq", type=cli.nonnegative_int, default=None,
@@ -168,15 +174,9 @@ def check_inputs(args, config):
     check_checkpoints(OmegaConf.to_container(config.model, resolve=True), args.base_ckpt, args.delta_ckpt)
     check_output(args.root, "--root (anchor images)", kind="dir")
     check_output(args.logdir, "--logdir", kind="dir")
-    devices = ["cpu"]
-    if args.gpus is not None:
-        ids = [int(g) for g in str(args.gpus).replace(" ", "").strip(",").split(",") if g != ""]
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--gpus {args.gpus} given but CUDA is not available on this machine")
-        if not ids or max(ids) >= torch.cuda.device_count():
-            raise RuntimeError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-        devices = [f"cuda:{i}" for i in ids]
-    return concepts, prompts, devices
+    from ablation.cli import parse_devices
+
+    return concepts, prompts, list(parse_devices(args.gpus, default="cpu"))
 
 
 # ----------------------------------------------------------------------------- model
@@ -210,14 +210,15 @@ def prepare_data(args, config, concepts, prompts, devices):
         return images_txt, caption_txt, concepts + extra
     per_image = [p for p in prompts for _ in range(args.train_size // len(prompts))]
     generate_images(factory, per_image, gen_folder, steps=gen.steps, eta=gen.eta, scale=gen.scale,
-                    batch_size=args.n_samples, height=size, width=size, seed=gen.seed, devices=tuple(devices))
+                    batch_size=args.n_samples, height=size, width=size, seed=gen.seed, devices=tuple(devices),
+                    sampler=gen.get("sampler", "ddim"))
     return gen_folder / "images.txt", gen_folder / "caption.txt", concepts
 
 
-def build_loader(args, config, concepts, images_txt, caption_txt, lf: int):
-    import torch
-
+def build_data(args, config, concepts, images_txt, caption_txt, lf: int):
+    """The training set and its Lightning data module (the loader is made per process, see AnchorData)."""
     from ablation.data import AblationDataset, PairedDataset, load_image_captions
+    from ablation.module import AnchorData
 
     images, captions = load_image_captions(images_txt, caption_txt)
     d = config.data
@@ -227,9 +228,7 @@ def build_loader(args, config, concepts, images_txt, caption_txt, lf: int):
     if args.regularization:
         reg = AblationDataset(images, captions, concepts=None, seed=args.seed + 1, **common)
         dataset, batch_size = PairedDataset(reg, dataset), batch_size // 2
-    workers = config.training.num_workers
-    return dataset, torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                                persistent_workers=workers > 0, drop_last=False)
+    return dataset, AnchorData(dataset, batch_size, config.training.num_workers, seed=args.seed)
 
 
 def make_logger(args, run_dir: Path, run_name: str):
@@ -303,7 +302,9 @@ def run(args, config, concepts, prompts, devices, argv=None):
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     L.seed_everything(args.seed, workers=True)
     tr = config.training
-    is_rank_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    from ablation.dist import is_rank_zero as rank_zero
+
+    is_rank_zero = rank_zero()
     lf = latent_factor(config.model)
 
     model = load_model(OmegaConf.to_container(config.model, resolve=True), args.base_ckpt, args.delta_ckpt)
@@ -311,19 +312,20 @@ def run(args, config, concepts, prompts, devices, argv=None):
     if tr.parameter_group == "embedding":
         tok = model.cond_stage_model.tokenizer
         embedding_ids = torch.tensor(sorted({i for c in concepts for i in tok.encode(c.target)}))
-    n_gpus = len(devices) if devices[0] != "cpu" else 1
-    lr = tr.base_learning_rate * (n_gpus * tr.batch_size if args.scale_lr else 1)
+    n_procs = len(devices) * args.num_nodes  # DDP: one process per device on every node
+    lr = tr.base_learning_rate * (n_procs * tr.batch_size if args.scale_lr else 1)
     module = ConceptAblation(model, tr.parameter_group, tr.loss_type_reverse, learning_rate=lr,
                              weight_decay=tr.weight_decay,
                              regularization_weight=tr.regularization_weight if args.regularization else 0.0,
                              embedding_ids=embedding_ids,
                              preserve_prompts=read_prompts(args.preserve_prompts) if args.preserve_prompts else None,
                              preservation_weight=tr.get("preservation_weight", 1.0))
-    dataset, loader = build_loader(args, config, concepts, images_txt, caption_txt, lf)
+    dataset, data = build_data(args, config, concepts, images_txt, caption_txt, lf)
     run_dir = join_or_make_run_dir(Path(args.logdir), args.name, is_rank_zero)
     run_name, now = run_dir.name, run_dir.name[:19]
-    print(f"training {module.n_trainable():,} parameters ({tr.parameter_group}), lr {lr:.3g}, "
-          f"{len(dataset)} images, {tr.max_steps} steps -> {run_dir}")
+    if is_rank_zero:
+        print(f"training {module.n_trainable():,} parameters ({tr.parameter_group}), lr {lr:.3g}, "
+              f"{len(dataset)} images, {n_procs} process(es), {tr.max_steps} steps -> {run_dir}")
 
     # the run's merged config, saved before training so that sample.py can find it
     config.run = {"argv": sys.argv[1:] if argv is None else list(argv), "learning_rate": lr,
@@ -346,13 +348,14 @@ def run(args, config, concepts, prompts, devices, argv=None):
     gpu = devices[0] != "cpu"
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu",
-        devices=[int(d.split(":")[1]) for d in devices] if gpu else 1,
-        strategy="ddp" if gpu and len(devices) > 1 else "auto",
+        devices=[int(d.split(":")[1]) for d in devices] if gpu else len(devices),
+        num_nodes=args.num_nodes, strategy="ddp" if n_procs > 1 else "auto", use_distributed_sampler=False,
         max_steps=tr.max_steps, precision=args.precision, logger=make_logger(args, run_dir, run_name),
         callbacks=callbacks, enable_checkpointing=False, log_every_n_steps=1, num_sanity_val_steps=0,
         limit_val_batches=0, default_root_dir=str(run_dir))
-    trainer.fit(module.train(), loader)
-    print(f"delta checkpoints: {', '.join(str(p) for p in callbacks[0].saved)}")
+    trainer.fit(module.train(), datamodule=data)
+    if is_rank_zero:
+        print(f"delta checkpoints: {', '.join(str(p) for p in callbacks[0].saved)}")
     return run_dir
 
 

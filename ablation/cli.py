@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-__all__ = ["ArgumentParser", "UsageError", "positive_int", "nonnegative_int", "finite_float", "nonnegative_float",
+__all__ = ["ArgumentParser", "UsageError", "parse_devices", "GPUS_HELP", "positive_int", "nonnegative_int", "finite_float", "nonnegative_float",
            "positive_float", "unit_interval", "image_side", "check_output", "check_distinct_outputs",
            "check_config_values", "exit_on_usage_error"]
 
@@ -79,6 +79,38 @@ image_side = _ranged(int, lambda v: v >= 8 and v % 8 == 0, "a positive multiple 
 def minimum_int(low: int) -> Callable[[str], int]:
     """``type=`` for an integer >= ``low``."""
     return _ranged(int, lambda v: v >= low, f"an integer >= {low}", f"int_ge_{low}")
+
+
+# ---------------------------------------------------------------------------------------- devices
+GPUS_HELP = ("devices, one process each: CUDA ids '0,1', or 'cpu:N' for N CPU processes (the same multi-process "
+             "code path, on gloo); default: one device (cuda if available, else cpu)")
+
+
+def parse_devices(spec: str | None, default: str | None = None) -> tuple[str, ...]:
+    """``--gpus``: ``"0,1"`` -> ``("cuda:0", "cuda:1")``, ``"cpu:2"`` -> ``("cpu", "cpu")``, ``"cpu"`` ->
+    ``("cpu",)``; None -> ``(default,)`` (default: cuda if available, else cpu). Raises UsageError."""
+    import torch
+
+    if spec is None:
+        return (default or ("cuda" if torch.cuda.is_available() else "cpu"),)
+    text = str(spec).replace(" ", "").strip(",")
+    if text == "cpu" or text.startswith("cpu:"):
+        n = text[4:] or "1"
+        if not n.isdigit() or int(n) < 1:
+            raise UsageError(f"--gpus {spec}: 'cpu:N' needs a process count N >= 1")
+        return ("cpu",) * int(n)
+    parts = text.split(",")
+    if not text or not all(p.isdigit() for p in parts):
+        raise UsageError(f"--gpus {spec}: expected CUDA ids such as 0,1 or cpu:N")
+    ids = [int(p) for p in parts]
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"--gpus {spec}: a device is listed twice")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--gpus {spec} given but CUDA is not available on this machine (use cpu:N for CPU "
+                         f"processes)")
+    if max(ids) >= torch.cuda.device_count():
+        raise UsageError(f"--gpus {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return tuple(f"cuda:{i}" for i in ids)
 
 
 # ---------------------------------------------------------------------------------------- outputs
@@ -192,6 +224,7 @@ CONFIG_RULES: dict[str, Callable[[Any], str | None]] = {
     "generation.eta": _float_rule(0),
     "generation.scale": _float_rule(),
     "generation.seed": _int_rule(0),
+    "generation.sampler": lambda v: None if v in ("ddim", "plms", "dpmpp_2m") else "one of ddim, plms, dpmpp_2m",
     "generation.sscd_threshold": _float_rule(-1, 1),
     "logging.image_every": _int_rule(0),
     "logging.image_steps": _int_rule(1),

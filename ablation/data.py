@@ -12,6 +12,10 @@ Item layout of :class:`AblationDataset` (``torch.utils.data.default_collate`` ba
   anchor prompt in regularization mode, with the zoom prefix when the augmentation adds one.
 * ``caption_anchor`` (ablation mode only): the unmodified anchor prompt, used for the model-based
   target prediction. The reference called this key ``caption_target``.
+* ``noise_seed``: an int64 drawn last from the item's generator; the training step seeds this item's
+  timestep and noise with it (the reference drew them from the process-wide generator, so its DDP
+  ranks, all seeded alike, noised their different images with the same draws). Training is thereby a
+  function of the items, not of how they are split into batches or processes.
 
 Randomness: every ``__getitem__`` builds its own ``random.Random`` from the string
 ``"{seed}|{role}|{stream}|{epoch}|{index}|{draw}"`` (string seeds are hashed with SHA-512 by
@@ -316,6 +320,7 @@ class AblationDataset(Dataset):
         }
         if self.concepts is not None:
             item["caption_anchor"] = anchor
+        item["noise_seed"] = rng.getrandbits(62)
         return item
 
 

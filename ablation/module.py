@@ -15,6 +15,11 @@ from ablation.params import install_sot_detach, optimizer_groups, select_trainab
 from ablation.prompts import check_preserve_prompts
 
 
+def _item_generators(seeds, stream: int) -> list[torch.Generator]:
+    """One CPU generator per item, for the item's ``stream``-th independent draw (see ``_random_t_noise``)."""
+    return [torch.Generator().manual_seed((int(s) + stream * 0x9E3779B97F4A7C15) % 2 ** 63) for s in seeds]
+
+
 class ConceptAblation(L.LightningModule):
     """Fine-tunes ``parameter_group`` of a ``LatentDiffusion`` so the target prompt behaves like the anchor.
 
@@ -67,7 +72,14 @@ class ConceptAblation(L.LightningModule):
     def _encode(self, batch: dict):
         m = self.model
         with torch.no_grad():
-            x0 = m.get_first_stage_encoding(m.encode_first_stage(batch["image"].to(self.device)))
+            posterior = m.encode_first_stage(batch["image"].to(self.device))
+            seeds = batch.get("noise_seed")
+            if seeds is not None and hasattr(posterior, "mean"):  # the latent sample, per item too
+                gens = _item_generators(seeds, stream=2)
+                eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in gens])
+                x0 = m.scale_factor * posterior.sample(noise=eps.to(posterior.mean))
+            else:
+                x0 = m.get_first_stage_encoding(posterior)
         # the text encoder is only differentiated through in the embedding group
         with torch.set_grad_enabled(self.parameter_group == "embedding" and torch.is_grad_enabled()):
             c = m.get_learned_conditioning(list(batch["caption"]))
@@ -77,9 +89,17 @@ class ConceptAblation(L.LightningModule):
                 c_anchor = m.get_learned_conditioning(list(batch["caption_anchor"]))
         return x0, c, c_anchor, batch["mask"].to(self.device, x0.dtype)
 
-    def _random_t_noise(self, x0):
-        t = torch.randint(0, self.model.num_timesteps, (x0.shape[0],), device=x0.device)
-        return t, torch.randn_like(x0)
+    def _random_t_noise(self, x0, seeds=None, stream: int = 0):
+        """Timesteps and noise per sample: from each item's ``noise_seed`` (``stream`` picks an independent draw
+        for the same item), so a batch split over processes draws what one process would; batches made by hand
+        without seeds use the global generator, as the reference did for all of them."""
+        if seeds is None:
+            t = torch.randint(0, self.model.num_timesteps, (x0.shape[0],), device=x0.device)
+            return t, torch.randn_like(x0)
+        gens = _item_generators(seeds, stream)
+        t = torch.cat([torch.randint(0, self.model.num_timesteps, (1,), generator=g) for g in gens])
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+        return t.to(x0.device), noise.to(x0.device, x0.dtype)
 
     def training_step(self, batch, batch_idx):
         if isinstance(batch, (list, tuple)):
@@ -87,20 +107,23 @@ class ConceptAblation(L.LightningModule):
         else:
             reg_batch, abl_batch = None, batch
         x0, c, c_anchor, mask = self._encode(abl_batch)
-        t, noise = self._random_t_noise(x0)
+        seeds = abl_batch.get("noise_seed")
+        t, noise = self._random_t_noise(x0, seeds)
         loss_abl = ablation_loss(self.model, x0, c, c_anchor, mask, t, noise, self.loss_type)
         loss = loss_abl
         logs = {"train/loss_ablation": loss_abl}
         if reg_batch is not None:
             rx0, rc, _, rmask = self._encode(reg_batch)
-            rt, rnoise = self._random_t_noise(rx0)
+            rt, rnoise = self._random_t_noise(rx0, reg_batch.get("noise_seed"))
             loss_reg = anchor_noise_loss(self.model, rx0, rc, rmask, rt, rnoise)
             loss = loss + self.regularization_weight * loss_reg
             logs["train/loss_regularization"] = loss_reg
         if self.preserve_prompts:
-            pick = torch.randint(len(self.preserve_prompts), (x0.shape[0],))
+            # a second, independent draw for the same items: which kept prompt, its timestep and noise
+            pt, pnoise = self._random_t_noise(x0, seeds, stream=1)
+            pick = torch.randint(len(self.preserve_prompts), (x0.shape[0],)) if seeds is None else torch.tensor(
+                [int(s) % len(self.preserve_prompts) for s in seeds])
             c_keep = self.keep_context[pick.to(self.keep_context.device)]
-            pt, pnoise = self._random_t_noise(x0)
             loss_keep = preservation_loss(self.model, x0, c_keep, mask, pt, pnoise, self.base_weights)
             loss = loss + self.preservation_weight * loss_keep
             logs["train/loss_preservation"] = loss_keep
@@ -117,6 +140,30 @@ class ConceptAblation(L.LightningModule):
     # Lightning checkpoints would hold the whole 4 GB model: deltas are written by DeltaCheckpoint instead.
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = self.state_dict_for_delta()
+
+
+class AnchorData(L.LightningDataModule):
+    """The training loader, made in every process once Lightning knows its rank.
+
+    Each epoch is one permutation of the items seeded by ``seed`` and the epoch (``DistributedSampler``,
+    also with one process), of which process ``r`` of ``n`` reads items ``r, r + n, ...``. So n processes
+    with batch B read, step by step, exactly the items one process with batch n * B reads, and with the
+    items' own noise seeds (``AblationDataset``) DDP's mean gradient is that process's (with
+    ``num_workers=0``: DataLoader workers draw augmentations from their own seeds). Run with
+    ``use_distributed_sampler=False``.
+    """
+
+    def __init__(self, dataset, batch_size: int, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.dataset, self.batch_size, self.num_workers, self.seed = dataset, batch_size, num_workers, seed
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        sampler = DistributedSampler(self.dataset, num_replicas=self.trainer.world_size,
+                                     rank=self.trainer.global_rank, shuffle=True, seed=self.seed)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, drop_last=False)
 
 
 class DeltaCheckpoint(L.Callback):

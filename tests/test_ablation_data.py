@@ -170,7 +170,12 @@ def test_dataset_shapes_and_plain_pipeline(tmp_path):
                            size=64, latent_factor=8, seed=0)
     assert len(ds) == 3
     item = ds[1]
-    assert set(item) == {"image", "mask", "caption", "caption_anchor"}
+    assert set(item) == {"image", "mask", "caption", "caption_anchor", "noise_seed"}
+    # the item's own noise seed: the same item (same seed, epoch, index and draw) gets the same one
+    again = D.AblationDataset(paths, ["a cat", "a cat on a bed", "A Cat"], "object", "cat+grumpy cat",
+                              size=64, latent_factor=8, seed=0)
+    assert again[1]["noise_seed"] == item["noise_seed"] != ds[2]["noise_seed"]
+    assert 0 <= item["noise_seed"] < 2 ** 62
     assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
     assert item["mask"].shape == (1, 8, 8) and item["mask"].dtype == torch.float32
     assert item["image"].min() >= -1 and item["image"].max() <= 1
