@@ -101,6 +101,18 @@ class DDIMSampler:
         timesteps = np.flip(self.ddim_timesteps)
         total = len(timesteps)
         self._reset()
+        self._noise = None
+        if isinstance(generator, (list, tuple)) and eta > 0 and all(g.device.type == "cpu" for g in generator):
+            # Per-image CPU generators: draw every step's noise now, in the order the steps would (so the
+            # values are the same), and move it in one copy; a per-step copy from pageable host memory makes
+            # the host wait for the GPU at every step.
+            noisy = [i for i in range(total) if self.ddim_sigmas[total - i - 1] > 0]
+            self._noise = {}
+            if noisy:
+                bank = torch.stack([randn(size, generator, "cpu") for _ in noisy])
+                if torch.device(device).type == "cuda":
+                    bank = bank.pin_memory().to(device, non_blocking=True)
+                self._noise = dict(zip(noisy, bank.to(device)))
         iterator = tqdm(timesteps, desc=f"{self.name} Sampler", total=total, disable=not progress,
                         leave=False, dynamic_ncols=True)
         for i, step in enumerate(iterator):
@@ -112,7 +124,8 @@ class DDIMSampler:
                 return guided_eps(self.model, x, tt, conditioning, unconditional_conditioning,
                                   unconditional_guidance_scale)
 
-            img, pred_x0 = self._step(eps, img, t, t_next, index, temperature, generator)
+            img, pred_x0 = self._step(eps, img, t, t_next, index, temperature,
+                                      generator if self._noise is None else self._noise.get(i))
             if callback is not None:
                 callback(i)
             if img_callback is not None:
@@ -130,8 +143,12 @@ class DDIMSampler:
         return float(self.ddim_alphas[index]), float(self.ddim_alphas_prev[index]), float(self.ddim_sigmas[index])
 
     def _step(self, eps, x, t, t_next, index, temperature, generator):
+        """``generator``: where this step's noise comes from, or the noise itself (drawn ahead)."""
         a_t, a_prev, sigma_t = self._coefficients(index)
         noise = None
         if sigma_t > 0:
-            noise = randn(x.shape, generator, x.device, x.dtype) * temperature
+            if isinstance(generator, torch.Tensor):
+                noise = generator.to(x.dtype) * temperature
+            else:
+                noise = randn(x.shape, generator, x.device, x.dtype) * temperature
         return ddim_step(x, eps(x, t), a_t, a_prev, sigma_t, noise)
