@@ -437,12 +437,14 @@ def _check_base_identity(folder: Path, ident: dict) -> None:
 
 
 def _generate(factory, prompts: list[str], outdir: Path, plan: Plan, desc: str) -> None:
+    from ablation.dist import local_devices
     from ablation.generate import GenerationPlanError, generate_images
 
     a = plan.args
     try:
         generate_images(factory, prompts, outdir, steps=a.steps, eta=a.eta, scale=a.scale, batch_size=a.n_samples,
-                        height=a.H, width=a.W, seed=a.seed, devices=plan.devices, precision=a.precision, desc=desc)
+                        height=a.H, width=a.W, seed=a.seed, devices=local_devices(plan.devices),
+                        precision=a.precision, desc=desc, shard=plan.extras.get("shard"))
     except GenerationPlanError as e:
         raise GenerationPlanError(f"{e} (evaluation settings such as --numgen, --steps, --H/--W or the prompts "
                                   f"changed since this folder was generated)") from e
@@ -660,7 +662,13 @@ def plot_chart(plan: Plan, results: dict[str, dict[str, float]]) -> Path:
 
 def run(plan: Plan):
     if not plan.args.eval_stage:
+        from ablation.dist import init_from_launcher
+
+        # torchrun & co.: every rank generates its share of each folder; rank 0 alone scores them
+        plan.extras["shard"] = init_from_launcher()
         generate_all(plan)
+        if plan.extras["shard"] is not None and plan.extras["shard"][0] != 0:
+            return None
     results = compute_metrics(plan)
     bad = [(e, c) for e, row in results.items() for c, v in row.items() if not math.isfinite(v)]
     if bad:

@@ -176,8 +176,10 @@ def hand_over(staged: list[Path], outdir: Path, journal: Path, metadata: list[st
 
 def run(args, model_config, prompts, outdir: Path, devices) -> list[Path]:
     from ablation.delta import load_model
+    from ablation.dist import init_from_launcher, local_devices
     from ablation.generate import generate_images
 
+    shard = init_from_launcher()  # torchrun & co.: every rank makes its share, rank 0 hands them over
     samples = outdir / "samples"
     # A staging folder named after the request: an interrupted call resumes where it stopped.
     request = {"prompts": prompts, "ckpt": str(Path(args.ckpt).resolve()), "seed": args.seed,
@@ -190,9 +192,12 @@ def run(args, model_config, prompts, outdir: Path, devices) -> list[Path]:
     if not journal.is_file():  # else a killed call was moving these images already: finish that
         factory = functools.partial(load_model, model_config, args.ckpt, args.delta_ckpt)
         generate_images(factory, prompts, staging, steps=args.ddim_steps, eta=args.ddim_eta, scale=args.scale,
-                        batch_size=args.n_samples, height=args.H, width=args.W, seed=args.seed, devices=devices,
-                        precision=args.precision, sampler="plms" if args.plms else "ddim",
-                        fixed_code=args.fixed_code, desc="sampling")
+                        batch_size=args.n_samples, height=args.H, width=args.W, seed=args.seed,
+                        devices=local_devices(devices), precision=args.precision,
+                        sampler="plms" if args.plms else "ddim", fixed_code=args.fixed_code, desc="sampling",
+                        shard=shard)
+    if shard is not None and shard[0] != 0:
+        return []
     staged = [staging / "samples" / f"{i:05}.png" for i in range(len(prompts))]
     written = [] if args.skip_save else hand_over(staged, outdir, journal, prompts if args.metadata else None)
     if not args.skip_grid:

@@ -186,10 +186,15 @@ def latent_factor(model_config) -> int:
 
 # ----------------------------------------------------------------------------- data
 def prepare_data(args, config, concepts, prompts, devices):
-    """Generate (or reuse) the anchor images; returns (images_txt, caption_txt, concepts)."""
+    """Generate (or reuse) the anchor images; returns (images_txt, caption_txt, concepts).
+
+    Under an external launcher (torchrun) every process runs this: the anchor images are shared out by
+    global rank; the memorization pipeline (paraphrase scoring, then anchors) runs on rank 0 while the
+    others wait for its result."""
     from omegaconf import OmegaConf
 
     from ablation.delta import load_model
+    from ablation.dist import broadcast_from_zero, init_from_launcher, local_devices
     from ablation.generate import generate_images
     from ablation.prompts import Concept
 
@@ -198,20 +203,27 @@ def prepare_data(args, config, concepts, prompts, devices):
     model_cfg = OmegaConf.to_container(config.model, resolve=True)
     factory = functools.partial(load_model, model_cfg, args.base_ckpt, args.delta_ckpt)
     size = config.data.size
+    shard = init_from_launcher()
     if args.concept_type == "memorization":
         from ablation.memorization import prepare_memorization_data
 
+        if shard is not None and shard[0] != 0:
+            images_txt, caption_txt, targets = broadcast_from_zero(None)
+            extra = [Concept("*", t) for t in targets if t not in {c.target for c in concepts}]
+            return images_txt, caption_txt, concepts + extra
         images_txt, caption_txt, targets = prepare_memorization_data(
             factory, args.sscd_ckpt, args.mem_impath, prompts, gen_folder, concepts[0].target, args.train_size,
             n_check=gen.check_images_per_prompt, check_steps=gen.check_steps, anchor_steps=gen.steps,
             anchor_size=gen.anchor_size, target_size=gen.target_size, threshold=gen.sscd_threshold,
             devices=tuple(devices), batch_size=args.n_samples, height=size, width=size, seed=gen.seed)
+        if shard is not None:
+            broadcast_from_zero((images_txt, caption_txt, targets))
         extra = [Concept("*", t) for t in targets if t not in {c.target for c in concepts}]
         return images_txt, caption_txt, concepts + extra
     per_image = [p for p in prompts for _ in range(args.train_size // len(prompts))]
     generate_images(factory, per_image, gen_folder, steps=gen.steps, eta=gen.eta, scale=gen.scale,
-                    batch_size=args.n_samples, height=size, width=size, seed=gen.seed, devices=tuple(devices),
-                    sampler=gen.get("sampler", "ddim"))
+                    batch_size=args.n_samples, height=size, width=size, seed=gen.seed,
+                    devices=local_devices(tuple(devices)), sampler=gen.get("sampler", "ddim"), shard=shard)
     return gen_folder / "images.txt", gen_folder / "caption.txt", concepts
 
 
@@ -256,9 +268,19 @@ def _read(path: Path) -> str:
 def join_or_make_run_dir(logdir: Path, name: str, is_rank_zero: bool) -> Path:
     """Rank 0 creates ``{logdir}/{timestamp}_{name}`` exclusively (a ``-2``, ``-3``, ... suffix when another run
     took that name in the same second); Lightning's DDP launcher re-runs this script for ranks > 0, which
-    join rank 0's folder through the environment instead of making their own."""
+    join rank 0's folder through the environment, and under an external launcher rank 0 broadcasts it."""
+    from ablation.dist import broadcast_from_zero, external_shard
+
+    if external_shard() is not None:  # torchrun & co. start every rank at once: rank 0 names the folder
+        name = broadcast_from_zero(_make_run_dir(logdir, name).name if is_rank_zero else None)
+        os.environ["ABLATION_RUN_NAME"] = name
+        return logdir / name
     if not is_rank_zero:
         return logdir / os.environ["ABLATION_RUN_NAME"]
+    return _make_run_dir(logdir, name)
+
+
+def _make_run_dir(logdir: Path, name: str) -> Path:
     now = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     stem = f"{now}_{name}" if name else now
     logdir.mkdir(parents=True, exist_ok=True)

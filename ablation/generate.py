@@ -293,7 +293,8 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
                     outdir: str | os.PathLike, *, steps: int = 200, eta: float = 1.0, scale: float = 6.0,
                     batch_size: int = 10, height: int = 512, width: int = 512, seed: int = 42,
                     devices: Sequence[str] | str = ("cpu",), precision: str = "autocast",
-                    sampler: str = "ddim", fixed_code: bool = False, desc: str = "generating") -> Path:
+                    sampler: str = "ddim", fixed_code: bool = False, desc: str = "generating",
+                    shard: tuple[int, int] | None = None) -> Path:
     """Generate one image per entry of ``prompts`` into ``outdir``; returns ``outdir`` as a Path.
 
     ``prompts`` is the full per-image list (repeat a prompt n times for n images).
@@ -306,6 +307,12 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     does not apply and is left out of the plan; e.g. 20 steps, a tenth of the paper's DDIM-200 UNet calls);
     ``fixed_code`` starts every image from the same noise (seeded ``seed``). See the module docstring for
     the folder layout, seeding and resume rules.
+
+    ``shard=(rank, world)``: one of ``world`` processes started by an external launcher (torchrun, a cluster's)
+    that all call this with the same arguments, in a process group joined with
+    ``ablation.dist.init_from_launcher``. Batch ``k`` is made by rank ``k % world`` only (on this process's
+    ``devices``), every rank waits for the others, rank 0 writes ``images.txt``/``caption.txt``, and all
+    return once they exist: each image is made exactly once, seeded by its index as always.
     """
     prompts, devices = validate_generation_args(prompts, steps=steps, eta=eta, scale=scale, batch_size=batch_size,
                                                 height=height, width=width, seed=seed, devices=devices,
@@ -347,9 +354,12 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     size = (width, height)
     done_lists = (images_txt.exists() and caption_txt.exists() and read_text_lines(images_txt) == names)
     pending = _pending_batches(samples, len(prompts), batch_size, size)
-    if done_lists and not pending:
+    if done_lists and not pending and shard is None:  # (sharded: every rank still joins the barriers below)
         print(f"{outdir}: all {len(prompts)} images already generated; nothing to do")
         return outdir
+    if shard is not None:
+        rank, world = shard
+        pending = [(k, todo) for k, todo in pending if k % world == rank]
 
     if pending and len(devices) > 1:
         try:
@@ -361,12 +371,15 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     samples.mkdir(parents=True, exist_ok=True)
     write_text_atomic(plan_file, json.dumps(plan, indent=1) + "\n")
     for stale in samples.glob(".*.tmp"):  # leftovers of a killed run (never a finished image)
-        stale.unlink(missing_ok=True)
+        owner = int(stale.name[1:6]) // batch_size % shard[1] if shard and stale.name[1:6].isdigit() else None
+        if shard is None or owner == shard[0]:  # other ranks may be writing theirs right now
+            stale.unlink(missing_ok=True)
 
     if pending:
         n_todo = sum(len(t) for _, t in pending)
         print(f"{outdir}: generating {n_todo} of {len(prompts)} images "
-              f"({len(pending)} batches of <= {batch_size}) on {', '.join(devices)}")
+              f"({len(pending)} batches of <= {batch_size}) on {', '.join(devices)}"
+              + (f" (rank {shard[0]} of {shard[1]})" if shard else ""))
         all_batches = _batches(len(prompts), batch_size)
         # (k, indices of the whole batch, indices to write); batch k goes to rank k % n.
         jobs = [(k, all_batches[k], todo) for k, todo in pending]
@@ -393,10 +406,17 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
                                               {"model_factory": model_factory, "kwargs": kwargs}, desc),
                                nprocs=len(active), join=True, start_method="spawn")
 
+    if shard is not None:
+        from ablation.dist import barrier
+
+        barrier()  # every rank's share is written
     missing = [n for n in names if not image_is_complete(outdir / n, size)]
     if missing:
         raise RuntimeError(f"{len(missing)} images still missing after generation, e.g. {outdir / missing[0]}")
-    write_text_atomic(caption_txt, "".join(p + "\n" for p in prompts))
-    write_text_atomic(images_txt, "".join(n + "\n" for n in names))
+    if shard is None or shard[0] == 0:
+        write_text_atomic(caption_txt, "".join(p + "\n" for p in prompts))
+        write_text_atomic(images_txt, "".join(n + "\n" for n in names))
+    if shard is not None:
+        barrier()  # the lists exist for every rank that reads them next
     return outdir
 
