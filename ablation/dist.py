@@ -74,4 +74,6 @@ def local_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
     an external launcher that starts one process per device, ``devices[LOCAL_RANK]``."""
     if external_shard() is None:
         return tuple(devices)
-    return (devices[int(os.environ.get("LOCAL_RANK", "0")) % len(devices)],)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = devices[local % len(devices)]
+    return (f"cuda:{local}" if device == "cuda" else device,)  # the default device: this rank's own GPU
