@@ -159,8 +159,9 @@ def train_argv(name: str, recipe: dict, assets: Path, out: Path, train_size: int
 def prune_run(name: str, assets: Path, out: Path, skill_ratio: float = PRUNE_SKILL_RATIO,
               tau: int = PRUNE_TAU) -> Path:
     """ConceptPrune for recipe ``name``: discover + prune into ``{out}/logs/toy_prune_{name}/checkpoints/``."""
-    import conceptprune
+    from ablation.commands import script
 
+    conceptprune = script("conceptprune")
     p, spec = _paths(assets), PRUNE[name]
     run_dir = out / "logs" / f"toy_prune_{name}"
     model = ["--ckpt", str(p["weights"]), "--config", str(p["config"])]
@@ -297,9 +298,10 @@ def image_grid(rows: list[tuple[str, list[Path]]], path: Path, scale: int = 3) -
 
 def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_extra=(), method: str = "ablation",
         skill_ratio: float = PRUNE_SKILL_RATIO) -> dict:
-    import evaluate
-    import train
-    from evaluate import ablated_dir, base_dir
+    from ablation.commands import script  # the repo's scripts, importable from any working directory
+
+    evaluate, train = script("evaluate"), script("train")
+    ablated_dir, base_dir = evaluate.ablated_dir, evaluate.base_dir
 
     sizes = SIZES["quick" if quick else "full"]
     pruning = method == "conceptprune"
