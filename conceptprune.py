@@ -103,7 +103,11 @@ def get_parser() -> argparse.ArgumentParser:
 def _model_config(args):
     from omegaconf import OmegaConf
 
-    for what, path in (("--ckpt", args.ckpt), ("--delta_ckpt", args.delta_ckpt), ("--config", args.config)):
+    from ldm.diffusers_format import checkpoint_exists
+
+    if not checkpoint_exists(args.ckpt):
+        raise FileNotFoundError(f"--ckpt not found: {args.ckpt} (a checkpoint file or a diffusers pipeline folder)")
+    for what, path in (("--delta_ckpt", args.delta_ckpt), ("--config", args.config)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{what} not found: {path}")
     config = OmegaConf.load(args.config)
@@ -133,9 +137,9 @@ def _check_sampling(args):
 def _file_identity(path) -> dict | None:
     if path is None:
         return None
-    p = Path(path).resolve()
-    st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    from ldm.diffusers_format import source_identity
+
+    return source_identity(path)  # a file, or every file of a diffusers pipeline folder
 
 
 def _meta_shapes(model_config) -> dict:

@@ -328,8 +328,11 @@ def setup(argv=None) -> Plan:
         checkpoints.append(Checkpoint(path.parent.parent, path, model_config))
     base_config = _model_config(Path(args.config)) if args.config else checkpoints[0].model_config
     if not args.eval_stage:
-        if not Path(args.base_ckpt).is_file():
-            raise FileNotFoundError(f"--base_ckpt not found: {args.base_ckpt}")
+        from ldm.diffusers_format import checkpoint_exists
+
+        if not checkpoint_exists(args.base_ckpt):
+            raise FileNotFoundError(f"--base_ckpt not found: {args.base_ckpt} (a checkpoint file or a diffusers "
+                                    f"pipeline folder)")
         check_checkpoints(base_config, args.base_ckpt)
 
     # every output location, before any work (the pickle is written last, after hours of generation)
@@ -420,11 +423,12 @@ def _write_prompts_json(folder: Path, prompts: list[str]) -> None:
 
 
 def _base_identity(plan: Plan) -> dict:
-    ckpt = Path(plan.args.base_ckpt).resolve()
+    from ldm.diffusers_format import source_identity
+
     config = hashlib.sha256(json.dumps(plan.base_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    st = ckpt.stat()
     # size alone misses retrained weights of the same architecture written to the same path
-    return {"base_ckpt": str(ckpt), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "model_config_sha256": config}
+    ident = source_identity(plan.args.base_ckpt)  # a file, or every file of a diffusers pipeline folder
+    return {"base_ckpt": ident.pop("path"), **ident, "model_config_sha256": config}
 
 
 def _check_base_identity(folder: Path, ident: dict) -> None:

@@ -72,9 +72,12 @@ def resolve(argv=None):
     from ablation.prompts import read_prompts
 
     args = get_parser().parse_args(argv)
-    for what, path in (("--ckpt", args.ckpt), ("--delta_ckpt", args.delta_ckpt)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{what} not found: {path}")
+    from ldm.diffusers_format import checkpoint_exists
+
+    if not checkpoint_exists(args.ckpt):
+        raise FileNotFoundError(f"--ckpt not found: {args.ckpt} (a checkpoint file or a diffusers pipeline folder)")
+    if args.delta_ckpt is not None and not Path(args.delta_ckpt).is_file():
+        raise FileNotFoundError(f"--delta_ckpt not found: {args.delta_ckpt}")
     validate_generation_args(["x"], steps=args.ddim_steps, eta=args.ddim_eta, scale=args.scale,
                              batch_size=args.n_samples, height=args.H, width=args.W, seed=args.seed)
     run_config = find_run_config(args.delta_ckpt) or find_run_config(args.ckpt)

@@ -169,8 +169,11 @@ def check_inputs(args, config):
         validate_generation_args(["x"], steps=gen.check_steps, eta=gen.eta, scale=gen.scale,
                                  batch_size=args.n_samples, height=config.data.size, width=config.data.size,
                                  seed=gen.seed)
-    if not Path(args.base_ckpt).is_file():
-        raise FileNotFoundError(f"base checkpoint (--resume-from-checkpoint-custom) not found: {args.base_ckpt}")
+    from ldm.diffusers_format import checkpoint_exists
+
+    if not checkpoint_exists(args.base_ckpt):
+        raise FileNotFoundError(f"base checkpoint (--resume-from-checkpoint-custom) not found: {args.base_ckpt} "
+                                f"(a checkpoint file or a diffusers pipeline folder)")
     check_checkpoints(OmegaConf.to_container(config.model, resolve=True), args.base_ckpt, args.delta_ckpt)
     check_output(args.root, "--root (anchor images)", kind="dir")
     check_output(args.logdir, "--logdir", kind="dir")

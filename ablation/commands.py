@@ -42,9 +42,15 @@ def script(name: str):
 
 
 def _run(name: str) -> int:
-    result = script(name).main(sys.argv[1:])
-    # Some mains return their results (dicts) for callers; only an int is an exit status.
-    return result if isinstance(result, int) else 0
+    """Run the script as ``python <script> ...`` does (its ``__main__`` block: one-line usage errors, exit 2)."""
+    import runpy
+
+    path = REPO / SCRIPTS[name]
+    if not path.is_file():
+        script(name)  # the clear error
+    sys.argv[0] = str(path)
+    runpy.run_path(str(path), run_name="__main__")
+    return 0
 
 
 def train() -> int:

@@ -84,7 +84,15 @@ def check_delta(model_config: Mapping, path: str | Path, model: nn.Module | None
 def check_base(model_config: Mapping, path: str | Path, model: nn.Module | None = None) -> None:
     """Raise :class:`CheckpointError` unless the base checkpoint at ``path`` is safe to open and holds every
     weight of ``model_config``'s model with the right shape. Reads the header / pickle only, no weights."""
+    from ldm.diffusers_format import DiffusersFormatError, check_schedule, is_pipeline_dir, pipeline_of_unet_file
+
     shapes = state_dict_shapes(path)
+    pipeline = path if is_pipeline_dir(path) else pipeline_of_unet_file(path)
+    if pipeline is not None:  # a diffusers source: its scheduler must be the config's schedule
+        try:
+            check_schedule(model_config, pipeline)
+        except DiffusersFormatError as e:
+            raise CheckpointError(str(e)) from None
     model = _meta_model(model_config) if model is None else model
     with warnings.catch_warnings():  # pre-hooks may fill buffers with real tensors: a no-op on meta
         warnings.simplefilter("ignore", UserWarning)
@@ -96,9 +104,13 @@ def check_base(model_config: Mapping, path: str | Path, model: nn.Module | None 
 def check_checkpoints(model_config: Mapping, base: str | Path | None, delta: str | Path | None = None) -> None:
     """:func:`check_base` and :func:`check_delta` for the files a command loads (None: not given), with
     one meta model between them. FileNotFoundError names a missing file."""
+    from ldm.diffusers_format import checkpoint_exists
+
     for what, path in (("base checkpoint", base), ("delta checkpoint", delta)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{what} not found: {path}")
+        exists = checkpoint_exists(path) if what == "base checkpoint" else Path(path or "").is_file()
+        if path is not None and not exists:
+            raise FileNotFoundError(f"{what} not found: {path} (a checkpoint file or a diffusers pipeline folder)"
+                                    if what == "base checkpoint" else f"{what} not found: {path}")
     if base is None and delta is None:
         return
     model = _meta_model(model_config)

@@ -260,9 +260,30 @@ def load_checkpoint(path: PathLike) -> dict:
     return _plain(obj)
 
 
+def _from_diffusers(path: PathLike, reader, unet=None) -> dict[str, torch.Tensor]:
+    from ldm import diffusers_format
+
+    try:
+        return diffusers_format.read(path, reader, unet=unet)
+    except diffusers_format.DiffusersFormatError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint: ``obj["state_dict"]`` for Lightning/CompVis files,
-    else the top-level dict itself (a bare state dict). Non-tensor entries are dropped."""
+    else the top-level dict itself (a bare state dict). Non-tensor entries are dropped.
+
+    A diffusers pipeline folder, or a diffusers-keyed UNet file inside one, comes back with CompVis keys
+    (:mod:`ldm.diffusers_format`)."""
+    from ldm.diffusers_format import is_pipeline_dir, looks_like_diffusers_unet
+
+    if is_pipeline_dir(path):
+        return _from_diffusers(path, _file_state_dict)
+    tensors = _file_state_dict(path)
+    return _from_diffusers(path, _file_state_dict, tensors) if looks_like_diffusers_unet(tensors) else tensors
+
+
+def _file_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     obj = load_checkpoint(path)
     sd = obj.get("state_dict", obj)
     if not isinstance(sd, Mapping):
@@ -281,7 +302,17 @@ def state_dict_shapes(path: PathLike) -> dict[str, torch.Tensor]:
     safetensors: the header only. torch zip files: the pickle is read with the same restricted
     unpickler as :func:`load_checkpoint` (so an unsafe file is refused here too) and the tensor data
     stays memory-mapped, untouched. Cheap enough to vet a 4 GB base checkpoint before any work.
+    Diffusers sources are converted as in :func:`load_state_dict`.
     """
+    from ldm.diffusers_format import is_pipeline_dir, looks_like_diffusers_unet
+
+    if is_pipeline_dir(path):
+        return _from_diffusers(path, _file_shapes)
+    shapes = _file_shapes(path)
+    return _from_diffusers(path, _file_shapes, shapes) if looks_like_diffusers_unet(shapes) else shapes
+
+
+def _file_shapes(path: PathLike) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
@@ -301,7 +332,7 @@ def state_dict_shapes(path: PathLike) -> dict[str, torch.Tensor]:
                 return out
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"could not read safetensors file {p}: {e}") from e
-    return {k: torch.empty_like(v, device="meta") for k, v in load_state_dict(p).items()}
+    return {k: torch.empty_like(v, device="meta") for k, v in _file_state_dict(p).items()}
 
 
 # --------------------------------------------------------------------------- model loading

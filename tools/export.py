@@ -75,9 +75,12 @@ def resolve(args) -> tuple[dict, Path]:
     from ablation.cli import check_output
     from ablation.delta import check_checkpoints, find_run_config
 
-    for what, path in (("--ckpt", args.ckpt), ("--delta_ckpt", args.delta_ckpt)):
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{what} not found: {path}")
+    from ldm.diffusers_format import checkpoint_exists
+
+    if not checkpoint_exists(args.ckpt):
+        raise FileNotFoundError(f"--ckpt not found: {args.ckpt} (a checkpoint file or a diffusers pipeline folder)")
+    if not Path(args.delta_ckpt).is_file():
+        raise FileNotFoundError(f"--delta_ckpt not found: {args.delta_ckpt}")
     out = Path(args.out)
     if out.suffix.lower() not in SUFFIXES:
         raise ExportError(f"--out {out}: the suffix must be .safetensors or .ckpt")
