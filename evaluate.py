@@ -79,7 +79,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", default=None, help=cli.GPUS_HELP)
     p.add_argument("--eval_stage", action="store_true", help="metrics only, on existing generations")
     p.add_argument("--config", default=None, help="model config (default: the run's saved config)")
-    p.add_argument("--clip_model", default="openai/clip-vit-base-patch32", help="hub id or local CLIPModel dir")
+    p.add_argument("--clip_model", default="open_clip:ViT-B-32:openai",
+                   help="open_clip:ARCH:PRETRAINED (an open_clip tag, or a local weights file), or a transformers "
+                        "CLIPModel (local folder or hub id); checked before any generation")
     p.add_argument("--feature_model", default=None,
                    help="TorchScript feature extractor for KID/FID (default: clean-fid Inception); "
                         "a file named inception-2015-12-05.pt runs as clean-fid's Inception")
@@ -352,19 +354,20 @@ def setup(argv=None) -> Plan:
             check_output(run / "eval", f"the eval folder of run {run}", kind="dir")
 
     # metric models: fail now, not after hours of generation
-    clip = args.clip_model
-    if (Path(clip).exists() or clip.startswith((".", "/", "~"))) and not Path(clip).expanduser().is_dir():
-        raise FileNotFoundError(f"--clip_model directory not found: {clip}")
-    if args.feature_model:
-        if not Path(args.feature_model).is_file():
-            raise FileNotFoundError(f"--feature_model not found: {args.feature_model}")
-    elif importlib.util.find_spec("cleanfid") is None:
-        raise ImportError("KID/FID with the default clean-fid Inception need the `clean-fid` package (and "
-                          "torchvision); install it, or pass --feature_model <inception-2015-12-05.pt or another "
-                          "TorchScript feature extractor>")
+    from ablation.metrics import INCEPTION_FILE, inception_weights, resolve_clip
+
+    clip = resolve_clip(args.clip_model)  # a missing model fails here, not after the generation
+    if args.feature_model and not Path(args.feature_model).is_file():
+        raise FileNotFoundError(f"--feature_model not found: {args.feature_model}")
+    if not args.feature_model or Path(args.feature_model).name == INCEPTION_FILE:  # clean-fid's Inception
+        if importlib.util.find_spec("cleanfid") is None:
+            raise ImportError("KID/FID with clean-fid's Inception need the `clean-fid` package (and torchvision): "
+                              "pip install -e \".[eval]\"; or pass --feature_model <another TorchScript extractor>")
+        inception_weights(args.feature_model)  # clean-fid's download, now rather than after the generation
 
     devices = () if args.eval_stage else parse_devices(args.gpus)
-    plan = Plan(args, args.concept_type, target, anchor, concepts, checkpoints, base_config, devices, outpkl)
+    plan = Plan(args, args.concept_type, target, anchor, concepts, checkpoints, base_config, devices, outpkl,
+                extras={"clip": clip})
     if args.eval_stage:  # metrics only: every generation must be there now, not after CLIP has loaded
         for c in concepts:
             folder_images(base_dir(plan, c), len(base_prompts(plan, c)))
@@ -515,7 +518,7 @@ def compute_metrics(plan: Plan) -> dict[str, dict[str, float]]:
     from ablation.metrics import clip_metrics, clip_score, fid, kid, load_clip, sscd_memorization_rate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    clip = load_clip(plan.args.clip_model, device)
+    clip = load_clip(plan.extras.get("clip", plan.args.clip_model), device)
     features = _feature_extractor(plan.args, device)
     sscd = None
     if plan.concept_type == "memorization":

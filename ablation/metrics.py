@@ -1,7 +1,12 @@
-"""Evaluation metrics (spec §8.3, §8.5): CLIP score / CLIP accuracy, KID / FID, memorization rate.
+"""Evaluation metrics: CLIP score / CLIP accuracy, KID / FID, memorization rate.
 
 CLIP
-    ``load_clip`` returns a transformers ``CLIPModel`` (OpenAI ViT-B/32 by default). Images are
+    ``load_clip`` takes ``open_clip:ARCH:PRETRAINED`` (default ``open_clip:ViT-B-32:openai``, the paper's
+    CLIP; e.g. ``open_clip:ViT-g-14:laion2b_s34b_b88k`` for memorization studies; PRETRAINED is an open_clip
+    tag, fetched into the hub cache when online, or a local weights file), or a transformers ``CLIPModel``
+    (a local ``save_pretrained`` folder, as the toy world's CLIP, or a hub id). open_clip models run with
+    their own torchvision preprocessing and tokenizer (``encode_image`` / ``encode_text``). For
+    transformers models, images are
     preprocessed here with PIL + numpy exactly like OpenAI CLIP's ``_transform``: resize the SHORT
     side to the model's ``image_size`` with PIL bicubic (long side ``int(size * long / short)``),
     center crop (offsets ``int(round((dim - size) / 2))``), RGB, ``/255``, CLIP mean/std. Texts are
@@ -22,13 +27,15 @@ KID / FID
     polynomial kernel ``k(x, y) = (x.y / d + 1)^3``. ``fid`` is the Frechet distance of Gaussians
     fitted to the features (``np.cov``, ddof 1), with ``Tr (S1 S2)^{1/2}`` computed as
     ``Tr (S1^{1/2} S2 S1^{1/2})^{1/2}`` through symmetric eigendecompositions. Both in float64.
-    The spec's reference computes KID only; FID is offered for completeness.
+    They equal clean-fid's ``kernel_distance`` / ``frechet_distance`` (tests/test_metrics_card.py), and are
+    kept here because clean-fid's subsets use numpy's global random state. The original computes KID
+    only; FID is offered for completeness.
 
 Feature extractors (``FeatureExtractor = Callable[[list[path]], Tensor[N, D]]``)
-    * ``inception_features()``: clean-fid's Inception-V3 in "clean" mode (the reference's KID). It
-      needs the ``clean-fid`` package, which imports torchvision, so it is imported lazily. With
-      ``weights=`` pointing at the TorchScript file clean-fid uses (``inception-2015-12-05.pt``),
-      the same network runs through ``torchscript_features`` without clean-fid or torchvision.
+    * ``inception_features()``: clean-fid's Inception-V3 in "clean" mode (the reference's KID), through
+      clean-fid's own code (``InceptionV3W`` and ``get_files_features``). Its weights file
+      ``inception-2015-12-05.pt`` is ``weights=`` (a local copy) or clean-fid's download into its
+      default folder (``/tmp``).
     * ``torchscript_features(path, size)``: any TorchScript model taking float images
       ``[N, 3, size, size]`` in [0, 255]; images are resized like clean-fid's "clean" mode (RGB
       uint8 -> each channel as a float PIL image, bicubic resize to ``size x size``, clip to
@@ -54,10 +61,12 @@ from PIL import Image
 __all__ = ["DEFAULT_CLIP", "CLIP_MEAN", "CLIP_STD", "CLIP_PREFIX", "CLIP_SCORE_WEIGHT", "FeatureExtractor",
            "load_clip", "preprocess_clip", "clip_image_features", "clip_text_features", "clip_text",
            "style", "clip_scores", "clip_score", "clip_accuracy", "clip_metrics", "accuracy_from_scores",
-           "fid", "kid", "clean_resize", "torchscript_features", "inception_features", "INCEPTION_FILE",
+           "fid", "kid", "clean_resize", "torchscript_features", "inception_features", "inception_weights",
+           "INCEPTION_FILE", "OpenClip", "resolve_clip", "parse_open_clip",
            "sscd_memorization_rate"]
 
-DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_CLIP = "open_clip:ViT-B-32:openai"  # the paper's CLIP (OpenAI ViT-B/32), through open_clip
+OPEN_CLIP = "open_clip:"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_PREFIX = "A photo depicts "
@@ -101,12 +110,92 @@ def _looks_like_path(name: str) -> bool:
     return Path(name).exists() or os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name
 
 
+class OpenClip:
+    """An open_clip model with its own preprocessing (torchvision) and tokenizer."""
+
+    def __init__(self, model, preprocess, tokenizer, name: str):
+        self.model, self.preprocess, self.tokenizer, self.name = model, preprocess, tokenizer, name
+
+    def parameters(self):
+        return self.model.parameters()
+
+
+def parse_open_clip(spec: str) -> tuple[str, str | None]:
+    """``open_clip:ARCH[:PRETRAINED]`` -> (ARCH, PRETRAINED or None)."""
+    arch, _, pretrained = spec[len(OPEN_CLIP):].partition(":")
+    if not arch:
+        raise ValueError(f"--clip_model {spec!r}: expected open_clip:ARCH:PRETRAINED, e.g. {DEFAULT_CLIP}")
+    return arch, pretrained or None
+
+
+def resolve_clip(spec: PathLike = DEFAULT_CLIP) -> str:
+    """Check a CLIP model spec before any work and return what :func:`load_clip` loads: for open_clip, the
+    weights as a local file (an open_clip tag is fetched into the hub cache now, when online); for a
+    transformers hub id, its cached snapshot folder. Raises FileNotFoundError / ValueError / RuntimeError."""
+    name = os.fspath(spec)
+    if name.startswith(OPEN_CLIP):
+        import open_clip
+
+        arch, pretrained = parse_open_clip(name)
+        if arch not in open_clip.list_models():
+            raise ValueError(f"--clip_model {name!r}: open_clip has no architecture {arch!r}")
+        if pretrained is None:
+            raise ValueError(f"--clip_model {name!r}: name the weights, a tag "
+                             f"({', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none known'}) "
+                             f"or a local file, e.g. {OPEN_CLIP}{arch}:<tag or file>")
+        if _looks_like_path(pretrained):
+            path = Path(pretrained).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"--clip_model {name!r}: weights file {path} not found")
+            return f"{OPEN_CLIP}{arch}:{path}"
+        cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+        if not cfg:
+            raise ValueError(f"--clip_model {name!r}: open_clip has no weights {pretrained!r} for {arch}; tags: "
+                             f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}")
+        try:
+            path = open_clip.download_pretrained(cfg)
+        except Exception as e:  # no network and not cached: hub and urllib errors of many kinds
+            raise RuntimeError(
+                f"--clip_model {name!r}: its weights are neither in the hub cache nor downloadable here "
+                f"({type(e).__name__}: {e}). Download them once where there is network access, or pass a "
+                f"local file: {OPEN_CLIP}{arch}:/path/to/open_clip_model.safetensors") from None
+        if not path or not Path(path).is_file():
+            raise RuntimeError(f"--clip_model {name!r}: open_clip found no weights file for {pretrained!r}")
+        return f"{OPEN_CLIP}{arch}:{path}"
+    if _looks_like_path(name):
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--clip_model: CLIP model directory {path} not found or without config.json. Pass a folder holding a "
+                f"transformers CLIPModel (CLIPModel.save_pretrained), a hub id, or {DEFAULT_CLIP}")
+        return str(path)
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt"]
+    try:
+        return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+    except Exception:  # not cached: fetch it now, before any generation
+        try:
+            return snapshot_download(name, allow_patterns=patterns)
+        except Exception as e:
+            raise RuntimeError(
+                f"could not find the CLIP model {name!r} ({type(e).__name__}: {e}). Without network access a "
+                f"hub id must already be in the Hugging Face cache; otherwise download it once (e.g. "
+                f"`hf download {name} --local-dir <dir>`) and pass the directory through --clip_model.") from None
+
+
 def load_clip(name_or_path: PathLike = DEFAULT_CLIP, device: str | torch.device = "cpu"):
-    """A transformers ``CLIPModel`` in eval mode on ``device``, from a local directory (``save_pretrained``
-    layout) or a Hugging Face hub id (needs the network or the hub cache)."""
+    """The CLIP model of ``name_or_path`` (see :func:`resolve_clip`) in eval mode, fp32, on ``device``: an
+    :class:`OpenClip` for ``open_clip:`` specs, else a transformers ``CLIPModel``."""
     from transformers import CLIPModel
 
     name = os.fspath(name_or_path)
+    if name.startswith(OPEN_CLIP):
+        import open_clip
+
+        arch, pretrained = parse_open_clip(resolve_clip(name))
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
+        return OpenClip(model.eval().float(), preprocess, open_clip.get_tokenizer(arch), name)
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.is_dir():
@@ -126,7 +215,7 @@ def load_clip(name_or_path: PathLike = DEFAULT_CLIP, device: str | torch.device 
         raise RuntimeError(
             f"could not load the CLIP model {name!r} ({type(e).__name__}: {e}). Without network access the "
             f"hub id must already be in the Hugging Face cache; otherwise download it once (e.g. "
-            f"`hf download {DEFAULT_CLIP} --local-dir <dir>`) and pass the directory through --clip_model.") from e
+            f"`hf download {name} --local-dir <dir>`) and pass the directory through --clip_model.") from e
     # fp32 whatever the stored dtype (CPU fp16 is slow or unsupported; CUDA callers use autocast)
     return model.eval().float().to(device)
 
@@ -168,12 +257,18 @@ def clip_image_features(model, images: Sequence[Image.Image | PathLike], batch_s
     images = list(images)
     if not images:
         raise ValueError("no images given")
-    device, size = _model_device(model), _clip_image_size(model)
+    device = _model_device(model)
+    if isinstance(model, OpenClip):
+        prep, encode = lambda im: model.preprocess(_open_rgb(im)), model.model.encode_image  # noqa: E731
+    else:
+        size = _clip_image_size(model)
+        prep = lambda im: preprocess_clip(im, size)  # noqa: E731
+        encode = lambda x: _as_tensor_output(model.get_image_features(pixel_values=x))  # noqa: E731
     out = []
     for s in range(0, len(images), batch_size):
-        x = torch.stack([preprocess_clip(im, size) for im in images[s:s + batch_size]]).to(device)
+        x = torch.stack([prep(im) for im in images[s:s + batch_size]]).to(device)
         with _autocast(device):
-            f = _as_tensor_output(model.get_image_features(pixel_values=x))
+            f = encode(x)
         out.append(F.normalize(f.float(), dim=-1).cpu())
     return torch.cat(out)
 
@@ -200,6 +295,14 @@ def clip_text_features(model, texts: Sequence[str], tokenizer=None, batch_size: 
     texts = list(texts)
     if not texts:
         raise ValueError("no texts given")
+    if isinstance(model, OpenClip):  # its own tokenizer (the same OpenAI BPE, 77 tokens)
+        device = _model_device(model)
+        out = []
+        for s in range(0, len(texts), batch_size):
+            with _autocast(device):
+                f = model.model.encode_text(model.tokenizer(texts[s:s + batch_size]).to(device))
+            out.append(F.normalize(f.float(), dim=-1).cpu())
+        return torch.cat(out)
     tok = default_tokenizer() if tokenizer is None else tokenizer
     cfg = model.config.text_config
     if len(tok) > cfg.vocab_size:
@@ -379,34 +482,61 @@ def torchscript_features(path: PathLike, size: int = INCEPTION_SIZE, device: str
     return extract
 
 
+CLEANFID_DIR = "/tmp"  # where clean-fid keeps (and downloads) its Inception weights on Linux
+
+
+def inception_weights(weights: PathLike | None = None, download: bool = True) -> Path:
+    """The Inception weights file clean-fid runs: ``weights`` (a local ``inception-2015-12-05.pt``), else
+    clean-fid's own copy in its folder, downloaded by clean-fid when missing and ``download``."""
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"Inception weights {path} not found")
+        if path.name != INCEPTION_FILE:
+            raise ValueError(f"clean-fid loads its Inception as {INCEPTION_FILE} from a folder; {path} has another "
+                             f"name (rename it, or pass it as a generic --feature_model with --feature_size 299)")
+        return path
+    path = Path(CLEANFID_DIR) / INCEPTION_FILE
+    if not path.is_file() and download:
+        from cleanfid.downloads_helper import check_download_inception
+
+        try:
+            check_download_inception(fpath=CLEANFID_DIR)
+        except Exception as e:  # offline: urllib errors of many kinds
+            Path(path).unlink(missing_ok=True)  # clean-fid leaves an empty file behind
+            raise RuntimeError(f"clean-fid's Inception weights are not in {CLEANFID_DIR} and could not be "
+                               f"downloaded ({type(e).__name__}: {e}); put {INCEPTION_FILE} there or pass "
+                               f"--feature_model /path/to/{INCEPTION_FILE}") from None
+    return path
+
+
 def inception_features(device: str | torch.device = "cpu", batch_size: int = 64, weights: PathLike | None = None,
                        num_workers: int = 0) -> FeatureExtractor:
-    """The reference's KID features: clean-fid Inception-V3 (2048-D pool features), "clean" mode.
+    """The reference's KID features: clean-fid's Inception-V3 (2048-D pool features) in "clean" mode, run by
+    clean-fid itself (``InceptionV3W``, ``get_files_features``: its resize, batching and normalisation).
 
-    ``weights=None``: through the ``clean-fid`` package (imported here, lazily: it needs torchvision).
-    ``weights=<path to inception-2015-12-05.pt>``: the same TorchScript network called directly
-    (``return_features=True``) with the same clean resize, without clean-fid or torchvision.
+    ``weights``: a local ``inception-2015-12-05.pt``; None: clean-fid's copy (downloaded when missing).
     """
-    if weights is not None:
-        return torchscript_features(weights, INCEPTION_SIZE, device, batch_size,
-                                    forward_kwargs={"return_features": True})
     try:
-        from cleanfid.features import build_feature_extractor
         from cleanfid.fid import get_files_features
+        from cleanfid.inception_torchscript import InceptionV3W
     except ImportError as e:
         raise ImportError(
             f"KID with clean-fid's Inception needs the `clean-fid` package, which imports torchvision "
-            f"({type(e).__name__}: {e}). Install it on a machine with the CUDA torch build "
-            f"(`pip install clean-fid torchvision` matching that torch), or pass weights=<path to "
-            f"{INCEPTION_FILE}> to run the same network through TorchScript without it.") from e
-    feat_model = build_feature_extractor("clean", torch.device(device))
+            f"({type(e).__name__}: {e}). Install the evaluation extras (pip install -e \".[eval]\") with the "
+            f"PyPI torch build.") from e
+    path = inception_weights(weights)
+    device = torch.device(device)
+    with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
+        net = InceptionV3W(str(path.parent), download=False, resize_inside=False).to(device).eval()
 
     def extract(images: Sequence[PathLike]) -> torch.Tensor:
         files = [str(p) for p in images]
         if not files:
             raise ValueError("no images given")
-        feats = get_files_features(files, model=feat_model, num_workers=num_workers, batch_size=batch_size,
-                                   device=torch.device(device), mode="clean", verbose=False)
+        feats = get_files_features(files, model=net, num_workers=num_workers, batch_size=batch_size,
+                                   device=device, mode="clean", verbose=False)
         return torch.as_tensor(np.asarray(feats), dtype=torch.float64)
 
     return extract

@@ -334,11 +334,6 @@ def test_torchscript_features(tmp_path, images):
     assert math.isfinite(kid(f, f)) and abs(fid(f, f)) < 1e-6
 
 
-def test_inception_features_weights_route(tmp_path, images):
-    g = metrics.inception_features(weights=_script(tmp_path))(images[:1])
-    assert g.shape == (1, 6) and float(g[0, 3]) == 299  # called with return_features=True at 299 x 299
-
-
 def test_inception_features_without_cleanfid_explains():
     try:
         import cleanfid  # noqa: F401
