@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""ConceptPrune on our Stable Diffusion v1 (spec conceptprune.md): three steps.
+"""ConceptPrune on our Stable Diffusion v1: three steps.
 
 1. discover -- record ff.net.2 input norms for a concept's base and target prompts (PLMS, CFG,
    empty negative prompt, seed 0 before every generation; gender pairs: one seed per pair in 0..249),
@@ -27,7 +27,7 @@
        python conceptprune.py prune --masks a/masks_sr0.01.safetensors b/masks_sr0.02.safetensors \
            --ckpt ... [--tau 10] --out logs/prune/delta_pruned.ckpt
 
-   --tau defaults to each concept family's tau (spec §9); one value applies to every mask file.
+   --tau defaults to each concept family's tau; one value applies to every mask file.
    With ``--out {run}/checkpoints/delta_pruned.ckpt`` the model config is saved to ``{run}/configs/``, so that
    ``evaluate.py --root {run} --filter 'delta_pruned*'`` scores it like an ablation run.
 """
@@ -83,7 +83,7 @@ def get_parser() -> argparse.ArgumentParser:
     d.add_argument("--target_file", default=None,
                    help="custom target prompts, or the memorized prompts (.txt, or .jsonl with a caption field)")
     d.add_argument("--skill_ratio", type=cli.finite_float, default=None,
-                   help="default: the concept family's (spec §9)")
+                   help="default: the concept family's")
     d.add_argument("--save_images", type=cli.nonnegative_int, default=5,
                    help="base/target images to save (first pairs)")
     _common(d)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate ablated models (spec §8): generate with every delta checkpoint of one or more training
+"""Evaluate ablated models: generate with every delta checkpoint of one or more training
 runs and with the base model, then score CLIP score / CLIP accuracy, KID and FID (and, for
 memorization, the SSCD memorization rate).
 
@@ -32,7 +32,7 @@ a pickle is never read back, since unpickling runs code), a table on stdout and 
 ``{outpkl stem}_{concept}.png`` of the ablated vs the baseline CLIP accuracy (memorization: rate) per
 concept. Every output location is checked before any generation.
 
-Differences from the reference (spec §13 item 10), on purpose: FID is reported beside KID; KID is a
+Differences from the reference, on purpose: FID is reported beside KID; KID is a
 float, not a one-element list; ``prompts.json`` goes into the folder it describes; the output folder
 is created; the base folder holds the same prompts and seeds as the ablated one (the CompVis code made
 ``4 * numgen`` base images for every concept: ``--baseline_set paper``, folders ``base{4 numgen}-{concept}``
@@ -156,7 +156,7 @@ def _cycle(lines: list[str], n: int) -> list[str]:
 
 
 def replace_word(prompt: str, old: str, new: str) -> str:
-    """The original's object-prompt rewrite (``compvis/evaluate.py`` ``load_data``, spec §8.2): the stripped
+    """The original's object-prompt rewrite (``compvis/evaluate.py`` ``load_data``): the stripped
     line with every occurrence of ``old`` replaced by ``new``. A plain, case-sensitive substring replace, kept
     exactly so that the paper's own prompt files give the paper's prompts: "robots" becomes "r2d2s", "fishbowl"
     becomes "nemobowl", and "Cat" is left as it is."""

@@ -33,12 +33,30 @@ class UsageError(ValueError):
     """A command-line value or an output location that cannot work; scripts print it and exit 2."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default in its help line."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        # flags (store_true) and options without a default gain nothing from "(default: None/False)"
+        if "%(default)" in help or action.default in (None, False, argparse.SUPPRESS) or action.nargs == 0:
+            return help
+        return help + " (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``prog: error: ...`` on stderr and exit status 2."""
+    """argparse with one-line errors: ``prog: error: ...`` on stderr and exit status 2, and the defaults
+    shown in ``--help``."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        # argparse prints no help line (hence no default) for an option without help text
+        if not kwargs.get("help") and kwargs.get("default") not in (None, False, argparse.SUPPRESS):
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

@@ -1,4 +1,4 @@
-"""Training data for concept ablation (spec §3.4 and §4): generated anchor images, anchor prompts,
+"""Training data for concept ablation: generated anchor images, anchor prompts,
 target prompts, the object zoom augmentation and its latent mask.
 
 Item layout of :class:`AblationDataset` (``torch.utils.data.default_collate`` batches it):
@@ -158,7 +158,7 @@ def draw_zoom_scale(size: int, rng: random.Random) -> int:
 
 
 def zoom_branch(scale: int, size: int) -> str:
-    """Which of the original's three branches a zoom scale takes (spec §3.4, ``finetune_data.py``):
+    """Which of the original's three branches (``finetune_data.py``) a zoom scale takes:
     ``"out"`` (pasted small, caption prefix) only below ``0.6 * size``; ``"in"`` (random crop, prefix)
     above ``size``; ``"plain"`` (the full image, all-ones mask, no prefix) for every scale in between,
     including ``[0.6 size, size)`` -- about 40% of augmented samples at size 512."""
@@ -175,7 +175,7 @@ def _to_float(image: Image.Image) -> np.ndarray:
 
 def transform_image(image: Image.Image, size: int, rng: random.Random, aug: bool = False, flip_p: float = 0.5,
                     latent_factor: int = 8) -> tuple[np.ndarray, np.ndarray, str]:
-    """Spec §3.4 image pipeline. Returns ``(image HWC float32 in [-1,1], mask [size/f, size/f] float32, prefix)``.
+    """The image pipeline of the original's finetune_data.py. Returns ``(image HWC float32 in [-1,1], mask [size/f, size/f] float32, prefix)``.
 
     RGB, centre crop to a square, horizontal flip with probability ``flip_p``. With ``aug`` a scale is
     drawn (:func:`draw_zoom_scale`) and, as in the original, one of three branches taken
@@ -230,7 +230,7 @@ def transform_image(image: Image.Image, size: int, rng: random.Random, aug: bool
 # ----------------------------------------------------------------------------- datasets
 
 class AblationDataset(Dataset):
-    """Generated anchor images with their anchor prompts (spec §3.4).
+    """Generated anchor images with their anchor prompts.
 
     ``concepts`` (a list of :class:`Concept` or a ``--caption_target`` string) selects ablation mode:
     ``caption`` is the target prompt and ``caption_anchor`` the anchor prompt. ``concepts=None`` is

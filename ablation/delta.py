@@ -1,4 +1,4 @@
-"""Delta checkpoints: only the trained tensors, with CompVis key names (spec §6).
+"""Delta checkpoints: only the trained tensors, with CompVis key names.
 
 Format (``.ckpt`` or ``.safetensors``): ``{'state_dict': {key: tensor}}`` where keys are full
 ``LatentDiffusion`` names (``model.diffusion_model....attn2.to_k.weight``). Embedding deltas add

@@ -1,4 +1,4 @@
-"""Training-image generation (spec §3.1-§3.2): DDIM, eta 1, CFG 6, one PNG per prompt entry.
+"""Training-image generation: DDIM, eta 1, CFG 6, one PNG per prompt entry.
 
 ``sampler="dpmpp_2m"`` (DPM-Solver++(2M), ``ldm/models/diffusion/dpmpp.py``) is our addition for cheaper
 anchors: at 20 steps a tenth of DDIM-200's UNet calls (the toy-world measurement, README "Cheaper anchor

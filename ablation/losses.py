@@ -1,4 +1,4 @@
-"""The ablation objectives of spec §4, as small functions over ``LatentDiffusion``."""
+"""The ablation objectives (model-based and noise-based), as small functions over ``LatentDiffusion``."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Memorized-image pipeline (spec §3.3, §8.5): SSCD copy detection and anchor/target prompt selection.
+"""Memorized-image pipeline: SSCD copy detection and anchor/target prompt selection.
 
 SSCD (``sscd_imagenet_mixup.torchscript.pt``, a TorchScript ResNet-50 with 512-D descriptors) is
 loaded only when a function here needs it, never at import (the reference loaded it at import time,
@@ -9,7 +9,7 @@ which is what torchvision's ``Resize(288)`` does on PIL images; the long side is
 
 An image is "memorized" when its cosine similarity to the memorized training image is > 0.5.
 
-``prepare_memorization_data`` (steps 1-5 of §3.3) writes into ``gen_folder``:
+``prepare_memorization_data`` (steps 1-5) writes into ``gen_folder``:
 
     check/{samples/, images.txt, caption.txt, plan.json}    n_check images per paraphrase (100 steps)
     check/sscd_similarity.txt                               SSCD similarity of each check image
@@ -252,7 +252,7 @@ def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathL
                               width: int = 512, seed: int = 42, eta: float = 1.0, scale: float = 6.0,
                               precision: str = "autocast", sscd_device: str | torch.device | None = None,
                               ) -> tuple[Path, Path, list[str]]:
-    """Spec §3.3: check set -> SSCD scoring -> anchor/target prompts -> anchor set -> filtering.
+    """check set -> SSCD scoring -> anchor/target prompts -> anchor set -> filtering.
 
     Returns ``(gen/images.txt, gen/caption.txt, [caption_target, t1, ..., t_target_size])``; the
     trainer turns the caption list into ``*+X`` memorization concepts. Finished stages are reused.

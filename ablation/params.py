@@ -1,4 +1,4 @@
-"""Which weights an ablation run trains (spec §5), and the start-token K/V detach of training."""
+"""Which weights an ablation run trains, and the start-token K/V detach of training."""
 from __future__ import annotations
 
 import torch
@@ -64,7 +64,7 @@ def optimizer_groups(trainable: dict[str, nn.Parameter], weight_decay: float = 0
 
 
 def _detach_first_token(module, inputs, output):
-    # K/V rows of the start-of-text token get no gradient (reference attention patch, spec §4)
+    # K/V rows of the start-of-text token get no gradient (reference attention patch)
     return torch.cat([output[:, :1].detach(), output[:, 1:]], dim=1)
 
 

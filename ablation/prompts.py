@@ -1,4 +1,4 @@
-"""Concept parsing and prompt construction for concept ablation (spec §2.1 ``--caption_target``, §3.4).
+"""Concept parsing and prompt construction for concept ablation.
 
 Vocabulary (as in the paper): the *anchor* concept is the one we keep (``cat``), the *target*
 concept is the one we ablate (``grumpy cat``). Training images are generated from *anchor

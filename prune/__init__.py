@@ -1,5 +1,5 @@
 """ConceptPrune (Chavhan et al.): training-free concept editing by pruning "skilled" weights of the
-second FFN linear (``ff.net.2``) of every UNet transformer block (spec ``conceptprune.md``).
+second FFN linear (``ff.net.2``) of every UNet transformer block.
 
 * :mod:`prune.hooks`   -- the ``ff.net.2`` layers in execution order, the activation-norm recorder and
   the per-call mask hooks;

@@ -1,4 +1,4 @@
-"""Hooks on the second FFN linear (``ff.net.2``) of every transformer block (spec §4, §6, §15).
+"""Hooks on the second FFN linear (``ff.net.2``) of every transformer block.
 
 Layer index ``l`` is the position of the block in the UNet's *forward execution order*, found by
 one hooked dry forward (:func:`ff2_layers`), never by sorting module names (CompVis names sort
@@ -122,7 +122,7 @@ class _Hooks:
 
 class ActivationRecorder(_Hooks):
     """Accumulates, per (call t, layer l), the sum over rows of squared row-normalised ``ff.net.2``
-    inputs (spec §4.1, §4.3): rows are every token of both CFG halves (the whole UNet batch);
+    inputs: rows are every token of both CFG halves (the whole UNet batch);
     ``x̂ = x / max(||x||, 1e-12)``; fp32 on the activations' device whatever the autocast dtype.
 
     ``norms()`` returns ``A[l]`` of shape ``[T, in_features]`` = ``sqrt(sum of squares)``. Several
@@ -180,8 +180,7 @@ class ActivationRecorder(_Hooks):
 
 
 class MaskApplier(_Hooks):
-    """During sampling, replaces each ``ff.net.2`` output with ``F.linear(x, W ⊙ (1 − M[t][l]), b)``
-    (spec §6). ``masks(t, l)`` returns a bool mask ``[out, in]`` (True = prune) or None (no change).
+    """During sampling, replaces each ``ff.net.2`` output with ``F.linear(x, W ⊙ (1 − M[t][l]), b)``. ``masks(t, l)`` returns a bool mask ``[out, in]`` (True = prune) or None (no change).
     ``n_calls`` (optional) bounds t: a generation with more UNet calls raises ``RuntimeError``.
     """
 

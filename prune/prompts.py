@@ -1,4 +1,4 @@
-"""Calibration prompt pairs (base vs target) per concept family, and per-family defaults (spec §3, §9).
+"""Calibration prompt pairs (base vs target) per concept family, and per-family defaults.
 
 Families and templates (the original's word lists, ``datasets/*.txt`` and ``utils/prompts.py`` of
 ruchikachavhan/concept-prune, under ``assets/prune_prompts/``):
@@ -16,7 +16,7 @@ memorize  ``""`` (empty prompt)            each prompt of ``--target_file`` (.tx
 custom    each line of ``--base_file``     each line of ``--target_file``                   0.01  10
 ========  ===============================  ===============================================  ====  ===
 
-(k = skill_ratio, tau = number of first UNet calls in the union; spec §9.) ``church`` and ``garbage truck``
+(k = skill_ratio, tau = number of first UNet calls in the union.) ``church`` and ``garbage truck``
 are object concepts with their own pairs (place, phrase) in the original, not the generic template. For
 gender, the concept
 ``male`` follows the reference: base = male words, target = female words, so the pruned
@@ -46,7 +46,7 @@ GENDERS = ("male", "female")
 OWN_PAIRS = {"church": "church.txt", "garbage truck": "garbage_truck.txt"}
 GENDER_SEEDS = 250  # seeds 0..249, one per gender pair
 
-# family -> (skill_ratio, tau)  (spec §9)
+# family -> (skill_ratio, tau)
 DEFAULTS = {
     "art": (0.01, 10),
     "nudity": (0.01, 9),

@@ -1,7 +1,6 @@
-"""WANDA scores, skilled-weight masks, the union over calls, the mask file and the pruned delta
-(spec §5, §7, §8).
+"""WANDA scores, skilled-weight masks, the union over calls, the mask file and the pruned delta.
 
-Rule (spec §5, §16.1), for layer weight ``W`` [out, in] and the column norms ``A_tar``/``A_base``
+Rule, for layer weight ``W`` [out, in] and the column norms ``A_tar``/``A_base``
 [in] of one (call t, layer l)::
 
     S_tar = |W| * A_tar[None, :]        S_base = |W| * A_base[None, :]
@@ -11,7 +10,7 @@ Rule (spec §5, §16.1), for layer weight ``W`` [out, in] and the column norms `
 (the base top-k of the reference is computed but unused, so it is not computed here). Ties in the
 top-k are broken towards the lower column index (stable descending sort). Scores are fp32.
 
-Union (spec §7): ``U_l = OR_{t < tau} M[t][l]`` (the reference's ``select_ratio = 0``); several
+Union: ``U_l = OR_{t < tau} M[t][l]`` (the reference's ``select_ratio = 0``); several
 concepts: the OR of their unions, each with its own tau.
 
 Mask file (``.safetensors``, written by :func:`save_masks`)::

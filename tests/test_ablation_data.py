@@ -427,7 +427,7 @@ def test_prompt_files(name, minimum):
             assert artist not in text
 
 
-# the paper's eight memorized images (compvis/scripts/memorization.sh, spec §1.2): our own paraphrase file for
+# the paper's eight memorized images (compvis/scripts/memorization.sh): our own paraphrase file for
 # each, the memorized caption (--caption_target) and the original's image it needs (--mem_impath)
 MEMORIZED = {
     "orleans_mem.txt": ("New Orleans House Galaxy Case", "orleans.png", "orleans"),

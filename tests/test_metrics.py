@@ -398,7 +398,7 @@ def test_eval_json_schema():
 
 
 def test_eval_prompt_files_have_ten_prompts():
-    """Spec §8.2: style prompts are read from {concept}_eval.txt (target, anchor and every hard negative);
+    """style prompts are read from {concept}_eval.txt (target, anchor and every hard negative);
     object prompts from {anchor}_eval.txt, whose lines must contain the anchor word (it is replaced)."""
     data = _eval_json()
     for key, entry in data["style"].items():

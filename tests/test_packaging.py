@@ -99,3 +99,15 @@ def test_installed_package_works_outside_the_repo(tmp_path):
         exe = cmd if cmd[0] == sys.executable else [str(bindir / cmd[0]), *cmd[1:]]
         out = subprocess.run(exe, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and "usage:" in out.stdout, (cmd, out.stderr[-2000:])
+
+
+def test_help_shows_defaults_and_no_outside_documents():
+    from ablation.commands import script
+
+    text = script("sample").get_parser().format_help()
+    assert "(default: 100)" in text and "(default: 1.0)" in text  # --ddim_steps, --ddim_eta
+    for name in ("train", "sample", "evaluate", "conceptprune", "export"):
+        assert "\u00a7" not in script(name).get_parser().format_help()
+    tracked = subprocess.run(["git", "-C", str(ROOT), "grep", "-l", "-I", "\u00a7", "--", "*.py", "*.md", "*.yaml"],
+                             capture_output=True, text=True).stdout.split()
+    assert not tracked, f"references to documents outside the repository in {tracked}"

@@ -60,7 +60,7 @@ def test_missing_prompt_file_is_named(tmp_path):
         evaluate.concept_prompts("object", "kids with guns", "kids", 4, tmp_path)
 
 
-# the paper's assets/eval.json (nupurkmr9/concept-ablation, spec §8.4): names and hard negatives are facts
+# the paper's assets/eval.json (nupurkmr9/concept-ablation): names and hard negatives are facts
 PAPER_EVAL = {
     "style": {
         "van gogh": ("van gogh", "painting", ["monet", "greg rutkowski", "salvador dali", "johannes vermeer",
