@@ -72,10 +72,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--numgen", type=cli.positive_int, default=50,
                    help="images per hard negative (>= 2 with hard negatives: KID needs two); target and anchor "
                         "get 4x")
-    p.add_argument("--outpkl", default="metrics/evaluation.pkl")
-    p.add_argument("--base_ckpt", default=str(REPO / "assets/pretrained_models/sd-v1-4.ckpt"))
-    p.add_argument("--base_outpath", default=str(REPO / "assets/baseline_generation"),
-                   help="cache of the base model's generations")
+    p.add_argument("--outpkl", default=None,
+                   help="metrics table (.pkl; .json, .csv and the chart beside it); default: {--root}/metrics/"
+                        "evaluation.pkl")
+    p.add_argument("--base_ckpt", default=None,
+                   help="base model (checkpoint file or diffusers pipeline folder); default: the base recorded in the "
+                        "run's config, else assets/pretrained_models/sd-v1-4.ckpt")
+    p.add_argument("--base_outpath", default="outputs/baseline_generation",
+                   help="cache of the base model's generations, shared by runs (one per base model and settings)")
     p.add_argument("--gpus", default=None, help=cli.GPUS_HELP)
     p.add_argument("--eval_stage", action="store_true", help="metrics only, on existing generations")
     p.add_argument("--config", default=None, help="model config (default: the run's saved config)")
@@ -329,6 +333,16 @@ def setup(argv=None) -> Plan:
             check_delta(model_config, path)
         checkpoints.append(Checkpoint(path.parent.parent, path, model_config))
     base_config = _model_config(Path(args.config)) if args.config else checkpoints[0].model_config
+    if args.base_ckpt is None:  # the base the run was trained on, not a fixed path
+        from ablation.delta import run_base_ckpt
+
+        bases = {run_base_ckpt(c.path) for c in checkpoints}
+        if len(bases) > 1:
+            raise ValueError(f"the runs under --root were trained on different bases ({', '.join(sorted(map(str, bases)))}); "
+                             f"pass --base_ckpt, or evaluate them one by one")
+        args.base_ckpt = bases.pop() or str(REPO / "assets/pretrained_models/sd-v1-4.ckpt")
+    if args.outpkl is None:
+        args.outpkl = str(Path(args.root) / "metrics" / "evaluation.pkl")
     if not args.eval_stage:
         from ldm.diffusers_format import checkpoint_exists
 
@@ -365,6 +379,8 @@ def setup(argv=None) -> Plan:
                               "pip install -e \".[eval]\"; or pass --feature_model <another TorchScript extractor>")
         inception_weights(args.feature_model)  # clean-fid's download, now rather than after the generation
 
+    if not args.eval_stage:
+        _check_folder_plans(args, concepts, checkpoints, anchor)
     devices = () if args.eval_stage else parse_devices(args.gpus)
     plan = Plan(args, args.concept_type, target, anchor, concepts, checkpoints, base_config, devices, outpkl,
                 extras={"clip": clip})
@@ -381,6 +397,27 @@ def setup(argv=None) -> Plan:
                                      batch_size=args.n_samples, height=args.H, width=args.W, seed=args.seed,
                                      devices=devices, precision=args.precision)
     return plan
+
+
+def _check_folder_plans(args, concepts: list[Concept], checkpoints: list[Checkpoint], anchor) -> None:
+    """Folders generated before with other settings fail now, each named, not hours into the generation."""
+    from ablation.generate import PLAN_FILE, _plan_diff, _plan_dict
+
+    plan = Plan(args, args.concept_type, "", anchor, concepts, checkpoints, {}, (), Path("."))
+    folders = [(base_dir(plan, c), base_prompts(plan, c), "--base_outpath") for c in concepts]
+    folders += [(ablated_dir(k, c), c.prompts, f"the eval folder of run {k.run}") for k in checkpoints for c in concepts]
+    for folder, prompts, where in folders:
+        plan_file = folder / PLAN_FILE
+        if not plan_file.is_file():
+            continue
+        try:
+            old = json.loads(plan_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # generate_images reports an unreadable plan with its own advice
+        diff = _plan_diff(old, _plan_dict(prompts, args.steps, args.eta, args.scale, args.H, args.W, args.seed))
+        if diff:
+            raise ValueError(f"{folder} was generated with other settings (differs in: {', '.join(diff)}); delete it, "
+                             f"or use another {where if where == '--base_outpath' else 'copy of the run'}")
 
 
 # ---------------------------------------------------------------------------------------- stage 1

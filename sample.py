@@ -52,8 +52,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_copies", type=cli.positive_int, default=1, help="images per prompt of --from-file")
     p.add_argument("--scale", type=cli.finite_float, default=6.0, help="classifier-free guidance scale")
     p.add_argument("--config", default=None, help=f"model config (default: the run's, else {DEFAULT_CONFIG.name})")
-    p.add_argument("--ckpt", default=str(REPO / "assets/pretrained_models/sd-v1-4.ckpt"),
-                   help="full or base checkpoint (.ckpt / .safetensors)")
+    p.add_argument("--ckpt", default=None,
+                   help="full or base checkpoint (.ckpt / .safetensors, or a diffusers pipeline folder); default: the "
+                        "base recorded in --delta_ckpt's training run, else assets/pretrained_models/sd-v1-4.ckpt")
     p.add_argument("--delta_ckpt", default=None, help="delta checkpoint applied on top of --ckpt")
     p.add_argument("--seed", type=cli.nonnegative_int, default=42)
     p.add_argument("--precision", choices=["full", "autocast"], default="autocast", help="autocast: fp16 on CUDA")
@@ -72,8 +73,11 @@ def resolve(argv=None):
     from ablation.prompts import read_prompts
 
     args = get_parser().parse_args(argv)
+    from ablation.delta import run_base_ckpt
     from ldm.diffusers_format import checkpoint_exists
 
+    if args.ckpt is None:  # the run's own base model, not a fixed path
+        args.ckpt = run_base_ckpt(args.delta_ckpt) or str(REPO / "assets/pretrained_models/sd-v1-4.ckpt")
     if not checkpoint_exists(args.ckpt):
         raise FileNotFoundError(f"--ckpt not found: {args.ckpt} (a checkpoint file or a diffusers pipeline folder)")
     if args.delta_ckpt is not None and not Path(args.delta_ckpt).is_file():

@@ -354,6 +354,7 @@ def run(args, config, concepts, prompts, devices, argv=None):
 
     # the run's merged config, saved before training so that sample.py can find it
     config.run = {"argv": sys.argv[1:] if argv is None else list(argv), "learning_rate": lr,
+                  "base_ckpt": str(Path(args.base_ckpt).resolve()),  # sample.py / evaluate.py default to it
                   "concepts": [f"{c.anchor}+{c.target}" if c.anchor else c.target for c in concepts]}
     if is_rank_zero:
         (run_dir / "configs").mkdir(exist_ok=True)

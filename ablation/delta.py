@@ -150,6 +150,16 @@ def load_model(model_config: Mapping, ckpt: str | Path, delta: str | Path | None
     return model.to(device)
 
 
+def run_base_ckpt(path: str | Path | None) -> str | None:
+    """The base checkpoint recorded in the config of the training run ``path`` (a delta) lives in, else None."""
+    config = find_run_config(path)
+    if config is None:
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(OmegaConf.load(config), "run.base_ckpt", default=None)
+
+
 def find_run_config(path: str | Path | None) -> Path | None:
     """The saved config of the training run a checkpoint lives in (``{run}/checkpoints/x`` ->
     the last ``{run}/configs/*.yaml``), else None."""

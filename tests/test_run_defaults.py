@@ -1,0 +1,66 @@
+"""Defaults that follow the run (issue 20, items 4-5): sample.py and evaluate.py take the base checkpoint the
+run's config records, metrics default into the run folder, the base-image cache stays out of the repository,
+and folders generated with other settings are refused in setup, named."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from omegaconf import OmegaConf
+
+import evaluate
+import sample
+from test_evaluate import GEN, _argv, env  # noqa: F401 (fixture)
+
+
+@pytest.fixture()
+def recorded_run(env, tmp_path):  # noqa: F811
+    """A copy of the evaluation run whose config records its base checkpoint, as train.py writes it."""
+    run = tmp_path / "logs" / env["run"].name
+    shutil.copytree(env["run"], run, ignore=shutil.ignore_patterns("eval"))
+    cfg_path = next((run / "configs").glob("*.yaml"))
+    cfg = OmegaConf.load(cfg_path)
+    cfg.run = {"base_ckpt": str(env["base"])}
+    OmegaConf.save(cfg, cfg_path)
+    return run
+
+
+def _without(argv, *flags):
+    out = list(argv)
+    for f in flags:
+        i = out.index(f)
+        del out[i:i + 2]
+    return out
+
+
+def test_evaluate_defaults_follow_the_run(env, recorded_run):  # noqa: F811
+    argv = _without(_argv(env, root=recorded_run), "--base_ckpt", "--outpkl")
+    plan = evaluate.setup(argv)
+    assert plan.args.base_ckpt == str(env["base"])
+    assert plan.outpkl == recorded_run / "metrics" / "evaluation.pkl"
+    p = evaluate.get_parser()
+    assert "assets" not in p.get_default("base_outpath")
+
+
+def test_sample_takes_the_runs_base(env, recorded_run, tmp_path):  # noqa: F811
+    delta = next((recorded_run / "checkpoints").glob("delta_step_*"))
+    args = sample.resolve(["--delta_ckpt", str(delta), "--prompt", "a cat", "--H", "16", "--W", "16",
+                           "--ddim_steps", "2", "--n_samples", "1", "--outdir", str(tmp_path / "o")])[0]
+    assert args.ckpt == str(env["base"])
+
+
+def test_folder_made_with_other_settings_fails_in_setup(env, recorded_run, tmp_path):  # noqa: F811
+    base = tmp_path / "baseline"
+    argv = _argv(env, root=recorded_run)
+    argv[argv.index("--base_outpath") + 1] = str(base)
+    plan = evaluate.setup(argv)
+    folder = evaluate.base_dir(plan, plan.concepts[0])
+    folder.mkdir(parents=True)
+    from ablation.generate import PLAN_FILE, _plan_dict
+
+    a = plan.args
+    old = _plan_dict(plan.concepts[0].prompts, a.steps + 1, a.eta, a.scale, a.H, a.W, a.seed)
+    (folder / PLAN_FILE).write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=rf"{folder.name} was generated with other settings \(differs in: steps\)"):
+        evaluate.setup(argv)
