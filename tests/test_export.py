@@ -172,6 +172,27 @@ def test_diffusers_folder_loads_offline(pipe, exported):
     assert pipe.vae.config.scaling_factor == pytest.approx(0.18215)
 
 
+def test_from_single_file_offline_with_the_exported_folder_as_config(exported, reference):
+    """diffusers' from_single_file reads our merged file offline when config= names the exported folder
+    (without it, it would fetch the SD v1 config from the hub)."""
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_single_file(str(exported / "merged.safetensors"), config=str(exported / "pipe"),
+                                                 local_files_only=True, safety_checker=None)
+    x, t, ctx = _unet_inputs(seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(p.unet(x, t, encoder_hidden_states=ctx).sample,
+                                   reference.model.diffusion_model(x, timesteps=t, context=ctx), rtol=1e-4, atol=1e-4)
+
+
+def test_exported_files_have_normal_permissions(exported):
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (exported / "pipe").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (exported / "merged.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (exported / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_diffusers_scheduler_matches_our_schedule(pipe, reference):
     torch.testing.assert_close(pipe.scheduler.alphas_cumprod, reference.alphas_cumprod, rtol=1e-6, atol=1e-7)
 

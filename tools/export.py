@@ -269,11 +269,16 @@ def save_pipeline(pipe, out_dir: str | os.PathLike, half: bool = False) -> None:
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the folder is for sharing, as mkdir would make it
     try:
         if half:  # pipe.to(torch_dtype=...) does not cast on CPU; cast the modules themselves
             for module in (pipe.unet, pipe.vae, pipe.text_encoder):
                 module.to(dtype=torch.float16)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+        for path in tmp.rglob("*"):  # diffusers writes its shards 0600 (temporary files): normal modes
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         if out.exists():
             out.rmdir()  # resolve() checked that it is empty
         os.replace(tmp, out)
