@@ -678,11 +678,12 @@ def plot_chart(plan: Plan, results: dict[str, dict[str, float]]) -> Path:
         labels, key, base_key, ylabel = ["memorized image"], lambda t: "Memorization rate", \
             lambda t: "Baseline memorization rate", "SSCD memorization rate (lower is better)"
     else:
-        labels = [c.name for c in plan.concepts]
+        # the anchor's accuracy against itself is 0 by definition (strict >): no bar for it
+        labels = [c.name for c in plan.concepts if c.name != plan.anchor]
         key = lambda t: f"CLIP accuracy_{t}_{plan.anchor}"  # noqa: E731
         base_key = lambda t: f"Baseline CLIP accuracy_{t}_{plan.anchor}"  # noqa: E731
         ylabel = f"CLIP accuracy vs '{plan.anchor}'"
-    concepts = [c.name for c in plan.concepts][:len(labels)]
+    concepts = [c.name for c in plan.concepts if c.name != plan.anchor][:len(labels)]
     first = next(iter(results.values()))
     series = [("baseline", [first[base_key(t)] for t in concepts])]
     series += [(name, [row[key(t)] for t in concepts]) for name, row in results.items()]
