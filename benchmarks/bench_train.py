@@ -72,6 +72,8 @@ def main():
     p.add_argument("--gen-steps", type=int, default=None, help="default: 200 for sd, 10 for tiny")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-checkpointing", action="store_true", help="disable UNet gradient checkpointing")
+    p.add_argument("--size", type=int, default=None, help="image side (default 512 for sd, 16 for tiny)")
+    p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args()
     device = torch.device(args.device)
     cfg = OmegaConf.load(CONFIGS[args.model]).model
@@ -86,7 +88,7 @@ def main():
             for t in model.parameters():
                 t.normal_(0, 0.02)
     model = model.to(device)
-    size = 512 if args.model == "sd" else 16
+    size = args.size or (512 if args.model == "sd" else 16)
     lf = 2 ** (len(cfg.params.first_stage_config.params.ddconfig.ch_mult) - 1)
     steps = args.gen_steps or (200 if args.model == "sd" else 10)
     print(f"{args.model} on {device}: training step (batch {args.train_batch}, {size}x{size}, {args.group}, "
@@ -143,6 +145,17 @@ def main():
           f"({statistics.median(gen_times) / args.gen_batch:.3f} s/image), peak {gen_peak:,.0f} MiB")
     note = "process max RSS" if device.type == "cpu" else "max_memory_allocated"
     print(f"  (peak memory: {note})")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "model": args.model, "device": str(device), "size": size, "group": args.group,
+            "trainable": module.n_trainable(), "peak_memory": note,
+            "train": {"batch": args.train_batch, "precision": args.train_precision, "steps": len(train_times),
+                      "median_s": statistics.median(train_times), "min_s": min(train_times), "peak_mib": train_peak},
+            "generation": {"batch": args.gen_batch, "ddim_steps": steps, "median_s": statistics.median(gen_times),
+                           "images_per_s": args.gen_batch / statistics.median(gen_times), "peak_mib": gen_peak},
+        }, indent=1) + "\n")
 
 
 if __name__ == "__main__":

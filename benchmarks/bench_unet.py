@@ -24,7 +24,7 @@ every measurement in R fresh processes, alternating which implementation goes fi
 
 Devices
   cpu   (default) fp32, batch 1, all cores (--threads to change).
-  cuda  fp16 autocast, batch 8; timings synchronised; peak memory = torch.cuda.max_memory_allocated
+  cuda  fp16 autocast (--dtype bf16: bf16), batch 8; timings synchronised; peak memory = torch.cuda.max_memory_allocated
         during the timed iterations minus the memory allocated after construction (weights + inputs).
 
 Peak memory on CPU: every (implementation, config, mode) is measured in a fresh subprocess of its
@@ -185,7 +185,8 @@ def worker(args) -> dict:
             return model(x, t, encoder_hidden_states=ctx, return_dict=False)[0]
 
     cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.float16) if cuda else torch.autocast("cpu", enabled=False)
+    half = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    autocast = torch.autocast("cuda", dtype=half) if cuda else torch.autocast("cpu", enabled=False)
 
     def step():
         if args.mode == "fwd":
@@ -243,7 +244,7 @@ def run_one(args, impl, config, mode, out_file, memory_only=False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--impl", impl, "--configs", config,
            "--mode", mode, "--device", args.device, "--batch", str(args.batch), "--size", str(args.size),
            "--threads", str(args.threads), "--warmup", str(warmup), "--repeats", str(repeats),
-           "--out-file", out_file or ""]
+           "--dtype", args.dtype, "--out-file", out_file or ""]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
@@ -296,6 +297,7 @@ def main(argv=None):
     ap.add_argument("--mem-from-timing-run", action="store_true",
                     help="cpu: no separate memory subprocess; report the timing run's peak RSS (default allocator)")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
+    ap.add_argument("--dtype", choices=["fp16", "bf16"], default="fp16", help="autocast dtype on cuda (cpu: fp32)")
     # internal: one measurement in this (fresh) process
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
@@ -323,7 +325,7 @@ def main(argv=None):
             ap.error(f"unknown config {c!r}")
     print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, python {platform.python_version()}, "
           f"device {args.device}, threads {args.threads}, batch {args.batch}, latents {args.size}x{args.size}, "
-          f"{'fp16 autocast' if args.device == 'cuda' else 'fp32'}", flush=True)
+          f"{args.dtype + ' autocast' if args.device == 'cuda' else 'fp32'}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in configs:
@@ -361,7 +363,7 @@ def main(argv=None):
           "machine); MiB: peak memory above weights+inputs; ratios < 1 favour ours; max|Δout|: forward outputs, "
           "same weights and inputs.")
     if args.json:
-        meta = dict(torch=torch.__version__, diffusers=diffusers.__version__, device=args.device,
+        meta = dict(torch=torch.__version__, diffusers=diffusers.__version__, device=args.device, dtype=args.dtype,
                     threads=args.threads, batch=args.batch, size=args.size, platform=platform.platform())
         Path(args.json).write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
 

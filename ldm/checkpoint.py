@@ -391,8 +391,13 @@ def load_into(
     state_dict: Mapping[str, torch.Tensor],
     strict: bool = False,
     ignore_prefixes: Iterable[str] = ("model_ema.",),
+    assign: bool = False,
 ) -> LoadReport:
     """Copy ``state_dict`` into ``model`` and report what did not fit.
+
+    With ``assign=True`` the model's tensors *become* the state dict's (no copy: a memory-mapped
+    checkpoint then backs the model directly, so loading costs one copy of the weights in memory instead
+    of two); entries of another dtype than the model's are converted first, so dtypes stay the model's.
 
     Keys under ``ignore_prefixes`` are skipped. Keys whose shape differs from the model's are
     left out (reported as ``mismatched``) rather than letting torch abort mid-load. With
@@ -423,7 +428,11 @@ def load_into(
     try:
         # strict=False always: missing/unexpected come from torch's own result so that
         # load_state_dict pre-hooks (which may add or rename keys) are honoured.
-        result = model.load_state_dict(to_load, strict=False)
+        if assign:
+            own = model.state_dict(keep_vars=True)
+            to_load = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() and v.dtype != own[k].dtype
+                       else v for k, v in to_load.items()}
+        result = model.load_state_dict(to_load, strict=False, assign=assign)
     except RuntimeError as e:
         # Only reachable if a pre-hook produced a wrong-shaped tensor we could not see.
         raise CheckpointError(f"loading into {type(model).__name__} failed: {e}") from e
@@ -479,7 +488,9 @@ def load_model_from_config(config: Mapping, ckpt: PathLike, device: str | torch.
     state_dict = load_state_dict(ckpt)  # read (and vet) the file before the expensive build
     with skip_init():
         model = instantiate_from_config(config)
-    report = load_into(model, state_dict, strict=False)
+    # assign: the uninitialised parameters are never touched; the (memory-mapped) checkpoint tensors take
+    # their place, so the process holds one copy of the weights, not two
+    report = load_into(model, state_dict, strict=False, assign=True)
     if report.missing or report.mismatched:
         raise CheckpointError(f"{ckpt} does not fit the model config:\n{report}")
     if verbose:

@@ -326,3 +326,16 @@ def test_load_model_from_config_full_and_incomplete(tmp_path):
     # the random init is restored after the skip_init context
     lin = torch.nn.Linear(4, 4)
     assert lin.weight.abs().sum() > 0
+
+
+def test_load_into_assign_shares_tensors_and_keeps_model_dtypes():
+    net = _Net()
+    same = {"lin.weight": torch.randn(3, 4), "lin.bias": torch.randn(3), "ids": torch.arange(5)}
+    load_into(net, same, assign=True)
+    # the model holds the state dict's tensors themselves: no second copy of the weights
+    assert net.lin.weight.data_ptr() == same["lin.weight"].data_ptr() and isinstance(net.lin.weight, nn.Parameter)
+    assert net.lin.weight.requires_grad
+    half = {k: v.half() if v.is_floating_point() else v for k, v in same.items()}
+    net2 = _Net()
+    load_into(net2, half, assign=True)
+    assert net2.lin.weight.dtype == torch.float32 and torch.equal(net2.lin.weight, half["lin.weight"].float())

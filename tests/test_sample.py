@@ -83,5 +83,5 @@ def test_errors(base, tmp_path):
     with pytest.raises(CheckpointError, match="does not fit"):
         sample.main(fast(base, "--delta_ckpt", str(tmp_path / "bad.ckpt"), "--outdir", str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()  # refused before anything was written
-    with pytest.raises(RuntimeError, match="CUDA"):
+    with pytest.raises(ValueError, match="CUDA"):
         sample.resolve(fast(base, "--gpus", "0"))
