@@ -320,7 +320,7 @@ def run(args, config, concepts, prompts, devices, argv=None):
     from omegaconf import OmegaConf
 
     from ablation.delta import load_model
-    from ablation.module import ConceptAblation, DeltaCheckpoint, ImageLogger, PeakMemory
+    from ablation.module import ConceptAblation, DeltaCheckpoint, ImageLogger, PeakMemory, StepProgressBar
     from ablation.prompts import read_prompts, target_prompt
 
     # the frozen VAE and text encoder are in eval mode on purpose
@@ -362,7 +362,7 @@ def run(args, config, concepts, prompts, devices, argv=None):
 
     callbacks = [DeltaCheckpoint(run_dir / "checkpoints", tr.save_freq, args.ckpt_format,
                                  metadata={"parameter_group": tr.parameter_group, "caption_target": args.caption_target}),
-                 PeakMemory()]
+                 PeakMemory(), StepProgressBar(), L.pytorch.callbacks.LearningRateMonitor(logging_interval="step")]
     if config.logging.image_every:
         import random
 
@@ -379,6 +379,13 @@ def run(args, config, concepts, prompts, devices, argv=None):
         max_steps=tr.max_steps, precision=args.precision, logger=make_logger(args, run_dir, run_name),
         callbacks=callbacks, enable_checkpointing=False, log_every_n_steps=1, num_sanity_val_steps=0,
         limit_val_batches=0, default_root_dir=str(run_dir))
+    # the run's settings beside its curves (TensorBoard's HPARAMS tab, wandb's config); rank 0 only
+    trainer.logger.log_hyperparams({
+        **{f"{k}.{kk}": vv for k in ("training", "data", "generation")
+           for kk, vv in OmegaConf.to_container(config[k], resolve=True).items()},
+        "concept_type": args.concept_type, "caption_target": args.caption_target, "learning_rate": lr,
+        "processes": n_procs, "regularization": args.regularization, "base_ckpt": str(args.base_ckpt),
+        "preserve_prompts": str(args.preserve_prompts), "seed": args.seed})
     trainer.fit(module.train(), datamodule=data)
     if is_rank_zero:
         print(f"delta checkpoints: {', '.join(str(p) for p in callbacks[0].saved)}")

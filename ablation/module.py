@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.callbacks import TQDMProgressBar
 import torch
 from PIL import Image
 
@@ -226,13 +227,39 @@ class ImageLogger(L.Callback):
         path = self.outdir / f"target-anchor_gs-{trainer.global_step:06}.png"
         Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
         for lg in trainer.loggers:
-            if hasattr(lg, "experiment") and hasattr(lg.experiment, "add_image"):
+            if hasattr(lg, "log_image"):  # Weights & Biases
+                lg.log_image(key="samples/target-anchor", images=[str(path)], step=trainer.global_step,
+                             caption=["rows: target prompts, anchor prompts"])
+            elif hasattr(lg, "experiment") and hasattr(lg.experiment, "add_image"):  # TensorBoard
                 lg.experiment.add_image("samples/target-anchor", grid, trainer.global_step)
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every > 0 and trainer.global_step % self.every == 0 and trainer.is_global_zero:
             self.log_images(trainer, pl_module)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar over the run's steps, ``step i/N``: training is bounded by ``max_steps``, and Lightning's
+    per-epoch bar showed ``Epoch 0/-2`` (max_epochs is -1) with a count that restarts every epoch."""
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.set_description("step")
+
+    def on_train_epoch_start(self, trainer, *_):
+        pass  # no per-epoch reset
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar = self.train_progress_bar
+        if not bar.disable:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        pass  # the bar lives until the end of training
 
 
 class PeakMemory(L.Callback):

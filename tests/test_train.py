@@ -1,4 +1,5 @@
 """train.py end to end on the tiny model: generate -> train -> delta -> loads onto the base."""
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -53,17 +54,23 @@ def check_run(d, run_dir, group_keys):
     after = base.state_dict()
     assert any(not torch.equal(after[k], before[k]) for k in written)  # training changed the weights
     assert all(torch.equal(after[k], before[k]) for k in after if k not in written)
+    # TensorBoard: the run's hyper-parameters and the learning rate per step
+    tb = run_dir / "tensorboard"
+    hparams = OmegaConf.load(next(tb.rglob("hparams.yaml")))
+    assert hparams["training.max_steps"] == 3 and hparams["learning_rate"] > 0
+    assert b"lr-AdamW" in b"".join(p.read_bytes() for p in tb.rglob("events.out.tfevents.*"))
 
 
 def kv(k):
     return "attn2.to_k" in k or "attn2.to_v" in k
 
 
-def test_object_with_regularization(workdir):
+def test_object_with_regularization(workdir, capsys):
     run_dir = train.main(["-t", "--concept_type", "object", "--caption_target", "cat+grumpy cat", "--prompts",
                           str(workdir / "cat.txt"), "--train_size", "4", "--regularization", "--name", "grumpy",
                           *args(workdir)[:-len(FAST)], *FAST])
     assert run_dir.name.endswith("_grumpy")
+    assert re.search(r"step: +100%.* 3/3 ", capsys.readouterr().out)  # one bar over the steps, not per epoch
     check_run(workdir, run_dir, kv)
     gen = workdir / "data" / "cat_gen"
     assert (gen / "caption.txt").read_text().splitlines() == ["a cat on a sofa"] * 2 + ["a photo of a cat in the garden"] * 2
