@@ -275,12 +275,17 @@ def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
 
     A diffusers pipeline folder, or a diffusers-keyed UNet file inside one, comes back with CompVis keys
     (:mod:`ldm.diffusers_format`)."""
+    return _read_any(path, _file_state_dict)
+
+
+def _read_any(path: PathLike, reader) -> dict[str, torch.Tensor]:
+    """``reader(path)`` for a checkpoint file; a diffusers source read with ``reader`` and converted."""
     from ldm.diffusers_format import is_pipeline_dir, looks_like_diffusers_unet
 
     if is_pipeline_dir(path):
-        return _from_diffusers(path, _file_state_dict)
-    tensors = _file_state_dict(path)
-    return _from_diffusers(path, _file_state_dict, tensors) if looks_like_diffusers_unet(tensors) else tensors
+        return _from_diffusers(path, reader)
+    tensors = reader(path)
+    return _from_diffusers(path, reader, tensors) if looks_like_diffusers_unet(tensors) else tensors
 
 
 def _file_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
@@ -304,12 +309,7 @@ def state_dict_shapes(path: PathLike) -> dict[str, torch.Tensor]:
     stays memory-mapped, untouched. Cheap enough to vet a 4 GB base checkpoint before any work.
     Diffusers sources are converted as in :func:`load_state_dict`.
     """
-    from ldm.diffusers_format import is_pipeline_dir, looks_like_diffusers_unet
-
-    if is_pipeline_dir(path):
-        return _from_diffusers(path, _file_shapes)
-    shapes = _file_shapes(path)
-    return _from_diffusers(path, _file_shapes, shapes) if looks_like_diffusers_unet(shapes) else shapes
+    return _read_any(path, _file_shapes)
 
 
 def _file_shapes(path: PathLike) -> dict[str, torch.Tensor]:

@@ -153,6 +153,12 @@ def unet_key_map(keys) -> dict[str, str]:
         (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)",
          lambda m: f"output_blocks.{int(m[1]) * step + n_res}.{2 if int(m[1]) in up_attn else 1}.conv.{m[2]}"),
     ]
+    return _apply_rules(keys, rules, "UNet", " (an SDXL/SD2-style or otherwise unsupported UNet?)")
+
+
+def _apply_rules(keys, rules, what: str, hint: str = "") -> dict[str, str]:
+    """``{key: CompVis key}`` by the first rule whose pattern matches the whole key; a key that no rule maps
+    (or whose rule has no entry for it) raises :class:`DiffusersFormatError`."""
     out = {}
     for k in keys:
         for pattern, fn in rules:
@@ -161,11 +167,10 @@ def unet_key_map(keys) -> dict[str, str]:
                 try:
                     out[k] = fn(m)
                 except KeyError:
-                    m = None
+                    pass
                 break
         if k not in out:
-            raise DiffusersFormatError(f"UNet key {k!r} has no CompVis SD-v1 counterpart (an SDXL/SD2-style "
-                                       f"or otherwise unsupported UNet?)")
+            raise DiffusersFormatError(f"{what} key {k!r} has no CompVis SD-v1 counterpart{hint}")
     return out
 
 
@@ -196,16 +201,7 @@ def vae_key_map(keys) -> dict[str, str]:
         (r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0|query|key|value|proj_attn)"
          r"\.(weight|bias)", lambda m: f"{m[1]}.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}"),
     ]
-    out = {}
-    for k in keys:
-        for pattern, fn in rules:
-            m = re.fullmatch(pattern, k)
-            if m:
-                out[k] = fn(m)
-                break
-        else:
-            raise DiffusersFormatError(f"VAE key {k!r} has no CompVis SD-v1 counterpart")
-    return out
+    return _apply_rules(keys, rules, "VAE")
 
 
 def _vae_tensor(compvis_key: str, v: torch.Tensor) -> torch.Tensor:
