@@ -164,7 +164,8 @@ def check_inputs(args, config):
 
     gen = config.generation
     validate_generation_args(["x"], steps=gen.steps, eta=gen.eta, scale=gen.scale, batch_size=args.n_samples,
-                             height=config.data.size, width=config.data.size, seed=gen.seed)
+                             height=config.data.size, width=config.data.size, seed=gen.seed,
+                             sampler=gen.get("sampler", "ddim"))
     if args.concept_type == "memorization":
         validate_generation_args(["x"], steps=gen.check_steps, eta=gen.eta, scale=gen.scale,
                                  batch_size=args.n_samples, height=config.data.size, width=config.data.size,
@@ -218,7 +219,8 @@ def prepare_data(args, config, concepts, prompts, devices):
             factory, args.sscd_ckpt, args.mem_impath, prompts, gen_folder, concepts[0].target, args.train_size,
             n_check=gen.check_images_per_prompt, check_steps=gen.check_steps, anchor_steps=gen.steps,
             anchor_size=gen.anchor_size, target_size=gen.target_size, threshold=gen.sscd_threshold,
-            devices=tuple(devices), batch_size=args.n_samples, height=size, width=size, seed=gen.seed)
+            devices=tuple(devices), batch_size=args.n_samples, height=size, width=size, seed=gen.seed,
+            sampler=gen.get("sampler", "ddim"))
         if shard is not None:
             broadcast_from_zero((images_txt, caption_txt, targets))
         extra = [Concept("*", t) for t in targets if t not in {c.target for c in concepts}]

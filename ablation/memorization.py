@@ -251,12 +251,13 @@ def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathL
                               devices: Sequence[str] | str = ("cpu",), batch_size: int = 10, height: int = 512,
                               width: int = 512, seed: int = 42, eta: float = 1.0, scale: float = 6.0,
                               precision: str = "autocast", sscd_device: str | torch.device | None = None,
-                              ) -> tuple[Path, Path, list[str]]:
+                              sampler: str = "ddim") -> tuple[Path, Path, list[str]]:
     """check set -> SSCD scoring -> anchor/target prompts -> anchor set -> filtering.
 
     Returns ``(gen/images.txt, gen/caption.txt, [caption_target, t1, ..., t_target_size])``; the
     trainer turns the caption list into ``*+X`` memorization concepts. Finished stages are reused.
-    ``sscd_device`` defaults to the first of ``devices``.
+    ``sscd_device`` defaults to the first of ``devices``. ``sampler`` makes the anchor set (``generation.sampler``);
+    the check set that scores the paraphrases stays DDIM, as in the paper.
     """
     gen = Path(gen_folder)
     mem_image = Path(mem_image)
@@ -281,7 +282,7 @@ def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathL
     gen_kw = dict(eta=eta, scale=scale, batch_size=batch_size, height=height, width=width, seed=seed,
                   devices=devices, precision=precision)
     _, gen_kw["devices"] = validate_generation_args(distinct, steps=check_steps, **gen_kw)
-    validate_generation_args(distinct, steps=anchor_steps, **gen_kw)
+    validate_generation_args(distinct, steps=anchor_steps, **gen_kw, sampler=sampler)
     devices = gen_kw["devices"]
 
     settings = {"version": 1, "caption_target": caption_target, "mem_image_sha256": _sha256(mem_image),
@@ -325,7 +326,7 @@ def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathL
     per_anchor = train_size // anchor_size
     anchor_prompts = [a for a in anchors for _ in range(per_anchor)]
     generate_images(model_factory, anchor_prompts, gen / "anchor", steps=anchor_steps,
-                    desc="memorization anchor set", **gen_kw)
+                    desc="memorization anchor set", sampler=sampler, **gen_kw)
 
     # 4. final filtering into gen/samples
     images_txt, caption_txt = gen / "images.txt", gen / "caption.txt"
