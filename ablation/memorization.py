@@ -3,9 +3,9 @@
 SSCD (``sscd_imagenet_mixup.torchscript.pt``, a TorchScript ResNet-50 with 512-D descriptors) is
 loaded only when a function here needs it, never at import (the reference loaded it at import time,
 so the file was required even for style/object runs). Preprocessing is SSCD's ``small_288``
-recipe, done with PIL + numpy instead of torchvision: resize so the SHORT side is 288 (PIL bilinear,
-which is what torchvision's ``Resize(288)`` does on PIL images; the long side is
-``int(288 * long / short)``), to float CHW in [0, 1], ImageNet mean/std normalisation.
+recipe with torchvision's transforms, as SSCD's own code: ``Resize(288)`` (the SHORT side becomes 288,
+PIL bilinear; the long side ``int(288 * long / short)``), ``ToTensor`` (float CHW in [0, 1]), ImageNet
+mean/std ``Normalize``.
 
 An image is "memorized" when its cosine similarity to the memorized training image is > 0.5.
 
@@ -37,7 +37,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -87,17 +86,15 @@ def _resized_size(width: int, height: int, size: int = SSCD_SIZE) -> tuple[int, 
 
 def preprocess_sscd(image: Image.Image | str | os.PathLike, size: int = SSCD_SIZE) -> torch.Tensor:
     """SSCD ``small_288`` preprocessing: RGB, short side -> ``size`` (bilinear), [0,1] CHW, ImageNet norm."""
+    from torchvision import transforms as T
+
     if not isinstance(image, Image.Image):
         with Image.open(image) as im:
             image = im.convert("RGB")
     else:
         image = image.convert("RGB")
-    target = _resized_size(*image.size, size=size)
-    if image.size != target:
-        image = image.resize(target, Image.Resampling.BILINEAR)
-    x = np.asarray(image, dtype=np.float32) / 255.0  # H, W, 3
-    x = (x - np.asarray(IMAGENET_MEAN, dtype=np.float32)) / np.asarray(IMAGENET_STD, dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image)
 
 
 def _model_device(model) -> torch.device:
