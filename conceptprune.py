@@ -6,7 +6,7 @@
    score |W|*||X_j|| and keep per output row
    the top-k (k = int(skill_ratio * in_features)) target scores where target > base::
 
-       python conceptprune.py discover --concept "Van Gogh" --ckpt assets/pretrained_models/sd-v1-4.ckpt \
+       python conceptprune.py discover --concept "Van Gogh" --ckpt assets/pretrained_models/sd-v1-4.ckpt \\
            --outdir logs/prune/van_gogh [--skill_ratio 0.01]
 
    writes ``{outdir}/norms-{key}.safetensors`` (the norms, reused when the same prompts, settings and
@@ -24,7 +24,7 @@
    union), zero those ff.net.2 weights and save a delta checkpoint (only the changed weights, CompVis
    keys; with --delta_ckpt the input delta's tensors are carried over) for sample.py/evaluate.py::
 
-       python conceptprune.py prune --masks a/masks_sr0.01.safetensors b/masks_sr0.02.safetensors \
+       python conceptprune.py prune --masks a/masks_sr0.01.safetensors b/masks_sr0.02.safetensors \\
            --ckpt ... [--tau 10] --out logs/prune/delta_pruned.ckpt
 
    --tau defaults to each concept family's tau; one value applies to every mask file.

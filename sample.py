@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Sample images from Stable Diffusion v1, optionally with an ablation (or pruning) delta on top.
 
-    python sample.py --ckpt assets/pretrained_models/sd-v1-4.ckpt \
+    python sample.py --ckpt assets/pretrained_models/sd-v1-4.ckpt \\
         --delta_ckpt logs/<run>/checkpoints/delta_step_100.ckpt --prompt "a painting in the style of van gogh"
 
 Output: ``{outdir}/samples/NNNNN.png`` (numbering continues after existing files), a grid image

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Concept ablation training (Kumari et al., ICCV 2023) on Stable Diffusion v1.
 
-    python train.py -t --gpus 0,1 --concept_type style --caption_target "van gogh" \
+    python train.py -t --gpus 0,1 --concept_type style --caption_target "van gogh" \\
         --prompts assets/finetune_prompts/painting.txt --name vangogh_painting --train_size 200
 
 Steps, top to bottom: check every input (cheap, before any model is built); generate the anchor

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Merge a base checkpoint and an ablation delta into one full checkpoint (optionally a diffusers folder).
 
-    python tools/export.py --ckpt assets/pretrained_models/sd-v1-4.ckpt \
-        --delta_ckpt logs/<run>/checkpoints/delta.ckpt --out ablated.safetensors \
+    python tools/export.py --ckpt assets/pretrained_models/sd-v1-4.ckpt \\
+        --delta_ckpt logs/<run>/checkpoints/delta.ckpt --out ablated.safetensors \\
         [--config CFG] [--half] [--diffusers OUT_DIR] [--scheduler ddim|pndm]
 
 ``--out`` (``.safetensors`` or ``.ckpt``) receives the complete ``LatentDiffusion`` state dict in the
