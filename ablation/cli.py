@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 __all__ = ["ArgumentParser", "UsageError", "parse_devices", "GPUS_HELP", "positive_int", "nonnegative_int", "finite_float", "nonnegative_float",
-           "positive_float", "unit_interval", "image_side", "check_output", "check_distinct_outputs",
+           "positive_float", "image_side", "check_output", "check_distinct_outputs",
            "check_config_values", "exit_on_usage_error"]
 
 
@@ -89,14 +89,8 @@ nonnegative_int = _ranged(int, lambda v: v >= 0, "an integer >= 0", "nonnegative
 finite_float = _ranged(float, lambda v: True, "a finite number", "finite_float")
 nonnegative_float = _ranged(float, lambda v: v >= 0, "a finite number >= 0", "nonnegative_float")
 positive_float = _ranged(float, lambda v: v > 0, "a finite number > 0", "positive_float")
-unit_interval = _ranged(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "unit_interval")
 # SD's VAE downsamples by 8: an image side must be a positive multiple of it
 image_side = _ranged(int, lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8", "image_side")
-
-
-def minimum_int(low: int) -> Callable[[str], int]:
-    """``type=`` for an integer >= ``low``."""
-    return _ranged(int, lambda v: v >= low, f"an integer >= {low}", f"int_ge_{low}")
 
 
 # ---------------------------------------------------------------------------------------- devices
@@ -196,12 +190,11 @@ def check_distinct_outputs(outputs: Mapping[str, str | os.PathLike | None]) -> N
 
 # ---------------------------------------------------------------------------------------- configs
 def _int_rule(low: int, multiple: int = 1):
+    want = f"an integer >= {low}" + (f" and a multiple of {multiple}" if multiple > 1 else "")
+
     def check(v):
-        if isinstance(v, bool) or not isinstance(v, int):
-            return f"an integer >= {low}" + (f" and a multiple of {multiple}" if multiple > 1 else "")
-        if v < low or v % multiple:
-            return f"an integer >= {low}" + (f" and a multiple of {multiple}" if multiple > 1 else "")
-        return None
+        ok = not isinstance(v, bool) and isinstance(v, int) and v >= low and v % multiple == 0
+        return None if ok else want
     return check
 
 
@@ -250,12 +243,10 @@ CONFIG_RULES: dict[str, Callable[[Any], str | None]] = {
 
 
 def check_config_values(config, rules: Mapping[str, Callable[[Any], str | None]] = CONFIG_RULES) -> None:
-    """Raise UsageError for the first config value that breaks its rule (``OmegaConf`` node or dict)."""
-    from omegaconf import OmegaConf
-
+    """Raise UsageError for the first config value that breaks its rule (``OmegaConf`` node or dict: both
+    are Mappings)."""
     for key, rule in rules.items():
-        value = OmegaConf.select(config, key, default=None) if not isinstance(config, Mapping) else \
-            _select(config, key)
+        value = _select(config, key)
         if value is None:
             continue
         want = rule(value)
@@ -272,10 +263,10 @@ def _select(d: Mapping, key: str):
 
 
 # ---------------------------------------------------------------------------------------- scripts
-def exit_on_usage_error(fn: Callable[[], Any], errors: tuple[type[BaseException], ...] = ()) -> Any:
+def exit_on_usage_error(fn: Callable[[], Any]) -> Any:
     """Run a script's cheap setup ``fn``; a bad input becomes one ``error:`` line and exit status 2."""
     # UsageError is a ValueError, CheckpointError a RuntimeError, a missing file an OSError
-    caught = (ValueError, OSError, RuntimeError, ImportError, *errors)
+    caught = (ValueError, OSError, RuntimeError, ImportError)
     try:
         return fn()
     except caught as e:
