@@ -368,7 +368,7 @@ def setup(argv=None) -> Plan:
             check_output(run / "eval", f"the eval folder of run {run}", kind="dir")
 
     # metric models: fail now, not after hours of generation
-    from ablation.metrics import INCEPTION_FILE, inception_weights, resolve_clip
+    from evaluation.metrics import INCEPTION_FILE, inception_weights, resolve_clip
 
     clip = resolve_clip(args.clip_model)  # a missing model fails here, not after the generation
     if args.feature_model and not Path(args.feature_model).is_file():
@@ -539,7 +539,7 @@ def folder_images(folder: Path, expected: int | None = None) -> list[Path]:
 
 
 def _feature_extractor(args, device):
-    from ablation.metrics import INCEPTION_FILE, inception_features, torchscript_features
+    from evaluation.metrics import INCEPTION_FILE, inception_features, torchscript_features
 
     if args.feature_model is None:
         return inception_features(device=device)
@@ -552,7 +552,7 @@ def compute_metrics(plan: Plan) -> dict[str, dict[str, float]]:
     """``{expname: {column: value}}`` for every checkpoint of the plan."""
     import torch
 
-    from ablation.metrics import clip_metrics, clip_score, fid, kid, load_clip, sscd_memorization_rate
+    from evaluation.metrics import clip_metrics, clip_score, fid, kid, load_clip, sscd_memorization_rate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     clip = load_clip(plan.extras.get("clip", plan.args.clip_model), device)

@@ -210,13 +210,13 @@ class _Runner:
     """Everything a process needs to sample its batches (built once per process)."""
 
     def __init__(self, model_factory, device: str, prompts, samples: Path, steps, eta, scale, height, width,
-                 seed, precision, sampler="ddim", fixed_code=False):
+                 seed, precision, sampler="ddim", fixed_code=False, seeds=None):
         self.device = torch.device(device)
         model = model_factory(self.device)
         self.model = model.to(self.device).eval()
         self.prompts, self.samples = prompts, samples
         self.steps, self.eta, self.scale, self.seed, self.sampler = steps, eta, scale, seed, sampler
-        self.fixed_code = fixed_code
+        self.fixed_code, self.seeds = fixed_code, seeds
         self.size = (width, height)
         self.shape = _latent_shape(self.model, height, width)
         use_amp = precision == "autocast" and self.device.type == "cuda"
@@ -231,7 +231,8 @@ class _Runner:
     @torch.no_grad()
     def sample_batch(self, indices: list[int]) -> np.ndarray:
         """The uint8 images [B, H, W, 3] of the whole batch ``indices`` (fixed noise per image)."""
-        gens = [torch.Generator().manual_seed(self.seed + i) for i in indices]
+        gens = [torch.Generator().manual_seed(self.seed + i if self.seeds is None else self.seeds[i])
+                for i in indices]
         if self.fixed_code:  # one start code shared by every image (eta noise stays per image)
             x_T = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed))
             x_T = x_T.expand(len(indices), *self.shape).to(self.device)
@@ -298,7 +299,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
                     batch_size: int = 10, height: int = 512, width: int = 512, seed: int = 42,
                     devices: Sequence[str] | str = ("cpu",), precision: str = "autocast",
                     sampler: str = "ddim", fixed_code: bool = False, desc: str = "generating",
-                    shard: tuple[int, int] | None = None) -> Path:
+                    shard: tuple[int, int] | None = None, seeds: Sequence[int] | None = None) -> Path:
     """Generate one image per entry of ``prompts`` into ``outdir``; returns ``outdir`` as a Path.
 
     ``prompts`` is the full per-image list (repeat a prompt n times for n images).
@@ -317,10 +318,21 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     ``ablation.dist.init_from_launcher``. Batch ``k`` is made by rank ``k % world`` only (on this process's
     ``devices``), every rank waits for the others, rank 0 writes ``images.txt``/``caption.txt``, and all
     return once they exist: each image is made exactly once, seeded by its index as always.
+
+    ``seeds``: one seed per image (same length as ``prompts``) instead of ``seed + index``, for benchmark
+    prompt sets whose rows carry their own seed (image ``i`` then draws from a generator seeded ``seeds[i]``;
+    ``seed`` is not used). The list is part of the plan.
     """
     prompts, devices = validate_generation_args(prompts, steps=steps, eta=eta, scale=scale, batch_size=batch_size,
                                                 height=height, width=width, seed=seed, devices=devices,
                                                 precision=precision, sampler=sampler)
+    if seeds is not None:
+        seeds = [int(x) for x in seeds]
+        if len(seeds) != len(prompts) or any(x < 0 or x >= 2 ** 63 for x in seeds):
+            raise ValueError(f"seeds must hold one integer in [0, 2**63) per prompt ({len(prompts)}), "
+                             f"got {len(seeds)} values")
+        if fixed_code:
+            raise ValueError("fixed_code shares one start code; it cannot be combined with per-image seeds")
     if sampler == "dpmpp_2m":
         eta = 0.0
     outdir = Path(outdir)
@@ -333,6 +345,9 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
         plan["eta"] = None
     if fixed_code:
         plan["fixed_code"] = True
+    if seeds is not None:
+        plan["noise"] = "per-image CPU generator seeded seeds[index]"
+        plan["seeds"] = seeds
     images_txt, caption_txt, plan_file = outdir / "images.txt", outdir / "caption.txt", outdir / PLAN_FILE
 
     # --- is this folder ours (same plan)?
@@ -388,7 +403,8 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
         # (k, indices of the whole batch, indices to write); batch k goes to rank k % n.
         jobs = [(k, all_batches[k], todo) for k, todo in pending]
         kwargs = dict(prompts=prompts, samples=samples, steps=steps, eta=eta, scale=scale, height=height,
-                      width=width, seed=seed, precision=precision, sampler=sampler, fixed_code=fixed_code)
+                      width=width, seed=seed, precision=precision, sampler=sampler, fixed_code=fixed_code,
+                      seeds=seeds)
         if len(devices) == 1:
             runner = _Runner(model_factory, devices[0], **kwargs)
             try:

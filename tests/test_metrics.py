@@ -1,4 +1,4 @@
-"""ablation.metrics: CLIP score/accuracy on a tiny local CLIPModel, KID/FID on hand-checked cases,
+"""evaluation.metrics: CLIP score/accuracy on a tiny local CLIPModel, KID/FID on hand-checked cases,
 TorchScript feature extraction, SSCD memorization rate; assets/eval.json and its prompt files."""
 import json
 import math
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ablation import metrics
-from ablation.metrics import (CLIP_MEAN, CLIP_STD, accuracy_from_scores, clean_resize, clip_accuracy, clip_metrics,
+from evaluation import metrics
+from evaluation.metrics import (CLIP_MEAN, CLIP_STD, accuracy_from_scores, clean_resize, clip_accuracy, clip_metrics,
                               clip_score, clip_scores, clip_text, clip_text_features, fid, kid, load_clip,
                               preprocess_clip, sscd_memorization_rate, style, torchscript_features)
 from ldm.modules.encoders.clip_tokenizer import default_tokenizer

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ablation import metrics
+from evaluation import metrics
 
 open_clip = pytest.importorskip("open_clip")
 cleanfid = pytest.importorskip("cleanfid")

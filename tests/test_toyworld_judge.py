@@ -79,7 +79,7 @@ def test_train_judge_files_and_roundtrip(judge_dir):
 
 def test_feature_model_is_the_judges_embedding(judge_dir, tmp_path):
     """features.torchscript.pt (evaluate.py --feature_model) = ToyJudge.embed on [0, 255] images, at any size."""
-    from ablation.metrics import torchscript_features
+    from evaluation.metrics import torchscript_features
 
     out, model, _ = judge_dir
     paths = []

@@ -28,7 +28,7 @@ STYLE_PHRASES = ("in the style of {t}", "painted in the style of {t}", "done in 
 
 # {obj}: "a small red star"; {bg}: background phrase; {medium}: "a photo of";
 # {Obj}: capitalised obj. "a photo depicts ..." and "... {t} style" are the phrasings of the CLIP metric's
-# texts ("A photo depicts grumpy cat", "A photo depicts stripes style"; ablation/metrics.py).
+# texts ("A photo depicts grumpy cat", "A photo depicts stripes style"; evaluation/metrics.py).
 TEMPLATES = (
     "{medium} {obj} {bg}",
     "{obj} {bg}",

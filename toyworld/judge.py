@@ -177,7 +177,7 @@ class ToyJudge(nn.Module):
 
 
 class _JudgeFeatures(nn.Module):
-    """``ToyJudge.embed`` on float images in [0, 255] - the interface of ``ablation.metrics.torchscript_features``
+    """``ToyJudge.embed`` on float images in [0, 255] - the interface of ``evaluation.metrics.torchscript_features``
     (``evaluate.py --feature_model``), so KID/FID on the toy world use the judge instead of Inception."""
 
     def __init__(self, judge: ToyJudge):

@@ -236,7 +236,7 @@ def summarize(name: str, recipe: dict, row: dict, assets: Path = ASSETS, folders
            "kid": {c: row[f"KID_{c}"] for c in [t, a, *entry["hard_negative"]]}}
     if folders:
         from ablation.data import read_image_list
-        from ablation.metrics import clip_accuracy
+        from evaluation.metrics import clip_accuracy
 
         judge, clip = _scorers(assets)
         out["judge"] = {c: (judge_share(judge, b, c, a), judge_share(judge, f, c, a))
@@ -248,7 +248,7 @@ def summarize(name: str, recipe: dict, row: dict, assets: Path = ASSETS, folders
 @functools.lru_cache(maxsize=2)
 def _scorers(assets: Path):
     """The judge and the toy CLIP, loaded once per mission run (every recipe is scored with them)."""
-    from ablation.metrics import load_clip
+    from evaluation.metrics import load_clip
 
     from .judge import load_judge
 

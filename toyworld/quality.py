@@ -151,7 +151,7 @@ def measure(assets: Path, out: Path, n_per_prompt: int = 2, n_memorized: int = 4
     report["colour_by_seed"] = {"start_noise": colour_by_seed(model, judge),
                                 "zero_mean_start_noise": colour_by_seed(model, judge, zero_mean_start=True)}
     if clip_n:
-        from ablation.metrics import load_clip
+        from evaluation.metrics import load_clip
 
         from .clip import zero_shot_accuracy
 
