@@ -157,3 +157,19 @@ def test_unpicklable_factory_with_several_devices(tmp_path):
     with pytest.raises(TypeError, match="picklable"):
         generate_images(lambda device: tiny_factory(device), PROMPTS, tmp_path / "x", **KW, devices=("cpu", "cpu"))
     assert not (tmp_path / "x").exists()
+
+
+def test_per_image_seeds(first_run, tmp_path):
+    # image i of the default plan is seeded seed + i: the same seeds given explicitly give the same bytes
+    seeds = [KW["seed"] + i for i in range(len(PROMPTS))]
+    generate_images(tiny_factory, PROMPTS, tmp_path / "explicit", **KW, seeds=seeds)
+    assert _bytes(tmp_path / "explicit") == _bytes(first_run)
+    plan = json.loads((tmp_path / "explicit" / "plan.json").read_text())
+    assert plan["seeds"] == seeds
+    # one seed for every image of one prompt: identical images; the seed list is part of the plan
+    generate_images(tiny_factory, [PROMPTS[0]] * 2, tmp_path / "same", **KW, seeds=[3, 3])
+    assert len(set(_bytes(tmp_path / "same").values())) == 1
+    with pytest.raises(GenerationPlanError, match="seeds"):
+        generate_images(tiny_factory, [PROMPTS[0]] * 2, tmp_path / "same", **KW, seeds=[3, 4])
+    with pytest.raises(ValueError, match="one integer"):
+        generate_images(tiny_factory, PROMPTS, tmp_path / "bad", **KW, seeds=[1])
