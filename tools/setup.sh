@@ -13,7 +13,7 @@ VENV=${VENV:-.venv}
 if "$VENV/bin/python" -c 'import sys, torch; sys.exit(0 if "+cpu" in torch.__version__ else 1)' 2>/dev/null; then
     "$VENV/bin/python" -m pip uninstall -q -y torch torchvision
 fi
-"$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-eval.txt -r requirements-dev.txt
+"$VENV/bin/python" -m pip install -q -r requirements.txt -r requirements-eval.txt -r requirements-dev.txt -r requirements-nudity.txt
 "$VENV/bin/python" -m pip install -q --no-deps -e .
 "$VENV/bin/python" tools/fetch_clip_bpe.py
 echo "setup done: activate with '. $VENV/bin/activate'"
