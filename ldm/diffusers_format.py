@@ -124,9 +124,10 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
-def unet_key_map(keys) -> dict[str, str]:
+def unet_key_map(keys, strict: bool = True) -> dict[str, str]:
     """``{diffusers key: CompVis key (without the model.diffusion_model. prefix)}`` for a UNet2DConditionModel
-    of the SD-v1 family. Raises :class:`DiffusersFormatError` on a key outside that family."""
+    of the SD-v1 family. Raises :class:`DiffusersFormatError` on a key outside that family (with
+    ``strict=False`` such keys are left out of the map instead, for callers that report them all)."""
     keys = list(keys)
     per_level = {int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.", k))}
     if not per_level:
@@ -153,12 +154,18 @@ def unet_key_map(keys) -> dict[str, str]:
         (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)",
          lambda m: f"output_blocks.{int(m[1]) * step + n_res}.{2 if int(m[1]) in up_attn else 1}.conv.{m[2]}"),
     ]
-    return _apply_rules(keys, rules, "UNet", " (an SDXL/SD2-style or otherwise unsupported UNet?)")
+    return _apply_rules(keys, rules, "UNet", " (an SDXL/SD2-style or otherwise unsupported UNet?)", strict)
 
 
-def _apply_rules(keys, rules, what: str, hint: str = "") -> dict[str, str]:
+def convert_unet(unet: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A bare diffusers UNet state dict (tensors or meta tensors; e.g. ``torch.save(unet.state_dict())``) ->
+    the same tensors under CompVis keys, ``model.diffusion_model.`` prefix included. Tensors are not copied."""
+    return {UNET_PREFIX + ours: unet[k] for k, ours in unet_key_map(unet).items()}
+
+
+def _apply_rules(keys, rules, what: str, hint: str = "", strict: bool = True) -> dict[str, str]:
     """``{key: CompVis key}`` by the first rule whose pattern matches the whole key; a key that no rule maps
-    (or whose rule has no entry for it) raises :class:`DiffusersFormatError`."""
+    (or whose rule has no entry for it) raises :class:`DiffusersFormatError` (``strict=False``: is skipped)."""
     out = {}
     for k in keys:
         for pattern, fn in rules:
@@ -169,7 +176,7 @@ def _apply_rules(keys, rules, what: str, hint: str = "") -> dict[str, str]:
                 except KeyError:
                     pass
                 break
-        if k not in out:
+        if k not in out and strict:
             raise DiffusersFormatError(f"{what} key {k!r} has no CompVis SD-v1 counterpart{hint}")
     return out
 
@@ -273,7 +280,7 @@ def check_schedule(model_config: Mapping, pipeline: PathLike) -> None:
 def convert(unet: Mapping[str, torch.Tensor], vae: Mapping[str, torch.Tensor], text: Mapping[str, torch.Tensor],
             sched: Mapping | None = None) -> dict[str, torch.Tensor]:
     """diffusers component state dicts (tensors or meta tensors) -> one CompVis-keyed state dict."""
-    out = {UNET_PREFIX + ours: unet[k] for k, ours in unet_key_map(unet).items()}
+    out = convert_unet(unet)
     for k, ours in vae_key_map(vae).items():
         out[VAE_PREFIX + ours] = _vae_tensor(ours, vae[k])
     for k, v in text.items():
