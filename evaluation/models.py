@@ -40,7 +40,7 @@ __all__ = ["KINDS", "FLAGS", "ModelSpec", "ModelSpecError", "parse_models", "che
 
 KINDS = ("base", "delta", "compvis", "diffusers", "unet")
 # the command-line flag of each kind, as error messages name it
-FLAGS = {"base": "--ckpt", "delta": "--delta", "compvis": "--compvis", "diffusers": "--diffusers", "unet": "--unet"}
+FLAGS = {"base": "--base", "delta": "--delta", "compvis": "--compvis", "diffusers": "--diffusers", "unet": "--unet"}
 _NAME_RE = re.compile(r"[A-Za-z0-9._+-]+")
 _MAX_NAME = 100
 _SHOW = 3  # example keys per kind of problem in a message

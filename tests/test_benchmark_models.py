@@ -118,7 +118,7 @@ def test_parse_models_names_order_and_errors(src, tmp_path):
 
     msg = refused("already taken", deltas=[f"a={delta}"], compvis=[f"a={orig}"])
     assert msg.startswith("--compvis") and "NAME=PATH" in msg
-    refused("already taken by --ckpt", deltas=[f"Base={delta}"])  # the base's row (names are files: any case)
+    refused("already taken by --base", deltas=[f"Base={delta}"])  # the base's row (names are files: any case)
     shutil.copy(src["dir"] / "bare_unet.pt", tmp_path / "delta.pt")
     refused("'delta' is already taken", deltas=[delta], unets=[str(tmp_path / "delta.pt")])  # same default name
     msg = refused("file not found", deltas=[f"x={tmp_path / 'nope.ckpt'}"])
@@ -245,7 +245,7 @@ def test_check_models_names_the_file_and_offending_keys(src, cfg, tmp_path):
     gone.unlink()
     with pytest.raises(ModelSpecError, match="--unet gone=.*file not found"):
         M.check_models([spec], cfg, str(src["base"]))
-    with pytest.raises(ModelSpecError, match="--ckpt .*partial.safetensors.*does not fit"):
+    with pytest.raises(ModelSpecError, match="--base .*partial.safetensors.*does not fit"):
         M.check_models([ModelSpec("base", "base", None)], cfg, str(tmp_path / "partial.safetensors"))
 
 
