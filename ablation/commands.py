@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"train": "train.py", "sample": "sample.py", "evaluate": "evaluate.py",
-           "conceptprune": "conceptprune.py", "export": "tools/export.py"}
+           "conceptprune": "conceptprune.py", "export": "tools/export.py", "benchmark": "benchmark.py"}
 
 
 def script(name: str):
@@ -71,6 +71,10 @@ def export() -> int:
 
 def conceptprune() -> int:
     return _run("conceptprune")
+
+
+def benchmark() -> int:
+    return _run("benchmark")
 
 
 def toyworld_mission() -> int:

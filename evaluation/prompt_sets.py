@@ -1,6 +1,6 @@
 """Prompt sets of the erasure benchmarks: every reader returns a list of ``Row`` (one image each).
 
-The sets are those of ConceptPrune's ``benchmarking/`` scripts (spec: ``shared/spec/conceptprune.md`` §10):
+The sets are those of ConceptPrune's ``benchmarking/`` scripts:
 
 ========================  ==================================================  ===============================
 reader                    data                                                seeds
