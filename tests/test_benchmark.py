@@ -193,3 +193,24 @@ def test_early_errors(world, tmp_path, capsys, monkeypatch):
     i2p.write_text("prompt,categories\na red circle,sexual\n")
     _fails(["nudity", "--prompts", str(i2p), *base], capsys, "requirements-nudity.txt")
     assert not (tmp_path / "o").exists()  # nothing was written
+
+
+def test_one_model_load_per_process_and_picklable_for_workers():
+    import pickle
+
+    from evaluation.runner import _OnceFactory
+
+    calls = []
+
+    def build(device):
+        calls.append(device)
+        return torch.nn.Linear(2, 2)
+
+    f = _OnceFactory(build)
+    assert f("cpu") is f("cpu") and calls == ["cpu"]  # every suite of a run reuses the model
+    f.clear()
+    f("cpu")
+    assert calls == ["cpu", "cpu"]
+    g = _OnceFactory(len)  # a picklable factory: the spawned workers get it without the loaded models
+    g.models["cpu"] = torch.nn.Linear(2, 2)
+    assert pickle.loads(pickle.dumps(g)).models == {}
