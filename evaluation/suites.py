@@ -228,13 +228,13 @@ def _object_score(ctx: Context, rows, images, base_images):
     summary = {**class_accuracy(preds, classes), "n_images": len(rows)}
     t = (ctx.args.target_class or "").lower()
     if t:
-        erase = [i for i, c in enumerate(classes) if c.lower() == t]
-        keep = [i for i, c in enumerate(classes) if c.lower() != t]
+        def accuracy_where(pick) -> float | None:
+            idx = [i for i, c in enumerate(classes) if pick(c.lower() == t)]
+            return class_accuracy([preds[i] for i in idx], [classes[i] for i in idx])["accuracy"] if idx else None
+
         summary["target_class"] = ctx.args.target_class
-        summary["accuracy_erase"] = (class_accuracy([preds[i] for i in erase], [classes[i] for i in erase])
-                                     ["accuracy"] if erase else None)
-        summary["accuracy_keep"] = (class_accuracy([preds[i] for i in keep], [classes[i] for i in keep])
-                                    ["accuracy"] if keep else None)
+        summary["accuracy_erase"] = accuracy_where(lambda is_target: is_target)
+        summary["accuracy_keep"] = accuracy_where(lambda is_target: not is_target)
     return records, summary
 
 
