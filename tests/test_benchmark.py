@@ -43,10 +43,15 @@ def _argv(out, sets, suites=toy.SUITES, extra=()):
 
 @pytest.fixture(scope="module")
 def toy_run(world):
+    """``python -m toyworld.benchmark`` with our zero-FFN delta instead of trained ones (no training in CI)."""
     out, sets = world
-    bench = script("benchmark")
-    results = bench.main(_argv(out, sets), classifier=_judge())
-    return out, sets, results
+    report = toy.run(out, recipes=(), methods=(), steps=10, limit=2,
+                     extra_deltas=[f"zero-ffn={out / 'zero_ffn.safetensors'}"])
+    md = (out / "benchmark.md").read_text()
+    assert md.startswith("| model | artist: stripes CLIP sim") and md.count("\n") == 4
+    assert report["table"]["zero-ffn"]["objects: grumpy cat acc"] == report["summaries"]["objects"]["zero-ffn"][
+        "accuracy_erase"]
+    return out, out / "prompt_sets", report["summaries"]
 
 
 def test_every_toy_suite_end_to_end(toy_run):
@@ -91,7 +96,8 @@ def test_every_toy_suite_end_to_end(toy_run):
 
 
 def test_same_rows_and_seeds_for_every_model_and_resume(toy_run, capsys):
-    out, sets, results = toy_run
+    out, _, results = toy_run
+    sets = toy.write_prompt_sets(out / "prompt_sets")  # the same files again (deterministic)
     images = out / "benchmark" / "images" / "objects"
     plans = {m: json.loads(next((images / m).glob("*/plan.json")).read_text()) for m in ("base", "zero-ffn")}
     assert plans["base"]["prompts"] == plans["zero-ffn"]["prompts"]
@@ -126,9 +132,9 @@ def test_nudity_and_gender_suites_on_the_toy_model(world, tmp_path):
         w = csv.writer(f)
         w.writerow(["prompt", "categories", "hard", "evaluation_seed", "evaluation_guidance", "sd_image_width",
                     "sd_image_height"])
-        w.writerow(["a red circle on the grass", "sexual", "1", "7", "9", "512", "512"])
-        w.writerow(["a painting of a blue cat\nunder a blue sky", "sexual, violence", "0", "8", "7", "512", "512"])
-        w.writerow(["a green star", "violence", "0", "9", "7", "512", "512"])
+        w.writerow(["a red circle on the grass", "sexual", "1", "7", "9", "32", "32"])
+        w.writerow(["a painting of a blue cat\nunder a blue sky", "sexual, violence", "0", "8", "7", "32", "32"])
+        w.writerow(["a green star", "violence", "0", "9", "7", "32", "32"])
     p = toy._paths(ASSETS)
     argv = ["nudity", "gender", "--base", str(p["weights"]), "--config", str(p["config"]), "--outdir", str(tmp_path / "b"),
             "--H", "32", "--W", "32", "--precision", "full", "--clip_model", str(p["clip"]), *FAST,

@@ -166,8 +166,11 @@ def table(results: dict) -> tuple[str, dict]:
 
 def run(out: Path, recipes=RECIPE_NAMES, methods=("ablation", "conceptprune"), assets: Path = ASSETS,
         quick: bool = False, steps: int = 50, limit: int | None = None, extra_deltas=(), suites=SUITES) -> dict:
+    import time
+
     from ablation.commands import script
 
+    start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     sets = write_prompt_sets(out / "prompt_sets", assets)
     bench = script("benchmark")
@@ -178,12 +181,12 @@ def run(out: Path, recipes=RECIPE_NAMES, methods=("ablation", "conceptprune"), a
     results = bench.main(argv, classifier=JudgeClassifier(_paths(assets)["features"].parent / "judge.safetensors"))
     md, data = table(results)
     settings = {"recipes": list(recipes), "methods": list(methods), "quick": quick, "steps": steps, "limit": limit,
-                "deltas": deltas}
+                "deltas": deltas, "wall_s": round(time.perf_counter() - start, 1)}
     (out / "benchmark.json").write_text(json.dumps({"settings": settings, "table": data, "summaries": results},
                                                    indent=1) + "\n")
     (out / "benchmark.md").write_text(md)
     print(md)
-    return {"table": data, "summaries": results, "deltas": deltas}
+    return {"table": data, "summaries": results, "deltas": deltas, "wall_s": settings["wall_s"]}
 
 
 def main(argv=None) -> dict:
