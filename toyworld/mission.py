@@ -157,14 +157,16 @@ def train_argv(name: str, recipe: dict, assets: Path, out: Path, train_size: int
 
 
 def prune_run(name: str, assets: Path, out: Path, skill_ratio: float = PRUNE_SKILL_RATIO,
-              tau: int = PRUNE_TAU) -> Path:
-    """ConceptPrune for recipe ``name``: discover + prune into ``{out}/logs/toy_prune_{name}/checkpoints/``."""
+              tau: int = PRUNE_TAU, spec: dict | None = None, ckpt: Path | None = None) -> Path:
+    """ConceptPrune for recipe ``name``: discover + prune into ``{out}/logs/toy_prune_{name}/checkpoints/``.
+    ``spec`` (default ``PRUNE[name]``) and ``ckpt`` (default: the shipped base) serve other targets and bases
+    (``toyworld.matrix``); prompt files are relative to ``assets`` unless absolute."""
     from ablation.commands import script
 
     conceptprune = script("conceptprune")
-    p, spec = _paths(assets), PRUNE[name]
+    p, spec = _paths(assets), spec or PRUNE[name]
     run_dir = out / "logs" / f"toy_prune_{name}"
-    model = ["--ckpt", str(p["weights"]), "--config", str(p["config"])]
+    model = ["--ckpt", str(ckpt or p["weights"]), "--config", str(p["config"])]
     argv = ["discover", "--concept", spec["concept"], "--target_file", str(assets / spec["target_file"]),
             "--skill_ratio", str(skill_ratio), "--outdir", str(run_dir / "discover"), "--H", "32", "--W", "32",
             "--precision", "full", "--batch_size", "20", *model]
