@@ -204,6 +204,14 @@ def recipe(method: str, target: str, files: Path, assets: Path = mission.ASSETS,
 
 # ------------------------------------------------------------------------------------ generation and scoring
 @functools.lru_cache(maxsize=1)
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the repository when inside it (the report is shipped)."""
+    try:
+        return str(Path(path).resolve().relative_to(mission.REPO))
+    except ValueError:
+        return str(path)
+
+
 def sampling() -> dict:
     """evaluate.py's default sampler settings (DDIM steps, eta, CFG scale, first seed)."""
     from ablation.commands import script
@@ -340,7 +348,7 @@ def run(methods, targets, out: Path, assets: Path = mission.ASSETS, quick: bool 
     out.mkdir(parents=True, exist_ok=True)
     ctx = {"assets": assets, "out": out, "ckpt": ckpt, "weights": weights, "sizes": sizes, "extra": extra,
            "concepts": concepts, "train_extra": list(train_extra)}
-    settings = {"quick": quick, "sizes": sizes, "sampling": sampling(), "base_ckpt": str(weights),
+    settings = {"quick": quick, "sizes": sizes, "sampling": sampling(), "base_ckpt": _shown(weights),
                 "train_extra": list(train_extra), "conceptprune": {"skill_ratio": mission.PRUNE_SKILL_RATIO,
                                                                    "tau": mission.PRUNE_TAU}}
     path = out / "matrix.json"
