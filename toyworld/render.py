@@ -35,6 +35,10 @@ BACKGROUNDS = ("plain", "sky", "grass")
 TEXTURES = ("stripes", "polka dots", "checkerboard")
 ANCHOR_STYLE = "painting"
 STYLES = (ANCHOR_STYLE,) + TEXTURES
+# Textures outside the shipped world: no shipped mixture, caption set, judge head or model knows them.
+# ``toyworld.ffn_concept`` teaches "waves" (wavy horizontal bands) to the shipped UNet through its
+# feed-forward weights only; a Scene accepts them, ``sample_scene`` never draws them.
+FFN_TEXTURES = ("waves",)
 
 # Object radius as a fraction of the image side.
 SIZES = {"small": 0.20, "medium": 0.28, "large": 0.36}
@@ -85,7 +89,7 @@ class Scene:
             raise ValueError(f"unknown colour {self.colour!r}")
         if self.background not in BACKGROUNDS:
             raise ValueError(f"unknown background {self.background!r}")
-        if self.style not in STYLES:
+        if self.style not in STYLES + FFN_TEXTURES:
             raise ValueError(f"unknown style {self.style!r}")
         if self.size not in SIZES:
             raise ValueError(f"unknown size {self.size!r}")
@@ -244,6 +248,8 @@ def _fill(style: str, colour: str, s: int) -> np.ndarray:
         uu = u * n + 0.5 * (row % 2)
         du, dv = np.mod(uu, 1.0) - 0.5, np.mod(v * n, 1.0) - 0.5
         mask = du * du + dv * dv < 0.30 ** 2
+    elif style == "waves":  # horizontal bands, 5 per image side, displaced by 3 sine periods (amplitude 1/20)
+        mask = np.mod((v + 0.05 * np.sin(2 * np.pi * 3.0 * u)) * 5.0, 1.0) < 0.5
     else:  # pragma: no cover
         raise ValueError(style)
     out[mask] = other
