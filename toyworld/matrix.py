@@ -59,9 +59,10 @@ def slug(name: str) -> str:
 
 def extra_textures_default(ckpt) -> tuple[str, ...]:
     """``render.FFN_TEXTURES`` (textures outside the shipped world) when another base (``ckpt``) is given."""
-    from . import render
+    # (``from . import render`` would give the package's re-exported render() function, not the module)
+    from .render import FFN_TEXTURES
 
-    return tuple(getattr(render, "FFN_TEXTURES", ())) if ckpt is not None else ()
+    return tuple(FFN_TEXTURES) if ckpt is not None else ()
 
 
 @functools.lru_cache(maxsize=4)
