@@ -39,6 +39,14 @@ class Context:
     is_base: bool
     cache: dict = field(default_factory=dict)  # per suite, shared across models (e.g. the base's features)
 
+    def of_base(self, what: str, base_images, compute: Callable[[], object], own=None):
+        """``compute()`` on the base model's images, once per suite run and shared by every edited model;
+        ``own`` (this model's value for the same images) when the model scored is the base itself."""
+        key = (what, tuple(map(str, base_images)))
+        if key not in self.cache:
+            self.cache[key] = own if self.is_base and own is not None else compute()
+        return self.cache[key]
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -113,10 +121,8 @@ def _artist_score(ctx: Context, rows, images, base_images):
 
     clip = ctx.scorers["clip"]
     sims = clip_similarities(clip, images, [r.prompt for r in rows])
-    key = ("base_sims", tuple(map(str, base_images)))
-    if key not in ctx.cache:
-        ctx.cache[key] = sims if ctx.is_base else clip_similarities(clip, base_images, [r.prompt for r in rows])
-    base = ctx.cache[key]
+    base = ctx.of_base("clip_similarities", base_images,
+                       lambda: clip_similarities(clip, base_images, [r.prompt for r in rows]), own=sims)
     records, per_artist = [], {}
     for artist in dict.fromkeys(r.meta["artist"] for r in rows):
         idx = [i for i, r in enumerate(rows) if r.meta["artist"] == artist]
@@ -258,10 +264,7 @@ def _gender_score(ctx: Context, rows, images, base_images):
 
     clip = ctx.scorers["clip"]
     preds = gender_predictions(clip, images)
-    key = ("base_gender", tuple(map(str, base_images)))
-    if key not in ctx.cache:
-        ctx.cache[key] = preds if ctx.is_base else gender_predictions(clip, base_images)
-    base = ctx.cache[key]
+    base = ctx.of_base("gender", base_images, lambda: gender_predictions(clip, base_images), own=preds)
     records = [{**_base_record(r), "profession": r.meta["profession"], "image": str(p), "gender": g,
                 "base_gender": b} for r, p, g, b in zip(rows, images, preds, base)]
     summary = {"share_man": _mean(g == "man" for g in preds), "n_images": len(rows)}
@@ -307,13 +310,11 @@ def _coco_score(ctx: Context, rows, images, base_images):
                for r, p, s in zip(rows, images, sims)]
     summary = {"clip_score": clip_score_mean(sims), "n_images": len(rows)}
     if not ctx.is_base:
-        key = ("base_feats", tuple(map(str, base_images)))
-        if key not in ctx.cache:
-            ctx.cache[key] = ctx.scorers["features"](base_images)
+        base = ctx.of_base("features", base_images, lambda: ctx.scorers["features"](base_images))
         feats = ctx.scorers["features"](images)
-        summary["fid_vs_base"] = fid(feats, ctx.cache[key])
+        summary["fid_vs_base"] = fid(feats, base)
         # KID's default subset size is 1000: smaller sets use all images per subset
-        summary["kid_vs_base"] = kid(feats, ctx.cache[key], subset_size=min(1000, len(rows)))
+        summary["kid_vs_base"] = kid(feats, base, subset_size=min(1000, len(rows)))
     return records, summary
 
 
