@@ -154,9 +154,9 @@ def measure_scale_factor(mean: torch.Tensor, std: torch.Tensor, seed: int = 0) -
 
 
 # ---------------------------------------------------------------------------------------- stage 2: UNet
-def build_ldm(config_path=DEFAULT_CONFIG, scale_factor: float | None = None):
+def build_ldm(config_path=DEFAULT_CONFIG, scale_factor: float | None = None, transformer_depth: int | None = None):
     """A fresh ``LatentDiffusion`` from the toy config (and its OmegaConf config), optionally with
-    ``scale_factor`` set."""
+    ``scale_factor`` set and with ``transformer_depth`` transformer blocks per attention level."""
     from omegaconf import OmegaConf
 
     from ldm.util import instantiate_from_config
@@ -164,6 +164,8 @@ def build_ldm(config_path=DEFAULT_CONFIG, scale_factor: float | None = None):
     config = OmegaConf.load(str(config_path))
     if scale_factor is not None:
         config.model.params.scale_factor = float(scale_factor)
+    if transformer_depth is not None:
+        config.model.params.unet_config.params.transformer_depth = int(transformer_depth)
     return instantiate_from_config(config.model), config
 
 
@@ -351,6 +353,19 @@ def _stage_vae(args, config_path, out: Path, images) -> tuple[dict, float, list]
     return vae.state_dict(), scale, history
 
 
+def _shipped_vae(ldm_dir) -> tuple[dict, float]:
+    """First-stage weights and scale_factor of a trained LDM folder (``ldm.yaml`` + weights), so that a
+    UNet variant can be trained on the shipped autoencoder (its fp16 weights) without retraining it."""
+    from omegaconf import OmegaConf
+
+    from ldm.checkpoint import load_state_dict
+
+    d = Path(ldm_dir)
+    prefix = "first_stage_model."
+    sd = {k[len(prefix):]: v.float() for k, v in load_state_dict(d / WEIGHTS_NAME).items() if k.startswith(prefix)}
+    return sd, float(OmegaConf.load(str(d / "ldm.yaml")).model.params.scale_factor)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Train the toy world's VAE and UNet (configs/toyworld/ldm.yaml).")
     p.add_argument("--clip", default=None, help="toy CLIP folder written by python -m toyworld.clip (needed for the UNet)")
@@ -373,6 +388,11 @@ def main(argv=None) -> dict:
     p.add_argument("--vae_crop_frac", type=float, default=0.85)
     p.add_argument("--preview_steps", type=int, default=50, help="DDIM steps of samples.png")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    p.add_argument("--transformer_depth", type=int, default=None,
+                   help="transformer blocks per attention level of the UNet (default: the config's, 1)")
+    p.add_argument("--vae_from", default=None,
+                   help="LDM folder (ldm.yaml + weights) whose autoencoder and scale_factor to reuse instead of "
+                        "stage 1, e.g. assets/toyworld/ldm")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -385,13 +405,16 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    ldm, config = build_ldm(args.config)
+    ldm, config = build_ldm(args.config, transformer_depth=args.transformer_depth)
     if args.stage == "all":
         load_clip_text(ldm, args.clip)  # fails early when the CLIP does not fit the config
     size = int(config.model.params.first_stage_config.params.ddconfig.resolution)
     images, captions, _ = cached_pool(args.pool, args.seed, size)
 
-    vae_state, scale, vae_hist = _stage_vae(args, args.config, out, images)
+    if args.vae_from and args.stage == "all":
+        (vae_state, scale), vae_hist = _shipped_vae(args.vae_from), [{"l1": None, "time_s": 0.0}]
+    else:
+        vae_state, scale, vae_hist = _stage_vae(args, args.config, out, images)
     if args.stage == "vae":
         return {"scale_factor": scale, "vae_final_l1": vae_hist[-1]["l1"]}
     ldm.first_stage_model.load_state_dict(vae_state)
@@ -407,6 +430,8 @@ def main(argv=None) -> dict:
     report = {"pool": args.pool, "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
               "batch_size": args.batch_size, "vae_lr": args.vae_lr, "unet_lr": args.unet_lr,
               "offset_noise": args.offset_noise, "min_snr_gamma": args.min_snr_gamma,
+              "transformer_depth": int(config.model.params.unet_config.params.transformer_depth),
+              "vae_from": args.vae_from, "unet_params": sum(p.numel() for p in ldm.model.parameters()),
               "scale_factor": scale, "vae_final_l1": vae_hist[-1]["l1"], "unet_final_loss": unet_hist[-1]["loss"],
               "vae_time_s": vae_hist[-1]["time_s"], "unet_time_s": unet_hist[-1]["time_s"],
               "total_time_s": round(time.time() - t0, 1), "weights": path.name,
