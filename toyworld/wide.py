@@ -34,6 +34,7 @@ ASSETS = mission.ASSETS
 ZEROED = {"ff.net.2": r"\.ff\.net\.2\.weight$", "attn2.to_v": r"\.attn2\.to_v\.weight$"}
 PRUNE_TARGETS = ("stripes", "checkerboard")
 PARTS = ("quality", "zero", "prune")
+GRID_CONCEPTS, GRID_IMAGES = ("stripes", "polka dots", "checkerboard"), 8
 
 
 def assets_view(ldm_dir: Path, folder: Path, assets: Path = ASSETS) -> Path:
@@ -91,7 +92,18 @@ def zeroed(view: Path, out: Path, numgen: int) -> dict:
             entry["shares"][c] = matrix.judge_share(folder, c, view)
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         report["variants"][name] = entry
+    write_grid(out, report)
     return report
+
+
+def write_grid(out: Path, report: dict) -> Path:
+    """``{out}/zero/grid.png``: per texture, the first images of the base model, then of each zeroed one."""
+    pick = lambda folder: sorted((folder / "samples").glob("*.png"))[:GRID_IMAGES]  # noqa: E731
+    rows = []
+    for c in GRID_CONCEPTS:
+        rows.append((f"{c}: base", pick(out / "matrix" / "baseline" / matrix.slug(c))))
+        rows += [(f"{name} = 0", pick(out / "zero" / matrix.slug(name) / matrix.slug(c))) for name in report["variants"]]
+    return mission.image_grid(rows, out / "zero" / "grid.png", scale=2)
 
 
 def markdown(report: dict) -> str:
@@ -119,7 +131,9 @@ def markdown(report: dict) -> str:
                        " | ".join(f"{v['shares'][c]:.2f}" for c in cs) + " |")
         out.append("")
     if "prune" in report:
-        out += ["ConceptPrune (toy settings), judge shares base -> pruned:", "", matrix.markdown(report["prune"])]
+        fractions = ", ".join(f"{c['target']} {c['pruned_fraction']:.3f}" for c in report["prune"]["cells"])
+        out += [f"ConceptPrune (toy settings; pruned share of the ff.net.2 weights: {fractions}):", "",
+                matrix.markdown(report["prune"])]
     return "\n".join(out) + "\n"
 
 
@@ -140,6 +154,9 @@ def run(ldm_dir: Path, out: Path, parts=PARTS, numgen: int = 50, targets=PRUNE_T
             report["zero"] = zeroed(view, out, numgen)
         elif part == "prune":
             report["prune"] = matrix.run(["conceptprune"], list(targets), out / "matrix", assets=view, numgen=numgen)
+            for cell in report["prune"]["cells"]:  # conceptprune.py prune writes the counts beside the delta
+                info = json.loads(Path(cell["delta"]).with_suffix(".json").read_text())
+                cell["pruned_fraction"] = info["pruned_weights"] / info["ff2_weights"]
         report["seconds"][part] = round(time.perf_counter() - t0, 1)
         path.write_text(json.dumps(report, indent=1) + "\n")
         (out / "wide.md").write_text(markdown(report))
