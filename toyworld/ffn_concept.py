@@ -41,7 +41,7 @@ Commands (one torch thread; wall times on this project's shared 2-core CPU)::
     python -m toyworld.ffn_concept --out outputs/toyworld-ffn             # 11 min: fine-tune check, ConceptPrune, CA
     python -m toyworld.ffn_concept --out outputs/toyworld-ffn --quick     # fewer images
     python -m toyworld.ffn_concept --out outputs/toyworld-ffn --sweep     # 24 min
-    python -m toyworld.ffn_concept --out outputs/toyworld-ffn-dense --variant dense   # the run on the dense delta
+    python -m toyworld.ffn_concept --out outputs/toyworld-ffn-dense --variant dense   # 13 min: the same run on the dense delta
     python -m toyworld.ffn_concept --train_detector        # 2 min -> assets/toyworld/ffn/waves_detector.*
     python -m toyworld.ffn_concept --train_delta [units|dense]   # 17 min each -> assets/toyworld/ffn/ffn_delta*.*
 
