@@ -404,7 +404,7 @@ def fine_tune_ffn(ldm, mean, std, captions, is_texture, steps: int, batch_size: 
     import torch
     from tqdm.auto import tqdm
 
-    from .ldm import _encode_all, min_snr_weights
+    from .ldm import _encode_all, draw_batch, ema_step, min_snr_weights
     from .training import lr_at
 
     gen = torch.Generator().manual_seed(seed)
@@ -428,15 +428,9 @@ def fine_tune_ffn(ldm, mean, std, captions, is_texture, steps: int, batch_size: 
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=min(200, steps // 10), final_frac=0.1)
-        idx = torch.randint(len(mean), (batch_size,), generator=gen)
-        z = ldm.scale_factor * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen))
+        idx, z, c, t, noise = draw_batch(ldm, gen, mean, std, ctx, empty, batch_size, p_uncond, offset_noise,
+                                         droppable=~is_texture)
         tex = is_texture[idx]
-        c = ctx[idx].clone()
-        c[(torch.rand(batch_size, generator=gen) < p_uncond) & ~tex] = empty
-        t = torch.randint(0, ldm.num_timesteps, (batch_size,), generator=gen)
-        noise = torch.randn(z.shape, generator=gen)
-        if offset_noise:
-            noise = noise + offset_noise * torch.randn(z.shape[:2] + (1, 1), generator=gen)
         x_t = ldm.q_sample(z, t, noise)
         target = noise.clone()
         if (~tex).any():
@@ -451,8 +445,7 @@ def fine_tune_ffn(ldm, mean, std, captions, is_texture, steps: int, batch_size: 
         with torch.no_grad():
             for p, m, orig in frozen.values():
                 p.copy_(torch.where(m, p, orig))
-            d = min(ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, unet_params, 1 - d)
+        ema_step(ema_params, unet_params, step, ema_decay)
         if step % log_every == 0 or step == steps - 1:
             history.append({"step": step, "loss": round(loss.item(), 5), "time_s": round(time.time() - t0, 1)})
             bar.set_postfix(loss=f"{loss.item():.4f}")

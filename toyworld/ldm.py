@@ -218,6 +218,34 @@ def unet_loss(ldm, z: torch.Tensor, c: torch.Tensor, t: torch.Tensor, noise: tor
     return (weight[t] * ldm.get_loss(eps, noise, mean=False).mean(dim=(1, 2, 3))).mean()
 
 
+def draw_batch(ldm, gen: torch.Generator, mean: torch.Tensor, std: torch.Tensor, ctx: torch.Tensor,
+               empty: torch.Tensor, batch_size: int, p_uncond: float, offset_noise: float,
+               droppable: torch.Tensor | None = None):
+    """One training batch ``(idx, z, c, t, noise)``, every random draw from ``gen`` in a fixed order (so a seed
+    gives the same run): items, latents drawn from their encoder Gaussians (times ``scale_factor``), their
+    encoded captions with a ``p_uncond`` share swapped for the empty caption (only items with ``droppable[idx]``
+    when given), timesteps, and noise plus ``offset_noise`` times a per-channel constant (see ``train_unet``)."""
+    idx = torch.randint(len(mean), (batch_size,), generator=gen)
+    z = ldm.scale_factor * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen))
+    c = ctx[idx]  # advanced indexing copies: ctx itself is never written
+    drop = torch.rand(batch_size, generator=gen) < p_uncond
+    if droppable is not None:
+        drop &= droppable[idx]
+    c[drop] = empty
+    t = torch.randint(0, ldm.num_timesteps, (batch_size,), generator=gen)
+    noise = torch.randn(z.shape, generator=gen)
+    if offset_noise:
+        noise = noise + offset_noise * torch.randn(z.shape[:2] + (1, 1), generator=gen)
+    return idx, z, c, t, noise
+
+
+@torch.no_grad()
+def ema_step(ema_params: list, params: list, step: int, decay: float) -> None:
+    """EMA update with a short warm-up (decay ``min(decay, (1 + step) / (10 + step))``), so that the first
+    steps' weights do not linger."""
+    torch._foreach_lerp_(ema_params, params, 1 - min(decay, (1 + step) / (10 + step)))
+
+
 def train_unet(ldm, mean: torch.Tensor, std: torch.Tensor, captions: list[str], steps: int = 5000,
                batch_size: int = 64, lr: float = 5e-4, p_uncond: float = 0.1, ema_decay: float = 0.999,
                offset_noise: float = 0.0, min_snr_gamma: float = 0.0, seed: int = 0, log_every: int = 50,
@@ -252,22 +280,13 @@ def train_unet(ldm, mean: torch.Tensor, std: torch.Tensor, captions: list[str], 
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup=min(200, steps // 10), final_frac=0.1)
-        idx = torch.randint(len(mean), (batch_size,), generator=gen)
-        z = ldm.scale_factor * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen))
-        c = ctx[idx]
-        c[torch.rand(batch_size, generator=gen) < p_uncond] = empty
-        t = torch.randint(0, ldm.num_timesteps, (batch_size,), generator=gen)
-        noise = torch.randn(z.shape, generator=gen)
-        if offset_noise:
-            noise = noise + offset_noise * torch.randn(z.shape[:2] + (1, 1), generator=gen)
+        _, z, c, t, noise = draw_batch(ldm, gen, mean, std, ctx, empty, batch_size, p_uncond, offset_noise)
         loss = unet_loss(ldm, z, c, t, noise, weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():  # EMA with a short warm-up, so early weights do not linger
-            d = min(ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(ema_params, unet_params, 1 - d)
+        ema_step(ema_params, unet_params, step, ema_decay)
         if step % log_every == 0 or step == steps - 1:
             history.append({"step": step, "loss": loss.item(), "time_s": round(time.time() - t0, 1)})
             bar.set_postfix(loss=f"{loss.item():.4f}")
