@@ -108,6 +108,7 @@ def test_recipes_of_new_targets(tmp_path, monkeypatch):
     assert matrix.recipe("ablation", "waves", tmp_path, ASSETS, ("waves",))["caption_target"] == "waves"
     assert matrix.eval_lines("waves", ASSETS)[0] == "a painting of a red circle, in the style of waves"
     assert matrix.extra_textures_default(None) == ()
+    assert matrix.extra_textures_default(tmp_path / "base_waves.safetensors") == ("waves",)  # another base learned it
 
 
 def test_unknown_targets_and_methods_fail_before_any_work(tmp_path):
