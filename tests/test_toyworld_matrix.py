@@ -113,6 +113,11 @@ def test_recipes_of_new_targets(tmp_path, monkeypatch):
 
 def test_unknown_targets_and_methods_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="no recipe for target 'dog'"):
+        matrix.run(["ablation"], ["dog"], tmp_path / "ffn", ASSETS, ffn_base="units")  # nor builds base + waves
+    assert not (tmp_path / "ffn").exists()
+    with pytest.raises(ValueError, match="two base models"):
+        matrix.run(["ablation"], ["waves"], tmp_path / "ffn", ASSETS, ckpt=tmp_path / "x.ckpt", ffn_base="units")
+    with pytest.raises(ValueError, match="no recipe for target 'dog'"):
         matrix.run(["ablation"], ["dog"], tmp_path / "out", ASSETS)
     with pytest.raises(ValueError, match="no method"):
         matrix.run(["erase"], ["stripes"], tmp_path / "out", ASSETS)

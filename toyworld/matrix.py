@@ -10,6 +10,7 @@ EVERY concept: each texture on prompts of that texture, each cat variant on its 
 
     python -m toyworld.matrix --out outputs/toyworld-matrix                 # the whole matrix, CPU
     python -m toyworld.matrix --methods ablation --targets checkerboard --quick
+    python -m toyworld.matrix --out outputs/toyworld-matrix-waves --ffn_base units   # on base + waves, 21 runs
 
 One recipe per concept type, never tuned per target: the target's run is ``toyworld.mission``'s tuned recipe
 ("style", "style-preserve", "instance", "instance-preserve"; ConceptPrune's "style" / "instance" settings)
@@ -331,11 +332,16 @@ def write_grid(report: dict, out: Path) -> Path | None:
 
 
 def run(methods, targets, out: Path, assets: Path = mission.ASSETS, quick: bool = False, ckpt: Path | None = None,
-        extra_textures=None, train_extra=(), numgen: int | None = None, train_size: int | None = None) -> dict:
+        extra_textures=None, train_extra=(), numgen: int | None = None, train_size: int | None = None,
+        ffn_base: str | None = None) -> dict:
     """The matrix for ``methods`` x ``targets`` into ``out`` (see the module docstring). ``numgen`` and
     ``train_size`` override the sizes (evaluation images per concept, anchor images), ``train_extra`` is
-    passed to every train.py run (e.g. config overrides): both for short test runs."""
-    extra = tuple(extra_textures_default(ckpt) if extra_textures is None else extra_textures)
+    passed to every train.py run (e.g. config overrides): both for short test runs. ``ffn_base`` ("units" or
+    "dense"): the base is the shipped model with ``toyworld.ffn_concept``'s FFN delta of that variant, built
+    into ``out`` (instead of ``ckpt``)."""
+    if ffn_base is not None and ckpt is not None:
+        raise ValueError("ckpt and ffn_base name two base models; give one")
+    extra = tuple(extra_textures_default(ckpt or ffn_base) if extra_textures is None else extra_textures)
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"no method {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
@@ -345,6 +351,10 @@ def run(methods, targets, out: Path, assets: Path = mission.ASSETS, quick: bool 
     concepts = world_concepts(extra)
     sizes = dict(mission.SIZES["quick" if quick else "full"])
     sizes.update({k: v for k, v in (("numgen", numgen), ("train_size", train_size)) if v})
+    if ffn_base is not None:
+        from .ffn_concept import build_checkpoint
+
+        ckpt = build_checkpoint(out, assets, ffn_base)  # after every check above: a bad call writes nothing
     weights = Path(ckpt) if ckpt else mission._paths(assets)["weights"]
     out.mkdir(parents=True, exist_ok=True)
     ctx = {"assets": assets, "out": out, "ckpt": ckpt, "weights": weights, "sizes": sizes, "extra": extra,
@@ -393,15 +403,21 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="mission.py's quick sizes (fewer anchor and eval images)")
     p.add_argument("--numgen", type=int, default=None, help="evaluation images per concept (default: 50, quick 10)")
     p.add_argument("--ckpt", default=None, help="another base checkpoint (default: the shipped toy model)")
+    p.add_argument("--ffn_base", choices=("units", "dense"), default=None,
+                   help="the base is the shipped model plus toyworld.ffn_concept's FFN delta of this variant "
+                        "(it knows 'waves'), built into --out")
     p.add_argument("--extra_textures", nargs="*", default=None,
                    help="textures outside the shipped world (default: render.FFN_TEXTURES "
                         "with --ckpt; none otherwise)")
     args = p.parse_args(argv)
+    if args.ckpt and args.ffn_base:
+        p.error("--ckpt and --ffn_base name two base models; give one")
     ckpt = Path(args.ckpt) if args.ckpt else None
-    extra = tuple(extra_textures_default(ckpt) if args.extra_textures is None else args.extra_textures)
+    extra = tuple(extra_textures_default(ckpt or args.ffn_base) if args.extra_textures is None
+                  else args.extra_textures)
     targets = args.targets or [*TEXTURES, *extra, *CAT_TARGETS]
     return run(args.methods, targets, Path(args.out), Path(args.assets), args.quick, ckpt, extra,
-               numgen=args.numgen)
+               numgen=args.numgen, ffn_base=args.ffn_base)
 
 
 if __name__ == "__main__":
