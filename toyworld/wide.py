@@ -30,8 +30,12 @@ from pathlib import Path
 from . import matrix, mission
 
 ASSETS = mission.ASSETS
-# name -> state-dict keys whose tensors are set to zero (weights only; biases stay, as ConceptPrune's masks)
-ZEROED = {"ff.net.2": r"\.ff\.net\.2\.weight$", "attn2.to_v": r"\.attn2\.to_v\.weight$"}
+# name -> state-dict keys whose tensors are set to zero (weights only; biases stay, as ConceptPrune's masks). The
+# per-block rows zero as many weights in the wide UNet as "ff.net.2" does in the shipped one; a row that matches
+# nothing, or the same keys as an earlier row (one block per level), is skipped.
+ZEROED = {"ff.net.2": r"\.ff\.net\.2\.weight$", "ff.net.2, first block": r"transformer_blocks\.0\.ff\.net\.2\.weight$",
+          "ff.net.2, second block": r"transformer_blocks\.1\.ff\.net\.2\.weight$",
+          "attn2.to_v": r"\.attn2\.to_v\.weight$"}
 PRUNE_TARGETS = ("stripes", "checkerboard")
 PARTS = ("quality", "zero", "prune")
 GRID_CONCEPTS, GRID_IMAGES = ("stripes", "polka dots", "checkerboard"), 8
@@ -49,6 +53,12 @@ def assets_view(ldm_dir: Path, folder: Path, assets: Path = ASSETS) -> Path:
         if not link.is_symlink():
             link.symlink_to(target, target_is_directory=target.is_dir())
     return folder
+
+
+def matching(ckpt: Path, pattern: str) -> list[str]:
+    from ldm.checkpoint import load_state_dict
+
+    return sorted(k for k in load_state_dict(ckpt) if re.search(pattern, k))
 
 
 def zero_delta(ckpt: Path, pattern: str, path: Path) -> dict:
@@ -83,7 +93,12 @@ def zeroed(view: Path, out: Path, numgen: int) -> dict:
     for c in concepts:  # the matrix's base folders: made once, reused by the prune part and by reruns
         folder = matrix.generate(weights, None, c, numgen, out / "matrix" / "baseline" / matrix.slug(c), view)
         report["base"][c] = matrix.judge_share(folder, c, view)
+    seen = []
     for name, pattern in ZEROED.items():
+        keys = matching(weights, pattern)
+        if not keys or keys in seen:
+            continue
+        seen.append(keys)
         t0 = time.perf_counter()
         delta = out / "zero" / f"{matrix.slug(name)}.safetensors"
         entry = {"zeroed": zero_delta(weights, pattern, delta), "shares": {}}
@@ -127,7 +142,7 @@ def markdown(report: dict) -> str:
                 "| model | " + " | ".join(cs) + " |", "|---|" + "---|" * len(cs),
                 "| base | " + " | ".join(f"{z['base'][c]:.2f}" for c in cs) + " |"]
         for name, v in z["variants"].items():
-            out.append(f"| every {name} weight zeroed ({v['zeroed']['weights'] / 1e3:.0f} k) | " +
+            out.append(f"| {name} weights zeroed ({v['zeroed']['weights'] / 1e3:.0f} k) | " +
                        " | ".join(f"{v['shares'][c]:.2f}" for c in cs) + " |")
         out.append("")
     if "prune" in report:
