@@ -11,8 +11,9 @@ Three measurements, all with the existing tools pointed at the wide UNet (``asse
 
 * ``quality``: ``toyworld.quality.measure`` (the shipped model's quality table);
 * ``zero``: every concept of ``toyworld.matrix`` (50 images each, the matrix's prompts, seeds and sampler) from
-  the model with every ``ff.net.2`` weight zeroed, and, as the control, every cross-attention value weight
-  (``attn2.to_v``), judged like the matrix; the base images are the matrix's own;
+  the model with every ``ff.net.2`` weight zeroed (all, then each transformer block's alone where there are
+  two), and, as the control, every cross-attention value weight (``attn2.to_v``), judged like the matrix; the
+  base images are the matrix's own;
 * ``prune``: ``toyworld.matrix`` with ConceptPrune (unchanged ``conceptprune.py``, the toy settings) on
   ``PRUNE_TARGETS``, the same paired images before and after.
 
