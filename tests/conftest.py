@@ -104,3 +104,17 @@ def tiny_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "base.ckpt"
     save_state_dict(tiny_model().state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def toy_clip_dir(tmp_path_factory):
+    """A random-weights toy CLIP with the text tower configs/toyworld/ldm.yaml expects
+    (toyworld.ldm trainer tests)."""
+    from transformers import CLIPModel
+
+    from toyworld.clip import tiny_clip_config
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("clip")
+    CLIPModel(tiny_clip_config(image_size=32)).save_pretrained(out, safe_serialization=True)
+    return out

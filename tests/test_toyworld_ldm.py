@@ -9,19 +9,6 @@ from toyworld import ldm as tl
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A random-weights toy CLIP with the text tower configs/toyworld/ldm.yaml expects."""
-    from transformers import CLIPModel
-
-    from toyworld.clip import tiny_clip_config
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("clip")
-    CLIPModel(tiny_clip_config(image_size=32)).save_pretrained(out, safe_serialization=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def pool():
     return tl.render_pool(48, seed=3, size=32, progress=False)
 
@@ -79,11 +66,11 @@ def test_clip_that_does_not_fit_is_refused(tmp_path):
         tl.load_clip_text(ldm, tmp_path)
 
 
-def test_unet_training_learns_and_keeps_the_ema(pool, clip_dir):
+def test_unet_training_learns_and_keeps_the_ema(pool, toy_clip_dir):
     images, captions, _ = pool
     torch.manual_seed(0)
     ldm, _ = tl.build_ldm()
-    tl.load_clip_text(ldm, clip_dir)
+    tl.load_clip_text(ldm, toy_clip_dir)
     mean, std = tl.latent_moments(ldm.first_stage_model, images)
     before = {k: v.clone() for k, v in ldm.model.state_dict().items()}
     history = tl.train_unet(ldm, mean, std, captions, steps=30, batch_size=8, lr=1e-3, ema_decay=0.9,
@@ -95,10 +82,10 @@ def test_unet_training_learns_and_keeps_the_ema(pool, clip_dir):
     assert not any(p.requires_grad for p in ldm.cond_stage_model.parameters())
 
 
-def test_main_writes_a_loadable_model_and_reuses_the_vae_stage(tmp_path, clip_dir, capsys, monkeypatch):
+def test_main_writes_a_loadable_model_and_reuses_the_vae_stage(tmp_path, toy_clip_dir, capsys, monkeypatch):
     monkeypatch.setenv("TOYWORLD_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "ldm"
-    argv = ["--clip", str(clip_dir), "--out", str(out), "--pool", "24", "--vae_steps", "3", "--unet_steps", "3",
+    argv = ["--clip", str(toy_clip_dir), "--out", str(out), "--pool", "24", "--vae_steps", "3", "--unet_steps", "3",
             "--batch_size", "4", "--preview_steps", "2"]
     report = tl.main(argv)
     for name in ("ldm.yaml", tl.WEIGHTS_NAME, "vae_loss.png", "unet_loss.png", "samples.png", "train.json",
@@ -126,12 +113,12 @@ def test_stage_unet_needs_a_clip(tmp_path):
         tl.main(["--clip", str(tmp_path), "--out", str(tmp_path / "o")])
 
 
-def test_offset_noise_adds_one_constant_per_sample_and_channel(pool, clip_dir, monkeypatch):
+def test_offset_noise_adds_one_constant_per_sample_and_channel(pool, toy_clip_dir, monkeypatch):
     """The UNet's training noise gets a per-(sample, channel) constant of std ``offset_noise``: its spatial
     means then vary far more than white noise's 1/8 on the 8x8 latent."""
     images, captions, _ = pool
     ldm, _ = tl.build_ldm()
-    tl.load_clip_text(ldm, clip_dir)
+    tl.load_clip_text(ldm, toy_clip_dir)
     mean, std = tl.latent_moments(ldm.first_stage_model, images)
     seen = []
     real = ldm.q_sample
@@ -182,10 +169,10 @@ def test_min_snr_weights_cap_the_clean_timesteps():
     assert w[0] < 0.01  # t = 0: SNR ~ 1000
 
 
-def test_unet_loss_with_unit_weights_is_the_ldm_loss(clip_dir):
+def test_unet_loss_with_unit_weights_is_the_ldm_loss(toy_clip_dir):
     torch.manual_seed(0)
     ldm, _ = tl.build_ldm()
-    tl.load_clip_text(ldm, clip_dir)
+    tl.load_clip_text(ldm, toy_clip_dir)
     z = torch.randn(4, ldm.channels, ldm.image_size, ldm.image_size)
     c = ldm.get_learned_conditioning(["a red circle", "a blue star", "", "a photo of a cat"])
     t, noise = torch.tensor([0, 10, 500, 999]), torch.randn_like(z)

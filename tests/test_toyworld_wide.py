@@ -11,19 +11,6 @@ from toyworld import wide
 SHIPPED = wide.ASSETS / "ldm"
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A random-weights toy CLIP with the text tower configs/toyworld/ldm.yaml expects."""
-    from transformers import CLIPModel
-
-    from toyworld.clip import tiny_clip_config
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("clip")
-    CLIPModel(tiny_clip_config(image_size=32)).save_pretrained(out, safe_serialization=True)
-    return out
-
-
 def _depths(model):
     return [len(m.transformer_blocks) for m in model.modules() if isinstance(m, SpatialTransformer)]
 
@@ -35,10 +22,10 @@ def test_default_build_is_the_shipped_architecture():
     assert {k: tuple(v.shape) for k, v in ldm.state_dict().items()} == {k: tuple(v.shape) for k, v in shipped.items()}
 
 
-def test_depth_2_unet_trains_on_the_shipped_autoencoder(tmp_path, clip_dir, monkeypatch):
+def test_depth_2_unet_trains_on_the_shipped_autoencoder(tmp_path, toy_clip_dir, monkeypatch):
     monkeypatch.setenv("TOYWORLD_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "wide"
-    report = tl.main(["--clip", str(clip_dir), "--out", str(out), "--pool", "16", "--unet_steps", "2",
+    report = tl.main(["--clip", str(toy_clip_dir), "--out", str(out), "--pool", "16", "--unet_steps", "2",
                       "--batch_size", "4", "--preview_steps", "2", "--transformer_depth", "2",
                       "--vae_from", str(SHIPPED)])
     from omegaconf import OmegaConf
