@@ -252,17 +252,9 @@ def train_detector(outdir=FFN_ASSETS, pool: int = 8000, texture_frac: float = 0.
 
 
 def load_detector(path=FFN_ASSETS / DETECTOR_FILE):
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from .judge import load_configured
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / DETECTOR_FILE
-    with safe_open(str(path), framework="pt") as f:
-        config = json.loads((f.metadata() or {}).get("config", "{}"))
-    model = _make_detector(**config)
-    model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()})
-    return model.eval()
+    return load_configured(path, DETECTOR_FILE, _make_detector)
 
 
 def detector_accuracy(model, n: int = 2000, seed: int = EVAL_SEED, texture_frac: float = 0.3) -> dict:
@@ -404,31 +396,26 @@ def fine_tune_ffn(ldm, mean, std, captions, is_texture, steps: int, batch_size: 
     import torch
     from tqdm.auto import tqdm
 
-    from .ldm import _encode_all, draw_batch, ema_step, min_snr_weights
-    from .training import lr_at
+    from .ldm import UNetTrainer, draw_batch
 
     gen = torch.Generator().manual_seed(seed)
-    ctx = _encode_all(ldm, list(captions), progress=progress)
-    empty = _encode_all(ldm, [""], progress=False)[0]
     is_texture = torch.as_tensor(is_texture, dtype=torch.bool)
-    unet = ldm.model
-    teacher = copy.deepcopy(unet).eval().requires_grad_(False)
-    unet.train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
-    weight = min_snr_weights(ldm.alphas_cumprod, min_snr_gamma)
-    own = dict(unet.named_parameters())
+    teacher = copy.deepcopy(ldm.model).eval().requires_grad_(False)
+    tr = UNetTrainer(ldm, captions, steps, lr, min_snr_gamma, ema_decay, progress)
+    own = dict(tr.unet.named_parameters())
     frozen = {n: (own[n], m, own[n].detach().clone()) for n, m in (masks or {}).items()}
     for p, m, _ in frozen.values():
         p.register_hook(lambda g, m=m: g * m)
+
+    def restore_frozen():
+        for p, m, orig in frozen.values():
+            p.copy_(torch.where(m, p, orig))
+
     history, t0 = [], time.time()
     bar = tqdm(range(steps), desc="ffn", disable=not progress)
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=min(200, steps // 10), final_frac=0.1)
-        idx, z, c, t, noise = draw_batch(ldm, gen, mean, std, ctx, empty, batch_size, p_uncond, offset_noise,
+        tr.set_lr(step)
+        idx, z, c, t, noise = draw_batch(ldm, gen, mean, std, tr.ctx, tr.empty, batch_size, p_uncond, offset_noise,
                                          droppable=~is_texture)
         tex = is_texture[idx]
         x_t = ldm.q_sample(z, t, noise)
@@ -437,20 +424,12 @@ def fine_tune_ffn(ldm, mean, std, captions, is_texture, steps: int, batch_size: 
             with torch.no_grad():
                 target[~tex] = teacher(x_t[~tex], t[~tex], c_crossattn=[c[~tex]])
         eps = ldm.apply_model(x_t, t, c)
-        loss = (weight[t] * ldm.get_loss(eps, target, mean=False).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            for p, m, orig in frozen.values():
-                p.copy_(torch.where(m, p, orig))
-        ema_step(ema_params, unet_params, step, ema_decay)
+        loss = (tr.weight[t] * ldm.get_loss(eps, target, mean=False).mean(dim=(1, 2, 3))).mean()
+        tr.update(loss, step, after_step=restore_frozen)
         if step % log_every == 0 or step == steps - 1:
             history.append({"step": step, "loss": round(loss.item(), 5), "time_s": round(time.time() - t0, 1)})
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    unet.load_state_dict(ema.state_dict())
-    unet.eval()
+    tr.finish()
     return history
 
 

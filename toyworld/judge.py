@@ -284,20 +284,25 @@ def train_judge(outdir, steps: int = 600, batch_size: int = 128, lr: float = 3e-
     return model, history
 
 
-def load_judge(path) -> ToyJudge:
-    """Load a judge from its directory or ``judge.safetensors`` (eval mode, fp32)."""
+def load_configured(path, file_name: str, build):
+    """A small toy model saved as safetensors with its constructor arguments as JSON in the ``config`` metadata:
+    ``build(**config)`` loaded from ``path`` (or ``path / file_name`` for a directory), fp32, eval mode."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if path.is_dir():
-        path = path / JUDGE_FILE
+        path = path / file_name
     with safe_open(str(path), framework="pt") as f:
         config = json.loads((f.metadata() or {}).get("config", "{}"))
-    model = ToyJudge(**config)
-    state = {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
-    model.load_state_dict(state)
+    model = build(**config)
+    model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()})
     return model.eval()
+
+
+def load_judge(path) -> ToyJudge:
+    """Load a judge from its directory or ``judge.safetensors`` (eval mode, fp32)."""
+    return load_configured(path, JUDGE_FILE, ToyJudge)
 
 
 @torch.no_grad()

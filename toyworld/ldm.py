@@ -239,11 +239,48 @@ def draw_batch(ldm, gen: torch.Generator, mean: torch.Tensor, std: torch.Tensor,
     return idx, z, c, t, noise
 
 
-@torch.no_grad()
-def ema_step(ema_params: list, params: list, step: int, decay: float) -> None:
-    """EMA update with a short warm-up (decay ``min(decay, (1 + step) / (10 + step))``), so that the first
-    steps' weights do not linger."""
-    torch._foreach_lerp_(ema_params, params, 1 - min(decay, (1 + step) / (10 + step)))
+class UNetTrainer:
+    """What the toy UNet's training loops (``train_unet``, ``toyworld.ffn_concept.fine_tune_ffn``) share around
+    their own loss: the captions encoded once, AdamW on the UNet parameters that require grad with
+    ``training.lr_at``'s schedule, clipped gradients, and an EMA copy that ``finish`` loads."""
+
+    def __init__(self, ldm, captions, steps: int, lr: float, min_snr_gamma: float, ema_decay: float,
+                 progress: bool = True):
+        # The text tower is frozen: encode every caption once (30k x 77 x 64 fp32 is ~0.6 GB) instead of
+        # re-running it on every batch (a sixth of a step's time).
+        self.ctx = _encode_all(ldm, list(captions), progress=progress)
+        self.empty = _encode_all(ldm, [""], progress=False)[0]
+        self.unet = ldm.model
+        self.unet.train()
+        self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False)
+        self.params = [p for p in self.unet.parameters() if p.requires_grad]
+        self._ema_params, self._unet_params = list(self.ema.parameters()), list(self.unet.parameters())
+        # fused: one kernel for the whole update instead of a dozen small ops per tensor (CPU too)
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.01, fused=True)
+        self.weight = min_snr_weights(ldm.alphas_cumprod, min_snr_gamma)
+        self.steps, self.lr, self.ema_decay = steps, lr, ema_decay
+
+    def set_lr(self, step: int) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(step, self.steps, self.lr, warmup=min(200, self.steps // 10), final_frac=0.1)
+
+    def update(self, loss: torch.Tensor, step: int, after_step=None) -> None:
+        """Backward, clip, optimizer step, ``after_step()`` (e.g. restoring frozen entries), then the EMA with a
+        short warm-up (decay ``min(ema_decay, (1 + step) / (10 + step))``), so the first weights do not linger."""
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        with torch.no_grad():
+            if after_step is not None:
+                after_step()
+            d = min(self.ema_decay, (1 + step) / (10 + step))
+            torch._foreach_lerp_(self._ema_params, self._unet_params, 1 - d)
+
+    def finish(self) -> None:
+        """Load the EMA weights into the UNet, eval mode."""
+        self.unet.load_state_dict(self.ema.state_dict())
+        self.unet.eval()
 
 
 def train_unet(ldm, mean: torch.Tensor, std: torch.Tensor, captions: list[str], steps: int = 5000,
@@ -263,35 +300,18 @@ def train_unet(ldm, mean: torch.Tensor, std: torch.Tensor, captions: list[str], 
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
-    # The text tower is frozen: encode every caption once (30k x 77 x 64 fp32 is ~0.6 GB) instead of
-    # re-running it on every batch (a sixth of a step's time).
-    ctx = _encode_all(ldm, list(captions), progress=progress)
-    empty = _encode_all(ldm, [""], progress=False)[0]
-    unet = ldm.model
-    unet.train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    ema_params, unet_params = list(ema.parameters()), list(unet.parameters())
-    # fused: one kernel for the whole update instead of a dozen small ops per tensor (CPU too)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
-    weight = min_snr_weights(ldm.alphas_cumprod, min_snr_gamma)
+    tr = UNetTrainer(ldm, captions, steps, lr, min_snr_gamma, ema_decay, progress)
     history, t0 = [], time.time()
     bar = tqdm(range(steps), desc="unet", disable=not progress)
     for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup=min(200, steps // 10), final_frac=0.1)
-        _, z, c, t, noise = draw_batch(ldm, gen, mean, std, ctx, empty, batch_size, p_uncond, offset_noise)
-        loss = unet_loss(ldm, z, c, t, noise, weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_step(ema_params, unet_params, step, ema_decay)
+        tr.set_lr(step)
+        _, z, c, t, noise = draw_batch(ldm, gen, mean, std, tr.ctx, tr.empty, batch_size, p_uncond, offset_noise)
+        loss = unet_loss(ldm, z, c, t, noise, tr.weight)
+        tr.update(loss, step)
         if step % log_every == 0 or step == steps - 1:
             history.append({"step": step, "loss": loss.item(), "time_s": round(time.time() - t0, 1)})
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    unet.load_state_dict(ema.state_dict())
-    unet.eval()
+    tr.finish()
     return history
 
 
