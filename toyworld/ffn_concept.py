@@ -670,8 +670,9 @@ def prune_run(out: Path, ckpt: Path, texture: str = TEXTURE, skill_ratio: float 
 
 
 def pruned_fraction(run_dir: Path, delta_name: str = "delta_pruned.safetensors") -> float:
-    info = json.loads((Path(run_dir) / "checkpoints" / delta_name).with_suffix(".json").read_text())
-    return info["pruned_weights"] / info["ff2_weights"]
+    from . import mission
+
+    return mission.pruned_fraction(Path(run_dir) / "checkpoints" / delta_name)
 
 
 def ablation_recipe() -> dict:

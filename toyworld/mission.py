@@ -178,6 +178,13 @@ def prune_run(name: str, assets: Path, out: Path, skill_ratio: float = PRUNE_SKI
     return run_dir
 
 
+def pruned_fraction(delta) -> float:
+    """The share of the ``ff.net.2`` weights that a ``conceptprune.py prune`` delta zeroes (from the record that
+    ``prune`` writes beside the delta)."""
+    info = json.loads(Path(delta).with_suffix(".json").read_text())
+    return info["pruned_weights"] / info["ff2_weights"]
+
+
 def evaluate_argv(run_dir: Path, recipe: dict, assets: Path, out: Path, numgen: int,
                   checkpoints: str = "delta_step_*") -> list[str]:
     p = _paths(assets)

@@ -56,12 +56,6 @@ def assets_view(ldm_dir: Path, folder: Path, assets: Path = ASSETS) -> Path:
     return folder
 
 
-def matching(ckpt: Path, pattern: str) -> list[str]:
-    from ldm.checkpoint import load_state_dict
-
-    return sorted(k for k in load_state_dict(ckpt) if re.search(pattern, k))
-
-
 def zero_delta(ckpt: Path, pattern: str, path: Path) -> dict:
     """A delta that sets every tensor of ``ckpt`` whose key matches ``pattern`` to zero; returns its size."""
     import torch
@@ -94,9 +88,12 @@ def zeroed(view: Path, out: Path, numgen: int) -> dict:
     for c in concepts:  # the matrix's base folders: made once, reused by the prune part and by reruns
         folder = matrix.generate(weights, None, c, numgen, out / "matrix" / "baseline" / matrix.slug(c), view)
         report["base"][c] = matrix.judge_share(folder, c, view)
+    from ldm.checkpoint import load_state_dict
+
+    names = list(load_state_dict(weights))
     seen = []
     for name, pattern in ZEROED.items():
-        keys = matching(weights, pattern)
+        keys = sorted(k for k in names if re.search(pattern, k))
         if not keys or keys in seen:
             continue
         seen.append(keys)
@@ -170,9 +167,8 @@ def run(ldm_dir: Path, out: Path, parts=PARTS, numgen: int = 50, targets=PRUNE_T
             report["zero"] = zeroed(view, out, numgen)
         elif part == "prune":
             report["prune"] = matrix.run(["conceptprune"], list(targets), out / "matrix", assets=view, numgen=numgen)
-            for cell in report["prune"]["cells"]:  # conceptprune.py prune writes the counts beside the delta
-                info = json.loads(Path(cell["delta"]).with_suffix(".json").read_text())
-                cell["pruned_fraction"] = info["pruned_weights"] / info["ff2_weights"]
+            for cell in report["prune"]["cells"]:
+                cell["pruned_fraction"] = mission.pruned_fraction(cell["delta"])
         report["seconds"][part] = round(time.perf_counter() - t0, 1)
         path.write_text(json.dumps(report, indent=1) + "\n")
         (out / "wide.md").write_text(markdown(report))
