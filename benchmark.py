@@ -30,7 +30,7 @@ DEFAULT_BASE = REPO / "assets/pretrained_models/sd-v1-4.ckpt"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    from ablation import cli
+    from runtime import cli
     from evaluation.suites import NUDITY_SETS, SUITES
 
     p = cli.ArgumentParser(description=__doc__)
@@ -114,8 +114,8 @@ def setup(argv=None, classifier=None):
     ``--classifier`` (the toy world passes its ground-truth classifier)."""
     import yaml
 
-    from ablation.cli import UsageError, check_output, parse_devices
-    from ablation.generate import validate_generation_args
+    from runtime.cli import UsageError, check_output, parse_devices
+    from runtime.generate import validate_generation_args
     from evaluation.models import check_models, parse_models
     from evaluation.runner import Plan, groups
     from evaluation.suites import SUITES
@@ -148,7 +148,7 @@ def setup(argv=None, classifier=None):
                                          precision=args.precision, sampler=args.sampler)
     check_output(args.outdir, "--outdir", kind="dir")
     # scorers: a model that cannot be loaded offline fails now, with what to download and where
-    from evaluation.metrics import resolve_clip
+    from scoring.metrics import resolve_clip
 
     if any(s.name in ("artist", "gender", "coco") for s in suites):
         args.clip_resolved = resolve_clip(args.clip_model)
@@ -157,11 +157,11 @@ def setup(argv=None, classifier=None):
     if any(s.name == "coco" for s in suites):
         _check_features(args)
     if any(s.name == "nudity" for s in suites):
-        from evaluation.nudity import load_detector
+        from scoring.nudity import load_detector
 
         load_detector()
     if any(s.name == "objects" for s in suites) and classifier is None:
-        from evaluation.classifier import load_classifier
+        from scoring.classifier import load_classifier
 
         import torch
 
@@ -173,7 +173,7 @@ def setup(argv=None, classifier=None):
 def _check_features(args) -> None:
     import importlib.util
 
-    from evaluation.metrics import INCEPTION_FILE, inception_weights
+    from scoring.metrics import INCEPTION_FILE, inception_weights
 
     if args.feature_model and not Path(args.feature_model).is_file():
         raise FileNotFoundError(f"--feature_model not found: {args.feature_model}")
@@ -188,7 +188,7 @@ def run(plan):
     from evaluation.runner import generate, score, write_results
 
     if not plan.args.score_only:
-        from ablation.dist import init_from_launcher
+        from runtime.dist import init_from_launcher
 
         plan.extras["shard"] = init_from_launcher()  # torchrun: each rank makes its share, rank 0 scores
         generate(plan)
@@ -206,6 +206,6 @@ def main(argv=None, classifier=None):
 
 
 if __name__ == "__main__":
-    from ablation.cli import exit_on_usage_error
+    from runtime.cli import exit_on_usage_error
 
     run(exit_on_usage_error(setup))

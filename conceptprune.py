@@ -38,7 +38,7 @@ import json
 from contextlib import nullcontext
 from pathlib import Path
 
-from ablation import cli
+from runtime import cli
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
@@ -114,7 +114,7 @@ def _model_config(args):
     if "model" not in config:
         raise ValueError(f"{args.config} has no 'model:' section")
     model_config = OmegaConf.to_container(config.model, resolve=True)
-    from ablation.delta import check_checkpoints
+    from runtime.loading import check_checkpoints
 
     check_checkpoints(model_config, args.ckpt, args.delta_ckpt)
     return model_config
@@ -123,7 +123,7 @@ def _model_config(args):
 def _check_sampling(args):
     import torch
 
-    from ablation.generate import validate_generation_args
+    from runtime.generate import validate_generation_args
 
     if args.batch_size < 1:
         raise ValueError("--batch_size must be >= 1")
@@ -223,7 +223,7 @@ def resolve(argv=None) -> dict:
 
 # ----------------------------------------------------------------------------- sampling
 def _load(plan):
-    from ablation.delta import load_model
+    from runtime.loading import load_model
 
     args = plan["args"]
     return load_model(plan["model_config"], args.ckpt, args.delta_ckpt, args.device).eval()
@@ -247,10 +247,10 @@ def sample_prompts(model, prompts, args, hooks=None, decode: int = 0, seeds=None
     import numpy as np
     import torch
 
-    from ablation.generate import _latent_shape
+    from runtime.generate import latent_shape
     from ldm.models.diffusion.plms import PLMSSampler
 
-    shape = _latent_shape(model, args.H, args.W)
+    shape = latent_shape(model, args.H, args.W)
     seeds = [args.seed] * len(prompts) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -367,7 +367,7 @@ def run_check(plan) -> list[Path]:
 
 
 def run_prune(plan) -> Path:
-    from ablation.delta import save_delta
+    from runtime.delta import save_delta
     from ldm.checkpoint import load_state_dict
     from prune.wanda import check_fit, pruned_weights, union_of, union_over_calls
 

@@ -59,7 +59,7 @@ BASE_META = "base_model.json"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    from ablation import cli
+    from runtime import cli
 
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--root", required=True, help="a training run folder (with checkpoints/) or a folder of runs")
@@ -150,7 +150,7 @@ def folder_name(concept: str) -> str:
 
 
 def _read_lines(path: Path) -> list[str]:
-    from ablation.prompts import read_prompts
+    from runtime.files import read_prompts
 
     return read_prompts(path)  # FileNotFoundError / ValueError (empty) with the path
 
@@ -286,8 +286,8 @@ def setup(argv=None) -> Plan:
     """Parse and check everything that is cheap to check, before any model is built."""
     import importlib.util
 
-    from ablation.cli import check_distinct_outputs, check_output, parse_devices
-    from ablation.delta import check_checkpoints, check_delta, find_run_config
+    from runtime.cli import check_distinct_outputs, check_output, parse_devices
+    from runtime.loading import check_checkpoints, check_delta, find_run_config
 
     args = get_parser().parse_args(argv)
     if not args.caption_target.strip():
@@ -302,7 +302,7 @@ def setup(argv=None) -> Plan:
             raise ValueError("memorization needs --mem_impath (the memorized image)")
         if not Path(args.mem_impath).is_file():
             raise FileNotFoundError(f"--mem_impath not found: {args.mem_impath}")
-        from ablation.memorization import DEFAULT_SSCD_PATH
+        from scoring.sscd import DEFAULT_SSCD_PATH
 
         sscd = Path(args.sscd_ckpt) if args.sscd_ckpt else DEFAULT_SSCD_PATH
         if not sscd.is_file():
@@ -334,7 +334,7 @@ def setup(argv=None) -> Plan:
         checkpoints.append(Checkpoint(path.parent.parent, path, model_config))
     base_config = _model_config(Path(args.config)) if args.config else checkpoints[0].model_config
     if args.base_ckpt is None:  # the base the run was trained on, not a fixed path
-        from ablation.delta import run_base_ckpt
+        from runtime.loading import run_base_ckpt
 
         bases = {run_base_ckpt(c.path) for c in checkpoints}
         if len(bases) > 1:
@@ -368,7 +368,7 @@ def setup(argv=None) -> Plan:
             check_output(run / "eval", f"the eval folder of run {run}", kind="dir")
 
     # metric models: fail now, not after hours of generation
-    from evaluation.metrics import INCEPTION_FILE, inception_weights, resolve_clip
+    from scoring.metrics import INCEPTION_FILE, inception_weights, resolve_clip
 
     clip = resolve_clip(args.clip_model)  # a missing model fails here, not after the generation
     if args.feature_model and not Path(args.feature_model).is_file():
@@ -390,7 +390,7 @@ def setup(argv=None) -> Plan:
             for ckpt in checkpoints:
                 folder_images(ablated_dir(ckpt, c), len(c.prompts))
     else:
-        from ablation.generate import validate_generation_args
+        from runtime.generate import validate_generation_args
 
         for c in concepts:
             validate_generation_args(c.prompts, steps=args.steps, eta=args.eta, scale=args.scale,
@@ -401,7 +401,7 @@ def setup(argv=None) -> Plan:
 
 def _check_folder_plans(args, concepts: list[Concept], checkpoints: list[Checkpoint], anchor) -> None:
     """Folders generated before with other settings fail now, each named, not hours into the generation."""
-    from ablation.generate import PLAN_FILE, _plan_diff, _plan_dict
+    from runtime.generate import PLAN_FILE, plan_diff, plan_dict
 
     plan = Plan(args, args.concept_type, "", anchor, concepts, checkpoints, {}, (), Path("."))
     folders = [(base_dir(plan, c), base_prompts(plan, c), "--base_outpath") for c in concepts]
@@ -414,7 +414,7 @@ def _check_folder_plans(args, concepts: list[Concept], checkpoints: list[Checkpo
             old = json.loads(plan_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # generate_images reports an unreadable plan with its own advice
-        diff = _plan_diff(old, _plan_dict(prompts, args.steps, args.eta, args.scale, args.H, args.W, args.seed))
+        diff = plan_diff(old, plan_dict(prompts, args.steps, args.eta, args.scale, args.H, args.W, args.seed))
         if diff:
             raise ValueError(f"{folder} was generated with other settings (differs in: {', '.join(diff)}); delete it, "
                              f"or use another {where if where == '--base_outpath' else 'copy of the run'}")
@@ -456,7 +456,7 @@ def base_dir(plan: Plan, concept: Concept) -> Path:
 
 
 def _write_prompts_json(folder: Path, prompts: list[str]) -> None:
-    from ablation.generate import write_text_atomic
+    from runtime.files import write_text_atomic
 
     write_text_atomic(folder / "prompts.json",
                       json.dumps({f"{i:05d}": p for i, p in enumerate(prompts)}, indent=1) + "\n")
@@ -481,8 +481,8 @@ def _check_base_identity(folder: Path, ident: dict) -> None:
 
 
 def _generate(factory, prompts: list[str], outdir: Path, plan: Plan, desc: str) -> None:
-    from ablation.dist import local_devices
-    from ablation.generate import GenerationPlanError, generate_images
+    from runtime.dist import local_devices
+    from runtime.generate import GenerationPlanError, generate_images
 
     a = plan.args
     try:
@@ -496,7 +496,7 @@ def _generate(factory, prompts: list[str], outdir: Path, plan: Plan, desc: str) 
 
 
 def generate_all(plan: Plan) -> None:
-    from ablation.delta import load_model
+    from runtime.loading import load_model
 
     base_factory = functools.partial(load_model, plan.base_config, plan.args.base_ckpt, None)
     ident = _base_identity(plan)
@@ -504,7 +504,7 @@ def generate_all(plan: Plan) -> None:
         folder = base_dir(plan, concept)
         _check_base_identity(folder, ident)
         folder.mkdir(parents=True, exist_ok=True)
-        from ablation.generate import write_text_atomic
+        from runtime.files import write_text_atomic
 
         write_text_atomic(folder / BASE_META, json.dumps(ident, indent=1) + "\n")
         _generate(base_factory, base_prompts(plan, concept), folder, plan, f"base {concept.name}")
@@ -517,12 +517,12 @@ def generate_all(plan: Plan) -> None:
 # ---------------------------------------------------------------------------------------- stage 2
 def folder_images(folder: Path, expected: int | None = None) -> list[Path]:
     """The images listed in ``folder/images.txt`` (relative to the folder), all of which must exist."""
-    from ablation.generate import read_text_lines
+    from runtime.files import read_text_lines
 
     listing = folder / "images.txt"
     if not listing.is_file():
         raise FileNotFoundError(f"{listing} not found: generate first (run without --eval_stage)")
-    from ablation.generate import image_is_complete
+    from runtime.files import image_is_complete
 
     paths = [folder / line for line in read_text_lines(listing) if line.strip()]
     missing = [p for p in paths if not p.is_file()]
@@ -539,7 +539,7 @@ def folder_images(folder: Path, expected: int | None = None) -> list[Path]:
 
 
 def _feature_extractor(args, device):
-    from evaluation.metrics import INCEPTION_FILE, inception_features, torchscript_features
+    from scoring.metrics import INCEPTION_FILE, inception_features, torchscript_features
 
     if args.feature_model is None:
         return inception_features(device=device)
@@ -552,14 +552,15 @@ def compute_metrics(plan: Plan) -> dict[str, dict[str, float]]:
     """``{expname: {column: value}}`` for every checkpoint of the plan."""
     import torch
 
-    from evaluation.metrics import clip_metrics, clip_score, fid, kid, load_clip, sscd_memorization_rate
+    from scoring.metrics import clip_metrics, clip_score, fid, kid, load_clip
+    from scoring.sscd import sscd_memorization_rate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     clip = load_clip(plan.extras.get("clip", plan.args.clip_model), device)
     features = _feature_extractor(plan.args, device)
     sscd = None
     if plan.concept_type == "memorization":
-        from ablation.memorization import load_sscd
+        from scoring.sscd import load_sscd
 
         sscd = load_sscd(plan.args.sscd_ckpt, device)
 
@@ -648,7 +649,7 @@ def update_table(outpkl: Path, results: dict[str, dict[str, float]]):
                 df[col] = pd.Series(dtype="float64")
             df.loc[expname, col] = float(value)
     df.index.name = "expname"
-    from ablation.generate import write_text_atomic
+    from runtime.files import write_text_atomic
 
     write_text_atomic(outpkl.with_suffix(".json"), df.to_json(orient="index", indent=1) + "\n")
     write_text_atomic(outpkl.with_suffix(".csv"), df.to_csv())
@@ -707,7 +708,7 @@ def plot_chart(plan: Plan, results: dict[str, dict[str, float]]) -> Path:
 
 def run(plan: Plan):
     if not plan.args.eval_stage:
-        from ablation.dist import init_from_launcher
+        from runtime.dist import init_from_launcher
 
         # torchrun & co.: every rank generates its share of each folder; rank 0 alone scores them
         plan.extras["shard"] = init_from_launcher()
@@ -733,6 +734,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from ablation.cli import exit_on_usage_error
+    from runtime.cli import exit_on_usage_error
 
     run(exit_on_usage_error(setup))

@@ -32,7 +32,7 @@ DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
 
 
 def get_parser() -> argparse.ArgumentParser:
-    from ablation import cli
+    from runtime import cli
 
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--prompt", default="a painting of a virus monster playing guitar")
@@ -67,13 +67,13 @@ def resolve(argv=None):
     """Parse and check everything cheap. Returns (args, model_config, per-image prompts, outdir, devices)."""
     from omegaconf import OmegaConf
 
-    from ablation.cli import check_output, parse_devices
-    from ablation.delta import check_checkpoints, find_run_config
-    from ablation.generate import validate_generation_args
-    from ablation.prompts import read_prompts
+    from runtime.cli import check_output, parse_devices
+    from runtime.loading import check_checkpoints, find_run_config
+    from runtime.generate import validate_generation_args
+    from runtime.files import read_prompts
 
     args = get_parser().parse_args(argv)
-    from ablation.delta import run_base_ckpt
+    from runtime.loading import run_base_ckpt
     from ldm.diffusers_format import checkpoint_exists
 
     if args.ckpt is None:  # the run's own base model, not a fixed path
@@ -151,7 +151,7 @@ def hand_over(staged: list[Path], outdir: Path, journal: Path, metadata: list[st
     before anything moves. A call killed midway finds the journal and completes the same moves (a staged
     file already moved is skipped) and rewrites the lists to their recorded length plus the new lines,
     so nothing is lost or appended twice."""
-    from ablation.generate import read_text_lines, write_text_atomic
+    from runtime.files import read_text_lines, write_text_atomic
 
     samples = outdir / "samples"
     samples.mkdir(parents=True, exist_ok=True)
@@ -182,9 +182,9 @@ def hand_over(staged: list[Path], outdir: Path, journal: Path, metadata: list[st
 
 
 def run(args, model_config, prompts, outdir: Path, devices) -> list[Path]:
-    from ablation.delta import load_model
-    from ablation.dist import init_from_launcher, local_devices
-    from ablation.generate import generate_images
+    from runtime.loading import load_model
+    from runtime.dist import init_from_launcher, local_devices
+    from runtime.generate import generate_images
 
     shard = init_from_launcher()  # torchrun & co.: every rank makes its share, rank 0 hands them over
     samples = outdir / "samples"
@@ -219,6 +219,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from ablation.cli import exit_on_usage_error
+    from runtime.cli import exit_on_usage_error
 
     run(*exit_on_usage_error(resolve))

@@ -32,7 +32,7 @@ def str2bool(v: str) -> bool:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    from ablation import cli
+    from runtime import cli
 
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("-t", "--train", action="store_true", help="train (without it: only prepare the data)")
@@ -111,10 +111,10 @@ def parse_args(argv=None):
 
 def check_inputs(args, config):
     """Every user error we can detect without building a model; returns (concepts, prompts, devices)."""
-    import torch
 
-    from ablation.cli import check_config_values, check_output
-    from ablation.prompts import check_anchor_words, check_preserve_prompts, parse_caption_target, read_prompts
+    from runtime.cli import check_config_values, check_output
+    from ablation.prompts import check_anchor_words, check_preserve_prompts, parse_caption_target
+    from runtime.files import read_prompts
 
     check_config_values(config)  # overrides such as training.max_steps=abc or data.size=12
     concepts = parse_caption_target(args.concept_type, args.caption_target)
@@ -159,8 +159,8 @@ def check_inputs(args, config):
             raise RuntimeError("--wandb_entity needs the wandb package: pip install wandb")
     from omegaconf import OmegaConf
 
-    from ablation.delta import check_checkpoints
-    from ablation.generate import validate_generation_args
+    from runtime.loading import check_checkpoints
+    from runtime.generate import validate_generation_args
 
     gen = config.generation
     validate_generation_args(["x"], steps=gen.steps, eta=gen.eta, scale=gen.scale, batch_size=args.n_samples,
@@ -178,7 +178,7 @@ def check_inputs(args, config):
     check_checkpoints(OmegaConf.to_container(config.model, resolve=True), args.base_ckpt, args.delta_ckpt)
     check_output(args.root, "--root (anchor images)", kind="dir")
     check_output(args.logdir, "--logdir", kind="dir")
-    from ablation.cli import parse_devices
+    from runtime.cli import parse_devices
 
     return concepts, prompts, list(parse_devices(args.gpus, default="cpu"))
 
@@ -197,9 +197,9 @@ def prepare_data(args, config, concepts, prompts, devices):
     others wait for its result."""
     from omegaconf import OmegaConf
 
-    from ablation.delta import load_model
-    from ablation.dist import broadcast_from_zero, init_from_launcher, local_devices
-    from ablation.generate import generate_images
+    from runtime.loading import load_model
+    from runtime.dist import broadcast_from_zero, init_from_launcher, local_devices
+    from runtime.generate import generate_images
     from ablation.prompts import Concept
 
     gen = config.generation
@@ -274,7 +274,7 @@ def join_or_make_run_dir(logdir: Path, name: str, is_rank_zero: bool) -> Path:
     """Rank 0 creates ``{logdir}/{timestamp}_{name}`` exclusively (a ``-2``, ``-3``, ... suffix when another run
     took that name in the same second); Lightning's DDP launcher re-runs this script for ranks > 0, which
     join rank 0's folder through the environment, and under an external launcher rank 0 broadcasts it."""
-    from ablation.dist import broadcast_from_zero, external_shard
+    from runtime.dist import broadcast_from_zero, external_shard
 
     if external_shard() is not None:  # torchrun & co. start every rank at once: rank 0 names the folder
         name = broadcast_from_zero(_make_run_dir(logdir, name).name if is_rank_zero else None)
@@ -321,15 +321,16 @@ def run(args, config, concepts, prompts, devices, argv=None):
     import torch
     from omegaconf import OmegaConf
 
-    from ablation.delta import load_model
+    from runtime.loading import load_model
     from ablation.module import ConceptAblation, DeltaCheckpoint, ImageLogger, PeakMemory, StepProgressBar
-    from ablation.prompts import read_prompts, target_prompt
+    from runtime.files import read_prompts
+    from ablation.prompts import target_prompt
 
     # the frozen VAE and text encoder are in eval mode on purpose
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
     L.seed_everything(args.seed, workers=True)
     tr = config.training
-    from ablation.dist import is_rank_zero as rank_zero
+    from runtime.dist import is_rank_zero as rank_zero
 
     is_rank_zero = rank_zero()
     lf = latent_factor(config.model)
@@ -395,6 +396,6 @@ def run(args, config, concepts, prompts, devices, argv=None):
 
 
 if __name__ == "__main__":
-    from ablation.cli import exit_on_usage_error
+    from runtime.cli import exit_on_usage_error
 
     run(*exit_on_usage_error(setup))  # bad input: one line and exit 2, before any work

@@ -75,10 +75,3 @@ def conceptprune() -> int:
 
 def benchmark() -> int:
     return _run("benchmark")
-
-
-def toyworld_mission() -> int:
-    from toyworld.mission import main
-
-    main(sys.argv[1:])
-    return 0

@@ -1,13 +1,8 @@
-"""Memorized-image pipeline: SSCD copy detection and anchor/target prompt selection.
+"""Memorized-image pipeline: anchor/target prompt selection by SSCD copy detection.
 
-SSCD (``sscd_imagenet_mixup.torchscript.pt``, a TorchScript ResNet-50 with 512-D descriptors) is
-loaded only when a function here needs it, never at import (the reference loaded it at import time,
-so the file was required even for style/object runs). Preprocessing is SSCD's ``small_288``
-recipe with torchvision's transforms, as SSCD's own code: ``Resize(288)`` (the SHORT side becomes 288,
-PIL bilinear; the long side ``int(288 * long / short)``), ``ToTensor`` (float CHW in [0, 1]), ImageNet
-mean/std ``Normalize``.
-
-An image is "memorized" when its cosine similarity to the memorized training image is > 0.5.
+SSCD (:mod:`scoring.sscd`) is loaded only when a stage needs it, never at import (the reference loaded it
+at import time, so the file was required even for style/object runs). An image is "memorized" when its
+cosine similarity to the memorized training image is > 0.5.
 
 ``prepare_memorization_data`` (steps 1-5) writes into ``gen_folder``:
 
@@ -28,7 +23,6 @@ instead of being reused silently.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,107 +32,16 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
-from ablation.generate import (generate_images, image_is_complete, read_text_lines, validate_generation_args,
-                               write_text_atomic)
+from runtime.files import image_is_complete, read_text_lines, sha256_file, write_text_atomic
+from runtime.generate import generate_images, validate_generation_args
+from scoring.sscd import THRESHOLD, load_sscd, memorization_rate, similarities
 
-__all__ = ["SSCD_FILE", "SSCD_URL", "DEFAULT_SSCD_PATH", "SSCD_SIZE", "IMAGENET_MEAN", "IMAGENET_STD",
-           "load_sscd", "preprocess_sscd", "descriptors", "similarities", "select_prompts", "filter_images",
-           "memorization_rate", "prepare_memorization_data", "MemorizationSettingsError"]
-
-SSCD_FILE = "sscd_imagenet_mixup.torchscript.pt"
-SSCD_URL = f"https://dl.fbaipublicfiles.com/sscd-copy-detection/{SSCD_FILE}"
-DEFAULT_SSCD_PATH = Path(__file__).resolve().parents[1] / "assets" / "pretrained_models" / SSCD_FILE
-SSCD_SIZE = 288
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-THRESHOLD = 0.5
+__all__ = ["select_prompts", "filter_images", "prepare_memorization_data", "MemorizationSettingsError"]
 
 
 class MemorizationSettingsError(RuntimeError):
     """``gen_folder`` was prepared with different settings."""
-
-
-# ---------------------------------------------------------------------------------------- SSCD
-def load_sscd(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
-    """Load the SSCD TorchScript descriptor model (``None``: ``assets/pretrained_models/{SSCD_FILE}``)."""
-    path = Path(DEFAULT_SSCD_PATH if path is None else path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"SSCD model not found at {path}. The memorization pipeline needs the SSCD copy-detection "
-            f"descriptor model {SSCD_FILE} (facebookresearch/sscd-copy-detection); download it from "
-            f"{SSCD_URL} into {DEFAULT_SSCD_PATH.parent}/ or pass its path.")
-    with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated; SSCD ships only as one
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
-        model = torch.jit.load(str(path), map_location=torch.device(device))
-    model.eval()
-    return model
-
-
-def _resized_size(width: int, height: int, size: int = SSCD_SIZE) -> tuple[int, int]:
-    """(W, H) with the short side ``size`` and the long side ``int(size * long / short)`` (torchvision rule)."""
-    if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
-
-
-def preprocess_sscd(image: Image.Image | str | os.PathLike, size: int = SSCD_SIZE) -> torch.Tensor:
-    """SSCD ``small_288`` preprocessing: RGB, short side -> ``size`` (bilinear), [0,1] CHW, ImageNet norm."""
-    from torchvision import transforms as T
-
-    if not isinstance(image, Image.Image):
-        with Image.open(image) as im:
-            image = im.convert("RGB")
-    else:
-        image = image.convert("RGB")
-    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BILINEAR), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image)
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError, RuntimeError):
-        return torch.device("cpu")
-
-
-@torch.no_grad()
-def descriptors(model, image_paths: Sequence[str | os.PathLike], batch_size: int = 32,
-                device: str | torch.device | None = None) -> torch.Tensor:
-    """L2-normalised SSCD descriptors ``[N, D]`` (float32, CPU) of ``image_paths``, in order.
-
-    Images of different sizes are fine: only images with the same preprocessed size are batched.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    paths = [Path(p) for p in image_paths]
-    if not paths:
-        raise ValueError("no images given")
-    device = _model_device(model) if device is None else torch.device(device)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, p in enumerate(paths):
-        with Image.open(p) as im:  # header only
-            groups.setdefault(_resized_size(*im.size), []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(paths)
-    for indices in groups.values():
-        for s in range(0, len(indices), batch_size):
-            chunk = indices[s:s + batch_size]
-            x = torch.stack([preprocess_sscd(paths[i]) for i in chunk]).to(device)
-            d = model(x)
-            d = F.normalize(d.reshape(d.shape[0], -1).float(), dim=1).cpu()
-            for row, i in enumerate(chunk):
-                out[i] = d[row]
-    return torch.stack(out)
-
-
-def similarities(model, image_paths: Sequence[str | os.PathLike], reference_image_path: str | os.PathLike,
-                 batch_size: int = 32, device: str | torch.device | None = None) -> torch.Tensor:
-    """Cosine similarity ``[N]`` of each image to the reference image (SSCD descriptors)."""
-    d = descriptors(model, image_paths, batch_size=batch_size, device=device)
-    ref = descriptors(model, [reference_image_path], device=device)[0]
-    return d @ ref
 
 
 # ---------------------------------------------------------------------------------------- selection
@@ -187,23 +90,7 @@ def filter_images(image_paths: Sequence, captions: Sequence[str], sims,
     return [(p, c) for p, c, s in zip(image_paths, captions, sims.tolist()) if s <= threshold]
 
 
-def memorization_rate(sims, threshold: float = THRESHOLD) -> float:
-    """Share of images whose similarity is > ``threshold`` (memorized); lower is better."""
-    sims = torch.as_tensor(sims, dtype=torch.float32).flatten()
-    if sims.numel() == 0:
-        raise ValueError("memorization_rate of an empty set of similarities")
-    return float((sims > threshold).float().mean())
-
-
 # ---------------------------------------------------------------------------------------- pipeline
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _LazySSCD:
     """Loads SSCD on first use, so finished stages never need the file."""
 
@@ -282,7 +169,7 @@ def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathL
     validate_generation_args(distinct, steps=anchor_steps, **gen_kw, sampler=sampler)
     devices = gen_kw["devices"]
 
-    settings = {"version": 1, "caption_target": caption_target, "mem_image_sha256": _sha256(mem_image),
+    settings = {"version": 1, "caption_target": caption_target, "mem_image_sha256": sha256_file(mem_image),
                 "paraphrases": distinct, "n_check": n_check, "check_steps": check_steps,
                 "anchor_steps": anchor_steps, "anchor_size": anchor_size, "target_size": target_size,
                 "threshold": float(threshold), "train_size": train_size, "seed": seed, "height": height,

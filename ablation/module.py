@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 import torch
 from PIL import Image
 
-from ablation.delta import delta_state_dict, save_delta
+from runtime.delta import delta_state_dict, save_delta
 from ablation.losses import ablation_loss, anchor_noise_loss, preservation_loss
 from ablation.params import install_sot_detach, optimizer_groups, select_trainable
 from ablation.prompts import check_preserve_prompts

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from os import PathLike
-from pathlib import Path
 from typing import Sequence
 
 CONCEPT_TYPES = ("style", "object", "memorization")
@@ -122,23 +120,6 @@ def check_anchor_words(concepts: Sequence[Concept], prompts: Sequence[str], sour
         warnings.warn(f"{source}: only {hits} of {len(prompts)} prompts contain the anchor word ({anchors}); the "
                       f"others train the unchanged prompt onto itself", stacklevel=2)
     return hits
-
-
-def read_prompts(path: str | PathLike) -> list[str]:
-    """Non-empty, stripped lines of a prompt file. Duplicates are kept (the reference does too)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"prompt file {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
-                         f"save it as UTF-8") from None
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise ValueError(f"prompt file has no non-empty lines: {path}")
-    return prompts
 
 
 def styled_prompt(target: str, anchor_prompt: str, rng: random.Random) -> str:

@@ -50,7 +50,7 @@ def build(model: str, device: str):
     from prune.prompts import build_pairs
 
     if model == "toy":
-        from ablation.delta import load_model
+        from runtime.loading import load_model
 
         assets = REPO / "assets/toyworld"
         config = OmegaConf.to_container(OmegaConf.load(assets / "ldm/ldm.yaml").model, resolve=True)

@@ -4,7 +4,7 @@ Both sides generate the same batch from the SAME weights (diffusers' pipeline is
 ``tools/export.build_pipeline``), the same scheduler and step count, CFG 6, the same per-image seeds
 (``torch.Generator().manual_seed(seed + i)`` for image i: identical start noise, and for DDIM eta 1 the
 same per-step noise streams), from prompts to uint8 pixels (text encoding, sampling, VAE decode, pixel
-conversion; no PNG writing). Ours is the code ``generate_images`` runs (``ablation.generate._Runner.sample_batch``:
+conversion; no PNG writing). Ours is the code ``generate_images`` runs (``runtime.generate.Runner.sample_batch``:
 both CFG halves in one UNet call, the decode batched, DDIM's per-step noise drawn ahead and moved in one copy).
 
 Samplers (``--sampler``, comma-separated ``{sampler}-{steps}``; a bare name takes ``--steps``)
@@ -141,7 +141,7 @@ def main(argv=None):
         import diffusers
     except ImportError as e:
         sys.exit(f"diffusers is needed for the comparison (pip install -r requirements-dev.txt): {e}")
-    from ablation.generate import _Runner, validate_generation_args
+    from runtime.generate import Runner, validate_generation_args
 
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available")
@@ -171,7 +171,7 @@ def main(argv=None):
         for name, steps in settings:
             eta = args.eta if name == "ddim" else 0.0
             precision = "autocast" if args.dtype == "fp16" else "full"
-            ours = _Runner(lambda d: model, args.device, prompts, Path(tmp), steps, eta, args.scale, args.size,
+            ours = Runner(lambda d: model, args.device, prompts, Path(tmp), steps, eta, args.scale, args.size,
                            args.size, args.seed, precision, sampler=name)
             pipe = build_diffusers(model, cfg, name, device, torch.float16 if args.dtype == "fp16" else None)
 

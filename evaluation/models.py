@@ -5,7 +5,7 @@ Every model is a CompVis ``LatentDiffusion`` of the run's model config, built fr
 
 * ``base``: the base checkpoint itself (a CompVis ``.ckpt`` / ``.safetensors``, a diffusers pipeline folder, or
   a diffusers UNet file inside one: whatever the rest of the project accepts as a base);
-* ``delta``: the base with a Concept Ablation delta written in (:func:`ablation.delta.apply_delta`);
+* ``delta``: the base with a Concept Ablation delta written in (:func:`runtime.delta.apply_delta`);
 * ``compvis``: a full CompVis checkpoint on its own (e.g. ``tools/export.py --out``, or ``conceptprune.py``'s
   pruned copy of ``sd-v1-4``);
 * ``diffusers``: a diffusers ``StableDiffusionPipeline`` folder (or a UNet file inside one), read by the
@@ -279,16 +279,16 @@ def _resolve_unet(raw: Mapping[str, torch.Tensor], want: Mapping[str, torch.Size
 
 def _raw_shapes(path) -> dict[str, torch.Tensor]:
     """One file's own tensors as meta tensors (header / pickle only), no diffusers conversion."""
-    from ldm.checkpoint import _file_shapes
+    from ldm.checkpoint import file_shapes
 
-    return _file_shapes(path)
+    return file_shapes(path)
 
 
 def _raw_tensors(path) -> dict[str, torch.Tensor]:
     """One file's own tensors (memory-mapped where torch can), no diffusers conversion."""
-    from ldm.checkpoint import _file_state_dict
+    from ldm.checkpoint import file_state_dict
 
-    return _file_state_dict(path)
+    return file_state_dict(path)
 
 
 def _meta_fit(model: torch.nn.Module, shapes: Mapping[str, torch.Tensor]):
@@ -315,7 +315,7 @@ def _check_compvis(spec: ModelSpec, model: torch.nn.Module) -> None:
 
 
 def _check_one(spec: ModelSpec, model: torch.nn.Module, model_config: Mapping, base: str) -> None:
-    from ablation.delta import check_base, check_delta
+    from runtime.loading import check_base, check_delta
 
     if spec.kind == "base":
         check_base(model_config, base, model)
@@ -333,7 +333,7 @@ def check_models(specs: Iterable[ModelSpec], model_config: Mapping, base: str) -
     """Vet every model before any generation, from file headers and a meta-device model (no weights read, but
     a delta's few tensors, checked for NaN/inf). Raises one :class:`ModelSpecError` listing every model that
     cannot be loaded, one line each."""
-    from ablation.delta import _meta_model
+    from runtime.loading import meta_model
     from ldm.checkpoint import CheckpointError
     from ldm.diffusers_format import DiffusersFormatError, checkpoint_exists
 
@@ -341,7 +341,7 @@ def check_models(specs: Iterable[ModelSpec], model_config: Mapping, base: str) -
     if any(s.kind in ("base", "delta", "unet") for s in specs) and not checkpoint_exists(base):
         raise ModelSpecError(f"{FLAGS['base']} {base}: base checkpoint not found (a checkpoint file or a diffusers "
                              f"pipeline folder)")
-    model = _meta_model(model_config)
+    model = meta_model(model_config)
     errors = []
     for spec in specs:
         label = f"{FLAGS['base']} {base}" if spec.kind == "base" else spec.label
@@ -380,13 +380,13 @@ def load_model(spec: ModelSpec, model_config: Mapping, base: str, device: str | 
     """The ``LatentDiffusion`` of ``spec`` in eval mode on ``device`` (``base``: the base checkpoint path).
 
     Weights are loaded by assignment (memory-mapped where the format allows), so one copy is held."""
-    from ablation import delta as delta_mod
+    from runtime import loading
     from ldm.checkpoint import load_model_from_config
 
     if spec.kind == "base":
         model = load_model_from_config(model_config, base, device="cpu", verbose=False)
     elif spec.kind == "delta":
-        model = delta_mod.load_model(model_config, base, spec.path, device="cpu")
+        model = loading.load_model(model_config, base, spec.path, device="cpu")
     elif spec.kind in ("compvis", "diffusers"):
         model = load_model_from_config(model_config, spec.path, device="cpu", verbose=False)
     else:

@@ -12,7 +12,7 @@ Layout under ``--outdir``::
 
 ``key`` hashes the model's identity (kind, files, their sizes and mtimes), the sampling settings and the rows'
 prompts and seeds, so changing any of them starts a new folder while an interrupted run resumes in its own: only
-missing images are made (``ablation.generate``'s rules).
+missing images are made (``runtime.generate``'s rules).
 """
 from __future__ import annotations
 
@@ -104,8 +104,9 @@ class _OnceFactory:
 
 
 def generate(plan: Plan) -> None:
-    from ablation.dist import local_devices
-    from ablation.generate import GenerationPlanError, generate_images, write_text_atomic
+    from runtime.dist import local_devices
+    from runtime.generate import GenerationPlanError, generate_images
+    from runtime.files import write_text_atomic
 
     from .models import model_factory
 
@@ -135,7 +136,7 @@ def generate(plan: Plan) -> None:
 
 def images_of(plan: Plan, suite: str, spec) -> list[Path]:
     """Every row's image, in row order."""
-    from ablation.generate import image_is_complete, read_text_lines
+    from runtime.files import image_is_complete, read_text_lines
 
     out: list[Path | None] = [None] * len(plan.rows[suite])
     for folder, _, idx in _image_rows(plan, suite, spec):
@@ -170,7 +171,7 @@ def score(plan: Plan) -> dict[str, dict[str, dict]]:
     """``{suite: {model: summary}}``; writes every suite's records and summary files."""
     import torch
 
-    from ablation.generate import write_text_atomic
+    from runtime.files import write_text_atomic
 
     device = plan.args.score_device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
@@ -204,7 +205,7 @@ def _settings(plan: Plan) -> dict:
 
 
 def write_suite(plan: Plan, suite: Suite, summaries: dict) -> None:
-    from ablation.generate import write_text_atomic
+    from runtime.files import write_text_atomic
 
     d = plan.outdir / suite.name
     d.mkdir(parents=True, exist_ok=True)
@@ -289,7 +290,7 @@ def results_table(outdir: Path) -> tuple[str, dict]:
 
 
 def write_results(outdir: Path) -> Path:
-    from ablation.generate import write_text_atomic
+    from runtime.files import write_text_atomic
 
     md, table = results_table(outdir)
     write_text_atomic(outdir / "results.md", md)

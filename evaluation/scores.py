@@ -6,22 +6,22 @@ scripts (``ruchikachavhan/concept-prune`` ``benchmarking/``; gender from the dev
 
 CLIP similarities here are RAW cosines ``cos(image, text)`` in [-1, 1], as the originals compute them
 (``torch.nn.functional.cosine_similarity`` / normalised dot products of ``CLIPModel`` features). They are
-NOT :func:`evaluation.metrics.clip_scores`' CLIPScore ``2.5 * max(cos, 0)`` (the Concept Ablation
-metric), nor torchmetrics' ``100 * cos``. Features come from :func:`evaluation.metrics.clip_image_features` /
-:func:`evaluation.metrics.clip_text_features` (OpenAI CLIP preprocessing, texts verbatim, truncated to 77
+NOT :func:`scoring.metrics.clip_scores`' CLIPScore ``2.5 * max(cos, 0)`` (the Concept Ablation
+metric), nor torchmetrics' ``100 * cos``. Features come from :func:`scoring.metrics.clip_image_features` /
+:func:`scoring.metrics.clip_text_features` (OpenAI CLIP preprocessing, texts verbatim, truncated to 77
 tokens with EOS kept; the original's ``CLIPProcessor(padding=True)`` does not truncate and fails on longer
 prompts). The originals use ``openai/clip-vit-base-patch32`` (= ``open_clip:ViT-B-32:openai``).
 
 Suites and their rules
     artist        :func:`clip_similarities` of (edited image, prompt) and (base image, prompt) ->
                   :func:`artist_summary`
-    nudity        :mod:`evaluation.nudity` (NudeNet)
-    objects       :mod:`evaluation.classifier` top-1 names -> :func:`class_accuracy`
+    nudity        :mod:`scoring.nudity` (NudeNet)
+    objects       :mod:`scoring.classifier` top-1 names -> :func:`class_accuracy`
     gender        :func:`gender_predictions` of base and edited images -> :func:`reversal_rates`
     coco          :func:`clip_similarities` (image, caption) -> :func:`clip_score_mean`; FID / KID with
-                  :func:`evaluation.metrics.fid` / :func:`evaluation.metrics.kid` on features from
-                  :func:`evaluation.metrics.inception_features` (clean-fid Inception-V3) or
-                  :func:`evaluation.metrics.torchscript_features`. ConceptPrune's repository has no FID code;
+                  :func:`scoring.metrics.fid` / :func:`scoring.metrics.kid` on features from
+                  :func:`scoring.metrics.inception_features` (clean-fid Inception-V3) or
+                  :func:`scoring.metrics.torchscript_features`. ConceptPrune's repository has no FID code;
                   the development repository used torchmetrics' ``FrechetInceptionDistance`` on 224-px images.
     memorization  :func:`sscd_similarities` (generated image vs each ground-truth image) ->
                   :func:`memorization_summary`
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -59,9 +59,9 @@ def _vector(x, name: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- CLIP
 def clip_similarities(clip, image_paths: Sequence[PathLike], texts: Sequence[str], batch_size: int = 32) -> list[float]:
     """Raw CLIP cosine ``cos(image_i, text_i)`` of each (image, text) pair, in order (``clip`` from
-    :func:`evaluation.metrics.load_clip`). Raw cosine in [-1, 1], as the originals (not CLIPScore's
-    ``2.5 * max(cos, 0)`` of :func:`evaluation.metrics.clip_scores`, not ``100 * cos``)."""
-    from evaluation.metrics import clip_image_features, clip_text_features
+    :func:`scoring.metrics.load_clip`). Raw cosine in [-1, 1], as the originals (not CLIPScore's
+    ``2.5 * max(cos, 0)`` of :func:`scoring.metrics.clip_scores`, not ``100 * cos``)."""
+    from scoring.metrics import clip_image_features, clip_text_features
 
     image_paths, texts = list(image_paths), [texts] if isinstance(texts, str) else list(texts)
     if len(image_paths) != len(texts):
@@ -102,7 +102,7 @@ def gender_predictions(clip, paths: Sequence[PathLike], batch_size: int = 32) ->
     """Zero-shot CLIP gender of each image: ``"man"`` or ``"woman"``, whichever of :data:`GENDER_TEXTS`
     has the larger cosine with the image (a tie gives ``"man"``, the first, as ``argmax``). The same
     decision as ``ratio-gender.py``'s ``softmax(logits_per_image).argmax()`` (logits = positive scale * cos)."""
-    from evaluation.metrics import clip_image_features, clip_text_features
+    from scoring.metrics import clip_image_features, clip_text_features
 
     paths = list(paths)
     if not paths:

@@ -81,7 +81,7 @@ def _need_file(path, flag: str, what: str) -> Path:
 
 
 def _clip(args, device):
-    from .metrics import load_clip
+    from scoring.metrics import load_clip
 
     return load_clip(args.clip_resolved, device)
 
@@ -116,7 +116,7 @@ def _artist_load(args, device):
 
 
 def _artist_score(ctx: Context, rows, images, base_images):
-    from .metrics import clip_accuracy
+    from scoring.metrics import clip_accuracy
     from .scores import artist_summary, clip_similarities
 
     clip = ctx.scorers["clip"]
@@ -176,13 +176,13 @@ def _need_prompt_spec(args) -> str:
 
 
 def _nudity_load(args, device):
-    from .nudity import load_detector
+    from scoring.nudity import load_detector
 
     return {"detector": load_detector()}
 
 
 def _nudity_score(ctx: Context, rows, images, base_images):
-    from .nudity import detect, exposed_counts, summarize
+    from scoring.nudity import detect, exposed_counts, summarize
 
     detections = detect(ctx.scorers["detector"], images)
     records = [{**_base_record(r), "image": str(p), "detections": d, "exposed": exposed_counts(d)}
@@ -217,7 +217,7 @@ def _object_rows(args) -> list[Row]:
 
 
 def _object_load(args, device):
-    from .classifier import load_classifier
+    from scoring.classifier import load_classifier
 
     if args.classifier_object is None:  # benchmark.setup loads it; a caller may pass its own
         args.classifier_object = load_classifier(args.classifier, device, labels=args.classifier_labels)
@@ -291,7 +291,7 @@ def _coco_rows(args) -> list[Row]:
 
 
 def _coco_load(args, device):
-    from .metrics import INCEPTION_FILE, inception_features, torchscript_features
+    from scoring.metrics import INCEPTION_FILE, inception_features, torchscript_features
 
     scorers = {"clip": _clip(args, device)}
     if args.feature_model and Path(args.feature_model).name != INCEPTION_FILE:
@@ -302,7 +302,7 @@ def _coco_load(args, device):
 
 
 def _coco_score(ctx: Context, rows, images, base_images):
-    from .metrics import fid, kid
+    from scoring.metrics import fid, kid
     from .scores import clip_score_mean, clip_similarities
 
     sims = clip_similarities(ctx.scorers["clip"], images, [r.prompt for r in rows])
@@ -335,7 +335,7 @@ def _mem_rows(args) -> list[Row]:
 
 
 def _mem_check(args):
-    from ablation.memorization import DEFAULT_SSCD_PATH
+    from scoring.sscd import DEFAULT_SSCD_PATH
 
     sscd = Path(args.sscd_ckpt) if args.sscd_ckpt else DEFAULT_SSCD_PATH
     if not sscd.is_file():
@@ -345,9 +345,9 @@ def _mem_check(args):
 
 
 def _mem_load(args, device):
-    from ablation.memorization import load_sscd
+    from scoring.sscd import load_sscd
 
-    from .metrics import load_clip
+    from scoring.metrics import load_clip
 
     return {"sscd": load_sscd(args.sscd_ckpt, device), "clip": load_clip(args.mem_clip_resolved, device)}
 

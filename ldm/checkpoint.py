@@ -275,7 +275,7 @@ def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
 
     A diffusers pipeline folder, or a diffusers-keyed UNet file inside one, comes back with CompVis keys
     (:mod:`ldm.diffusers_format`)."""
-    return _read_any(path, _file_state_dict)
+    return _read_any(path, file_state_dict)
 
 
 def _read_any(path: PathLike, reader) -> dict[str, torch.Tensor]:
@@ -288,7 +288,10 @@ def _read_any(path: PathLike, reader) -> dict[str, torch.Tensor]:
     return _from_diffusers(path, reader, tensors) if looks_like_diffusers_unet(tensors) else tensors
 
 
-def _file_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+def file_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of one checkpoint file as stored (no diffusers conversion; see :func:`load_state_dict`).
+
+    Raises :class:`CheckpointError` when the file holds no mapping of tensors."""
     obj = load_checkpoint(path)
     sd = obj.get("state_dict", obj)
     if not isinstance(sd, Mapping):
@@ -309,10 +312,11 @@ def state_dict_shapes(path: PathLike) -> dict[str, torch.Tensor]:
     stays memory-mapped, untouched. Cheap enough to vet a 4 GB base checkpoint before any work.
     Diffusers sources are converted as in :func:`load_state_dict`.
     """
-    return _read_any(path, _file_shapes)
+    return _read_any(path, file_shapes)
 
 
-def _file_shapes(path: PathLike) -> dict[str, torch.Tensor]:
+def file_shapes(path: PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of one checkpoint file as meta tensors, as stored (see :func:`state_dict_shapes`)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint not found: {p}")
@@ -332,7 +336,7 @@ def _file_shapes(path: PathLike) -> dict[str, torch.Tensor]:
                 return out
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"could not read safetensors file {p}: {e}") from e
-    return {k: torch.empty_like(v, device="meta") for k, v in _file_state_dict(p).items()}
+    return {k: torch.empty_like(v, device="meta") for k, v in file_state_dict(p).items()}
 
 
 # --------------------------------------------------------------------------- model loading

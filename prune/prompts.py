@@ -32,7 +32,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ablation.prompts import read_prompts
+from runtime.files import read_prompts
 
 PROMPT_DIR = Path(__file__).resolve().parent.parent / "assets" / "prune_prompts"
 

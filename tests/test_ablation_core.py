@@ -3,7 +3,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ablation.delta import apply_delta, delta_state_dict, save_delta
+from runtime.delta import apply_delta, delta_state_dict, save_delta
 from ablation.losses import ablation_loss, anchor_noise_loss, masked_error, preservation_loss
 from ablation.params import install_sot_detach, optimizer_groups, select_trainable
 from conftest import ROOT, tiny_model

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from ablation import data as D
-from ablation.prompts import (CONCEPT_TYPES, Concept, object_prompt, parse_caption_target, read_prompts,
-                              styled_prompt, target_prompt, zoom_prefix)
+from ablation.prompts import (CONCEPT_TYPES, Concept, object_prompt, parse_caption_target, styled_prompt,
+                              target_prompt, zoom_prefix)
+from runtime.files import read_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "assets" / "finetune_prompts"

@@ -23,7 +23,7 @@ def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     sets = toy.write_prompt_sets(out / "sets", rows_per_class=2, n_captions=4)
     sd = load_file(str(ASSETS / "ldm/toyworld-ldm.safetensors"))
-    from ablation.delta import save_delta
+    from runtime.delta import save_delta
 
     zero = {k: torch.zeros_like(v) for k, v in sd.items() if k.endswith("ff.net.2.weight")}
     assert zero
@@ -161,7 +161,7 @@ def test_nudity_and_gender_suites_on_the_toy_model(world, tmp_path):
 
 
 def _fails(argv, capsys, match, classifier=None):
-    from ablation.cli import exit_on_usage_error
+    from runtime.cli import exit_on_usage_error
 
     bench = script("benchmark")
     with pytest.raises(SystemExit) as e:

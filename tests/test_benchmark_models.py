@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from ablation.delta import save_delta
+from runtime.delta import save_delta
 from conftest import TINY_CONFIG, tiny_model
 from evaluation import models as M
 from evaluation.models import ModelSpec, ModelSpecError

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import ldm.checkpoint as ckpt
-from ldm.checkpoint import (CheckpointError, LoadReport, UnsafeCheckpointError, load_checkpoint,
-                            load_into, load_state_dict, save_state_dict)
+from ldm.checkpoint import (CheckpointError, LoadReport, UnsafeCheckpointError, load_checkpoint, load_into,
+                            load_state_dict, save_state_dict)
 
 
 def _safe_globals_now():

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ablation import cli
-from ablation.dist import external_shard, is_rank_zero
-from ablation.generate import generate_images
+from runtime import cli
+from runtime.dist import external_shard, is_rank_zero
+from runtime.generate import generate_images
 from conftest import TINY_CONFIG, tiny_factory
 from ldm.checkpoint import load_state_dict
 
@@ -130,7 +130,7 @@ if os.environ.get("LOCAL_RANK") == "1":  # Lightning's launcher re-runs this fil
 
     module.ConceptAblation.training_step = boom
 import train
-from ablation.cli import exit_on_usage_error
+from runtime.cli import exit_on_usage_error
 
 train.run(*exit_on_usage_error(train.setup))
 """

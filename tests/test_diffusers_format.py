@@ -140,7 +140,7 @@ def test_model_loads_and_entry_points_accept_a_pipeline_folder(pipe_dir, origina
 
 
 def test_schedule_mismatch_and_broken_folders_are_refused_early(pipe_dir, tmp_path):
-    from ablation.delta import check_checkpoints
+    from runtime.loading import check_checkpoints
 
     pipe = tmp_path / "pipe"
     shutil.copytree(pipe_dir, pipe)

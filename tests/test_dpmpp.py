@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_factory, tiny_model
-from ablation.generate import GenerationPlanError, generate_images, validate_generation_args
+from runtime.generate import GenerationPlanError, generate_images, validate_generation_args
 from ldm.models.diffusion.ddim import guided_eps
 from ldm.models.diffusion.dpmpp import DPMPP2MSampler, linspace_timesteps
 
@@ -98,7 +98,7 @@ def test_validate_generation_args_sampler():
 
 
 def test_config_rule_for_the_sampler():
-    from ablation.cli import UsageError, check_config_values
+    from runtime.cli import UsageError, check_config_values
 
     check_config_values({"generation": {"sampler": "dpmpp_2m"}})
     with pytest.raises(UsageError, match="generation.sampler='euler'"):

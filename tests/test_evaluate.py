@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
-from ablation.delta import save_delta
+from runtime.delta import save_delta
 from conftest import TINY_CONFIG, tiny_model
 
 KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
@@ -136,7 +136,7 @@ def test_end_to_end_object(env, monkeypatch, capsys):
     def no_model(*a, **k):
         raise AssertionError("regenerated")
 
-    monkeypatch.setattr("ablation.delta.load_model_from_config", no_model)
+    monkeypatch.setattr("runtime.loading.load_model_from_config", no_model)
     mtimes = {p: p.stat().st_mtime_ns for p in (d / "baseline").rglob("*.png")}
     table = json.loads((out / "evaluation.json").read_text())  # the JSON is the table, the pickle only a copy
     table["other_run"] = {"KID_cat": 1.0}
@@ -154,7 +154,7 @@ def test_end_to_end_object(env, monkeypatch, capsys):
     run2 = run.parent / "run2"
     shutil.copytree(run, run2, ignore=shutil.ignore_patterns("eval"))
     calls = []
-    from ablation import delta as delta_mod
+    from runtime import loading as delta_mod
     monkeypatch.undo()
     real = delta_mod.load_model
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import evaluate
-from evaluation.metrics import kid
+from scoring.metrics import kid
 from test_evaluate import _argv, env  # noqa: F401  (env is the module fixture)
 
 

@@ -12,7 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from ablation.delta import load_model, save_delta
+from runtime.loading import load_model
+from runtime.delta import save_delta
 from ldm.checkpoint import CheckpointError, load_model_from_config, load_state_dict, save_state_dict
 from ldm.util import instantiate_from_config
 

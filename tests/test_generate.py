@@ -1,4 +1,4 @@
-"""ablation.generate: layout, determinism, batch-split invariance, resume, plan checks, multi-process."""
+"""runtime.generate: layout, determinism, batch-split invariance, resume, plan checks, multi-process."""
 import json
 import os
 import shutil
@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import CountingFactory, tiny_factory
-from ablation.generate import GenerationPlanError, generate_images, image_is_complete, validate_generation_args
+from runtime.generate import GenerationPlanError, generate_images, validate_generation_args
+from runtime.files import image_is_complete
 
 PROMPTS = ["a photo of a cat", "a dog on a beach", "a photo of a cat", "a red car", "a house"]
 KW = dict(steps=2, batch_size=2, height=16, width=16, seed=7)

@@ -21,8 +21,9 @@ import conceptprune
 import evaluate
 import sample
 import train
-from ablation import cli
-from ablation.delta import check_delta, save_delta
+from runtime import cli
+from runtime.loading import check_delta
+from runtime.delta import save_delta
 from conftest import TINY_CONFIG, tiny_model
 from ldm.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint, load_state_dict, save_state_dict
 
@@ -346,7 +347,7 @@ def test_cli_bad_input_is_one_line_and_nothing_written(files, tmp_path):
 
 # ------------------------------------------------------------------ 11. clear messages
 def test_messages_name_the_file(files, tmp_path):
-    from ablation.prompts import read_prompts
+    from runtime.files import read_prompts
 
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("a caf\xe9 in paris\n".encode("latin-1"))

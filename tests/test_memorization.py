@@ -1,4 +1,4 @@
-"""ablation.memorization: SSCD preprocessing and scoring (TorchScript stand-in), prompt selection, pipeline."""
+"""scoring.sscd and ablation.memorization: SSCD preprocessing and scoring (TorchScript stand-in), prompt selection, pipeline."""
 import importlib
 import shutil
 import warnings
@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import ablation.memorization as mem
+import scoring.sscd as sscd
 from conftest import CountingFactory, tiny_factory
-from ablation.generate import generate_images
+from runtime.generate import generate_images
 
 
 class TinySSCD(torch.nn.Module):
@@ -47,8 +48,8 @@ def _random_image(path: Path, size, seed: int) -> Path:
 
 # ------------------------------------------------------------------------------------------ SSCD
 def test_load_sscd_missing_file_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match=mem.SSCD_FILE) as info:
-        mem.load_sscd(tmp_path / "nope.pt", "cpu")
+    with pytest.raises(FileNotFoundError, match=sscd.SSCD_FILE) as info:
+        sscd.load_sscd(tmp_path / "nope.pt", "cpu")
     assert "dl.fbaipublicfiles.com" in str(info.value)
 
 
@@ -60,12 +61,12 @@ def test_import_loads_nothing(monkeypatch):
 
 
 def test_preprocess_short_side_and_normalisation():
-    assert mem.preprocess_sscd(Image.new("RGB", (40, 30))).shape == (3, 288, 384)  # landscape
-    assert mem.preprocess_sscd(Image.new("RGB", (30, 50))).shape == (3, 480, 288)  # portrait: int(288*50/30)
-    assert mem.preprocess_sscd(Image.new("RGB", (512, 512))).shape == (3, 288, 288)
-    assert mem.preprocess_sscd(Image.new("L", (100, 77))).shape == (3, 288, 374)  # grey -> RGB; int(374.03)
+    assert sscd.preprocess_sscd(Image.new("RGB", (40, 30))).shape == (3, 288, 384)  # landscape
+    assert sscd.preprocess_sscd(Image.new("RGB", (30, 50))).shape == (3, 480, 288)  # portrait: int(288*50/30)
+    assert sscd.preprocess_sscd(Image.new("RGB", (512, 512))).shape == (3, 288, 288)
+    assert sscd.preprocess_sscd(Image.new("L", (100, 77))).shape == (3, 288, 374)  # grey -> RGB; int(374.03)
 
-    x = mem.preprocess_sscd(Image.new("RGB", (288, 300), (255, 0, 128)))
+    x = sscd.preprocess_sscd(Image.new("RGB", (288, 300), (255, 0, 128)))
     expected = [(1.0 - 0.485) / 0.229, (0.0 - 0.456) / 0.224, (128 / 255 - 0.406) / 0.225]
     assert x.dtype == torch.float32
     assert torch.allclose(x.mean(dim=(1, 2)), torch.tensor(expected), atol=1e-5)
@@ -73,25 +74,25 @@ def test_preprocess_short_side_and_normalisation():
 
 def test_preprocess_resize_is_pil_bilinear(tmp_path):
     img = Image.open(_random_image(tmp_path / "a.png", (64, 48), 0))
-    x = mem.preprocess_sscd(tmp_path / "a.png")
+    x = sscd.preprocess_sscd(tmp_path / "a.png")
     ref = np.asarray(img.resize((384, 288), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-    ref = (ref - np.array(mem.IMAGENET_MEAN, dtype=np.float32)) / np.array(mem.IMAGENET_STD, dtype=np.float32)
+    ref = (ref - np.array(sscd.IMAGENET_MEAN, dtype=np.float32)) / np.array(sscd.IMAGENET_STD, dtype=np.float32)
     assert torch.allclose(x, torch.from_numpy(ref.transpose(2, 0, 1)), atol=1e-6)
 
 
 def test_descriptors_similarities(sscd_path, tmp_path):
-    model = mem.load_sscd(sscd_path, "cpu")
+    model = sscd.load_sscd(sscd_path, "cpu")
     a = _random_image(tmp_path / "a.png", (16, 16), 1)
     b = _random_image(tmp_path / "b.png", (40, 30), 2)  # another size: batched separately
     c = _random_image(tmp_path / "c.png", (16, 16), 3)
-    d = mem.descriptors(model, [a, b, a, c], batch_size=2)
+    d = sscd.descriptors(model, [a, b, a, c], batch_size=2)
     assert d.shape == (4, 32)
     assert torch.allclose(d.norm(dim=1), torch.ones(4), atol=1e-5)
     assert torch.allclose(d[0], d[2], atol=1e-6)
-    one_by_one = torch.cat([mem.descriptors(model, [p]) for p in (a, b, a, c)])
+    one_by_one = torch.cat([sscd.descriptors(model, [p]) for p in (a, b, a, c)])
     assert torch.allclose(d, one_by_one, atol=1e-5)
 
-    s = mem.similarities(model, [a, b, c], a)
+    s = sscd.similarities(model, [a, b, c], a)
     assert s.shape == (3,)
     assert s[0].item() == pytest.approx(1.0, abs=1e-5)
     assert (s[1:] < 0.999).all()
@@ -119,12 +120,12 @@ def test_filter_images_and_memorization_rate():
     sims = torch.tensor([0.1, 0.5, 0.51, 0.9])
     assert mem.filter_images(paths, caps, sims) == [("p0", "x"), ("p1", "y")]
     assert mem.filter_images(paths, caps, sims, threshold=0.95) == list(zip(paths, caps))
-    assert mem.memorization_rate(sims) == pytest.approx(0.5)
-    assert mem.memorization_rate([0.0, 0.2]) == 0.0
+    assert sscd.memorization_rate(sims) == pytest.approx(0.5)
+    assert sscd.memorization_rate([0.0, 0.2]) == 0.0
     with pytest.raises(ValueError):
         mem.filter_images(paths, caps[:3], sims)
     with pytest.raises(ValueError):
-        mem.memorization_rate(torch.tensor([]))
+        sscd.memorization_rate(torch.tensor([]))
 
 
 # ------------------------------------------------------------------------------------------ pipeline

@@ -1,4 +1,4 @@
-"""evaluation.metrics: CLIP score/accuracy on a tiny local CLIPModel, KID/FID on hand-checked cases,
+"""scoring.metrics: CLIP score/accuracy on a tiny local CLIPModel, KID/FID on hand-checked cases,
 TorchScript feature extraction, SSCD memorization rate; assets/eval.json and its prompt files."""
 import json
 import math
@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation import metrics
-from evaluation.metrics import (CLIP_MEAN, CLIP_STD, accuracy_from_scores, clean_resize, clip_accuracy, clip_metrics,
-                              clip_score, clip_scores, clip_text, clip_text_features, fid, kid, load_clip,
-                              preprocess_clip, sscd_memorization_rate, style, torchscript_features)
+from scoring import metrics
+from scoring.metrics import (CLIP_MEAN, CLIP_STD, accuracy_from_scores, clean_resize, clip_accuracy, clip_metrics,
+                             clip_score, clip_scores, clip_text, clip_text_features, fid, kid, load_clip,
+                             preprocess_clip, style, torchscript_features)
+from scoring.sscd import sscd_memorization_rate
 from ldm.modules.encoders.clip_tokenizer import default_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

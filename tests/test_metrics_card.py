@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from evaluation import metrics
+from scoring import metrics
 
 open_clip = pytest.importorskip("open_clip")
 cleanfid = pytest.importorskip("cleanfid")

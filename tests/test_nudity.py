@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation import nudity
-from evaluation.nudity import EXPOSED_LABELS, THRESHOLD, exposed_counts, summarize
+from scoring import nudity
+from scoring.nudity import EXPOSED_LABELS, THRESHOLD, exposed_counts, summarize
 
 INSTALL = "pip install -r requirements-nudity.txt"
 

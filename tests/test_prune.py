@@ -340,7 +340,7 @@ def test_cli_discover_prune_check_sample(tmp_path, tiny_ckpt):
     shapes = [(x["out_features"], x["in_features"]) for x in meta["layers"]]
     m4, _ = load_masks(s4["masks"])
     unions = union_of([union_over_calls(masks, shapes, 2, 3), union_over_calls(m4, shapes, 2, 3)])
-    from ablation.delta import apply_delta
+    from runtime.delta import apply_delta
     sd = load_state_dict(delta)
     assert sorted(sd) == sorted(x["name"] + ".weight" for x in meta["layers"])
     pruned = tiny_model()

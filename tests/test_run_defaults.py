@@ -57,10 +57,10 @@ def test_folder_made_with_other_settings_fails_in_setup(env, recorded_run, tmp_p
     plan = evaluate.setup(argv)
     folder = evaluate.base_dir(plan, plan.concepts[0])
     folder.mkdir(parents=True)
-    from ablation.generate import PLAN_FILE, _plan_dict
+    from runtime.generate import PLAN_FILE, plan_dict
 
     a = plan.args
-    old = _plan_dict(plan.concepts[0].prompts, a.steps + 1, a.eta, a.scale, a.H, a.W, a.seed)
+    old = plan_dict(plan.concepts[0].prompts, a.steps + 1, a.eta, a.scale, a.H, a.W, a.seed)
     (folder / PLAN_FILE).write_text(json.dumps(old))
     with pytest.raises(ValueError, match=rf"{folder.name} was generated with other settings \(differs in: steps\)"):
         evaluate.setup(argv)

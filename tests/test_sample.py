@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 import sample
-from ablation.delta import save_delta
+from runtime.delta import save_delta
 from conftest import TINY_CONFIG as TINY
 from conftest import tiny_model
 from ldm.checkpoint import CheckpointError

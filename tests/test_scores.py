@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation import classifier as clf_mod
+from scoring import classifier as clf_mod
 from evaluation import scores
-from evaluation.classifier import load_classifier
-from evaluation.metrics import clip_image_features, clip_scores, clip_text_features, load_clip
+from scoring.classifier import load_classifier
+from scoring.metrics import clip_image_features, clip_scores, clip_text_features, load_clip
 
 
 # ---------------------------------------------------------------------------------------- fixtures
@@ -275,7 +275,7 @@ def test_memorization_summary_by_hand():
 def test_sscd_similarities_original_transform(tmp_path, noise_images):
     from torchvision import transforms as T
 
-    from ablation.memorization import load_sscd
+    from scoring.sscd import load_sscd
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import conceptprune
-from ablation.delta import check_checkpoints
+from runtime.loading import check_checkpoints
 from conftest import TINY_CONFIG, tiny_model
 from ldm.checkpoint import load_model_from_config, load_state_dict
 

@@ -57,7 +57,7 @@ def test_eval_seed_is_reserved(tmp_path):
 
 
 def test_saved_folder_loads_with_metrics(trained):
-    from evaluation.metrics import clip_scores, clip_text_features, load_clip
+    from scoring.metrics import clip_scores, clip_text_features, load_clip
     from toyworld import make_item
 
     out, model, _ = trained

@@ -78,8 +78,8 @@ def _shown(out, ckpt, delta, name, concepts, n=24):
     """Judge shares of ``n`` images per concept (evaluation prompts spread over every colour; DDIM 25, the
     same seeds for every model)."""
     from ablation.data import load_image_captions
-    from ablation.delta import load_model
-    from ablation.generate import generate_images
+    from runtime.loading import load_model
+    from runtime.generate import generate_images
 
     prompts = [p for c in concepts for p in F.sweep_prompts(c, n, F.eval_prompt_dir(out, ASSETS))]
     folder = out / name

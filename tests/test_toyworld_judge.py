@@ -79,7 +79,7 @@ def test_train_judge_files_and_roundtrip(judge_dir):
 
 def test_feature_model_is_the_judges_embedding(judge_dir, tmp_path):
     """features.torchscript.pt (evaluate.py --feature_model) = ToyJudge.embed on [0, 255] images, at any size."""
-    from evaluation.metrics import torchscript_features
+    from scoring.metrics import torchscript_features
 
     out, model, _ = judge_dir
     paths = []
@@ -131,7 +131,7 @@ def test_perturb_is_light_and_seeded():
 
 
 def test_copy_descriptor_through_sscd_code_path(copy_dir):
-    from ablation.memorization import load_sscd, preprocess_sscd
+    from scoring.sscd import load_sscd, preprocess_sscd
 
     out, _, history = copy_dir
     assert {"copydetect.torchscript.pt", "copydetect.json", "loss.png"} <= {p.name for p in out.iterdir()}
@@ -149,7 +149,7 @@ def test_copy_descriptor_through_sscd_code_path(copy_dir):
 
 
 def test_copy_descriptor_separates_copies(copy_dir, tmp_path):
-    from ablation.memorization import load_sscd, similarities
+    from scoring.sscd import load_sscd, similarities
 
     out, _, _ = copy_dir
     model = load_sscd(out / "copydetect.torchscript.pt")

@@ -62,7 +62,7 @@ def test_target_prediction_collapses_onto_the_anchor(style_run):
     from omegaconf import OmegaConf
     from PIL import Image
 
-    from ablation.delta import load_model
+    from runtime.loading import load_model
     from toyworld.ldm import to_model_range
 
     out, _ = style_run

@@ -44,7 +44,7 @@ def test_colour_by_seed_on_the_shipped_model():
 
     from omegaconf import OmegaConf
 
-    from ablation.delta import load_model
+    from runtime.loading import load_model
     from toyworld.judge import load_judge
     from toyworld.quality import colour_by_seed, start_noise
 

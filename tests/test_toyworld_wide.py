@@ -46,7 +46,7 @@ def test_depth_2_unet_trains_on_the_shipped_autoencoder(tmp_path, toy_clip_dir, 
 
 
 def test_zero_delta_zeroes_exactly_the_ff_net_2_weights(tiny_ckpt, tmp_path):
-    from ablation.delta import apply_delta
+    from runtime.delta import apply_delta
     from conftest import tiny_model
 
     path = tmp_path / "zero.safetensors"

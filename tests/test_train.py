@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import train
-from ablation.delta import TOKEN_EMBEDDING, apply_delta
+from runtime.delta import TOKEN_EMBEDDING, apply_delta
 from conftest import TINY_CONFIG as TINY
 from ldm.checkpoint import load_model_from_config, load_state_dict
 FAST = ["training.max_steps=3", "training.save_freq=2", "data.size=16", "generation.steps=2",

@@ -54,7 +54,7 @@ class ExportError(ValueError):
 # --------------------------------------------------------------------------- arguments
 
 def get_parser() -> argparse.ArgumentParser:
-    from ablation.cli import ArgumentParser
+    from runtime.cli import ArgumentParser
 
     p = ArgumentParser(description=__doc__)
     p.add_argument("--ckpt", required=True, help="base checkpoint (.ckpt / .safetensors)")
@@ -72,8 +72,8 @@ def resolve(args) -> tuple[dict, Path]:
     """Check everything cheap before loading weights. Returns (model config, config path)."""
     from omegaconf import OmegaConf
 
-    from ablation.cli import check_output
-    from ablation.delta import check_checkpoints, find_run_config
+    from runtime.cli import check_output
+    from runtime.loading import check_checkpoints, find_run_config
 
     from ldm.diffusers_format import checkpoint_exists
 
@@ -304,7 +304,7 @@ def main(argv=None) -> int:
 
 def export(args, model_config: dict, config_path: Path) -> int:
     """Merge and write (after :func:`resolve` checked the arguments)."""
-    from ablation.delta import load_model
+    from runtime.loading import load_model
     from ldm.checkpoint import save_state_dict
 
     print(f"config: {config_path}")
@@ -330,7 +330,7 @@ def export(args, model_config: dict, config_path: Path) -> int:
 
 
 if __name__ == "__main__":
-    from ablation.cli import exit_on_usage_error
+    from runtime.cli import exit_on_usage_error
 
     cli_args = get_parser().parse_args()
     sys.exit(export(cli_args, *exit_on_usage_error(lambda: resolve(cli_args))))

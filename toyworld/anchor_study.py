@@ -46,7 +46,7 @@ class Meter:
     generation (``generate_images`` into ``{out}/data``), of the rest of ``train.py`` and of ``evaluate.py``."""
 
     def __init__(self):
-        import ablation.generate as generate
+        import runtime.generate as generate
         import train
         from ldm.models.diffusion.ddpm import LatentDiffusion
 

@@ -1,12 +1,12 @@
 """A tiny CLIP trained contrastively on toy-world (render, caption) pairs.
 
 The text tower is meant to become the diffusion model's ``FrozenCLIPEmbedder`` (``text_state_dict_for_ldm``
-plus ``ldm_text_config``); the whole model is what ``evaluation.metrics.load_clip(dir)`` loads as "CLIP" for
+plus ``ldm_text_config``); the whole model is what ``scoring.metrics.load_clip(dir)`` loads as "CLIP" for
 the evaluation (``save_pretrained`` layout, safetensors).
 
-Consistency with ``evaluation.metrics``:
+Consistency with ``scoring.metrics``:
 
-* images go through ``evaluation.metrics.preprocess_clip`` (short-side bicubic resize to
+* images go through ``scoring.metrics.preprocess_clip`` (short-side bicubic resize to
   ``vision_config.image_size``, centre crop, CLIP mean/std);
 * texts are tokenized with our CLIP BPE tokenizer (BOS 49406, EOS = pad 49407) and the text feature is
   pooled at the FIRST EOS (``text_features``), then projected - what ``metrics`` does; the config's
@@ -109,7 +109,7 @@ def encode_texts(texts, tokenizer=None, max_length: int = 77, trim: bool = True)
 
 
 def text_features(model, ids: torch.Tensor, eos_token_id: int = EOS_TOKEN_ID) -> torch.Tensor:
-    """Projected (unnormalised) text embeddings pooled at the first ``eos_token_id`` (as ``evaluation.metrics``)."""
+    """Projected (unnormalised) text embeddings pooled at the first ``eos_token_id`` (as ``scoring.metrics``)."""
     hidden = model.text_model(input_ids=ids).last_hidden_state
     pos = (ids == eos_token_id).int().argmax(dim=1)
     return model.text_projection(hidden[torch.arange(ids.shape[0], device=hidden.device), pos])
@@ -122,7 +122,7 @@ def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def preprocess_images(images, size: int) -> torch.Tensor:
-    from evaluation.metrics import preprocess_clip
+    from scoring.metrics import preprocess_clip
 
     return torch.stack([preprocess_clip(im, size) for im in images])
 
@@ -256,7 +256,7 @@ def train_clip(outdir, steps: int = 1000, batch_size: int = 128, lr: float = 5e-
 
 
 def save_half(model, outdir) -> None:
-    """``save_pretrained`` with fp16 weights (half the size; ``evaluation.metrics.load_clip`` loads fp32)."""
+    """``save_pretrained`` with fp16 weights (half the size; ``scoring.metrics.load_clip`` loads fp32)."""
     model.half().save_pretrained(outdir, safe_serialization=True)
     model.float()
 
@@ -319,7 +319,7 @@ def zero_shot_accuracy(model, n: int = 500, seed: int = EVAL_SEED, size: int = 3
     (``zero_shot_prompts``).
     Memorized pictures are skipped; ``style`` uses non-cat items, ``cat`` cat items only. A family with no
     item gets ``nan``. With ``return_counts`` also returns ``{family: number of items}``."""
-    from evaluation.metrics import clip_image_features, clip_text_features
+    from scoring.metrics import clip_image_features, clip_text_features
 
     was_training = model.training
     model.eval()

@@ -260,7 +260,6 @@ def load_detector(path=FFN_ASSETS / DETECTOR_FILE):
 def detector_accuracy(model, n: int = 2000, seed: int = EVAL_SEED, texture_frac: float = 0.3) -> dict:
     """Share of fresh renders the detector gets right, overall and per true style (waves recall, and for
     each shipped style the share *not* called waves)."""
-    import torch
 
     from .judge import JUDGE_MIXTURE
     from .render import render
@@ -371,7 +370,7 @@ def load_base(assets: Path = ASSETS, delta=None):
     """The shipped LDM (optionally with a delta applied), eval mode, CPU."""
     from omegaconf import OmegaConf
 
-    from ablation.delta import load_model
+    from runtime.loading import load_model
 
     p = _paths(assets)
     config = OmegaConf.to_container(OmegaConf.load(str(p["config"])).model, resolve=True)
@@ -496,7 +495,7 @@ def train_delta(outdir=FFN_ASSETS, assets: Path = ASSETS, progress: bool = True,
     (fp16, CompVis keys; every FFN tensor) and its ``.json``. Returns (delta, meta)."""
     import torch
 
-    from ablation.delta import save_delta
+    from runtime.delta import save_delta
 
     from .ldm import latent_moments
 
@@ -888,8 +887,8 @@ def sweep(out: Path, assets: Path = ASSETS, textures=(TEXTURE, f"{TEXTURE}-dense
     the same seeds for every setting."""
     import functools
 
-    from ablation.delta import load_model
-    from ablation.generate import generate_images
+    from runtime.loading import load_model
+    from runtime.generate import generate_images
 
     out = Path(out)
     prompt_dir = eval_prompt_dir(out, assets)

@@ -177,7 +177,7 @@ class ToyJudge(nn.Module):
 
 
 class _JudgeFeatures(nn.Module):
-    """``ToyJudge.embed`` on float images in [0, 255] - the interface of ``evaluation.metrics.torchscript_features``
+    """``ToyJudge.embed`` on float images in [0, 255] - the interface of ``scoring.metrics.torchscript_features``
     (``evaluate.py --feature_model``), so KID/FID on the toy world use the judge instead of Inception."""
 
     def __init__(self, judge: ToyJudge):
@@ -482,7 +482,7 @@ def copy_detection_rates(path, n: int = 1000, seed: int = EVAL_SEED, size: int =
     * ``false_positive_rate``: share of ``n`` ordinary renders (world ``seed``) above the threshold;
     * ``near_copy_rate``: share of ordinary renders whose own perturbed copy is above the threshold;
     plus mean / min / max similarities."""
-    from ablation.memorization import load_sscd, similarities
+    from scoring.sscd import load_sscd, similarities
 
     model = load_sscd(path)
     gen = torch.Generator().manual_seed(seed)
@@ -504,7 +504,7 @@ def copy_detection_rates(path, n: int = 1000, seed: int = EVAL_SEED, size: int =
         s_copy = similarities(model, copies, ref_path, batch_size=batch_size)
         s_copy64 = similarities(model, copies64, ref_path, batch_size=batch_size)
         s_ord = similarities(model, orig_paths, ref_path, batch_size=batch_size)
-        from ablation.memorization import descriptors
+        from scoring.sscd import descriptors
 
         d_o = descriptors(model, orig_paths, batch_size=batch_size)
         d_p = descriptors(model, pert_paths, batch_size=batch_size)

@@ -229,8 +229,8 @@ def generate(ckpt: Path, delta: Path | None, concept: str, n: int, folder: Path,
     plus ``delta``; an existing folder made with the same plan is reused."""
     from omegaconf import OmegaConf
 
-    from ablation.delta import load_model
-    from ablation.generate import generate_images
+    from runtime.loading import load_model
+    from runtime.generate import generate_images
 
     config = OmegaConf.to_container(OmegaConf.load(mission._paths(assets)["config"]).model, resolve=True)
     lines = eval_lines(concept, assets)
@@ -244,7 +244,7 @@ def score(folder: Path, concept: str, assets: Path, extra_textures=()) -> dict:
     """The judge's share of images that show ``concept`` (an anchor: everything its prompt asks for) and, for
     a texture or cat variant, the toy CLIP's accuracy against its anchor."""
     from ablation.data import read_image_list
-    from evaluation.metrics import clip_accuracy
+    from scoring.metrics import clip_accuracy
 
     _, clip = mission._scorers(assets)
     out = {"judge": judge_share(folder, concept, assets, extra_textures)}

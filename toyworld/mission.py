@@ -245,7 +245,7 @@ def summarize(name: str, recipe: dict, row: dict, assets: Path = ASSETS, folders
            "kid": {c: row[f"KID_{c}"] for c in [t, a, *entry["hard_negative"]]}}
     if folders:
         from ablation.data import read_image_list
-        from evaluation.metrics import clip_accuracy
+        from scoring.metrics import clip_accuracy
 
         judge, clip = _scorers(assets)
         out["judge"] = {c: (judge_share(judge, b, c, a), judge_share(judge, f, c, a))
@@ -257,7 +257,7 @@ def summarize(name: str, recipe: dict, row: dict, assets: Path = ASSETS, folders
 @functools.lru_cache(maxsize=2)
 def _scorers(assets: Path):
     """The judge and the toy CLIP, loaded once per mission run (every recipe is scored with them)."""
-    from evaluation.metrics import load_clip
+    from scoring.metrics import load_clip
 
     from .judge import load_judge
 
@@ -352,7 +352,7 @@ def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_ex
     return report
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/toyworld-mission")
     p.add_argument("--assets", default=str(ASSETS))
@@ -370,7 +370,7 @@ def main(argv=None) -> dict:
                  skill_ratio=args.skill_ratio)
     if any(isinstance(v, float) and math.isnan(v) for s in report["summaries"] for v in s.values()):
         print("warning: some metrics are NaN")
-    return report
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 * CLIP: zero-shot accuracy on fresh renders (``toyworld.clip.zero_shot_accuracy``);
 * diffusion model: samples for prompts with known attributes (DDIM, eta 1, CFG 6, image ``i`` seeded
-  ``seed + i``, written with ``ablation.generate.generate_images``), judged by the ground-truth
+  ``seed + i``, written with ``runtime.generate.generate_images``), judged by the ground-truth
   classifier (``toyworld.judge``): share of samples that show the prompted subject, colour and style;
   the memorized caption's samples are scored with the copy-detection descriptor through the SSCD code
   path (``ablation.memorization``; similarity > 0.5 = copy), as is a control set of ordinary prompts.
@@ -114,9 +114,9 @@ def measure(assets: Path, out: Path, n_per_prompt: int = 2, n_memorized: int = 4
             scale: float = 6.0, seed: int = 0, batch_size: int = 32, clip_n: int = 1000) -> dict:
     from omegaconf import OmegaConf
 
-    from ablation.delta import load_model
-    from ablation.generate import generate_images
-    from ablation.memorization import load_sscd, similarities
+    from runtime.loading import load_model
+    from runtime.generate import generate_images
+    from scoring.sscd import load_sscd, similarities
 
     from .judge import classify, load_judge
     from .render import render_memorized
@@ -151,7 +151,7 @@ def measure(assets: Path, out: Path, n_per_prompt: int = 2, n_memorized: int = 4
     report["colour_by_seed"] = {"start_noise": colour_by_seed(model, judge),
                                 "zero_mean_start_noise": colour_by_seed(model, judge, zero_mean_start=True)}
     if clip_n:
-        from evaluation.metrics import load_clip
+        from scoring.metrics import load_clip
 
         from .clip import zero_shot_accuracy
 

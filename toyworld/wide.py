@@ -60,7 +60,7 @@ def zero_delta(ckpt: Path, pattern: str, path: Path) -> dict:
     """A delta that sets every tensor of ``ckpt`` whose key matches ``pattern`` to zero; returns its size."""
     import torch
 
-    from ablation.delta import save_delta
+    from runtime.delta import save_delta
     from ldm.checkpoint import load_state_dict
 
     sd = {k: torch.zeros_like(v.float()) for k, v in load_state_dict(ckpt).items() if re.search(pattern, k)}

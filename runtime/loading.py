@@ -1,9 +1,7 @@
-"""Delta checkpoints: only the trained tensors, with CompVis key names.
+"""Base (+ delta) model loading, and the cheap checks every command runs on its checkpoints first.
 
-Format (``.ckpt`` or ``.safetensors``): ``{'state_dict': {key: tensor}}`` where keys are full
-``LatentDiffusion`` names (``model.diffusion_model....attn2.to_k.weight``). Embedding deltas add
-``embed`` (rows [K, D]) and ``embed_ids`` (their token ids [K]); a reference delta with ``embed``
-but no ids is written into the *last* K rows, as the reference did.
+The checks build the model on the meta device and read file headers only, so a wrong file fails in
+seconds with a message naming it, before any weights are read or any work starts.
 """
 from __future__ import annotations
 
@@ -14,52 +12,12 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from ldm.checkpoint import (CheckpointError, load_into, load_model_from_config, load_state_dict, save_state_dict,
-                            state_dict_shapes)
-
-TOKEN_EMBEDDING = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+from ldm.checkpoint import CheckpointError, load_into, load_model_from_config, load_state_dict, state_dict_shapes
+from runtime.delta import apply_delta, delta_misfits, raise_delta_misfits
 
 
-def delta_state_dict(trainable: Mapping[str, torch.Tensor], embedding_ids: torch.Tensor | None = None) -> dict:
-    """What a delta file stores for these trained parameters (CPU copies)."""
-    sd = {}
-    for name, p in trainable.items():
-        if name == TOKEN_EMBEDDING:
-            ids = embedding_ids.detach().cpu().long()
-            sd["embed_ids"] = ids
-            sd["embed"] = p.detach()[ids.to(p.device)].float().cpu().clone()
-        else:
-            sd[name] = p.detach().cpu().clone()
-    return sd
-
-
-def save_delta(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None):
-    """Atomic write of a delta (``.ckpt`` -> ``{'state_dict': sd}``, or ``.safetensors``)."""
-    save_state_dict(state_dict, path, metadata=metadata)
-
-
-def _misfits(own: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> list[str]:
-    """Why ``delta`` cannot be written into a model with state dict ``own`` (empty if it fits)."""
-    problems = [f"{k}: not in the model" for k in delta if k not in own and k not in ("embed", "embed_ids")]
-    problems += [f"{k}: delta {list(v.shape)} vs model {list(own[k].shape)}"
-                 for k, v in delta.items() if k in own and v.shape != own[k].shape]
-    embed, embed_ids, weight = delta.get("embed"), delta.get("embed_ids"), own.get(TOKEN_EMBEDDING)
-    if embed is not None:
-        if weight is None or embed.numel() % weight.shape[1] or embed.numel() // weight.shape[1] > weight.shape[0]:
-            problems.append(f"embed: {list(embed.shape)} does not fit the token embedding "
-                            f"{list(weight.shape) if weight is not None else '(absent)'}")
-        elif embed_ids is not None and (embed_ids.numel() != embed.numel() // weight.shape[1]
-                                        or int(embed_ids.max()) >= weight.shape[0]):
-            problems.append("embed_ids do not match the embed rows or exceed the vocabulary")
-    return problems
-
-
-def _raise_misfits(path, problems: list[str]):
-    if problems:
-        raise CheckpointError(f"delta {path} does not fit the base model:\n  " + "\n  ".join(problems[:10]))
-
-
-def _meta_model(model_config: Mapping) -> nn.Module:
+def meta_model(model_config: Mapping) -> nn.Module:
+    """``model_config``'s model built on the meta device: names and shapes, no memory, no weights."""
     from ldm.util import instantiate_from_config
 
     with torch.device("meta"):
@@ -73,8 +31,8 @@ def check_delta(model_config: Mapping, path: str | Path, model: nn.Module | None
     Cheap: the model is built on the meta device (no weights), so scripts call this before any work.
     """
     delta = load_state_dict(path)
-    model = _meta_model(model_config) if model is None else model
-    _raise_misfits(path, _misfits(model.state_dict(), delta))
+    model = meta_model(model_config) if model is None else model
+    raise_delta_misfits(path, delta_misfits(model.state_dict(), delta))
     bad = [k for k, v in delta.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"delta {path} holds NaN or inf values in {len(bad)} tensor(s), e.g. {bad[0]}; "
@@ -93,7 +51,7 @@ def check_base(model_config: Mapping, path: str | Path, model: nn.Module | None 
             check_schedule(model_config, pipeline)
         except DiffusersFormatError as e:
             raise CheckpointError(str(e)) from None
-    model = _meta_model(model_config) if model is None else model
+    model = meta_model(model_config) if model is None else model
     with warnings.catch_warnings():  # pre-hooks may fill buffers with real tensors: a no-op on meta
         warnings.simplefilter("ignore", UserWarning)
         report = load_into(model, shapes)  # meta into meta: key names and shapes only
@@ -113,32 +71,11 @@ def check_checkpoints(model_config: Mapping, base: str | Path | None, delta: str
                                     if what == "base checkpoint" else f"{what} not found: {path}")
     if base is None and delta is None:
         return
-    model = _meta_model(model_config)
+    model = meta_model(model_config)
     if base is not None:
         check_base(model_config, base, model)
     if delta is not None:
         check_delta(model_config, delta, model)
-
-
-def apply_delta(model: nn.Module, path: str | Path) -> list[str]:
-    """Overwrite ``model``'s tensors with those of a delta; every key must exist with the same shape.
-
-    Returns the keys written. Raises :class:`CheckpointError` (before changing anything) if the
-    delta does not fit the model.
-    """
-    delta = dict(load_state_dict(path))
-    own = model.state_dict()
-    _raise_misfits(path, _misfits(own, delta))
-    embed, embed_ids = delta.pop("embed", None), delta.pop("embed_ids", None)
-    with torch.no_grad():
-        for k, v in delta.items():
-            own[k].copy_(v)
-        if embed is not None:
-            weight = own[TOKEN_EMBEDDING]
-            embed = embed.reshape(-1, weight.shape[1])
-            ids = embed_ids.long() if embed_ids is not None else torch.arange(weight.shape[0] - embed.shape[0], weight.shape[0])
-            weight[ids.to(weight.device)] = embed.to(weight)
-    return list(delta) + (["embed"] if embed is not None else [])
 
 
 def load_model(model_config: Mapping, ckpt: str | Path, delta: str | Path | None = None,

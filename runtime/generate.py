@@ -46,15 +46,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpmpp import DPMPP2MSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from runtime.files import image_is_complete, read_text_lines, save_png_atomic, write_text_atomic
 
-__all__ = ["generate_images", "validate_generation_args", "GenerationPlanError", "image_is_complete",
-           "read_text_lines", "write_text_atomic", "PLAN_FILE", "SAMPLERS"]
+__all__ = ["generate_images", "validate_generation_args", "GenerationPlanError", "PLAN_FILE", "SAMPLERS",
+           "plan_dict", "plan_diff", "latent_shape", "Runner"]
 
 PLAN_FILE = "plan.json"
 _PLAN_VERSION = 1  # bump if the noise layout or the pixel conversion changes
@@ -66,42 +66,6 @@ SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpmpp_2m": DPMPP2MSampler
 
 class GenerationPlanError(RuntimeError):
     """``outdir`` already holds images generated from a different plan."""
-
-
-# ---------------------------------------------------------------------------------------- helpers
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_text_lines(path: str | os.PathLike) -> list[str]:
-    """Lines of a text file without their line endings (a final empty line is not a line)."""
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
-
-
-def image_is_complete(path: str | os.PathLike, size: tuple[int, int] | None = None) -> bool:
-    """True if ``path`` is a readable, undamaged image file (``PIL.Image.verify``) of ``size`` (W, H)."""
-    try:
-        with Image.open(path) as im:
-            if size is not None and im.size != tuple(size):
-                return False
-            im.verify()
-        return True
-    except Exception:  # missing, truncated, corrupt, not an image
-        return False
-
-
-def _save_png_atomic(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def _image_name(index: int) -> str:
@@ -169,14 +133,14 @@ def validate_generation_args(prompts, *, steps: int = 200, eta: float = 1.0, sca
     return prompts, devices
 
 
-def _plan_dict(prompts: list[str], steps, eta, scale, height, width, seed) -> dict:
+def plan_dict(prompts: list[str], steps, eta, scale, height, width, seed) -> dict:
     # keep the keys of version-1 folders: "sampler" and "fixed_code" are added only when not the default
     return {"version": _PLAN_VERSION, "noise": "per-image CPU generator seeded seed+index",
             "steps": steps, "eta": float(eta), "scale": float(scale), "height": height, "width": width,
             "seed": seed, "n_images": len(prompts), "prompts": prompts}
 
 
-def _plan_diff(old: dict, new: dict) -> list[str]:
+def plan_diff(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
@@ -196,7 +160,7 @@ def _pending_batches(samples: Path, n_images: int, batch_size: int,
 
 
 # ---------------------------------------------------------------------------------------- sampling
-def _latent_shape(model, height: int, width: int) -> tuple[int, int, int]:
+def latent_shape(model, height: int, width: int) -> tuple[int, int, int]:
     try:
         f = 2 ** (model.first_stage_model.decoder.num_resolutions - 1)
     except AttributeError:
@@ -206,7 +170,7 @@ def _latent_shape(model, height: int, width: int) -> tuple[int, int, int]:
     return (model.channels, height // f, width // f)
 
 
-class _Runner:
+class Runner:
     """Everything a process needs to sample its batches (built once per process)."""
 
     def __init__(self, model_factory, device: str, prompts, samples: Path, steps, eta, scale, height, width,
@@ -218,7 +182,7 @@ class _Runner:
         self.steps, self.eta, self.scale, self.seed, self.sampler = steps, eta, scale, seed, sampler
         self.fixed_code, self.seeds = fixed_code, seeds
         self.size = (width, height)
-        self.shape = _latent_shape(self.model, height, width)
+        self.shape = latent_shape(self.model, height, width)
         use_amp = precision == "autocast" and self.device.type == "cuda"
         self.amp = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
         self._uc = {}
@@ -257,7 +221,7 @@ class _Runner:
         arrays = self.sample_batch(indices)
         for row, i in enumerate(indices):
             if i in todo:
-                _save_png_atomic(arrays[row], self.samples / _image_name(i))
+                save_png_atomic(arrays[row], self.samples / _image_name(i))
 
     def close(self):
         dev = self.device
@@ -281,7 +245,7 @@ def _worker(rank: int, devices, jobs_by_rank, runner_args, desc):
     if torch.device(device).type == "cpu":  # several CPU workers: do not oversubscribe the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(devices)))
     try:
-        runner = _Runner(runner_args["model_factory"], device, **runner_args["kwargs"])
+        runner = Runner(runner_args["model_factory"], device, **runner_args["kwargs"])
         with tqdm(total=sum(len(idx) for _, idx, _ in mine), desc=f"{desc} [{device}]", unit="img",
                   position=rank, dynamic_ncols=True) as bar:
             for _, indices, todo in mine:
@@ -315,7 +279,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
 
     ``shard=(rank, world)``: one of ``world`` processes started by an external launcher (torchrun, a cluster's)
     that all call this with the same arguments, in a process group joined with
-    ``ablation.dist.init_from_launcher``. Batch ``k`` is made by rank ``k % world`` only (on this process's
+    ``runtime.dist.init_from_launcher``. Batch ``k`` is made by rank ``k % world`` only (on this process's
     ``devices``), every rank waits for the others, rank 0 writes ``images.txt``/``caption.txt``, and all
     return once they exist: each image is made exactly once, seeded by its index as always.
 
@@ -338,7 +302,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     outdir = Path(outdir)
     samples = outdir / "samples"
     names = [f"samples/{_image_name(i)}" for i in range(len(prompts))]
-    plan = _plan_dict(prompts, steps, eta, scale, height, width, seed)
+    plan = plan_dict(prompts, steps, eta, scale, height, width, seed)
     if sampler != "ddim":
         plan["sampler"] = sampler
     if sampler == "dpmpp_2m":
@@ -356,7 +320,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
             old = json.loads(plan_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise GenerationPlanError(f"{plan_file} is unreadable ({e}); delete {outdir} or use another outdir") from e
-        diff = _plan_diff(old, plan)
+        diff = plan_diff(old, plan)
         if diff:
             raise GenerationPlanError(
                 f"{outdir} was generated with a different plan (differs in: {', '.join(diff)}). "
@@ -406,7 +370,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
                       width=width, seed=seed, precision=precision, sampler=sampler, fixed_code=fixed_code,
                       seeds=seeds)
         if len(devices) == 1:
-            runner = _Runner(model_factory, devices[0], **kwargs)
+            runner = Runner(model_factory, devices[0], **kwargs)
             try:
                 with tqdm(total=sum(len(b) for _, b, _ in jobs), desc=desc, unit="img", dynamic_ncols=True) as bar:
                     for _, indices, todo in jobs:
@@ -427,7 +391,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
                                nprocs=len(active), join=True, start_method="spawn")
 
     if shard is not None:
-        from ablation.dist import barrier
+        from runtime.dist import barrier
 
         barrier()  # every rank's share is written
     missing = [n for n in names if not image_is_complete(outdir / n, size)]

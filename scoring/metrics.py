@@ -62,8 +62,7 @@ __all__ = ["DEFAULT_CLIP", "CLIP_MEAN", "CLIP_STD", "CLIP_PREFIX", "CLIP_SCORE_W
            "load_clip", "preprocess_clip", "clip_image_features", "clip_text_features", "clip_text",
            "style", "clip_scores", "clip_score", "clip_accuracy", "clip_metrics", "accuracy_from_scores",
            "fid", "kid", "clean_resize", "torchscript_features", "inception_features", "inception_weights",
-           "INCEPTION_FILE", "OpenClip", "resolve_clip", "parse_open_clip",
-           "sscd_memorization_rate"]
+           "INCEPTION_FILE", "OpenClip", "resolve_clip", "parse_open_clip"]
 
 DEFAULT_CLIP = "open_clip:ViT-B-32:openai"  # the paper's CLIP (OpenAI ViT-B/32), through open_clip
 OPEN_CLIP = "open_clip:"
@@ -540,15 +539,3 @@ def inception_features(device: str | torch.device = "cpu", batch_size: int = 64,
         return torch.as_tensor(np.asarray(feats), dtype=torch.float64)
 
     return extract
-
-
-# ---------------------------------------------------------------------------------------- memorization
-def sscd_memorization_rate(sscd_model, images: Sequence[PathLike], memorized_image: PathLike,
-                           threshold: float = 0.5, batch_size: int = 32) -> float:
-    """Share of ``images`` whose SSCD cosine similarity to ``memorized_image`` is > ``threshold``."""
-    from ablation.memorization import memorization_rate, similarities
-
-    images = list(images)
-    if not images:
-        raise ValueError("no images given")
-    return memorization_rate(similarities(sscd_model, images, memorized_image, batch_size=batch_size), threshold)
