@@ -118,3 +118,7 @@ def toy_clip_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("clip")
     CLIPModel(tiny_clip_config(image_size=32)).save_pretrained(out, safe_serialization=True)
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long end-to-end runs (e.g. test_pipeline_golden.py, about a minute)")
