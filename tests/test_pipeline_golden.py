@@ -28,9 +28,11 @@ machine path, never a run timestamp: the training run folder is found by glob):
   records, and conceptprune.py's ``discover.json`` / ``delta_pruned.json``;
 * ``meta``: exact-match facts (the training delta's safetensors metadata, caption/image list files).
 
-Comparison, by default with tolerance (CPU kernels may differ by ~1e-5 between machines): the set of outputs,
-dtypes and shapes must match exactly; tensor sums within 1e-5 relative (relative to the recorded sum of absolute
-values); image means within 0.5 (hashes may differ); metrics within 1e-5 relative (absolute floor 1e-8).
+Comparison, by default with tolerance (CPU kernels may differ by ~1e-5 between machines, and one pixel that
+flips by 1/255 moves the image metrics computed from it further): the set of outputs, dtypes and shapes must
+match exactly; tensor sums within 1e-5 relative (relative to the recorded sum of absolute values); image means
+within 0.5 (hashes may differ); metrics within 1e-3 relative (absolute floor 1e-8). A change of behaviour moves
+these by far more; PIPELINE_GOLDEN_EXACT=1 is the bit-for-bit check on the machine that wrote the record.
 With ``PIPELINE_GOLDEN_EXACT=1`` every hash and every number must be identical (bit-identity on one machine, e.g.
 before and after a refactor step). A failure lists every output that differs and by how much.
 
@@ -69,7 +71,7 @@ FEATURES = f"{TOY}/judge/features.torchscript.pt"
 
 TENSOR_RTOL = 1e-5
 IMAGE_MEAN_ATOL = 0.5
-METRIC_RTOL = 1e-5
+METRIC_RTOL = 1e-3  # pixel flips on another CPU move CLIP/KID/FID by more than 1e-5
 METRIC_ATOL = 1e-8
 
 # Inputs written by the test (lines of the toy world's own prompt files), so that the record depends only on the
