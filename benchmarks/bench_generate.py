@@ -1,7 +1,7 @@
 """Anchor-generation throughput (images/s): ours against diffusers' StableDiffusionPipeline, side by side.
 
 Both sides generate the same batch from the SAME weights (diffusers' pipeline is built from our model by
-``tools/export.build_pipeline``), the same scheduler and step count, CFG 6, the same per-image seeds
+``runtime.export.build_pipeline``), the same scheduler and step count, CFG 6, the same per-image seeds
 (``torch.Generator().manual_seed(seed + i)`` for image i: identical start noise, and for DDIM eta 1 the
 same per-step noise streams), from prompts to uint8 pixels (text encoding, sampling, VAE decode, pixel
 conversion; no PNG writing). Ours is the code ``generate_images`` runs (``runtime.generate.Runner.sample_batch``:
@@ -88,7 +88,7 @@ def build_model(args):
 def build_diffusers(model, cfg, sampler: str, device, dtype):
     import diffusers
 
-    from tools.export import build_pipeline
+    from runtime.export import build_pipeline
 
     pipe = build_pipeline(model, cfg, scheduler="ddim")
     if sampler == "dpmpp_2m":

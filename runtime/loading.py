@@ -6,6 +6,7 @@ seconds with a message naming it, before any weights are read or any work starts
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -14,6 +15,10 @@ import torch.nn as nn
 
 from ldm.checkpoint import CheckpointError, load_into, load_model_from_config, load_state_dict, state_dict_shapes
 from runtime.delta import apply_delta, delta_misfits, raise_delta_misfits
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
+DEFAULT_BASE_CKPT = REPO / "assets/pretrained_models/sd-v1-4.ckpt"
 
 
 def meta_model(model_config: Mapping) -> nn.Module:
@@ -107,3 +112,45 @@ def find_run_config(path: str | Path | None) -> Path | None:
         return None
     configs = sorted((p.parent.parent / "configs").glob("*.yaml"))
     return configs[-1] if configs else None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a command's model comes from (see :func:`resolve_model`); paths only, nothing loaded."""
+
+    ckpt: str  # the base (or full) checkpoint
+    config: Path  # the model config file
+    run_config: Path | None  # the saved config of the training run the delta (else the base) lives in
+
+
+def resolve_model(config: str | Path | None, delta: str | Path | None = None,
+                  ckpt: str | Path | None = None) -> ModelSource:
+    """The files a command loads its model from, following the training run a delta lives in.
+
+    * ``ckpt``: as given, else the base recorded in the delta's run config (``run.base_ckpt``), else
+      :data:`DEFAULT_BASE_CKPT`;
+    * the run config: the one of the run ``delta`` lives in (``{run}/checkpoints/x``), else the one of the
+      run ``ckpt`` (as given) lives in, else None;
+    * ``config``: as given, else the run config, else :data:`DEFAULT_CONFIG`.
+
+    Cheap: reads at most the run config; whether the files exist is left to the caller (see
+    :func:`load_model_config`, :func:`check_checkpoints`).
+    """
+    base = str(ckpt) if ckpt is not None else (run_base_ckpt(delta) or str(DEFAULT_BASE_CKPT))
+    run_config = find_run_config(delta) or find_run_config(ckpt)
+    config_path = Path(config) if config else (run_config or DEFAULT_CONFIG)
+    return ModelSource(base, config_path, run_config)
+
+
+def load_model_config(path: str | Path) -> dict:
+    """The ``model:`` section of the config file at ``path``, as a plain dict (interpolations resolved).
+    Raises FileNotFoundError if there is no such file, ValueError if it has no ``model:`` section."""
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    config = OmegaConf.load(path)
+    if "model" not in config:
+        raise ValueError(f"{path} has no 'model:' section")
+    return OmegaConf.to_container(config.model, resolve=True)

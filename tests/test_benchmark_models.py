@@ -84,9 +84,8 @@ def exported(src, cfg):
     """The original model exported by tools/export.py to a diffusers folder; its UNet file, a copy of it outside
     the folder, and the same tensors torch.save'd as a .pt (UCE / ESD style) and in fp16 (ConceptPrune style)."""
     pytest.importorskip("diffusers")
-    spec = importlib.util.spec_from_file_location("tools_export_bm", ROOT / "tools/export.py")
-    export = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export)
+    from runtime import export
+
     d = src["dir"]
     pipe = export.build_pipeline(src["orig_model"], cfg)
     export.save_pipeline(pipe, d / "pipe")

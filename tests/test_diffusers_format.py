@@ -3,7 +3,6 @@ CompVis-keyed model: the exact inverse of diffusers' own CompVis converters (rou
 tools/export.py), the same keys and shapes at SD-v1 size (meta tensors), and every entry point takes it."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -18,12 +17,13 @@ from conftest import tiny_model
 from ldm import diffusers_format as dfmt
 from ldm.checkpoint import CheckpointError, load_model_from_config, load_state_dict, state_dict_shapes
 
+from runtime import export
+from runtime.sample import SampleSettings
+from runtime.sample import run as run_sample
+
 pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parents[1]
 SD_CONFIG = ROOT / "configs/stable-diffusion/v1-inference.yaml"
-_spec = importlib.util.spec_from_file_location("tools_export_df", ROOT / "tools/export.py")
-export = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(export)
 
 
 def _config(path=TINY) -> dict:
@@ -126,14 +126,14 @@ def test_model_loads_and_entry_points_accept_a_pipeline_folder(pipe_dir, origina
     _assert_same(model.state_dict(), original)
     from ablation.commands import script
 
-    train, sample, evaluate, conceptprune = (script(n) for n in ("train", "sample", "evaluate", "conceptprune"))
+    train, evaluate, conceptprune = (script(n) for n in ("train", "evaluate", "conceptprune"))
     (tmp_path / "cat.txt").write_text("a cat on a sofa\n")
     train.setup(["--model_config", str(TINY), "-rc", str(pipe_dir), "--root", str(tmp_path / "data"),
                  "--logdir", str(tmp_path / "logs"), "--concept_type", "object", "--caption_target", "cat+grumpy cat",
                  "--prompts", str(tmp_path / "cat.txt"), "--n_samples", "2", "data.size=16"])
     out = tmp_path / "samples"
-    sample.main(["--ckpt", str(pipe_dir), "--config", str(TINY), "--H", "16", "--W", "16", "--ddim_steps", "2",
-                 "--n_samples", "1", "--prompt", "a cat", "--outdir", str(out), "--skip_grid"])
+    run_sample(SampleSettings(ckpt=str(pipe_dir), config=str(TINY), H=16, W=16, ddim_steps=2, n_samples=1,
+                              prompt="a cat", outdir=str(out), skip_grid=True))
     assert len(list((out / "samples").glob("*.png"))) == 1
     conceptprune.resolve(["discover", "--concept", "Van Gogh", "--ckpt", str(pipe_dir), "--config", str(TINY),
                         "--outdir", str(tmp_path / "prune"), "--H", "16", "--W", "16"])

@@ -1,4 +1,4 @@
-"""tools/export.py: base + delta -> one CompVis checkpoint, and a diffusers pipeline folder."""
+"""tools/export.py (runtime.export): base + delta -> one CompVis checkpoint, and a diffusers pipeline folder."""
 from __future__ import annotations
 
 import importlib.util
@@ -17,10 +17,10 @@ from runtime.delta import save_delta
 from ldm.checkpoint import CheckpointError, load_model_from_config, load_state_dict, save_state_dict
 from ldm.util import instantiate_from_config
 
+from runtime import export
+from runtime.export import ExportSettings
+
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("tools_export", ROOT / "tools/export.py")
-export = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(export)
 
 TINY = ROOT / "configs/tiny/v1-tiny.yaml"
 PROMPTS = ["a painting in the style of van gogh", "A photo of a Grumpy cat!", "r2d2, 3 robots & a   dog's toy"]
@@ -61,8 +61,9 @@ def exported(files, tmp_path_factory):
     torch.set_num_threads(1)
     base, delta, _ = files
     out = tmp_path_factory.mktemp("export_out")
-    assert export.main(["--ckpt", str(base), "--delta_ckpt", str(delta), "--config", str(TINY),
-                        "--out", str(out / "merged.safetensors"), "--diffusers", str(out / "pipe")]) == 0
+    assert export.run(ExportSettings(ckpt=str(base), delta_ckpt=str(delta), config=str(TINY),
+                                     out=str(out / "merged.safetensors"), diffusers=str(out / "pipe"))) \
+        == out / "merged.safetensors"
     return out
 
 
@@ -111,7 +112,7 @@ def test_merged_checkpoint_equals_base_plus_delta(exported, reference, files):
 def test_half_and_ckpt_output(files, tmp_path, reference, capsys):
     base, delta, _ = files
     out = tmp_path / "merged_fp16.ckpt"
-    export.main(["--ckpt", str(base), "--delta_ckpt", str(delta), "--config", str(TINY), "--out", str(out), "--half"])
+    export.run(ExportSettings(ckpt=str(base), delta_ckpt=str(delta), config=str(TINY), out=str(out), half=True))
     assert "merged_fp16.ckpt" in capsys.readouterr().out
     sd = load_state_dict(out)
     own = reference.state_dict()
@@ -144,10 +145,9 @@ def test_config_found_from_delta_run(files, tmp_path):
     (run / "configs" / "project.yaml").write_text(TINY.read_text())
     run_delta = run / "checkpoints" / "delta.safetensors"
     run_delta.write_bytes(delta.read_bytes())
-    args = export.get_parser().parse_args(["--ckpt", str(base), "--delta_ckpt", str(run_delta),
-                                           "--out", str(tmp_path / "m.safetensors")])
-    _, config_path = export.resolve(args)
-    assert config_path.name == "project.yaml"
+    settings = export.check(ExportSettings(ckpt=str(base), delta_ckpt=str(run_delta),
+                                           out=str(tmp_path / "m.safetensors")))
+    assert Path(settings.config).name == "project.yaml"
 
 
 # ----------------------------------------------------------------------------- diffusers
@@ -259,9 +259,15 @@ def _args(files, tmp_path, **kw):
     return [x for k, v in a.items() for x in (k, v)]
 
 
+def _settings(files, tmp_path, **kw) -> ExportSettings:
+    base, delta, _ = files
+    return ExportSettings(**{"ckpt": str(base), "delta_ckpt": str(delta), "config": str(TINY),
+                             "out": str(tmp_path / "merged.safetensors"), **kw})
+
+
 def test_missing_base(files, tmp_path):
     with pytest.raises(FileNotFoundError, match="--ckpt not found"):
-        export.main(_args(files, tmp_path, **{"--ckpt": str(tmp_path / "nope.ckpt")}))
+        export.run(_settings(files, tmp_path, ckpt=str(tmp_path / "nope.ckpt")))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -270,14 +276,14 @@ def test_delta_that_does_not_fit(files, tmp_path):
     key = files[2][0]
     save_delta(bad, {key: torch.zeros(3, 5), "model.diffusion_model.no_such.weight": torch.zeros(2)})
     with pytest.raises(CheckpointError, match="does not fit"):
-        export.main(_args(files, tmp_path, **{"--delta_ckpt": str(bad)}))
+        export.run(_settings(files, tmp_path, delta_ckpt=str(bad)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_delta.safetensors"]
 
 
 @pytest.mark.parametrize("name", ["merged.bin", "merged", "merged.pt"])
 def test_bad_output_suffix(files, tmp_path, name):
     with pytest.raises(export.ExportError, match="suffix"):
-        export.main(_args(files, tmp_path, **{"--out": str(tmp_path / name)}))
+        export.run(_settings(files, tmp_path, out=str(tmp_path / name)))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -285,7 +291,7 @@ def test_non_empty_diffusers_dir_refused_up_front(files, tmp_path):
     (tmp_path / "pipe").mkdir()
     (tmp_path / "pipe" / "keep.txt").write_text("x")
     with pytest.raises(export.ExportError, match="not an empty directory"):
-        export.main(_args(files, tmp_path, **{"--diffusers": str(tmp_path / "pipe")}))
+        export.run(_settings(files, tmp_path, diffusers=str(tmp_path / "pipe")))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
 
 
@@ -293,7 +299,7 @@ def test_diffusers_missing_is_a_clear_error(files, tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
     with pytest.raises(export.ExportError, match="needs the 'diffusers' package"):
-        export.main(_args(files, tmp_path, **{"--diffusers": str(tmp_path / "pipe")}))
+        export.run(_settings(files, tmp_path, diffusers=str(tmp_path / "pipe")))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -312,3 +318,8 @@ def test_cli_reports_errors_without_traceback(files, tmp_path):
     assert r.returncode != 0
     assert r.stderr.strip().startswith("error:") and "suffix" in r.stderr and "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_command_line_defaults_are_the_settings_defaults(files, tmp_path):
+    argv = _args(files, tmp_path)
+    assert ExportSettings(**vars(export.build_parser().parse_args(argv))) == _settings(files, tmp_path)

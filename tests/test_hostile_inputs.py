@@ -19,9 +19,12 @@ from PIL import Image
 
 import conceptprune
 import evaluate
-import sample
 import train
 from runtime import cli
+from runtime import export
+from runtime import sample
+from runtime.export import ExportSettings
+from runtime.sample import SampleSettings
 from runtime.loading import check_delta
 from runtime.delta import save_delta
 from conftest import TINY_CONFIG, tiny_model
@@ -66,6 +69,11 @@ def _train_argv(d: Path, tmp: Path, *extra):
 def _sample_argv(d: Path, out: Path, *extra):
     return ["--ckpt", str(d / "base.ckpt"), "--config", str(TINY_CONFIG), "--H", "16", "--W", "16",
             "--ddim_steps", "2", "--n_samples", "2", "--outdir", str(out), *extra]
+
+
+def _sample_settings(d: Path, out: Path, **kw) -> SampleSettings:
+    return SampleSettings(**{"ckpt": str(d / "base.ckpt"), "config": str(TINY_CONFIG), "H": 16, "W": 16,
+                             "ddim_steps": 2, "n_samples": 2, "outdir": str(out), **kw})
 
 
 # ------------------------------------------------------------------ 1. evaluate.py never unpickles --outpkl
@@ -132,13 +140,10 @@ def test_output_equal_to_an_input_is_refused(files, tmp_path):
     with pytest.raises(cli.UsageError, match="overwrite the input"):
         conceptprune.resolve(["prune", "--masks", str(masks), "--ckpt", str(base), "--config", str(TINY_CONFIG),
                               "--out", str(link), "--tau", "2"])
-    sys.path.insert(0, str(ROOT / "tools"))
-    import export
-
     for out in (base, files / "delta.safetensors"):
         with pytest.raises(cli.UsageError, match="overwrite the input"):
-            export.main(["--ckpt", str(base), "--delta_ckpt", str(files / "delta.safetensors"), "--config",
-                         str(TINY_CONFIG), "--out", str(out)])
+            export.run(ExportSettings(ckpt=str(base), delta_ckpt=str(files / "delta.safetensors"),
+                                      config=str(TINY_CONFIG), out=str(out)))
     assert base.read_bytes() == before
 
 
@@ -170,7 +175,7 @@ def test_train_unwritable_output_found_before_work(files, tmp_path, flag):
 
 def test_sample_and_conceptprune_unwritable_outdir(files, tmp_path):
     with pytest.raises(cli.UsageError, match="--outdir"):
-        sample.resolve(_sample_argv(files, Path(UNWRITABLE)))
+        sample.check(_sample_settings(files, Path(UNWRITABLE)))
     with pytest.raises(cli.UsageError, match="--outdir"):
         conceptprune.resolve(["discover", "--concept", "Van Gogh", "--ckpt", str(files / "base.ckpt"), "--config",
                               str(TINY_CONFIG), "--outdir", UNWRITABLE, "--device", "cpu"])
@@ -189,7 +194,7 @@ def test_check_output_probe_leaves_nothing(tmp_path):
 # ------------------------------------------------------------------ 5. a kill during sample.py's hand-over
 def test_sample_killed_during_final_move_resumes_without_duplicates(files, tmp_path, monkeypatch):
     out = tmp_path / "s"
-    argv = _sample_argv(files, out, "--n_samples", "4", "--n_iter", "5", "--metadata")  # 20 images
+    settings = _sample_settings(files, out, n_samples=4, n_iter=5, metadata=True)  # 20 images
     real_replace, calls = os.replace, []
 
     def dying_replace(src, dst):
@@ -201,10 +206,10 @@ def test_sample_killed_during_final_move_resumes_without_duplicates(files, tmp_p
 
     monkeypatch.setattr(sample.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
-        sample.main(argv)
+        sample.run(settings)
     monkeypatch.setattr(sample.os, "replace", real_replace)
     assert len(list((out / "samples").glob("*.png"))) == 6
-    sample.main(argv)
+    sample.run(settings)
     pngs = sorted(p.name for p in (out / "samples").glob("*.png"))
     assert pngs == [f"{i:05d}.png" for i in range(20)]
     assert (out / "images.txt").read_text().splitlines() == [f"samples/{n}" for n in pngs]
@@ -212,7 +217,7 @@ def test_sample_killed_during_final_move_resumes_without_duplicates(files, tmp_p
     assert not list(out.glob(".staging-*"))
     # the resumed images are the ones an uninterrupted call makes
     ref = tmp_path / "ref"
-    sample.main(_sample_argv(files, ref, "--n_samples", "4", "--n_iter", "5"))
+    sample.run(_sample_settings(files, ref, n_samples=4, n_iter=5))
     assert all((out / "samples" / n).read_bytes() == (ref / "samples" / n).read_bytes() for n in pngs)
 
 
@@ -234,7 +239,7 @@ def test_bad_base_checkpoint_refused_before_anything_is_written(files, tmp_path)
     work = tmp_path / "work"
     for name, (path, match) in bad.items():
         with pytest.raises(CheckpointError, match=match):
-            sample.resolve(_sample_argv(files, work / "s", "--ckpt", str(path)))
+            sample.check(_sample_settings(files, work / "s", ckpt=str(path)))
         argv = _train_argv(files, work)
         argv[argv.index("-rc") + 1] = str(path)
         with pytest.raises(CheckpointError, match=match):
@@ -251,7 +256,7 @@ def test_zip_checkpoint_named_safetensors_loads_by_content(files, tmp_path):
     shutil.copy(files / "base.ckpt", renamed)
     a, b = load_state_dict(renamed), load_state_dict(files / "base.ckpt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sample.resolve(_sample_argv(files, tmp_path / "s", "--ckpt", str(renamed)))  # the up-front check passes too
+    sample.check(_sample_settings(files, tmp_path / "s", ckpt=str(renamed)))  # the up-front check passes too
 
 
 # ------------------------------------------------------------------ 8. legitimate Lightning contents
@@ -283,13 +288,10 @@ def test_non_finite_delta_refused(files, tmp_path):
     with pytest.raises(CheckpointError, match="NaN or inf"):
         check_delta(model_config, nan)
     with pytest.raises(CheckpointError, match="NaN or inf"):
-        sample.resolve(_sample_argv(files, tmp_path / "s", "--delta_ckpt", str(nan)))
-    sys.path.insert(0, str(ROOT / "tools"))
-    import export
-
+        sample.check(_sample_settings(files, tmp_path / "s", delta_ckpt=str(nan)))
     with pytest.raises(CheckpointError, match="NaN or inf"):
-        export.main(["--ckpt", str(files / "base.ckpt"), "--delta_ckpt", str(nan), "--config", str(TINY_CONFIG),
-                     "--out", str(tmp_path / "merged.safetensors")])
+        export.run(ExportSettings(ckpt=str(files / "base.ckpt"), delta_ckpt=str(nan), config=str(TINY_CONFIG),
+                                  out=str(tmp_path / "merged.safetensors")))
     assert _listing(tmp_path) == ["nan.safetensors"]
 
 
@@ -308,8 +310,9 @@ def test_non_finite_delta_refused(files, tmp_path):
     (conceptprune, ["prune", "--masks", "m", "--tau", "0"], "--tau"),
 ])
 def test_numeric_flags_one_line_exit_2(script, argv, flag, capsys):
+    parser = script.build_parser() if hasattr(script, "build_parser") else script.get_parser()
     with pytest.raises(SystemExit) as e:
-        script.get_parser().parse_args(argv)
+        parser.parse_args(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag in err and "error:" in err

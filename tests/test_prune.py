@@ -357,10 +357,10 @@ def test_cli_discover_prune_check_sample(tmp_path, tiny_ckpt):
     assert all(torch.equal(after[k], before[k]) for k in before if k not in sd)
 
     # sample.py consumes it like an ablation delta
-    import sample
-    imgs = sample.main(["--ckpt", str(tiny_ckpt), "--delta_ckpt", str(delta), "--config", str(TINY_CONFIG),
-                        "--prompt", "a dog", "--n_samples", "1", "--H", "16", "--W", "16", "--ddim_steps", "2",
-                        "--plms", "--scale", "7.5", "--outdir", str(tmp_path / "samples"), "--precision", "full"])
+    from runtime.sample import SampleSettings, run
+    imgs = run(SampleSettings(ckpt=str(tiny_ckpt), delta_ckpt=str(delta), config=str(TINY_CONFIG), prompt="a dog",
+                              n_samples=1, H=16, W=16, ddim_steps=2, plms=True, scale=7.5,
+                              outdir=str(tmp_path / "samples"), precision="full"))
     assert len(imgs) == 1 and imgs[0].is_file()
 
     # check: side-by-side original | pruned

@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import evaluate
-import sample
+from runtime.sample import SampleSettings, check
 from test_evaluate import GEN, _argv, env  # noqa: F401 (fixture)
 
 
@@ -45,9 +45,9 @@ def test_evaluate_defaults_follow_the_run(env, recorded_run):  # noqa: F811
 
 def test_sample_takes_the_runs_base(env, recorded_run, tmp_path):  # noqa: F811
     delta = next((recorded_run / "checkpoints").glob("delta_step_*"))
-    args = sample.resolve(["--delta_ckpt", str(delta), "--prompt", "a cat", "--H", "16", "--W", "16",
-                           "--ddim_steps", "2", "--n_samples", "1", "--outdir", str(tmp_path / "o")])[0]
-    assert args.ckpt == str(env["base"])
+    settings = check(SampleSettings(delta_ckpt=str(delta), prompt="a cat", H=16, W=16, ddim_steps=2, n_samples=1,
+                                    outdir=str(tmp_path / "o")))
+    assert settings.ckpt == str(env["base"])
 
 
 def test_folder_made_with_other_settings_fails_in_setup(env, recorded_run, tmp_path):  # noqa: F811

@@ -73,15 +73,15 @@ def test_sd15_through_conceptprune_sample_and_export(sd15, tmp_path, monkeypatch
                        "--config", str(TINY_CONFIG)])
     assert load_state_dict(delta)
 
-    import sample
-    imgs = sample.main(["--ckpt", str(path), "--delta_ckpt", str(delta), "--config", str(TINY_CONFIG),
-                        "--prompt", "a dog", "--n_samples", "1", "--H", "16", "--W", "16", "--ddim_steps", "2",
-                        "--outdir", str(tmp_path / "samples"), "--precision", "full"])
+    from runtime.sample import SampleSettings, run
+    imgs = run(SampleSettings(ckpt=str(path), delta_ckpt=str(delta), config=str(TINY_CONFIG), prompt="a dog",
+                              n_samples=1, H=16, W=16, ddim_steps=2, outdir=str(tmp_path / "samples"),
+                              precision="full"))
     assert len(imgs) == 1 and imgs[0].is_file()
 
-    from tools import export
+    from runtime import export
     out = tmp_path / "merged.safetensors"
-    export.main(["--ckpt", str(path), "--delta_ckpt", str(delta), "--config", str(TINY_CONFIG), "--out", str(out)])
+    export.run(export.ExportSettings(ckpt=str(path), delta_ckpt=str(delta), config=str(TINY_CONFIG), out=str(out)))
     merged = load_state_dict(out)
     for k, v in load_state_dict(delta).items():
         assert torch.equal(merged[k].to(v.dtype), v), k
