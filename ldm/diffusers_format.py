@@ -12,9 +12,9 @@ Two sources are accepted wherever a base checkpoint is taken (``train.py -rc``, 
 
 The result has the keys of ``sd-v1-4.ckpt``: ``model.diffusion_model.*`` (UNet), ``first_stage_model.*``
 (VAE; diffusers' linear attention projections become 1x1 convolutions), ``cond_stage_model.transformer.
-text_model.*`` (with ``position_ids``), and the 12 noise-schedule buffers, computed with
-:meth:`DDPM.register_schedule` from the pipeline's ``scheduler_config.json`` (``scaled_linear`` is the
-CompVis ``linear`` schedule). The mapping is the inverse of diffusers' own CompVis converters
+text_model.*`` (with ``position_ids``), and the 12 noise-schedule buffers, computed as ``DDPM`` computes
+them (:func:`ldm.modules.diffusionmodules.util.schedule_buffers`) from the pipeline's ``scheduler_config.json``
+(``scaled_linear`` is the CompVis ``linear`` schedule). The mapping is the inverse of diffusers' own CompVis converters
 (``diffusers.loaders.single_file_utils.convert_ldm_*_checkpoint``, used by ``tools/export.py``), checked by
 round trip in ``tests/test_diffusers_format.py``. The layout (levels, res blocks per level, which levels
 have attention) is read from the keys, so tiny test configs convert like SD v1.
@@ -29,15 +29,14 @@ from typing import Callable, Mapping
 
 import torch
 
+from ldm.modules.diffusionmodules.util import SCHEDULE_BUFFERS
+from ldm.modules.diffusionmodules.util import schedule_buffers as ddpm_schedule_buffers
+
 PathLike = str | os.PathLike
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
-SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                    "posterior_mean_coef1", "posterior_mean_coef2")
 COMPONENTS = ("unet", "vae", "text_encoder")
 _WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 _FALLBACK_NAMES = {"text_encoder": "pytorch_model"}  # transformers' .bin name
@@ -252,16 +251,11 @@ def compvis_schedule(sched: Mapping) -> dict:
 
 
 def schedule_buffers(sched: Mapping) -> dict[str, torch.Tensor]:
-    """The 12 CompVis schedule buffers for a diffusers scheduler config, by :meth:`DDPM.register_schedule`
-    itself (v_posterior 0, as SD v1), so they equal the ones our model computes from its own config."""
-    from ldm.models.diffusion.ddpm import DDPM
-
-    class _Holder(torch.nn.Module):
-        v_posterior, parameterization = 0.0, "eps"
-
-    holder = _Holder()
-    DDPM.register_schedule(holder, beta_schedule="linear", **compvis_schedule(sched))
-    return {name: getattr(holder, name) for name in SCHEDULE_BUFFERS}
+    """The 12 CompVis schedule buffers for a diffusers scheduler config: the model's own
+    :func:`~ldm.modules.diffusionmodules.util.schedule_buffers` (v_posterior 0, as SD v1), so they equal
+    the ones our model computes from its config. Raises :class:`DiffusersFormatError` as :func:`compvis_schedule`."""
+    buffers = ddpm_schedule_buffers(beta_schedule="linear", **compvis_schedule(sched))
+    return {name: buffers[name] for name in SCHEDULE_BUFFERS}
 
 
 def check_schedule(model_config: Mapping, pipeline: PathLike) -> None:

@@ -36,6 +36,25 @@ def build_tiny_ld(meta):
     return ld
 
 
+
+def test_schedule_function_matches_reference_and_converter():
+    """The plain schedule function is the reference schedule, and the diffusers converter uses it."""
+    from ldm.diffusers_format import schedule_buffers as converted
+    from ldm.modules.diffusionmodules.util import SCHEDULE_BUFFERS as NAMES, schedule_buffers
+
+    meta, t = ref_case("schedule")
+    c = meta["config"]
+    got = schedule_buffers(c["beta_schedule"], c["timesteps"], c["linear_start"], c["linear_end"],
+                           v_posterior=c["v_posterior"], parameterization=c["parameterization"])
+    assert list(got) == SCHEDULE_BUFFERS + ["lvlb_weights"] and list(NAMES) == SCHEDULE_BUFFERS
+    for name in SCHEDULE_BUFFERS:
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], t[name]), name
+    torch.testing.assert_close(got["lvlb_weights"], t["lvlb_weights"], rtol=1e-6, atol=0)
+    conv = converted({"beta_schedule": "scaled_linear", "num_train_timesteps": c["timesteps"],
+                      "beta_start": c["linear_start"], "beta_end": c["linear_end"]})
+    assert list(conv) == SCHEDULE_BUFFERS
+    assert all(torch.equal(conv[name], got[name]) for name in SCHEDULE_BUFFERS)
+
 @pytest.fixture(scope="module")
 def ddim_case():
     meta, t = ref_case("ddim_tiny")

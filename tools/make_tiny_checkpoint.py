@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ldm.checkpoint import save_state_dict  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import instantiate_from_config, load_model_config  # noqa: E402
 
 
 def main():
@@ -27,7 +26,7 @@ def main():
     p.add_argument("--config", default=str(REPO / "configs/tiny/v1-tiny.yaml"))
     args = p.parse_args()
     torch.manual_seed(args.seed)
-    model = instantiate_from_config(OmegaConf.load(args.config).model)
+    model = instantiate_from_config(load_model_config(args.config))
     with torch.no_grad():
         for t in model.model.parameters():
             t.add_(0.05 * torch.randn_like(t))

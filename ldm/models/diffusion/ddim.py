@@ -1,8 +1,9 @@
 """DDIM sampling for ``LatentDiffusion`` (CompVis ``DDIMSampler`` API).
 
 The pieces are separate: ``guided_eps`` (classifier-free guidance, one batched UNet call),
-``ddim_step`` (the DDIM update on precomputed coefficients) and the sampler's loop. ``PLMSSampler``
-reuses the schedule and loop and only swaps the step rule.
+``ddim_step`` (the DDIM update on precomputed coefficients), the step noise as a ``NoiseSampler``
+callable (k-diffusion's ``noise_sampler``) and the sampler's loop. ``PLMSSampler`` reuses the
+schedule and loop and only swaps the step rule.
 """
 from __future__ import annotations
 
@@ -26,6 +27,53 @@ def randn(shape, generator: Generators, device, dtype=torch.float32) -> torch.Te
         rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator]
         return torch.stack(rows).to(device=device, dtype=dtype)
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+NoiseSampler = Callable[[int, torch.Tensor], torch.Tensor]
+"""``noise_sampler(step, like) -> noise``: the standard normal noise that sampling step ``step`` adds
+(0 = the first step taken, in sampling order), with the shape, device and dtype of ``like`` (the current
+latents). A sampler calls it at most once per step, in step order, and only for steps that add noise
+(eta > 0). One type for every source of noise, as k-diffusion's ``noise_sampler``."""
+
+
+def generator_noise_sampler(generator: Generators = None) -> NoiseSampler:
+    """Noise drawn when asked, from ``generator`` as :func:`randn` draws it (None: the global RNG; one
+    generator per image: row ``i`` from ``generator[i]``, on that generator's device). ``step`` is unused:
+    the generators' state carries the order."""
+
+    def noise_sampler(step: int, like: torch.Tensor) -> torch.Tensor:
+        return randn(like.shape, generator, like.device, like.dtype)
+
+    return noise_sampler
+
+
+def noise_bank_sampler(generator: Sequence[torch.Generator], steps: Sequence[int], shape, device) -> NoiseSampler:
+    """Noise for ``steps`` drawn now from per-image CPU ``generator``s, in step order (so the values equal
+    :func:`generator_noise_sampler`'s), and moved to ``device`` in one copy (pinned on CUDA): a per-step
+    copy from pageable host memory makes the host wait for the GPU at every step. Asking for a step not in
+    ``steps`` raises ``KeyError``."""
+    bank: dict[int, torch.Tensor] = {}
+    if steps:
+        noise = torch.stack([randn(shape, generator, "cpu") for _ in steps])
+        if torch.device(device).type == "cuda":
+            noise = noise.pin_memory().to(device, non_blocking=True)
+        bank = dict(zip(steps, noise.to(device)))
+
+    def noise_sampler(step: int, like: torch.Tensor) -> torch.Tensor:
+        if step not in bank:
+            raise KeyError(f"no noise drawn ahead for sampling step {step} (have {sorted(bank)})")
+        return bank[step].to(device=like.device, dtype=like.dtype)
+
+    return noise_sampler
+
+
+def default_noise_sampler(generator: Generators, steps: Sequence[int], shape, device) -> NoiseSampler:
+    """The noise a sampler adds when the caller gives only ``generator``: drawn ahead for ``steps`` (the
+    noisy steps) with per-image CPU generators, else drawn step by step. Build it after the start noise is
+    drawn from the same generators, so that the start noise comes first in every stream."""
+    if isinstance(generator, (list, tuple)) and steps and all(g.device.type == "cpu" for g in generator):
+        return noise_bank_sampler(generator, steps, shape, device)
+    return generator_noise_sampler(generator)
 
 
 def guided_eps(model, x: torch.Tensor, t: torch.Tensor, cond, uncond=None, scale: float = 1.0) -> torch.Tensor:
@@ -80,11 +128,14 @@ class DDIMSampler:
                img_callback: Callable | None = None, eta: float = 0.0, x_T: torch.Tensor | None = None,
                log_every_t: int = 100, unconditional_guidance_scale: float = 1.0, unconditional_conditioning=None,
                verbose: bool = True, temperature: float = 1.0, generator: Generators = None,
-               ddim_discretize: str = "uniform", progress: bool = True, **kwargs):
+               ddim_discretize: str = "uniform", progress: bool = True, noise_sampler: NoiseSampler | None = None,
+               **kwargs):
         """Sample latents of ``(batch_size, *shape)``; returns ``(samples, {'x_inter', 'pred_x0'})``.
 
-        ``generator`` (one, or one per sample) makes the start noise and the eta>0 noise reproducible
-        independently of the global RNG. Unsupported CompVis options (masks, score correctors, ...) raise.
+        ``generator`` (one, or one per sample) draws the start noise unless ``x_T`` is given. Each eta>0
+        step adds ``temperature`` times the noise of ``noise_sampler`` (see :data:`NoiseSampler`), by
+        default :func:`default_noise_sampler` on ``generator``: with generators, samples do not depend on
+        the global RNG. Unsupported CompVis options (masks, score correctors, ...) raise ``NotImplementedError``.
         """
         unsupported = {k: v for k, v in kwargs.items() if v not in (None, False, 0, 0.0)}
         if unsupported:
@@ -101,18 +152,9 @@ class DDIMSampler:
         timesteps = np.flip(self.ddim_timesteps)
         total = len(timesteps)
         self._reset()
-        self._noise = None
-        if isinstance(generator, (list, tuple)) and eta > 0 and all(g.device.type == "cpu" for g in generator):
-            # Per-image CPU generators: draw every step's noise now, in the order the steps would (so the
-            # values are the same), and move it in one copy; a per-step copy from pageable host memory makes
-            # the host wait for the GPU at every step.
+        if noise_sampler is None:
             noisy = [i for i in range(total) if self.ddim_sigmas[total - i - 1] > 0]
-            self._noise = {}
-            if noisy:
-                bank = torch.stack([randn(size, generator, "cpu") for _ in noisy])
-                if torch.device(device).type == "cuda":
-                    bank = bank.pin_memory().to(device, non_blocking=True)
-                self._noise = dict(zip(noisy, bank.to(device)))
+            noise_sampler = default_noise_sampler(generator, noisy, size, device)
         iterator = tqdm(timesteps, desc=f"{self.name} Sampler", total=total, disable=not progress,
                         leave=False, dynamic_ncols=True)
         for i, step in enumerate(iterator):
@@ -124,8 +166,9 @@ class DDIMSampler:
                 return guided_eps(self.model, x, tt, conditioning, unconditional_conditioning,
                                   unconditional_guidance_scale)
 
-            img, pred_x0 = self._step(eps, img, t, t_next, index, temperature,
-                                      generator if self._noise is None else self._noise.get(i))
+            # drawn before the UNet call: with the global RNG (no generator) the order is part of the result
+            noise = noise_sampler(i, img) * temperature if self.ddim_sigmas[index] > 0 else None
+            img, pred_x0 = self._step(eps, img, t, t_next, index, noise)
             if callback is not None:
                 callback(i)
             if img_callback is not None:
@@ -142,13 +185,8 @@ class DDIMSampler:
     def _coefficients(self, index: int):
         return float(self.ddim_alphas[index]), float(self.ddim_alphas_prev[index]), float(self.ddim_sigmas[index])
 
-    def _step(self, eps, x, t, t_next, index, temperature, generator):
-        """``generator``: where this step's noise comes from, or the noise itself (drawn ahead)."""
+    def _step(self, eps, x, t, t_next, index, noise):
+        """One update at schedule ``index``: ``(x_prev, pred_x0)``. ``noise``: this step's noise (already
+        times the temperature), None where the step adds none (sigma 0)."""
         a_t, a_prev, sigma_t = self._coefficients(index)
-        noise = None
-        if sigma_t > 0:
-            if isinstance(generator, torch.Tensor):
-                noise = generator.to(x.dtype) * temperature
-            else:
-                noise = randn(x.shape, generator, x.device, x.dtype) * temperature
         return ddim_step(x, eps(x, t), a_t, a_prev, sigma_t, noise)

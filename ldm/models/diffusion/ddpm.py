@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.diffusionmodules.util import SCHEDULE_BUFFERS, extract_into_tensor, schedule_buffers
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import default, instantiate_from_config
 
@@ -94,46 +93,13 @@ class DDPM(nn.Module):
     # ------------------------------------------------------------------ schedule
     def register_schedule(self, given_betas=None, beta_schedule: str = "linear", timesteps: int = 1000,
                           linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3):
-        """Register the 12 schedule buffers (float64 numpy math, then float32, as the reference)."""
-        if given_betas is not None:
-            betas = np.asarray(given_betas, dtype=np.float64)
-        else:
-            betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
-        alphas = 1.0 - betas
-        alphas_cumprod = np.cumprod(alphas, axis=0)
-        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
-        self.num_timesteps = int(betas.shape[0])
+        """Register the 12 persistent schedule buffers and ``lvlb_weights`` (see :func:`schedule_buffers`)."""
+        buffers = schedule_buffers(beta_schedule, timesteps, linear_start, linear_end, cosine_s, self.v_posterior,
+                                   given_betas, self.parameterization)
+        self.num_timesteps = int(buffers["betas"].shape[0])
         self.linear_start, self.linear_end = linear_start, linear_end
-
-        v = self.v_posterior
-        posterior_variance = (1 - v) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod) + v * betas
-        buffers = {
-            "betas": betas,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
-            "posterior_variance": posterior_variance,
-            # the variance is 0 at t=0, so the log is clipped
-            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
-            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-        }
         for name, value in buffers.items():
-            self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
-
-        # ELBO weights, in float32 torch math as the reference
-        if self.parameterization == "eps":
-            lvlb = self.betas ** 2 / (2 * self.posterior_variance * torch.tensor(alphas, dtype=torch.float32)
-                                      * (1 - self.alphas_cumprod))
-        else:
-            ac = torch.tensor(alphas_cumprod, dtype=torch.float32)
-            lvlb = 0.5 * torch.sqrt(ac) / (2.0 * (1 - ac))
-        lvlb[0] = lvlb[1]  # t=0 has zero posterior variance
-        self.register_buffer("lvlb_weights", lvlb, persistent=False)
+            self.register_buffer(name, value, persistent=name in SCHEDULE_BUFFERS)
 
     @property
     def device(self) -> torch.device:

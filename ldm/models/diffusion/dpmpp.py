@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import Generators, guided_eps, randn
+from ldm.models.diffusion.ddim import Generators, NoiseSampler, guided_eps, randn
 
 
 def discrete_sigmas(alphas_cumprod) -> np.ndarray:
@@ -101,9 +101,10 @@ class DPMPP2MSampler:
     def sample(self, S: int, batch_size: int, shape, conditioning=None, callback: Callable | None = None,
                eta: float = 0.0, x_T: torch.Tensor | None = None, unconditional_guidance_scale: float = 1.0,
                unconditional_conditioning=None, generator: Generators = None, verbose: bool = True,
-               progress: bool = False, **kwargs):
+               progress: bool = False, noise_sampler: NoiseSampler | None = None, **kwargs):
         """Latents of ``(batch_size, *shape)`` from ``x_T`` (or noise from ``generator``); returns
-        ``(samples, {"pred_x0": [...]})`` like DDIM. Unsupported CompVis options raise."""
+        ``(samples, {"pred_x0": [...]})`` like DDIM. ``noise_sampler`` is accepted for DDIM's interface and
+        never called: the solver adds no noise after the start. Unsupported CompVis options raise."""
         unsupported = {k: v for k, v in kwargs.items() if v not in (None, False, 0, 0.0)}
         if unsupported:
             raise NotImplementedError(f"{self.name} sampler options not supported: {sorted(unsupported)}")

@@ -21,7 +21,7 @@ class PLMSSampler(DDIMSampler):
     def _reset(self):
         self.old_eps = []
 
-    def _step(self, eps, x, t, t_next, index, temperature, generator):
+    def _step(self, eps, x, t, t_next, index, noise):
         a_t, a_prev, _ = self._coefficients(index)
         e_t = eps(x, t)
         if not self.old_eps:

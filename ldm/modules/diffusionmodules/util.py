@@ -29,6 +29,67 @@ def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-
     raise ValueError(f"unknown beta schedule {schedule!r} (linear, cosine, sqrt_linear, sqrt)")
 
 
+# The persistent schedule buffers of ``DDPM``, in state-dict order (the keys of ``sd-v1-4.ckpt``).
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2")
+
+
+def schedule_buffers(beta_schedule: str = "linear", timesteps: int = 1000, linear_start: float = 1e-4,
+                     linear_end: float = 2e-2, cosine_s: float = 8e-3, v_posterior: float = 0.0,
+                     given_betas=None, parameterization: str = "eps") -> dict[str, torch.Tensor]:
+    """The noise schedule of a CompVis ``DDPM`` as float32 tensors (what ``DDPM.register_schedule`` registers).
+
+    A plain function so that code which needs the schedule without a model (the diffusers converter) computes
+    exactly the model's values. Args are ``DDPM``'s: ``given_betas`` (any sequence), when not None, replaces
+    ``make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)``; ``v_posterior``
+    mixes the posterior variance towards ``betas``; ``parameterization`` (``"eps"`` or ``"x0"``) picks the
+    ELBO weights.
+
+    Returns ``{name: tensor}``: the 12 :data:`SCHEDULE_BUFFERS` in that order (float64 numpy math, then
+    float32, as the reference), then ``lvlb_weights`` (float32 torch math, as the reference; a model keeps it
+    out of its state dict). All have one entry per training timestep.
+
+    Raises ``ValueError`` for an unknown ``beta_schedule``.
+    """
+    if given_betas is not None:
+        betas = np.asarray(given_betas, dtype=np.float64)
+    else:
+        betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+    alphas = 1.0 - betas
+    alphas_cumprod = np.cumprod(alphas, axis=0)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    v = v_posterior
+    posterior_variance = (1 - v) * betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod) + v * betas
+    arrays = {
+        "betas": betas,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        "posterior_variance": posterior_variance,
+        # the variance is 0 at t=0, so the log is clipped
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+    }
+    out = {name: torch.tensor(value, dtype=torch.float32) for name, value in arrays.items()}
+
+    if parameterization == "eps":
+        lvlb = out["betas"] ** 2 / (2 * out["posterior_variance"] * torch.tensor(alphas, dtype=torch.float32)
+                                    * (1 - out["alphas_cumprod"]))
+    else:
+        ac = torch.tensor(alphas_cumprod, dtype=torch.float32)
+        lvlb = 0.5 * torch.sqrt(ac) / (2.0 * (1 - ac))
+    lvlb[0] = lvlb[1]  # t=0 has zero posterior variance
+    out["lvlb_weights"] = lvlb
+    return out
+
+
 def make_ddim_timesteps(method: str, num_ddim_timesteps: int, num_ddpm_timesteps: int) -> np.ndarray:
     """Ascending sub-grid of DDPM steps; +1 so that the final step is t=1, as in the reference."""
     if not 0 < num_ddim_timesteps <= num_ddpm_timesteps:
