@@ -92,7 +92,8 @@ def check(settings: ExportSettings) -> ExportSettings:
     """Check everything cheap before loading weights; returns the settings with ``config`` resolved.
     Raises FileNotFoundError, ExportError / UsageError (ValueErrors) or CheckpointError."""
     from ldm.diffusers_format import checkpoint_exists
-    from runtime.loading import check_checkpoints, load_model_config, resolve_model
+    from ldm.util import load_model_config
+    from runtime.loading import check_checkpoints, resolve_model
 
     s = settings
     if not checkpoint_exists(s.ckpt):
@@ -321,7 +322,8 @@ def run(settings: ExportSettings) -> Path:
 def _export(s: ExportSettings) -> Path:
     """:func:`run` for settings that :func:`check` returned."""
     from ldm.checkpoint import save_state_dict
-    from runtime.loading import load_model, load_model_config
+    from ldm.util import load_model_config
+    from runtime.loading import load_model
 
     config_path = Path(s.config)
     print(f"config: {config_path}")

@@ -134,23 +134,9 @@ def resolve_model(config: str | Path | None, delta: str | Path | None = None,
     * ``config``: as given, else the run config, else :data:`DEFAULT_CONFIG`.
 
     Cheap: reads at most the run config; whether the files exist is left to the caller (see
-    :func:`load_model_config`, :func:`check_checkpoints`).
+    :func:`ldm.util.load_model_config`, :func:`check_checkpoints`).
     """
     base = str(ckpt) if ckpt is not None else (run_base_ckpt(delta) or str(DEFAULT_BASE_CKPT))
     run_config = find_run_config(delta) or find_run_config(ckpt)
     config_path = Path(config) if config else (run_config or DEFAULT_CONFIG)
     return ModelSource(base, config_path, run_config)
-
-
-def load_model_config(path: str | Path) -> dict:
-    """The ``model:`` section of the config file at ``path``, as a plain dict (interpolations resolved).
-    Raises FileNotFoundError if there is no such file, ValueError if it has no ``model:`` section."""
-    from omegaconf import OmegaConf
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config not found: {path}")
-    config = OmegaConf.load(path)
-    if "model" not in config:
-        raise ValueError(f"{path} has no 'model:' section")
-    return OmegaConf.to_container(config.model, resolve=True)

@@ -118,7 +118,8 @@ def check(settings: SampleSettings) -> SampleSettings:
     from ldm.diffusers_format import checkpoint_exists
     from runtime.files import read_prompts
     from runtime.generate import validate_generation_args
-    from runtime.loading import check_checkpoints, load_model_config, resolve_model
+    from ldm.util import load_model_config
+    from runtime.loading import check_checkpoints, resolve_model
 
     s = settings
     source = resolve_model(s.config, s.delta_ckpt, s.ckpt)  # the run's own base model, not a fixed path
@@ -232,7 +233,8 @@ def _sample(s: SampleSettings) -> list[Path]:
     """:func:`run` for settings that :func:`check` returned."""
     from runtime.dist import init_from_launcher, local_devices
     from runtime.generate import generate_images
-    from runtime.loading import load_model, load_model_config
+    from ldm.util import load_model_config
+    from runtime.loading import load_model
 
     prompts, outdir = list(s.prompts), Path(s.outdir)
     shard = init_from_launcher()  # torchrun & co.: every rank makes its share, rank 0 hands them over
