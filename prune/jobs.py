@@ -33,7 +33,8 @@ NORMS_VERSION = 1  # bump if the recorded statistic changes
 
 PathLike = Union[str, os.PathLike]
 
-DESCRIPTION = """ConceptPrune on our Stable Diffusion v1: three steps.
+DESCRIPTION = """\
+ConceptPrune on our Stable Diffusion v1: three steps.
 
 1. discover -- record ff.net.2 input norms for a concept's base and target prompts (PLMS, CFG,
    empty negative prompt, seed 0 before every generation; gender pairs: one seed per pair in 0..249),

@@ -413,3 +413,10 @@ def test_main_exit_2_and_one_line(tmp_path, tiny_ckpt, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "unknown concept" in err and err.count("\n") == 1
+
+
+def test_command_line_defaults_are_the_settings_defaults():
+    cli = _cli()
+    assert cli.parse_argv(["discover", "--concept", "x"]) == cli.DiscoverSettings(concept="x")
+    assert cli.parse_argv(["check", "--masks", "m"]) == cli.CheckSettings(masks="m")
+    assert cli.parse_argv(["prune", "--masks", "a", "b"]) == cli.PruneSettings(masks=("a", "b"))
