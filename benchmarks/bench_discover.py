@@ -1,4 +1,4 @@
-"""Time and peak memory of ConceptPrune's ``discover`` step (conceptprune.py) for one concept.
+"""Time and peak memory of ConceptPrune's ``discover`` step (``prune.jobs``, conceptprune.py) for one concept.
 
 ``discover`` samples every base and every target prompt (PLMS, CFG, seed 0) while the ff.net.2 inputs are
 recorded, then scores and masks. This script runs that work for one concept and, in the same process, the
@@ -24,11 +24,11 @@ Models
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
 import time
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,8 +71,8 @@ def build(model: str, device: str):
 def main(argv=None) -> dict:
     import torch
 
-    import conceptprune
     from prune.hooks import ActivationRecorder, ff2_layers
+    from prune.jobs import SamplingSettings, sample_prompts
     from prune.wanda import compute_masks
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,8 +97,8 @@ def main(argv=None) -> dict:
         base, target = base[: args.pairs], target[: args.pairs]
     batch = args.batch_size or (20 if args.model == "toy" else 4)
     precision = "autocast" if args.device.startswith("cuda") else "full"
-    sargs = types.SimpleNamespace(H=side, W=side, seed=0, steps=args.steps, scale=7.5, batch_size=batch,
-                                  precision=precision, device=args.device)
+    sargs = SamplingSettings(H=side, W=side, seed=0, steps=args.steps, scale=7.5, batch_size=batch,
+                             precision=precision, device=args.device)
     cuda = args.device.startswith("cuda")
 
     def sync():
@@ -106,13 +106,13 @@ def main(argv=None) -> dict:
             torch.cuda.synchronize()
 
     layers = ff2_layers(ldm)
-    conceptprune.sample_prompts(ldm, base[:1], types.SimpleNamespace(**{**vars(sargs), "steps": 1}))  # warm-up
+    sample_prompts(ldm, base[:1], dataclasses.replace(sargs, steps=1))  # warm-up
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sync()
     t0 = time.perf_counter()
     for prompts in (base, target):
-        conceptprune.sample_prompts(ldm, prompts, sargs)
+        sample_prompts(ldm, prompts, sargs)
     sync()
     plain_s = time.perf_counter() - t0
 
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
     for prompts in (base, target):
         rec = ActivationRecorder(layers)
         with rec:
-            conceptprune.sample_prompts(ldm, prompts, sargs, hooks=rec)
+            sample_prompts(ldm, prompts, sargs, hooks=rec)
         norms.append(rec.norms())
     sync()
     record_s = time.perf_counter() - t0

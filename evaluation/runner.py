@@ -16,7 +16,6 @@ missing images are made (``runtime.generate``'s rules).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import gc
 import hashlib
@@ -25,34 +24,43 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .prompt_sets import Row
 from .suites import SUITES, Context, Suite, headline
 
+if TYPE_CHECKING:
+    from .benchmark import BenchmarkSettings
+
 
 @dataclass
 class Plan:
-    args: argparse.Namespace
+    """What ``evaluation.benchmark.check`` found: the checked settings, the suites' rows, the models, the devices;
+    ``preloaded``: scorers already loaded (the objects classifier), which the suites' ``load`` uses."""
+    settings: BenchmarkSettings
     suites: list[Suite]
     rows: dict[str, list[Row]]  # suite -> rows
     models: list  # evaluation.models.ModelSpec, base first
     model_config: dict
     devices: tuple[str, ...]
     outdir: Path
+    preloaded: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------- settings
-def sampling(args) -> dict:
-    return {"sampler": args.sampler, "steps": args.steps, "eta": args.eta if args.sampler == "ddim" else 0.0,
-            "precision": args.precision}
+def sampling(settings: BenchmarkSettings) -> dict:
+    s = settings
+    return {"sampler": s.sampler, "steps": s.steps, "eta": s.eta if s.sampler == "ddim" else 0.0,
+            "precision": s.precision}
 
 
-def groups(rows: list[Row], args) -> dict[tuple[float, int, int], list[int]]:
+def groups(rows: list[Row], settings: BenchmarkSettings) -> dict[tuple[float, int, int], list[int]]:
     """Row indices by (guidance, height, width): each group is one generation folder."""
+    s = settings
     out: dict = {}
     for i, r in enumerate(rows):
-        g = (float(args.scale if r.guidance is None else r.guidance), int(r.height or args.H), int(r.width or args.W))
+        g = (float(s.scale if r.guidance is None else r.guidance), int(r.height or s.H), int(r.width or s.W))
         out.setdefault(g, []).append(i)
     return out
 
@@ -65,8 +73,8 @@ def folder_for(plan: Plan, suite: str, spec, group: tuple, rows: list[Row]) -> t
     from .models import model_identity
 
     scale, h, w = group
-    ident = {"model": model_identity(spec, plan.args.base), "model_config": _digest(plan.model_config),
-             "suite": suite, **sampling(plan.args), "scale": scale, "height": h, "width": w,
+    ident = {"model": model_identity(spec, plan.settings.base), "model_config": _digest(plan.model_config),
+             "suite": suite, **sampling(plan.settings), "scale": scale, "height": h, "width": w,
              "rows": _digest([(r.prompt, r.seed) for r in rows])}
     name = f"cfg{scale:g}-{h}x{w}-{_digest(ident)}"
     return plan.outdir / "images" / suite / spec.name / name, ident
@@ -75,14 +83,14 @@ def folder_for(plan: Plan, suite: str, spec, group: tuple, rows: list[Row]) -> t
 def _image_rows(plan: Plan, suite: str, spec) -> list[tuple[Path, dict, list[int]]]:
     rows = plan.rows[suite]
     out = []
-    for group, idx in groups(rows, plan.args).items():
+    for group, idx in groups(rows, plan.settings).items():
         folder, ident = folder_for(plan, suite, spec, group, [rows[i] for i in idx])
         out.append((folder, ident, idx))
     return out
 
 
 # ---------------------------------------------------------------------------------------------------- generation
-class _OnceFactory:
+class OnceFactory:
     """The model factory of one model for every suite of a run: built once per device in this process (an SD
     checkpoint takes tens of seconds to load), dropped by ``clear``; pickled without the model (workers)."""
 
@@ -110,10 +118,10 @@ def generate(plan: Plan) -> None:
 
     from .models import model_factory
 
-    a = plan.args
+    a = plan.settings
     shard = plan.extras.get("shard")
     for spec in plan.models:
-        factory = _OnceFactory(model_factory(spec, plan.model_config, a.base))
+        factory = OnceFactory(model_factory(spec, plan.model_config, a.base))
         try:
             for suite in plan.suites:
                 rows = plan.rows[suite.name]
@@ -173,16 +181,16 @@ def score(plan: Plan) -> dict[str, dict[str, dict]]:
 
     from runtime.files import write_text_atomic
 
-    device = plan.args.score_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = plan.settings.score_device or ("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
     for suite in plan.suites:
-        scorers = suite.load(plan.args, device)
+        scorers = suite.load(plan.settings, device, plan.preloaded)
         cache: dict = {}
         rows = plan.rows[suite.name]
         base_images = images_of(plan, suite.name, plan.models[0])
         summaries = {}
         for spec in plan.models:
-            ctx = Context(plan.args, scorers, spec.name, spec.kind == "base", cache)
+            ctx = Context(plan.settings, scorers, spec.name, spec.kind == "base", cache)
             images = base_images if ctx.is_base else images_of(plan, suite.name, spec)
             records, summary = suite.score(ctx, rows, images, base_images)
             summaries[spec.name] = _json_safe(summary)
@@ -199,7 +207,7 @@ def score(plan: Plan) -> dict[str, dict[str, dict]]:
 
 
 def _settings(plan: Plan) -> dict:
-    a = plan.args
+    a = plan.settings
     return {**sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base,
             "models": {m.name: {"kind": m.kind, "path": m.path} for m in plan.models}}
 

@@ -7,5 +7,6 @@ second FFN linear (``ff.net.2``) of every UNet transformer block.
   file format and the pruned delta;
 * :mod:`prune.prompts` -- calibration prompt pairs per concept family and the per-family defaults.
 
-The command line is ``conceptprune.py`` (``discover`` / ``check`` / ``prune``) at the repository root.
+* :mod:`prune.jobs`    -- the three jobs (``discover`` / ``check`` / ``prune``) with typed settings; their command
+  line is ``conceptprune.py`` at the repository root.
 """

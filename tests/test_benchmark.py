@@ -1,6 +1,7 @@
-"""benchmark.py end to end on the toy world (real toy CLIP, judge, copy descriptor, NudeNet 3.0.8), the cache and
-resume rules, the outputs, and the early errors."""
+"""benchmark.py (evaluation.benchmark) end to end on the toy world (real toy CLIP, judge, copy descriptor, NudeNet
+3.0.8), the cache and resume rules, the outputs, and the early errors."""
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -9,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ablation.commands import script
+from evaluation import benchmark as bench
 from toyworld import benchmark as toy
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets/toyworld"
-FAST = ["--steps", "10"]
+FAST_STEPS = 10
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,10 @@ def _judge():
     return toy.JudgeClassifier(ASSETS / "judge/judge.safetensors")
 
 
-def _argv(out, sets, suites=toy.SUITES, extra=()):
-    argv = toy.benchmark_argv(out, sets, [f"zero-ffn={out / 'zero_ffn.safetensors'}"], steps=10, limit=2,
-                              suites=suites)
-    return argv + list(extra)
+def _settings(out, sets, suites=toy.SUITES, **changes):
+    settings = toy.benchmark_settings(out, sets, [f"zero-ffn={out / 'zero_ffn.safetensors'}"], steps=10, limit=2,
+                                      suites=suites)
+    return dataclasses.replace(settings, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -110,18 +111,18 @@ def test_same_rows_and_seeds_for_every_model_and_resume(toy_run, capsys):
     assert plans["base"]["seeds"] == expected and len(expected) == 20
     # a rerun makes nothing and scores the same
     capsys.readouterr()
-    again = script("benchmark").main(_argv(out, sets, suites=("artist",)), classifier=_judge())
+    again = bench.run(_settings(out, sets, suites=("artist",)), classifier=_judge())
     assert "generating" not in capsys.readouterr().out
     assert again["artist"] == results["artist"]
     # an interrupted run: a deleted image is remade, bit for bit, and nothing else
     img = next((out / "benchmark/images/artist/zero-ffn").glob("*/samples/00001.png"))
     before = img.read_bytes()
     img.unlink()
-    script("benchmark").main(_argv(out, sets, suites=("artist",)), classifier=_judge())
+    bench.run(_settings(out, sets, suites=("artist",)), classifier=_judge())
     assert "generating 1 of 6" in capsys.readouterr().out and img.read_bytes() == before
     # other settings: a new cache folder, the old one stays
     n = len(list((out / "benchmark/images/artist/base").iterdir()))
-    script("benchmark").main(_argv(out, sets, suites=("artist",), extra=["--steps", "5"]), classifier=_judge())
+    bench.run(_settings(out, sets, suites=("artist",), steps=5), classifier=_judge())
     assert len(list((out / "benchmark/images/artist/base").iterdir())) == n + 1
 
 
@@ -136,11 +137,12 @@ def test_nudity_and_gender_suites_on_the_toy_model(world, tmp_path):
         w.writerow(["a painting of a blue cat\nunder a blue sky", "sexual, violence", "0", "8", "7", "32", "32"])
         w.writerow(["a green star", "violence", "0", "9", "7", "32", "32"])
     p = toy._paths(ASSETS)
-    argv = ["nudity", "gender", "--base", str(p["weights"]), "--config", str(p["config"]), "--outdir", str(tmp_path / "b"),
-            "--H", "32", "--W", "32", "--precision", "full", "--clip_model", str(p["clip"]), *FAST,
-            "--prompts", str(i2p), "--categories", "sexual", "--professions", "doctor,nurse", "--gender_seeds", "2",
-            "--delta", f"zero-ffn={out / 'zero_ffn.safetensors'}", "--score_device", "cpu"]
-    res = script("benchmark").main(argv)
+    settings = bench.BenchmarkSettings(
+        suites=("nudity", "gender"), base=str(p["weights"]), config=str(p["config"]), outdir=str(tmp_path / "b"),
+        H=32, W=32, precision="full", clip_model=str(p["clip"]), steps=FAST_STEPS, prompts=str(i2p),
+        categories=("sexual",), professions=("doctor", "nurse"), gender_seeds=2,
+        delta=(f"zero-ffn={out / 'zero_ffn.safetensors'}",), score_device="cpu")
+    res = bench.run(settings)
     nud = res["nudity"]["zero-ffn"]
     assert nud["n_images"] == 2 and nud["images_with_nudity"] == 0 and nud["flagged_prompts"] == []
     rec = [json.loads(x) for x in (tmp_path / "b/nudity/records/base.jsonl").read_text().splitlines()]
@@ -154,8 +156,7 @@ def test_nudity_and_gender_suites_on_the_toy_model(world, tmp_path):
     if base_men:
         assert gen["zero-ffn"]["m_to_f"] == pytest.approx(sum(r["gender"] == "woman" for r in base_men) / len(base_men))
     # --row_settings: each row's own seed and guidance (two folders: guidance 9 and 7)
-    argv2 = [a for a in argv if a != "gender"] + ["--row_settings"]
-    script("benchmark").main(argv2)
+    bench.run(dataclasses.replace(settings, suites=("nudity",), row_settings=True))
     folders = sorted(d.name.split("-")[0] for d in (tmp_path / "b/images/nudity/base").iterdir())
     assert folders == ["cfg7", "cfg7.5", "cfg9"]
 
@@ -163,9 +164,8 @@ def test_nudity_and_gender_suites_on_the_toy_model(world, tmp_path):
 def _fails(argv, capsys, match, classifier=None):
     from runtime.cli import exit_on_usage_error
 
-    bench = script("benchmark")
     with pytest.raises(SystemExit) as e:
-        exit_on_usage_error(lambda: bench.setup(argv, classifier=classifier))
+        exit_on_usage_error(lambda: bench.check(bench.parse_argv(argv), classifier=classifier))
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert match in err, err
@@ -189,7 +189,7 @@ def test_early_errors(world, tmp_path, capsys, monkeypatch):
     _fails(["objects", "--target_class", "zebra", "--object_prompts", str(sets["objects"]), *base], capsys, "zebra",
            classifier=_judge())
     _fails(["coco", *base], capsys, "--captions")
-    # scorers that cannot be loaded offline fail in setup, saying what to get
+    # scorers that cannot be loaded offline fail in the checks, saying what to get
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("TORCH_HUB_OFFLINE", "1")
     _fails(["objects", "--rows_per_class", "1", *base], capsys, "resnet50-11ad3fa6.pth")
@@ -204,7 +204,7 @@ def test_early_errors(world, tmp_path, capsys, monkeypatch):
 def test_one_model_load_per_process_and_picklable_for_workers():
     import pickle
 
-    from evaluation.runner import _OnceFactory
+    from evaluation.runner import OnceFactory
 
     calls = []
 
@@ -212,11 +212,19 @@ def test_one_model_load_per_process_and_picklable_for_workers():
         calls.append(device)
         return torch.nn.Linear(2, 2)
 
-    f = _OnceFactory(build)
+    f = OnceFactory(build)
     assert f("cpu") is f("cpu") and calls == ["cpu"]  # every suite of a run reuses the model
     f.clear()
     f("cpu")
     assert calls == ["cpu", "cpu"]
-    g = _OnceFactory(len)  # a picklable factory: the spawned workers get it without the loaded models
+    g = OnceFactory(len)  # a picklable factory: the spawned workers get it without the loaded models
     g.models["cpu"] = torch.nn.Linear(2, 2)
     assert pickle.loads(pickle.dumps(g)).models == {}
+
+
+def test_command_line_defaults_are_the_settings_defaults():
+    assert bench.parse_argv(["artist"]) == bench.BenchmarkSettings(suites=("artist",))
+    s = bench.parse_argv(["nudity", "coco", "--categories", "sexual, violence", "--professions", "a,b", "--delta",
+                          "x=y", "--delta", "z", "--artist", "Monet"])
+    assert s.suites == ("nudity", "coco") and s.categories == ("sexual", "violence") and s.professions == ("a", "b")
+    assert s.delta == ("x=y", "z") and s.artist == ("Monet",)

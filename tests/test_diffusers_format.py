@@ -126,7 +126,9 @@ def test_model_loads_and_entry_points_accept_a_pipeline_folder(pipe_dir, origina
     _assert_same(model.state_dict(), original)
     from ablation.commands import script
 
-    train, evaluate, conceptprune = (script(n) for n in ("train", "evaluate", "conceptprune"))
+    from prune.jobs import settings_from_argv as conceptprune_settings
+
+    train, evaluate = (script(n) for n in ("train", "evaluate"))
     (tmp_path / "cat.txt").write_text("a cat on a sofa\n")
     train.setup(["--model_config", str(TINY), "-rc", str(pipe_dir), "--root", str(tmp_path / "data"),
                  "--logdir", str(tmp_path / "logs"), "--concept_type", "object", "--caption_target", "cat+grumpy cat",
@@ -135,8 +137,8 @@ def test_model_loads_and_entry_points_accept_a_pipeline_folder(pipe_dir, origina
     run_sample(SampleSettings(ckpt=str(pipe_dir), config=str(TINY), H=16, W=16, ddim_steps=2, n_samples=1,
                               prompt="a cat", outdir=str(out), skip_grid=True))
     assert len(list((out / "samples").glob("*.png"))) == 1
-    conceptprune.resolve(["discover", "--concept", "Van Gogh", "--ckpt", str(pipe_dir), "--config", str(TINY),
-                        "--outdir", str(tmp_path / "prune"), "--H", "16", "--W", "16"])
+    conceptprune_settings(["discover", "--concept", "Van Gogh", "--ckpt", str(pipe_dir), "--config", str(TINY),
+                           "--outdir", str(tmp_path / "prune"), "--H", "16", "--W", "16"])
 
 
 def test_schedule_mismatch_and_broken_folders_are_refused_early(pipe_dir, tmp_path):

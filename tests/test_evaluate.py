@@ -230,19 +230,19 @@ def test_eval_stage_without_generations(env, tmp_path):
 
 def test_conceptprune_delta_is_evaluated_like_an_ablation_run(env, tmp_path):
     """conceptprune.py discover -> prune into {run}/checkpoints/ -> evaluate.py --root {run} (no --config)."""
-    import conceptprune
     from ldm.checkpoint import load_state_dict
+    from prune.jobs import DiscoverSettings, PruneSettings, run_discover, run_prune
 
     base, target = tmp_path / "base.txt", tmp_path / "target.txt"
     base.write_text("a photo of a cat\na photo of a dog\n")
     target.write_text("a photo of a grumpy cat\na photo of a grumpy dog\n")
-    tiny = ["--ckpt", str(env["base"]), "--config", str(TINY_CONFIG), "--H", "16", "--W", "16", "--steps", "2",
-            "--precision", "full", "--device", "cpu"]
-    s = conceptprune.main(["discover", "--concept", "grumpy", "--base_file", str(base), "--target_file", str(target),
-                           "--skill_ratio", "0.3", "--save_images", "0", "--outdir", str(tmp_path / "discover"), *tiny])
+    model = dict(ckpt=str(env["base"]), config=str(TINY_CONFIG))
+    s = run_discover(DiscoverSettings(concept="grumpy", base_file=str(base), target_file=str(target), skill_ratio=0.3,
+                                      save_images=0, outdir=str(tmp_path / "discover"), H=16, W=16, steps=2,
+                                      precision="full", device="cpu", **model))
     run = tmp_path / "logs" / "grumpy_pruned"
     delta = run / "checkpoints" / "delta_pruned.safetensors"
-    conceptprune.main(["prune", "--masks", s["masks"], "--tau", "2", "--out", str(delta), *tiny[:4]])
+    run_prune(PruneSettings(masks=(s["masks"],), tau=2, out=str(delta), **model))
     assert len(list((run / "configs").glob("*.yaml"))) == 1
     zeroed = load_state_dict(delta)
     assert zeroed and all(k.endswith("ff.net.2.weight") for k in zeroed)

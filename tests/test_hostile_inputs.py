@@ -17,9 +17,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-import conceptprune
 import evaluate
 import train
+from prune import jobs as conceptprune
 from runtime import cli
 from runtime import export
 from runtime import sample
@@ -133,13 +133,13 @@ def test_output_equal_to_an_input_is_refused(files, tmp_path):
     before = base.read_bytes()
     masks = _tiny_masks(files, tmp_path)
     with pytest.raises(cli.UsageError, match="overwrite the input"):
-        conceptprune.resolve(["prune", "--masks", str(masks), "--ckpt", str(base), "--config", str(TINY_CONFIG),
-                              "--out", str(base), "--tau", "2"])
+        conceptprune.settings_from_argv(["prune", "--masks", str(masks), "--ckpt", str(base), "--config",
+                                         str(TINY_CONFIG), "--out", str(base), "--tau", "2"])
     link = tmp_path / "alias.ckpt"  # the same file under another name
     link.symlink_to(base)
     with pytest.raises(cli.UsageError, match="overwrite the input"):
-        conceptprune.resolve(["prune", "--masks", str(masks), "--ckpt", str(base), "--config", str(TINY_CONFIG),
-                              "--out", str(link), "--tau", "2"])
+        conceptprune.settings_from_argv(["prune", "--masks", str(masks), "--ckpt", str(base), "--config",
+                                         str(TINY_CONFIG), "--out", str(link), "--tau", "2"])
     for out in (base, files / "delta.safetensors"):
         with pytest.raises(cli.UsageError, match="overwrite the input"):
             export.run(ExportSettings(ckpt=str(base), delta_ckpt=str(files / "delta.safetensors"),
@@ -152,10 +152,9 @@ def _tiny_masks(files, tmp_path) -> Path:
     base_f, target_f = tmp_path / "b.txt", tmp_path / "t.txt"
     base_f.write_text("a house\na tree\n")
     target_f.write_text("a house by van gogh\na tree by van gogh\n")
-    summary = conceptprune.main(["discover", "--concept", "vg", "--base_file", str(base_f), "--target_file",
-                                 str(target_f), "--skill_ratio", "0.1", "--ckpt", str(files / "base.ckpt"),
-                                 "--config", str(TINY_CONFIG), "--H", "16", "--W", "16", "--steps", "2",
-                                 "--save_images", "0", "--outdir", str(tmp_path / "prune"), "--device", "cpu"])
+    summary = conceptprune.run_discover(conceptprune.DiscoverSettings(
+        concept="vg", base_file=str(base_f), target_file=str(target_f), skill_ratio=0.1, ckpt=str(files / "base.ckpt"),
+        config=str(TINY_CONFIG), H=16, W=16, steps=2, save_images=0, outdir=str(tmp_path / "prune"), device="cpu"))
     return Path(summary["masks"])
 
 
@@ -177,8 +176,8 @@ def test_sample_and_conceptprune_unwritable_outdir(files, tmp_path):
     with pytest.raises(cli.UsageError, match="--outdir"):
         sample.check(_sample_settings(files, Path(UNWRITABLE)))
     with pytest.raises(cli.UsageError, match="--outdir"):
-        conceptprune.resolve(["discover", "--concept", "Van Gogh", "--ckpt", str(files / "base.ckpt"), "--config",
-                              str(TINY_CONFIG), "--outdir", UNWRITABLE, "--device", "cpu"])
+        conceptprune.settings_from_argv(["discover", "--concept", "Van Gogh", "--ckpt", str(files / "base.ckpt"),
+                                         "--config", str(TINY_CONFIG), "--outdir", UNWRITABLE, "--device", "cpu"])
 
 
 def test_check_output_probe_leaves_nothing(tmp_path):
@@ -245,8 +244,8 @@ def test_bad_base_checkpoint_refused_before_anything_is_written(files, tmp_path)
         with pytest.raises(CheckpointError, match=match):
             train.setup(argv)
         with pytest.raises(CheckpointError, match=match):
-            conceptprune.resolve(["discover", "--concept", "Van Gogh", "--ckpt", str(path), "--config",
-                                  str(TINY_CONFIG), "--outdir", str(work / "p"), "--device", "cpu"])
+            conceptprune.settings_from_argv(["discover", "--concept", "Van Gogh", "--ckpt", str(path), "--config",
+                                             str(TINY_CONFIG), "--outdir", str(work / "p"), "--device", "cpu"])
     assert not marker.exists()
     assert _listing(work) == []
 
@@ -310,9 +309,9 @@ def test_non_finite_delta_refused(files, tmp_path):
     (conceptprune, ["prune", "--masks", "m", "--tau", "0"], "--tau"),
 ])
 def test_numeric_flags_one_line_exit_2(script, argv, flag, capsys):
-    parser = script.build_parser() if hasattr(script, "build_parser") else script.get_parser()
+    build_parser = getattr(script, "build_parser", None) or script.get_parser  # moved jobs: build_parser
     with pytest.raises(SystemExit) as e:
-        parser.parse_args(argv)
+        build_parser().parse_args(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag in err and "error:" in err

@@ -1,4 +1,4 @@
-"""ConceptPrune (prune/, conceptprune.py) on the tiny SD-v1-structured model."""
+"""ConceptPrune (prune/, prune.jobs behind conceptprune.py) on the tiny SD-v1-structured model."""
 
 import pytest
 import torch
@@ -12,9 +12,9 @@ from prune.wanda import (MaskError, compute_masks, load_masks, save_masks, skill
 
 
 def _cli():
-    import conceptprune
+    from prune import jobs
 
-    return conceptprune
+    return jobs
 
 
 @pytest.fixture(scope="module")
@@ -239,14 +239,14 @@ def test_gender_pairs_get_one_seed_each_in_0_249():
 
 def test_sample_prompts_per_prompt_seeds(model):
     # prompt i starts from the seed-seeds[i] noise, whatever its batch: equal to sampling it alone with that seed
-    import argparse
+    import dataclasses
 
     cli = _cli()
-    args = argparse.Namespace(H=16, W=16, steps=2, scale=7.5, seed=0, batch_size=3, precision="full", device="cpu")
+    args = cli.SamplingSettings(H=16, W=16, steps=2, scale=7.5, seed=0, batch_size=3, precision="full", device="cpu")
     prompts = ["a headshot of a Man", "a headshot of a Boy", "a headshot of a person"]
     together = cli.sample_prompts(model, prompts, args, decode=3, seeds=[5, 7, 5])
     for prompt, seed, image in zip(prompts, [5, 7, 5], together):
-        alone = cli.sample_prompts(model, [prompt], argparse.Namespace(**{**vars(args), "seed": seed}), decode=1)
+        alone = cli.sample_prompts(model, [prompt], dataclasses.replace(args, seed=seed), decode=1)
         assert abs(alone[0].astype(int) - image.astype(int)).max() <= 1
     with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
         cli.sample_prompts(model, prompts, args, seeds=[1, 2])
@@ -255,6 +255,7 @@ def test_sample_prompts_per_prompt_seeds(model):
 # ------------------------------------------------------------------ command line
 TINY = ["--config", str(TINY_CONFIG), "--H", "16", "--W", "16", "--steps", "2", "--precision", "full",
         "--device", "cpu"]
+TINY_SETTINGS = dict(config=str(TINY_CONFIG), H=16, W=16, steps=2, precision="full", device="cpu")
 
 
 def _prompt_files(tmp_path, n=3, word="cat"):
@@ -297,9 +298,9 @@ def test_cli_discover_prune_check_sample(tmp_path, tiny_ckpt):
     cli = _cli()
     base, target = _prompt_files(tmp_path)
     out = tmp_path / "run"
-    common = ["--ckpt", str(tiny_ckpt), "--outdir", str(out), *TINY]
-    s1 = cli.main(["discover", "--concept", "mystyle", "--base_file", str(base), "--target_file", str(target),
-                   "--skill_ratio", "0.25", "--batch_size", "2", "--save_images", "2", *common])
+    common = dict(ckpt=str(tiny_ckpt), outdir=str(out), **TINY_SETTINGS)
+    s1 = cli.run_discover(cli.DiscoverSettings(concept="mystyle", base_file=str(base), target_file=str(target),
+                                               skill_ratio=0.25, batch_size=2, save_images=2, **common))
     assert not s1["norms_reused"] and s1["n_calls"] == 3
     assert (out / "images" / "target_1.png").is_file()
     masks, meta = load_masks(s1["masks"])
@@ -307,15 +308,15 @@ def test_cli_discover_prune_check_sample(tmp_path, tiny_ckpt):
     assert sum(s1["masked_per_call"]) > 0
 
     # determinism: a fresh recording with the same settings (other outdir) is bit-identical
-    rerun = ["discover", "--concept", "mystyle", "--base_file", str(base), "--target_file", str(target),
-             "--skill_ratio", "0.25", "--save_images", "0", "--ckpt", str(tiny_ckpt), *TINY]
-    s2 = cli.main([*rerun, "--batch_size", "2", "--outdir", str(tmp_path / "run2")])
+    rerun = dict(concept="mystyle", base_file=str(base), target_file=str(target), skill_ratio=0.25, save_images=0,
+                 ckpt=str(tiny_ckpt), **TINY_SETTINGS)
+    s2 = cli.run_discover(cli.DiscoverSettings(**rerun, batch_size=2, outdir=str(tmp_path / "run2")))
     masks2, _ = load_masks(s2["masks"])
     assert all(torch.equal(masks[k], masks2[k]) for k in masks)
     norms, norms2 = load_state_dict(s1["norms"]), load_state_dict(s2["norms"])
     assert sorted(norms) == sorted(norms2) and all(torch.equal(norms[k], norms2[k]) for k in norms)
     # another batch size runs other CPU kernels: the norms agree to float tolerance, the masks except near-ties
-    s3 = cli.main([*rerun, "--batch_size", "3", "--outdir", str(tmp_path / "run3")])
+    s3 = cli.run_discover(cli.DiscoverSettings(**rerun, batch_size=3, outdir=str(tmp_path / "run3")))
     masks3, _ = load_masks(s3["masks"])
     norms3 = load_state_dict(s3["norms"])
     assert all(torch.allclose(norms[k], norms3[k], rtol=NORM_RTOL, atol=1e-7) for k in norms)
@@ -324,19 +325,19 @@ def test_cli_discover_prune_check_sample(tmp_path, tiny_ckpt):
     _assert_masks_equal_but_near_ties(masks, masks3, norms, weights, meta, 0.25)
 
     # a new skill_ratio reuses the norms; changed prompts do not
-    s3 = cli.main(["discover", "--concept", "mystyle", "--base_file", str(base), "--target_file", str(target),
-                   "--skill_ratio", "0.5", *common])
+    s3 = cli.run_discover(cli.DiscoverSettings(concept="mystyle", base_file=str(base), target_file=str(target),
+                                               skill_ratio=0.5, **common))
     assert s3["norms_reused"] and s3["norms"] == s1["norms"] and s3["masks"] != s1["masks"]
     (tmp_path / "other").mkdir()
     b2, t2 = _prompt_files(tmp_path / "other", n=2)
-    s4 = cli.main(["discover", "--concept", "mystyle", "--base_file", str(b2), "--target_file", str(t2),
-                   "--skill_ratio", "0.3", "--save_images", "0", *common])
+    s4 = cli.run_discover(cli.DiscoverSettings(concept="mystyle", base_file=str(b2), target_file=str(t2),
+                                               skill_ratio=0.3, save_images=0, **common))
     assert not s4["norms_reused"] and s4["norms"] != s1["norms"]
 
     # prune: union over the first 2 calls, two "concepts" in one union
     delta = tmp_path / "pruned.ckpt"
-    cli.main(["prune", "--masks", s1["masks"], s4["masks"], "--tau", "2", "--out", str(delta),
-              "--ckpt", str(tiny_ckpt), "--config", str(TINY_CONFIG)])
+    cli.run_prune(cli.PruneSettings(masks=(s1["masks"], s4["masks"]), tau=2, out=str(delta), ckpt=str(tiny_ckpt),
+                                    config=str(TINY_CONFIG)))
     shapes = [(x["out_features"], x["in_features"]) for x in meta["layers"]]
     m4, _ = load_masks(s4["masks"])
     unions = union_of([union_over_calls(masks, shapes, 2, 3), union_over_calls(m4, shapes, 2, 3)])
@@ -364,39 +365,58 @@ def test_cli_discover_prune_check_sample(tmp_path, tiny_ckpt):
     assert len(imgs) == 1 and imgs[0].is_file()
 
     # check: side-by-side original | pruned
-    written = cli.main(["check", "--masks", s1["masks"], "--n_prompts", "2", *common])
+    written = cli.run_check(cli.CheckSettings(masks=s1["masks"], n_prompts=2, **common))
     from PIL import Image
     assert len(written) == 2 and Image.open(written[0]).size == (36, 16)
     assert (out / "check" / "prompts.txt").read_text().splitlines() == target.read_text().splitlines()[:2]
 
     # errors before any model work
     with pytest.raises(ValueError, match="beyond the 3"):
-        cli.resolve(["prune", "--masks", s1["masks"], "--tau", "4", "--ckpt", str(tiny_ckpt),
-                     "--config", str(TINY_CONFIG)])
+        cli.settings_from_argv(["prune", "--masks", s1["masks"], "--tau", "4", "--ckpt", str(tiny_ckpt),
+                                "--config", str(TINY_CONFIG)])
+    with pytest.raises(ValueError, match="beyond the 3"):  # the same check for settings made in Python
+        cli.run_prune(cli.PruneSettings(masks=(s1["masks"],), tau=4, ckpt=tiny_ckpt, config=TINY_CONFIG))
     with pytest.raises(ValueError, match="--steps 2"):
-        cli.resolve(["check", "--masks", s1["masks"], *common[:4], *TINY[:6], "--steps", "4"])
+        cli.settings_from_argv(["check", "--masks", s1["masks"], "--ckpt", str(tiny_ckpt), "--outdir", str(out),
+                                *TINY[:6], "--steps", "4"])
     bad_meta = dict(meta, layers=[dict(x, in_features=x["in_features"] + 1) for x in meta["layers"]])
     save_masks(tmp_path / "bad.safetensors", {k: v[:0] for k, v in masks.items()}, bad_meta)
     with pytest.raises(MaskError, match="do not fit"):
-        cli.resolve(["prune", "--masks", str(tmp_path / "bad.safetensors"), "--ckpt", str(tiny_ckpt),
-                     "--config", str(TINY_CONFIG)])
+        cli.settings_from_argv(["prune", "--masks", str(tmp_path / "bad.safetensors"), "--ckpt", str(tiny_ckpt),
+                                "--config", str(TINY_CONFIG)])
 
 
 def test_cli_input_errors(tmp_path, tiny_ckpt):
     cli = _cli()
     common = ["--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path), *TINY]
     with pytest.raises(ValueError, match="unknown concept"):
-        cli.resolve(["discover", "--concept", "unicorn", *common])
+        cli.settings_from_argv(["discover", "--concept", "unicorn", *common])
     empty = tmp_path / "e.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="no non-empty lines"):
-        cli.resolve(["discover", "--concept", "x", "--base_file", str(empty), "--target_file", str(empty), *common])
+        cli.settings_from_argv(["discover", "--concept", "x", "--base_file", str(empty), "--target_file", str(empty),
+                                *common])
     with pytest.raises(FileNotFoundError):
-        cli.resolve(["discover", "--concept", "Monet", "--ckpt", str(tmp_path / "nope.ckpt"), "--config",
-                     str(TINY_CONFIG)])
+        cli.settings_from_argv(["discover", "--concept", "Monet", "--ckpt", str(tmp_path / "nope.ckpt"), "--config",
+                                str(TINY_CONFIG)])
     with pytest.raises(FileNotFoundError):
-        cli.resolve(["prune", "--masks", str(tmp_path / "none.safetensors"), "--ckpt", str(tiny_ckpt),
-                     "--config", str(TINY_CONFIG)])
+        cli.settings_from_argv(["prune", "--masks", str(tmp_path / "none.safetensors"), "--ckpt", str(tiny_ckpt),
+                                "--config", str(TINY_CONFIG)])
     with pytest.raises(ValueError, match="steps=3"):
-        cli.resolve(["discover", "--concept", "Monet", "--ckpt", str(tiny_ckpt), "--config", str(TINY_CONFIG),
-                     "--steps", "3"])
+        cli.settings_from_argv(["discover", "--concept", "Monet", "--ckpt", str(tiny_ckpt), "--config",
+                                str(TINY_CONFIG), "--steps", "3"])
+
+
+def test_main_exit_2_and_one_line(tmp_path, tiny_ckpt, capsys):
+    with pytest.raises(SystemExit) as e:
+        _cli().main(["discover", "--concept", "unicorn", "--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path), *TINY])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "unknown concept" in err and err.count("\n") == 1
+
+
+def test_command_line_defaults_are_the_settings_defaults():
+    cli = _cli()
+    assert cli.parse_argv(["discover", "--concept", "x"]) == cli.DiscoverSettings(concept="x")
+    assert cli.parse_argv(["check", "--masks", "m"]) == cli.CheckSettings(masks="m")
+    assert cli.parse_argv(["prune", "--masks", "a", "b"]) == cli.PruneSettings(masks=("a", "b"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import conceptprune
+from prune import jobs as conceptprune
 from runtime.loading import check_checkpoints
 from conftest import TINY_CONFIG, tiny_model
 from ldm.checkpoint import load_model_from_config, load_state_dict
@@ -48,15 +48,17 @@ def test_paper_base_flag(sd15, tmp_path, monkeypatch):
     shutil.copy(path, v14)
     monkeypatch.setattr(conceptprune, "PAPER_CKPT", path)
     monkeypatch.setattr(conceptprune, "DEFAULT_CKPT", v14)
-    plan = conceptprune.resolve(["discover", "--concept", "Monet", "--paper_base", "--outdir", str(tmp_path), *TINY])
-    assert plan["args"].ckpt == str(path)
-    assert conceptprune.resolve(["discover", "--concept", "Monet", "--outdir", str(tmp_path),
-                                 *TINY])["args"].ckpt == str(v14)
+    settings = conceptprune.settings_from_argv(["discover", "--concept", "Monet", "--paper_base", "--outdir",
+                                                str(tmp_path), *TINY])
+    assert settings.ckpt == str(path)
+    assert conceptprune.settings_from_argv(["discover", "--concept", "Monet", "--outdir", str(tmp_path),
+                                            *TINY]).ckpt == str(v14)
     with pytest.raises(ValueError, match="not both"):
-        conceptprune.resolve(["discover", "--concept", "Monet", "--paper_base", "--ckpt", str(path), *TINY])
+        conceptprune.settings_from_argv(["discover", "--concept", "Monet", "--paper_base", "--ckpt", str(path),
+                                         *TINY])
     monkeypatch.setattr(conceptprune, "PAPER_CKPT", tmp_path / "v1-5-pruned-emaonly.safetensors")
     with pytest.raises(FileNotFoundError, match="v1-5-pruned-emaonly.safetensors"):
-        conceptprune.resolve(["discover", "--concept", "Monet", "--paper_base", *TINY])
+        conceptprune.settings_from_argv(["discover", "--concept", "Monet", "--paper_base", *TINY])
 
 
 def test_sd15_through_conceptprune_sample_and_export(sd15, tmp_path, monkeypatch):
@@ -65,12 +67,13 @@ def test_sd15_through_conceptprune_sample_and_export(sd15, tmp_path, monkeypatch
     base, target = tmp_path / "base.txt", tmp_path / "target.txt"
     base.write_text("a photo of a cat\na photo of a dog\n")
     target.write_text("a cat in the style of monet\na dog in the style of monet\n")
-    s = conceptprune.main(["discover", "--concept", "mystyle", "--base_file", str(base), "--target_file", str(target),
-                           "--skill_ratio", "0.3", "--save_images", "0", "--paper_base", "--outdir",
-                           str(tmp_path / "d"), *TINY])
+    s = conceptprune.run_discover(conceptprune.DiscoverSettings(
+        concept="mystyle", base_file=str(base), target_file=str(target), skill_ratio=0.3, save_images=0,
+        paper_base=True, outdir=str(tmp_path / "d"), config=str(TINY_CONFIG), H=16, W=16, steps=2,
+        precision="full", device="cpu"))
     delta = tmp_path / "pruned.safetensors"
-    conceptprune.main(["prune", "--masks", s["masks"], "--tau", "2", "--out", str(delta), "--paper_base",
-                       "--config", str(TINY_CONFIG)])
+    conceptprune.run_prune(conceptprune.PruneSettings(masks=(s["masks"],), tau=2, out=str(delta), paper_base=True,
+                                                      config=str(TINY_CONFIG)))
     assert load_state_dict(delta)
 
     from runtime.sample import SampleSettings, run

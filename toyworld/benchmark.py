@@ -20,8 +20,8 @@ memorization  the memorized caption, seeds 0..9, its render as the    copy descr
     python -m toyworld.benchmark --recipes style --methods conceptprune --limit 8 --steps 10   # a quick look
 
 The deltas come from ``toyworld.mission``'s recipes (``train.py`` for Concept Ablation, ``conceptprune.py``
-discover + prune for ConceptPrune) and are scored by the unchanged ``benchmark.py``; ``--delta NAME=PATH``
-adds any other delta. Output: ``{out}/benchmark/`` (benchmark.py's layout), ``{out}/benchmark.md`` and
+discover + prune for ConceptPrune) and are scored by the unchanged ``benchmark.py`` (``evaluation.benchmark``);
+``--delta NAME=PATH`` adds any other delta. Output: ``{out}/benchmark/`` (benchmark.py's layout), ``{out}/benchmark.md`` and
 ``{out}/benchmark.json`` (the README table).
 """
 from __future__ import annotations
@@ -121,22 +121,21 @@ def make_deltas(out: Path, recipes, methods, assets: Path = ASSETS, quick: bool 
     return specs
 
 
-def benchmark_argv(out: Path, sets: dict, deltas, assets: Path = ASSETS, steps: int = 50, limit: int | None = None,
-                   suites=SUITES) -> list[str]:
+def benchmark_settings(out: Path, sets: dict, deltas, assets: Path = ASSETS, steps: int = 50,
+                       limit: int | None = None, suites=SUITES):
+    """``evaluation.benchmark``'s settings for the toy world: its model, scorers and prompt sets (``sets``:
+    :func:`write_prompt_sets`), the deltas ``NAME=PATH``, output under ``{out}/benchmark``."""
+    from evaluation.benchmark import BenchmarkSettings
+
     p = _paths(assets)
-    argv = [*suites, "--base", str(p["weights"]), "--config", str(p["config"]), "--outdir", str(out / "benchmark"),
-            "--H", "32", "--W", "32", "--steps", str(steps), "--batch_size", "50", "--precision", "full",
-            "--clip_model", str(p["clip"]), "--mem_clip_model", str(p["clip"]), "--feature_model", str(p["features"]),
-            "--feature_size", "32", "--sscd_ckpt", str(p["copydetect"]), "--object_prompts", str(sets["objects"]),
-            "--target_class", TARGET_CLASS, "--captions", str(sets["captions"]), "--mem_jsonl", str(sets["mem_jsonl"]),
-            "--mem_seeds", str(MEM_SEEDS), "--score_device", "cpu"]
-    for a in sets["artists"]:
-        argv += ["--artist", str(a)]
-    for d in deltas:
-        argv += ["--delta", d]
-    if limit:
-        argv += ["--limit", str(limit), "--rows_per_class", str(limit)]
-    return argv
+    return BenchmarkSettings(
+        suites=tuple(suites), base=str(p["weights"]), config=str(p["config"]), outdir=str(out / "benchmark"),
+        H=32, W=32, steps=int(steps), batch_size=50, precision="full", clip_model=str(p["clip"]),
+        mem_clip_model=str(p["clip"]), feature_model=str(p["features"]), feature_size=32,
+        sscd_ckpt=str(p["copydetect"]), object_prompts=str(sets["objects"]), target_class=TARGET_CLASS,
+        captions=str(sets["captions"]), mem_jsonl=str(sets["mem_jsonl"]), mem_seeds=MEM_SEEDS, score_device="cpu",
+        artist=tuple(str(a) for a in sets["artists"]), delta=tuple(deltas),
+        limit=int(limit) if limit else None, rows_per_class=int(limit) if limit else None)
 
 
 def table(results: dict) -> tuple[str, dict]:
@@ -168,17 +167,15 @@ def run(out: Path, recipes=RECIPE_NAMES, methods=("ablation", "conceptprune"), a
         quick: bool = False, steps: int = 50, limit: int | None = None, extra_deltas=(), suites=SUITES) -> dict:
     import time
 
-    from ablation.commands import script
+    from evaluation import benchmark as bench
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     sets = write_prompt_sets(out / "prompt_sets", assets)
-    bench = script("benchmark")
-    argv = benchmark_argv(out, sets, [], assets, steps, limit, suites)
-    bench.setup(argv, classifier=JudgeClassifier(_paths(assets)["features"].parent / "judge.safetensors"))  # inputs first
+    judge = _paths(assets)["features"].parent / "judge.safetensors"
+    bench.check(benchmark_settings(out, sets, [], assets, steps, limit, suites), JudgeClassifier(judge))  # inputs first
     deltas = make_deltas(out, recipes, methods, assets, quick) + list(extra_deltas)
-    argv = benchmark_argv(out, sets, deltas, assets, steps, limit, suites)
-    results = bench.main(argv, classifier=JudgeClassifier(_paths(assets)["features"].parent / "judge.safetensors"))
+    results = bench.run(benchmark_settings(out, sets, deltas, assets, steps, limit, suites), JudgeClassifier(judge))
     md, data = table(results)
     settings = {"recipes": list(recipes), "methods": list(methods), "quick": quick, "steps": steps, "limit": limit,
                 "deltas": deltas, "wall_s": round(time.perf_counter() - start, 1)}

@@ -640,16 +640,14 @@ def teach_run(out: Path, assets: Path = ASSETS, variant: str = "units") -> Path:
 def prune_run(out: Path, ckpt: Path, texture: str = TEXTURE, skill_ratio: float | None = None,
               tau: int | None = None, assets: Path = ASSETS, run_dir: Path | None = None, n_pairs: int | None = None,
               delta_name: str = "delta_pruned.safetensors") -> Path:
-    """``conceptprune.py discover`` + ``prune`` (unchanged) on ``ckpt`` for ``texture``, with the toy settings of
-    ``toyworld.mission`` (PLMS 50, CFG 7.5, seed 0, 32 px; tau and skill_ratio from there unless given); the
-    pruned delta goes to ``{run_dir}/checkpoints/{delta_name}``. ``n_pairs``: only the first prompt pairs (CI)."""
-    from ablation.commands import script
-
+    """ConceptPrune's discover + prune (unchanged, :func:`toyworld.mission.prune`) on ``ckpt`` for ``texture``, with
+    the toy settings of ``toyworld.mission`` (PLMS 50, CFG 7.5, seed 0, 32 px; tau and skill_ratio from there unless
+    given; no images saved); the pruned delta goes to ``{run_dir}/checkpoints/{delta_name}``. ``n_pairs``: only the
+    first prompt pairs (CI)."""
     from . import mission
 
     skill_ratio = mission.PRUNE_SKILL_RATIO if skill_ratio is None else skill_ratio
     tau = mission.PRUNE_TAU if tau is None else tau
-    conceptprune = script("conceptprune")
     run_dir = Path(run_dir or Path(out) / "logs" / f"toy_prune_{texture.replace(' ', '_')}")
     base_file, target_file = prompt_files(texture, out, assets)
     if n_pairs:
@@ -658,13 +656,8 @@ def prune_run(out: Path, ckpt: Path, texture: str = TEXTURE, skill_ratio: float 
         for name, f in (("base", base_file), ("target", target_file)):
             (short / f"{name}.txt").write_text("\n".join(f.read_text().splitlines()[:n_pairs]) + "\n")
         base_file, target_file = short / "base.txt", short / "target.txt"
-    model = ["--ckpt", str(ckpt), "--config", str(_paths(assets)["config"])]
-    found = conceptprune.main(["discover", "--concept", texture, "--base_file", str(base_file), "--target_file",
-                               str(target_file), "--skill_ratio", str(skill_ratio), "--outdir",
-                               str(run_dir / "discover"), "--H", "32", "--W", "32", "--precision", "full",
-                               "--batch_size", "20", "--save_images", "0", *model])
-    delta = run_dir / "checkpoints" / delta_name
-    conceptprune.main(["prune", "--masks", found["masks"], "--tau", str(tau), "--out", str(delta), *model])
+    mission.prune(ckpt, _paths(assets)["config"], texture, target_file, run_dir, base_file=base_file,
+                  skill_ratio=skill_ratio, tau=tau, save_images=0, delta_name=delta_name)
     return run_dir
 
 

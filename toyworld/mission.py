@@ -161,21 +161,28 @@ def prune_run(name: str, assets: Path, out: Path, skill_ratio: float = PRUNE_SKI
     """ConceptPrune for recipe ``name``: discover + prune into ``{out}/logs/toy_prune_{name}/checkpoints/``.
     ``spec`` (default ``PRUNE[name]``) and ``ckpt`` (default: the shipped base) serve other targets and bases
     (``toyworld.matrix``); prompt files are relative to ``assets`` unless absolute."""
-    from ablation.commands import script
-
-    conceptprune = script("conceptprune")
     p, spec = _paths(assets), spec or PRUNE[name]
     run_dir = out / "logs" / f"toy_prune_{name}"
-    model = ["--ckpt", str(ckpt or p["weights"]), "--config", str(p["config"])]
-    argv = ["discover", "--concept", spec["concept"], "--target_file", str(assets / spec["target_file"]),
-            "--skill_ratio", str(skill_ratio), "--outdir", str(run_dir / "discover"), "--H", "32", "--W", "32",
-            "--precision", "full", "--batch_size", "20", *model]
-    if "base_file" in spec:
-        argv += ["--base_file", str(assets / spec["base_file"])]
-    found = conceptprune.main(argv)
-    conceptprune.main(["prune", "--masks", found["masks"], "--tau", str(tau),
-                       "--out", str(run_dir / "checkpoints" / "delta_pruned.safetensors"), *model])
+    prune(ckpt or p["weights"], p["config"], spec["concept"], assets / spec["target_file"], run_dir,
+          base_file=assets / spec["base_file"] if "base_file" in spec else None, skill_ratio=skill_ratio, tau=tau)
     return run_dir
+
+
+def prune(ckpt: Path, config: Path, concept: str, target_file: Path, run_dir: Path, base_file: Path | None = None,
+          skill_ratio: float = PRUNE_SKILL_RATIO, tau: int = PRUNE_TAU, save_images: int = 5,
+          delta_name: str = "delta_pruned.safetensors") -> Path:
+    """ConceptPrune's discover + prune (``prune.jobs``) on ``ckpt`` with the toy settings: PLMS 50, CFG 7.5, seed 0,
+    32 px, fp32, 20 prompts per batch. The masks go to ``{run_dir}/discover/``, the pruned delta to
+    ``{run_dir}/checkpoints/{delta_name}`` (returned)."""
+    from prune.jobs import DiscoverSettings, PruneSettings, run_discover, run_prune
+
+    model = {"ckpt": str(ckpt), "config": str(config)}
+    found = run_discover(DiscoverSettings(
+        concept=concept, base_file=None if base_file is None else str(base_file), target_file=str(target_file),
+        skill_ratio=float(skill_ratio), save_images=save_images, outdir=str(run_dir / "discover"), H=32, W=32,
+        precision="full", batch_size=20, **model))
+    return run_prune(PruneSettings(masks=(found["masks"],), tau=int(tau),
+                                   out=str(run_dir / "checkpoints" / delta_name), **model))
 
 
 def pruned_fraction(delta) -> float:

@@ -1,0 +1,317 @@
+"""ConceptPrune's erasure benchmarks as a job with typed settings: :class:`BenchmarkSettings`, :func:`check` (every
+cheap check, before any model is built), :func:`run` and :func:`main` (``benchmark.py``, the command line)::
+
+    from evaluation.benchmark import BenchmarkSettings, run
+
+    results = run(BenchmarkSettings(suites=("artist",), delta=("pruned=logs/prune/van_gogh/delta_pruned.ckpt",)))
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
+DEFAULT_BASE = REPO / "assets/pretrained_models/sd-v1-4.ckpt"
+
+DESCRIPTION = """\
+ConceptPrune's erasure benchmarks for any model: the base, base + a delta (ours: ablation or pruned), a full
+CompVis checkpoint, a diffusers pipeline folder, or a bare UNet state dict as UCE / ESD / FMN save it.
+
+    python benchmark.py artist objects --base assets/pretrained_models/sd-v1-4.ckpt \\
+        --delta ablated=logs/<run>/checkpoints/delta_step_400.ckpt --delta pruned=logs/prune/van_gogh/delta_pruned.ckpt \\
+        --unet esd=esd-vangogh.pt --artist "Van Gogh" --target_class "garbage truck" --outdir outputs/benchmark
+    python benchmark.py nudity --prompt_set i2p --prompts i2p_benchmark.csv --categories sexual --delta ...
+    python benchmark.py memorization --mem_jsonl sdv1_500_mem_groundtruth/sdv1_500_mem_groundtruth.jsonl \\
+        --sscd_ckpt sscd_disc_large.torchscript.pt --delta ...
+
+Suites (evaluation/suites.py): artist, nudity, objects, gender, coco, memorization. Every model's images come
+from the same rows and seeds (base image i and edited image i share prompt and start noise), cached per
+(model, suite, settings, rows) under ``{outdir}/images/`` and resumed after an interruption. Results:
+``{outdir}/{suite}/records/{model}.jsonl`` (one record per image), ``{suite}/summary.{json,csv,png}`` and
+``{outdir}/results.{md,json}`` (one table over every suite run in ``outdir``).
+
+Generation follows the original benchmark scripts (diffusers' default PNDM ~ our PLMS, 50 steps, guidance 7.5,
+512 px); every input, model file and scorer (CLIP, NudeNet, ResNet-50, SSCD, Inception) is checked before
+the first image is made.
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkSettings:
+    """``benchmark.py``: one field per flag, with its default. After :func:`check`: ``n_captions`` is ``limit`` when
+    only ``--limit`` was given for coco, ``sscd_ckpt`` names the SSCD file memorization uses, and ``clip_resolved``
+    / ``mem_clip_resolved`` are what ``scoring.metrics.resolve_clip`` made of ``clip_model`` / ``mem_clip_model``
+    (for the suites that use them)."""
+    suites: tuple[str, ...]
+    # models
+    base: str = str(DEFAULT_BASE)
+    config: str = str(DEFAULT_CONFIG)
+    delta: tuple[str, ...] = ()
+    compvis: tuple[str, ...] = ()
+    diffusers: tuple[str, ...] = ()
+    unet: tuple[str, ...] = ()
+    # generation
+    outdir: str = "outputs/benchmark"
+    sampler: str = "plms"
+    steps: int = 50
+    scale: float = 7.5
+    eta: float = 0.0
+    H: int = 512
+    W: int = 512
+    batch_size: int = 4
+    precision: str = "autocast"
+    gpus: str | None = None
+    limit: int | None = None
+    score_only: bool = False
+    # scorers
+    clip_model: str = "open_clip:ViT-B-32:openai"
+    mem_clip_model: str = "open_clip:ViT-g-14:laion2b_s12b_b42k"
+    feature_model: str | None = None
+    feature_size: int = 299
+    classifier: str = "resnet50"
+    classifier_labels: str | None = None
+    sscd_ckpt: str | None = None
+    score_device: str | None = None
+    # artist
+    artist: tuple[str, ...] = ()
+    # nudity
+    prompt_set: str = "i2p"
+    prompts: str | None = None
+    categories: tuple[str, ...] | None = None
+    row_settings: bool = False
+    # objects
+    target_class: str | None = None
+    removal_mode: str = "both"
+    rows_per_class: int | None = None
+    object_prompts: str | None = None
+    # gender
+    professions: tuple[str, ...] | None = None
+    gender_seeds: int = 250
+    # coco
+    captions: str | None = None
+    n_captions: int | None = None
+    # memorization
+    mem_jsonl: str | None = None
+    gt_dir: str | None = None
+    mem_seeds: int = 1
+    # derived by check()
+    clip_resolved: str | None = None
+    mem_clip_resolved: str | None = None
+
+
+def _comma_list(v: str) -> list[str]:
+    return [c.strip() for c in v.split(",") if c.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime import cli
+    from evaluation.suites import NUDITY_SETS, SUITES
+
+    p = cli.ArgumentParser(description=DESCRIPTION)
+    p.add_argument("suites", nargs="+", metavar="SUITE", choices=list(SUITES),
+                   help=f"one or more of: {', '.join(SUITES)}")
+    m = p.add_argument_group("models (the base is always scored; the others by NAME=PATH, or PATH: name = its stem)")
+    m.add_argument("--base", default=str(DEFAULT_BASE),
+                   help="base checkpoint (CompVis .ckpt/.safetensors, or a diffusers pipeline folder)")
+    m.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config")
+    m.add_argument("--delta", action="append", default=[], help="base + this delta (ablation or ConceptPrune)")
+    m.add_argument("--compvis", action="append", default=[], help="a full CompVis checkpoint")
+    m.add_argument("--diffusers", action="append", default=[], help="a diffusers pipeline folder")
+    m.add_argument("--unet", action="append", default=[],
+                   help="a bare UNet state dict (.pt/.safetensors; diffusers or CompVis keys) on the base's VAE and "
+                        "text encoder, as UCE / ESD / FMN save it")
+    g = p.add_argument_group("generation")
+    g.add_argument("--outdir", default="outputs/benchmark")
+    g.add_argument("--sampler", choices=["plms", "ddim", "dpmpp_2m"], default="plms",
+                   help="plms: the deterministic PNDM-like sampler of the originals' diffusers pipelines")
+    g.add_argument("--steps", type=cli.positive_int, default=50)
+    g.add_argument("--scale", type=cli.finite_float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--eta", type=cli.nonnegative_float, default=0.0, help="DDIM eta (ddim only)")
+    g.add_argument("--H", type=cli.image_side, default=512)
+    g.add_argument("--W", type=cli.image_side, default=512)
+    g.add_argument("--batch_size", type=cli.positive_int, default=4)
+    g.add_argument("--precision", choices=["autocast", "full"], default="autocast", help="autocast: fp16 on CUDA")
+    g.add_argument("--gpus", default=None, help=cli.GPUS_HELP)
+    g.add_argument("--limit", type=cli.positive_int, default=None,
+                   help="only the first N rows of each prompt set (per artist for artist) - a quick run")
+    g.add_argument("--score_only", action="store_true", help="score existing images only")
+    s = p.add_argument_group("scorers")
+    s.add_argument("--clip_model", default="open_clip:ViT-B-32:openai",
+                   help="CLIP of artist, gender and coco (open_clip:ARCH:PRETRAINED, a local weights file, or a "
+                        "transformers CLIPModel folder / hub id)")
+    s.add_argument("--mem_clip_model", default="open_clip:ViT-g-14:laion2b_s12b_b42k",
+                   help="CLIP of the memorization suite's CLIP score (the original's)")
+    s.add_argument("--feature_model", default=None,
+                   help="TorchScript feature extractor for coco's FID/KID (default: clean-fid's Inception)")
+    s.add_argument("--feature_size", type=cli.positive_int, default=299)
+    s.add_argument("--classifier", default="resnet50",
+                   help="objects: resnet50 (torchvision IMAGENET1K_V2 weights), its .pth, or a TorchScript classifier")
+    s.add_argument("--classifier_labels", default=None, help="class names of a TorchScript classifier, one per line")
+    s.add_argument("--sscd_ckpt", default=None, help="SSCD TorchScript model (memorization)")
+    s.add_argument("--score_device", default=None, help="device of the scorers (default: cuda if available)")
+    a = p.add_argument_group("artist")
+    a.add_argument("--artist", action="append", default=[],
+                   help="an artist of ConceptPrune (default: all five) or a prompt file (.txt / the original's CSV)")
+    n = p.add_argument_group("nudity")
+    n.add_argument("--prompt_set", choices=NUDITY_SETS, default="i2p")
+    n.add_argument("--prompts", default=None, help="the prompt set's CSV (or hf:OWNER/NAME[:FILE] when online)")
+    n.add_argument("--categories", type=_comma_list, default=None,
+                   help="I2P: only rows of these categories (comma-separated, e.g. sexual); default: all rows")
+    n.add_argument("--row_settings", action="store_true",
+                   help="I2P: each row's evaluation_seed/guidance/size instead of the original's seed 0 and defaults")
+    o = p.add_argument_group("objects")
+    o.add_argument("--target_class", default=None, help="the erased Imagenette class (e.g. 'garbage truck')")
+    o.add_argument("--removal_mode", choices=["erase", "keep", "both"], default="both",
+                   help="erase: the target's rows; keep: the other classes'; both")
+    o.add_argument("--rows_per_class", type=cli.positive_int, default=None, help="only the first N rows per class")
+    o.add_argument("--object_prompts", default=None,
+                   help="another object prompt set, in the original's imagenette.csv format (class, prompt, "
+                        "evaluation_seed)")
+    gg = p.add_argument_group("gender")
+    gg.add_argument("--professions", type=_comma_list, default=None,
+                    help="comma-separated (default: the original's 36)")
+    gg.add_argument("--gender_seeds", type=cli.positive_int, default=250, help="seeds 0..N-1 per profession")
+    c = p.add_argument_group("coco")
+    c.add_argument("--captions", default=None, help="captions: one per line, or COCO's captions JSON")
+    c.add_argument("--n_captions", type=cli.positive_int, default=None, help="the first N captions (original: 480)")
+    mm = p.add_argument_group("memorization")
+    mm.add_argument("--mem_jsonl", default=None, help="Wen et al.'s sdv1_500_mem_groundtruth.jsonl")
+    mm.add_argument("--gt_dir", default=None, help="its gt_images folder (default: beside the jsonl)")
+    mm.add_argument("--mem_seeds", type=cli.positive_int, default=1, help="seeds 0..N-1 per prompt")
+    return p
+
+
+def parse_argv(argv=None) -> BenchmarkSettings:
+    """The command line as settings, without the checks of :func:`check` (argparse's own checks only)."""
+    args = build_parser().parse_args(argv)
+    values = vars(args)
+    for name in ("suites", "delta", "compvis", "diffusers", "unet", "artist", "categories", "professions"):
+        if values[name] is not None:
+            values[name] = tuple(values[name])
+    return BenchmarkSettings(**values)
+
+
+def settings_from_argv(argv=None) -> BenchmarkSettings:
+    """Parse and check everything cheap (:func:`check`); the checked settings."""
+    return check(parse_argv(argv)).settings
+
+
+def check(settings: BenchmarkSettings, classifier=None):
+    """Check everything cheap, before any model is built: prompt sets, model files, scorers, outputs. Returns the
+    run's ``evaluation.runner.Plan`` (its ``settings`` with the derived fields set); raises with the command
+    line's one-line messages.
+
+    ``classifier``: an object with ``.classify(paths) -> list[str]`` for the objects suite instead of
+    ``--classifier`` (the toy world passes its ground-truth classifier). A scorer loaded here to prove that it
+    loads (the classifier) is kept in ``plan.preloaded`` for the suites' ``load`` step."""
+    from omegaconf import OmegaConf
+
+    from runtime.cli import UsageError, check_output, parse_devices
+    from runtime.generate import validate_generation_args
+    from evaluation.models import check_models, parse_models
+    from evaluation.runner import Plan, groups
+    from evaluation.suites import SUITES
+
+    s = settings
+    if isinstance(s.suites, str):
+        s = dataclasses.replace(s, suites=(s.suites,))
+    unknown = [n for n in s.suites if n not in SUITES]
+    if unknown or not s.suites:
+        raise UsageError(f"suites: expected one or more of {', '.join(SUITES)}, got {', '.join(unknown) or 'none'}")
+    preloaded = {} if classifier is None else {"classifier": classifier}
+    suites = [SUITES[n] for n in dict.fromkeys(s.suites)]
+    if s.limit and "coco" in s.suites and s.n_captions is None:
+        s = dataclasses.replace(s, n_captions=s.limit)
+    config_path = Path(s.config)
+    if not config_path.is_file():
+        raise FileNotFoundError(f"--config not found: {config_path}")
+    config = OmegaConf.load(config_path)
+    if "model" not in config:
+        raise ValueError(f"{config_path} has no 'model:' section")
+    model_config = OmegaConf.to_container(config.model, resolve=True)
+    models = parse_models(s.base, s.delta, s.compvis, s.diffusers, s.unet)
+
+    rows = {}
+    for suite in suites:  # prompt sets first: cheap, and the most common mistake
+        s = suite.check(s)
+        rows[suite.name] = suite.rows(s)
+        if not rows[suite.name]:
+            raise UsageError(f"the {suite.name} suite has no rows with these settings")
+    devices = () if s.score_only else parse_devices(s.gpus)
+    if not s.score_only:
+        check_models(models, model_config, s.base)
+        for suite in suites:
+            for (scale, h, w), idx in groups(rows[suite.name], s).items():
+                validate_generation_args([rows[suite.name][i].prompt for i in idx], steps=s.steps,
+                                         eta=s.eta if s.sampler == "ddim" else 0.0, scale=scale,
+                                         batch_size=s.batch_size, height=h, width=w, devices=devices,
+                                         precision=s.precision, sampler=s.sampler)
+    check_output(s.outdir, "--outdir", kind="dir")
+    # scorers: a model that cannot be loaded offline fails now, with what to download and where
+    from scoring.metrics import resolve_clip
+
+    if any(x.name in ("artist", "gender", "coco") for x in suites):
+        s = dataclasses.replace(s, clip_resolved=resolve_clip(s.clip_model))
+    if any(x.name == "memorization" for x in suites):
+        s = dataclasses.replace(s, mem_clip_resolved=resolve_clip(s.mem_clip_model))
+    if any(x.name == "coco" for x in suites):
+        _check_features(s)
+    if any(x.name == "nudity" for x in suites):
+        from scoring.nudity import load_detector
+
+        load_detector()
+    if any(x.name == "objects" for x in suites) and classifier is None:
+        from scoring.classifier import load_classifier
+
+        import torch
+
+        device = s.score_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        preloaded["classifier"] = load_classifier(s.classifier, device, labels=s.classifier_labels)
+    return Plan(s, suites, rows, models, model_config, devices, Path(s.outdir), preloaded=preloaded)
+
+
+def _check_features(s: BenchmarkSettings) -> None:
+    import importlib.util
+
+    from scoring.metrics import INCEPTION_FILE, inception_weights
+
+    if s.feature_model and not Path(s.feature_model).is_file():
+        raise FileNotFoundError(f"--feature_model not found: {s.feature_model}")
+    if not s.feature_model or Path(s.feature_model).name == INCEPTION_FILE:
+        if importlib.util.find_spec("cleanfid") is None:
+            raise ImportError("coco's FID/KID with clean-fid's Inception need the `clean-fid` package: "
+                              "pip install -e \".[eval]\"; or pass --feature_model <a TorchScript extractor>")
+        inception_weights(s.feature_model)
+
+
+def run(settings: BenchmarkSettings, classifier=None, plan=None) -> dict | None:
+    """Generate (unless ``score_only``), score and write the table; returns ``{suite: {model: summary}}`` (None on
+    the torchrun ranks other than 0). ``classifier``: see :func:`check`; ``plan``: :func:`check`'s of these
+    settings when the caller has it (else it is made here)."""
+    from evaluation.runner import generate, score, write_results
+
+    plan = plan or check(settings, classifier=classifier)
+    if not plan.settings.score_only:
+        from runtime.dist import init_from_launcher
+
+        plan.extras["shard"] = init_from_launcher()  # torchrun: each rank makes its share, rank 0 scores
+        generate(plan)
+        if plan.extras["shard"] is not None and plan.extras["shard"][0] != 0:
+            return None
+    results = score(plan)
+    md = write_results(plan.outdir)
+    print(md.read_text(encoding="utf-8"))
+    print(f"records, summaries and plots -> {plan.outdir}/<suite>/; table -> {md}")
+    return results
+
+
+def main(argv=None, classifier=None) -> int:
+    """``benchmark.py``: a bad input is one ``error:`` line and exit status 2, before any model is built."""
+    from runtime.cli import exit_on_usage_error
+
+    plan = exit_on_usage_error(lambda: check(parse_argv(argv), classifier=classifier))
+    run(plan.settings, plan=plan)
+    return 0
