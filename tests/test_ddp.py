@@ -129,10 +129,9 @@ if os.environ.get("LOCAL_RANK") == "1":  # Lightning's launcher re-runs this fil
         raise RuntimeError("rank 1 fails on purpose")
 
     module.ConceptAblation.training_step = boom
-import train
-from runtime.cli import exit_on_usage_error
+from ablation.train import main
 
-train.run(*exit_on_usage_error(train.setup))
+raise SystemExit(main())
 """
 
 

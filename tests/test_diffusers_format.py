@@ -124,15 +124,13 @@ def test_sd_v1_size_key_mapping_matches_diffusers_converters():
 def test_model_loads_and_entry_points_accept_a_pipeline_folder(pipe_dir, original, tmp_path):
     model = load_model_from_config(_config(), pipe_dir, verbose=False)
     _assert_same(model.state_dict(), original)
-    from ablation.commands import script
-
+    from ablation.train import settings_from_argv
     from prune.jobs import settings_from_argv as conceptprune_settings
 
-    train, evaluate = (script(n) for n in ("train", "evaluate"))
     (tmp_path / "cat.txt").write_text("a cat on a sofa\n")
-    train.setup(["--model_config", str(TINY), "-rc", str(pipe_dir), "--root", str(tmp_path / "data"),
-                 "--logdir", str(tmp_path / "logs"), "--concept_type", "object", "--caption_target", "cat+grumpy cat",
-                 "--prompts", str(tmp_path / "cat.txt"), "--n_samples", "2", "data.size=16"])
+    settings_from_argv(["--model_config", str(TINY), "-rc", str(pipe_dir), "--root", str(tmp_path / "data"),
+                        "--logdir", str(tmp_path / "logs"), "--concept_type", "object", "--caption_target",
+                        "cat+grumpy cat", "--prompts", str(tmp_path / "cat.txt"), "--n_samples", "2", "data.size=16"])
     out = tmp_path / "samples"
     run_sample(SampleSettings(ckpt=str(pipe_dir), config=str(TINY), H=16, W=16, ddim_steps=2, n_samples=1,
                               prompt="a cat", outdir=str(out), skip_grid=True))

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import evaluate
-import train
+from ablation import train
 from prune import jobs as conceptprune
 from runtime import cli
 from runtime import export
@@ -115,7 +115,8 @@ def test_same_second_same_name_runs_get_their_own_folders(files, tmp_path, monke
     monkeypatch.setattr(train, "datetime", Frozen)
     fast = ["training.max_steps=1", "training.save_freq=1", "data.size=16", "generation.steps=2",
             "logging.image_every=0", "training.num_workers=0", "training.batch_size=2"]
-    runs = [train.main(["-t", *_train_argv(files, tmp_path, "--name", "same"), *fast]) for _ in range(2)]
+    settings = train.settings_from_argv(["-t", *_train_argv(files, tmp_path, "--name", "same"), *fast])
+    runs = [train.run(settings) for _ in range(2)]
     assert [r.name for r in runs] == ["2026-01-02T03-04-05_same", "2026-01-02T03-04-05_same-2"]
     for r in runs:
         assert len(list((r / "checkpoints").glob("delta_step_1.*"))) == 1
@@ -164,11 +165,11 @@ def test_train_unwritable_output_found_before_work(files, tmp_path, flag):
     argv = _train_argv(files, tmp_path)
     argv[argv.index(flag) + 1] = UNWRITABLE
     with pytest.raises(cli.UsageError, match=f"{flag}.*cannot write"):
-        train.setup(argv)
+        train.settings_from_argv(argv)
     (tmp_path / "file").write_text("x")  # a file where a folder is needed
     argv[argv.index(flag) + 1] = str(tmp_path / "file" / "sub")
     with pytest.raises(cli.UsageError, match="is a file"):
-        train.setup(argv)
+        train.settings_from_argv(argv)
     assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
 
 
@@ -242,7 +243,7 @@ def test_bad_base_checkpoint_refused_before_anything_is_written(files, tmp_path)
         argv = _train_argv(files, work)
         argv[argv.index("-rc") + 1] = str(path)
         with pytest.raises(CheckpointError, match=match):
-            train.setup(argv)
+            train.settings_from_argv(argv)
         with pytest.raises(CheckpointError, match=match):
             conceptprune.settings_from_argv(["discover", "--concept", "Van Gogh", "--ckpt", str(path), "--config",
                                              str(TINY_CONFIG), "--outdir", str(work / "p"), "--device", "cpu"])
@@ -329,7 +330,7 @@ def test_numeric_flags_one_line_exit_2(script, argv, flag, capsys):
 def test_config_overrides_checked_before_work(files, tmp_path, override, match):
     argv = _train_argv(files, tmp_path, override)
     with pytest.raises(ValueError, match=match):
-        train.setup(argv)
+        train.settings_from_argv(argv)
     assert _listing(tmp_path) == []
 
 
@@ -383,11 +384,11 @@ def test_object_anchor_missing_from_prompts(files, tmp_path):
     argv[argv.index("--prompts") + 1] = str(files / "cat.txt")
     argv[argv.index("--caption_target") + 1] = "dog+grumpy dog"
     with pytest.raises(ValueError, match="'dog'.*none of"):
-        train.setup(argv)
+        train.settings_from_argv(argv)
     mixed = tmp_path / "mixed.txt"
     mixed.write_text("a cat on a sofa\na photo of a garden\n")
     argv[argv.index("--caption_target") + 1] = "cat+grumpy cat"
     argv[argv.index("--prompts") + 1] = str(mixed)
     with pytest.warns(UserWarning, match="only 1 of 2 prompts"):
-        train.setup(argv)
+        train.settings_from_argv(argv)
     assert _listing(tmp_path) == ["mixed.txt"]

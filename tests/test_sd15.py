@@ -91,14 +91,14 @@ def test_sd15_through_conceptprune_sample_and_export(sd15, tmp_path, monkeypatch
 
 
 def test_sd15_as_the_base_of_an_ablation(sd15, tmp_path):
-    import train
+    from ablation.train import TrainSettings, run
 
     path, _ = sd15
     (tmp_path / "painting.txt").write_text("a painting of a harbour at dusk\na portrait of an old fisherman\n")
     fast = ["training.max_steps=2", "training.save_freq=2", "data.size=16", "generation.steps=2",
             "logging.image_every=2", "logging.image_steps=2", "training.num_workers=0", "training.batch_size=2"]
-    run_dir = train.main(["-t", "--concept_type", "style", "--caption_target", "van gogh", "--prompts",
-                          str(tmp_path / "painting.txt"), "--train_size", "2", "--model_config", str(TINY_CONFIG),
-                          "-rc", str(path), "--root", str(tmp_path / "data"), "--logdir", str(tmp_path / "logs"),
-                          "--n_samples", "2", *fast])
+    run_dir = run(TrainSettings(train=True, concept_type="style", caption_target="van gogh",
+                                prompts=str(tmp_path / "painting.txt"), train_size=2, model_config=str(TINY_CONFIG),
+                                base_ckpt=str(path), root=str(tmp_path / "data"), logdir=str(tmp_path / "logs"),
+                                n_samples=2, overrides=tuple(fast)))
     assert load_state_dict(next((run_dir / "checkpoints").glob("delta_step_2*")))

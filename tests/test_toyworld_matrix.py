@@ -93,8 +93,8 @@ def test_derived_prompt_files_are_the_shipped_ones_for_the_tuned_targets(tmp_pat
 def test_recipes_of_new_targets(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --out: the files train.py and conceptprune.py get are absolute paths
     spec = matrix.recipe("ablation-preserve", "happy cat", Path("out/prompts"), ASSETS)
-    argv = mission.train_argv("x", spec, ASSETS, Path("out"), 36)
-    assert Path(argv[argv.index("--preserve_prompts") + 1]).is_file()
+    settings = mission.train_settings("x", spec, ASSETS, Path("out"), 36)
+    assert Path(settings.preserve_prompts).is_file()
     assert spec["caption_target"] == "cat+happy cat" and spec["overrides"] == mission.PRESERVE_OVERRIDES
     kept = Path(spec["preserve"]).read_text().splitlines()
     assert not any("happy" in p.lower() for p in kept) and any("grumpy cat" in p for p in kept)

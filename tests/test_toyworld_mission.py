@@ -124,8 +124,8 @@ def test_preservation_prompts_are_shipped_and_clean(tmp_path):
         others = [t for t in ("stripes", "polka dots", "checkerboard", "sleepy cat", "happy cat") if t != exclude]
         assert all(any(t in p for p in shipped) for t in others), rel  # the neighbours are among them
     for name, recipe in mission.RECIPES.items():
-        argv = mission.train_argv(name, recipe, ASSETS, tmp_path, 36)
-        assert ("--preserve_prompts" in argv) == name.endswith("-preserve"), name
+        settings = mission.train_settings(name, recipe, ASSETS, tmp_path, 36)
+        assert (settings.preserve_prompts is not None) == name.endswith("-preserve"), name
 
 
 def test_prompt_attributes_and_table():

@@ -1,4 +1,4 @@
-"""train.py end to end on the tiny model: generate -> train -> delta -> loads onto the base."""
+"""train.py's job (ablation.train) end to end on the tiny model: generate -> train -> delta -> loads onto the base."""
 import re
 import shutil
 import warnings
@@ -9,10 +9,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-import train
 from runtime.delta import TOKEN_EMBEDDING, apply_delta
 from conftest import TINY_CONFIG as TINY
 from ldm.checkpoint import load_model_from_config, load_state_dict
+from ablation.train import TrainSettings, run, settings_from_argv
 FAST = ["training.max_steps=3", "training.save_freq=2", "data.size=16", "generation.steps=2",
         "generation.check_steps=2", "logging.image_every=2", "logging.image_steps=2", "training.num_workers=0",
         "training.batch_size=2"]
@@ -34,9 +34,10 @@ def workdir(tmp_path_factory, tiny_ckpt):
     return d
 
 
-def args(d: Path, *extra):
-    return ["--model_config", str(TINY), "-rc", str(d / "base.ckpt"), "--root", str(d / "data"),
-            "--logdir", str(d / "logs"), "--n_samples", "2", *extra, *FAST]
+def settings(d: Path, *overrides, **fields) -> TrainSettings:
+    """The tiny model's run in ``d``: ``fields`` of TrainSettings, config overrides after FAST."""
+    return TrainSettings(model_config=str(TINY), base_ckpt=str(d / "base.ckpt"), root=str(d / "data"),
+                         logdir=str(d / "logs"), n_samples=2, overrides=(*FAST, *overrides), **fields)
 
 
 def check_run(d, run_dir, group_keys):
@@ -66,9 +67,8 @@ def kv(k):
 
 
 def test_object_with_regularization(workdir, capsys):
-    run_dir = train.main(["-t", "--concept_type", "object", "--caption_target", "cat+grumpy cat", "--prompts",
-                          str(workdir / "cat.txt"), "--train_size", "4", "--regularization", "--name", "grumpy",
-                          *args(workdir)[:-len(FAST)], *FAST])
+    run_dir = run(settings(workdir, train=True, concept_type="object", caption_target="cat+grumpy cat",
+                           prompts=str(workdir / "cat.txt"), train_size=4, regularization=True, name="grumpy"))
     assert run_dir.name.endswith("_grumpy")
     assert re.search(r"step: +100%.* 3/3 ", capsys.readouterr().out)  # one bar over the steps, not per epoch
     check_run(workdir, run_dir, kv)
@@ -77,9 +77,9 @@ def test_object_with_regularization(workdir, capsys):
 
 
 def test_style_safetensors_resumes_interrupted_generation(workdir):
-    common = ["--concept_type", "style", "--caption_target", "van gogh;monet", "--prompts",
-              str(workdir / "painting.txt"), "--train_size", "4", "--ckpt_format", "safetensors"]
-    assert train.main([*common, *args(workdir)]) is None  # without -t: data only
+    common = dict(concept_type="style", caption_target="van gogh;monet", prompts=str(workdir / "painting.txt"),
+                  train_size=4, ckpt_format="safetensors")
+    assert run(settings(workdir, **common)) is None  # without -t: data only
     gen = workdir / "data" / "painting_gen"
     first = {p.name: p.read_bytes() for p in (gen / "samples").glob("*.png")}
     assert len(first) == 4
@@ -87,26 +87,26 @@ def test_style_safetensors_resumes_interrupted_generation(workdir):
     (gen / "samples" / "00001.png").unlink()
     (gen / "samples" / "00002.png").write_bytes(first["00002.png"][:40])
     (gen / "images.txt").unlink()
-    run_dir = train.main(["-t", *common, *args(workdir)])
+    run_dir = run(settings(workdir, train=True, **common))
     assert {p.name: p.read_bytes() for p in (gen / "samples").glob("*.png")} == first
     check_run(workdir, run_dir, kv)
 
 
 def test_memorization_full_weight(workdir):
-    run_dir = train.main(["-t", "--concept_type", "memorization", "--caption_target", "New Orleans House Galaxy Case",
-                          "--prompts", str(workdir / "mem.txt"), "--mem_impath", str(workdir / "mem.png"),
-                          "--sscd_ckpt", str(workdir / "sscd.pt"), "--train_size", "4", "--regularization",
-                          "generation.anchor_size=2", "generation.target_size=1",
-                          "generation.check_images_per_prompt=1", *args(workdir)])
+    run_dir = run(settings(workdir, "generation.anchor_size=2", "generation.target_size=1",
+                           "generation.check_images_per_prompt=1", train=True, concept_type="memorization",
+                           caption_target="New Orleans House Galaxy Case", prompts=str(workdir / "mem.txt"),
+                           mem_impath=str(workdir / "mem.png"), sscd_ckpt=str(workdir / "sscd.pt"), train_size=4,
+                           regularization=True))
     check_run(workdir, run_dir, lambda k: k.startswith("model.diffusion_model."))
     gen = workdir / "data" / "mem_gen"
     assert (gen / "target.txt").read_text().splitlines()[0] == "New Orleans House Galaxy Case"
 
 
 def test_embedding_group(workdir):
-    run_dir = train.main(["-t", "--concept_type", "style", "--caption_target", "van gogh", "--prompts",
-                          str(workdir / "painting.txt"), "--train_size", "4", "--parameter_group", "embedding",
-                          "--loss_type_reverse", "noise-based", *args(workdir)])
+    run_dir = run(settings(workdir, train=True, concept_type="style", caption_target="van gogh",
+                           prompts=str(workdir / "painting.txt"), train_size=4, parameter_group="embedding",
+                           loss_type_reverse="noise-based"))
     delta = load_state_dict(next((run_dir / "checkpoints").glob("delta_step_3.*")))
     assert set(delta) == {"embed", "embed_ids"}
     check_run(workdir, run_dir, lambda k: k in ("embed", "embed_ids"))
@@ -115,9 +115,9 @@ def test_embedding_group(workdir):
 def test_preserve_prompts(workdir, tmp_path):
     keep = tmp_path / "keep.txt"
     keep.write_text("a painting of a harbour in the style of monet\na photo of a dog\n")
-    run_dir = train.main(["-t", "--concept_type", "style", "--caption_target", "van gogh", "--prompts",
-                          str(workdir / "painting.txt"), "--train_size", "4", "--preserve_prompts", str(keep),
-                          "training.preservation_weight=2.0", *args(workdir)])
+    run_dir = run(settings(workdir, "training.preservation_weight=2.0", train=True, concept_type="style",
+                           caption_target="van gogh", prompts=str(workdir / "painting.txt"), train_size=4,
+                           preserve_prompts=str(keep)))
     check_run(workdir, run_dir, kv)
     events = b"".join(p.read_bytes() for p in (run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert b"train/loss_preservation" in events
@@ -126,12 +126,12 @@ def test_preserve_prompts(workdir, tmp_path):
               "--logdir", str(tmp_path / "logs"), "--preserve_prompts"]
     keep.write_text("a photo of a dog\na Van Gogh painting of a harbour\n")
     with pytest.raises(ValueError, match="mention the target"):
-        train.setup([*common, str(keep)])
+        settings_from_argv([*common, str(keep)])
     keep.write_text("a photo of a dog\n")
     with pytest.raises(ValueError, match="embedding"):
-        train.setup([*common, str(keep), "--parameter_group", "embedding"])
+        settings_from_argv([*common, str(keep), "--parameter_group", "embedding"])
     with pytest.raises(FileNotFoundError):
-        train.setup([*common, str(tmp_path / "missing.txt")])
+        settings_from_argv([*common, str(tmp_path / "missing.txt")])
     assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
 
 
@@ -147,27 +147,46 @@ def test_bad_input_fails_before_any_work(workdir, tmp_path, extra, match):
     argv = ["--prompts", str(workdir / "cat.txt"), "--model_config", str(TINY), "-rc", str(workdir / "base.ckpt"),
             "--root", str(tmp_path / "data"), "--logdir", str(tmp_path / "logs"), *extra]
     with pytest.raises((ValueError, RuntimeError, FileNotFoundError), match=match):
-        train.setup(argv)
+        settings_from_argv(argv)
     assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
 
 
 def test_missing_files_fail_clearly(workdir, tmp_path):
     base = ["--concept_type", "style", "--caption_target", "van gogh", "--model_config", str(TINY)]
     with pytest.raises(FileNotFoundError, match="base checkpoint"):
-        train.setup([*base, "--prompts", str(workdir / "cat.txt"), "-rc", str(tmp_path / "nope.ckpt")])
+        settings_from_argv([*base, "--prompts", str(workdir / "cat.txt"), "-rc", str(tmp_path / "nope.ckpt")])
     (tmp_path / "empty.txt").write_text("\n\n")
     with pytest.raises(ValueError, match="empty"):
-        train.setup([*base, "--prompts", str(tmp_path / "empty.txt"), "-rc", str(workdir / "base.ckpt")])
+        settings_from_argv([*base, "--prompts", str(tmp_path / "empty.txt"), "-rc", str(workdir / "base.ckpt")])
     with pytest.raises(FileNotFoundError):
-        train.setup([*base, "--prompts", str(tmp_path / "missing.txt"), "-rc", str(workdir / "base.ckpt")])
+        settings_from_argv([*base, "--prompts", str(tmp_path / "missing.txt"), "-rc", str(workdir / "base.ckpt")])
     mem = ["--concept_type", "memorization", "--caption_target", "X", "--prompts", str(workdir / "mem.txt"),
            "-rc", str(workdir / "base.ckpt"), "--model_config", str(TINY), "--mem_impath", str(workdir / "mem.png")]
     with pytest.raises(FileNotFoundError, match="SSCD"):
-        train.setup([*mem, "--sscd_ckpt", str(tmp_path / "none.pt")])
+        settings_from_argv([*mem, "--sscd_ckpt", str(tmp_path / "none.pt")])
     with pytest.raises(SystemExit):
-        train.setup(["--concept_type", "texture", "--caption_target", "x", "--prompts", str(workdir / "cat.txt")])
+        settings_from_argv(["--concept_type", "texture", "--caption_target", "x", "--prompts",
+                            str(workdir / "cat.txt")])
     with pytest.raises(SystemExit):
-        train.setup([*base, "--prompts", str(workdir / "cat.txt"), "--bogus-flag"])
+        settings_from_argv([*base, "--prompts", str(workdir / "cat.txt"), "--bogus-flag"])
+
+
+def test_settings_from_python_and_from_the_command_line(workdir, tmp_path):
+    """TrainSettings built in Python get train.py's checks in run(), before any work; the flags that give a
+    settings object parse back to it."""
+    import dataclasses
+
+    from ablation.train import command_line
+
+    s = dataclasses.replace(settings(workdir, concept_type="style", caption_target="van gogh",
+                                     prompts=str(workdir / "painting.txt"), train_size=3),
+                            root=str(tmp_path / "data"), logdir=str(tmp_path / "logs"))
+    with pytest.raises(ValueError, match="multiple of the number"):
+        run(s)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "logs").exists()
+    s = dataclasses.replace(s, train_size=4, train=True, regularization=True, scale_lr=False, seed=5)
+    checked = settings_from_argv(command_line(s))
+    assert checked == dataclasses.replace(s, command=tuple(command_line(s)), devices=("cpu",))
 
 
 def test_wandb_logs_offline_without_login(workdir, tmp_path, monkeypatch):
@@ -175,7 +194,7 @@ def test_wandb_logs_offline_without_login(workdir, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    run_dir = train.main(["-t", "--concept_type", "object", "--caption_target", "cat+grumpy cat", "--prompts",
-                          str(workdir / "cat.txt"), "--train_size", "4", "--wandb_entity", "someone",
-                          *args(workdir), "logging.image_every=0"])
+    run_dir = run(settings(workdir, "logging.image_every=0", train=True, concept_type="object",
+                           caption_target="cat+grumpy cat", prompts=str(workdir / "cat.txt"), train_size=4,
+                           wandb_entity="someone"))
     assert list((run_dir / "wandb").glob("offline-run-*"))

@@ -46,14 +46,14 @@ class Meter:
     generation (``generate_images`` into ``{out}/data``), of the rest of ``train.py`` and of ``evaluate.py``."""
 
     def __init__(self):
+        import ablation.train as train
         import runtime.generate as generate
-        import train
         from ldm.models.diffusion.ddpm import LatentDiffusion
 
         self.calls = self.rows = 0
         self.data_root: Path | None = None
         self.log: dict = {}
-        apply, gen, train_main = LatentDiffusion.apply_model, generate.generate_images, train.main
+        apply, gen, train_run = LatentDiffusion.apply_model, generate.generate_images, train.run
 
         def counted(model, x, *a, **k):
             self.calls += 1
@@ -70,14 +70,14 @@ class Meter:
                     self.log.update(anchor_unet_calls=self.calls - c, anchor_unet_rows=self.rows - r,
                                     anchor_s=time.perf_counter() - t, anchor_images=len(prompts))
 
-        def timed_train(argv=None):
+        def timed_train(settings):
             t = time.perf_counter()
             try:
-                return train_main(argv)
+                return train_run(settings)
             finally:
                 self.log["train_total_s"] = time.perf_counter() - t  # anchors included
 
-        LatentDiffusion.apply_model, generate.generate_images, train.main = counted, timed_generate, timed_train
+        LatentDiffusion.apply_model, generate.generate_images, train.run = counted, timed_generate, timed_train
 
 
 def run_study(out: Path, settings=SETTINGS, seeds=SEEDS, recipes=RECIPES, quick: bool = False) -> dict:
@@ -98,14 +98,15 @@ def run_study(out: Path, settings=SETTINGS, seeds=SEEDS, recipes=RECIPES, quick:
             if not (run_out / "baseline").exists():  # the base model's evaluation images: made once, shared
                 (run_out / "baseline").symlink_to(out.resolve() / "baseline", target_is_directory=True)
             meter.data_root = (run_out / "data").resolve()
-            extra = [f"generation.sampler={sampler}", f"generation.steps={steps}",
-                     f"generation.seed={GEN_SEED + seed}", "--seed", str(TRAIN_SEED + seed)]
+            overrides = [f"generation.sampler={sampler}", f"generation.steps={steps}",
+                         f"generation.seed={GEN_SEED + seed}"]
             for name in recipes:
                 if (setting, seed, name) in done:
                     continue
                 meter.log = {}
                 t0 = time.perf_counter()
-                report = mission.run([name], run_out, quick=quick, train_extra=extra)
+                report = mission.run([name], run_out, quick=quick, train_extra=overrides,
+                                     train_changes={"seed": TRAIN_SEED + seed})
                 total = time.perf_counter() - t0
                 log = dict(meter.log, total_s=total)
                 log["eval_s"] = total - log.get("train_total_s", 0.0)

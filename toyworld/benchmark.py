@@ -32,7 +32,7 @@ import random
 from pathlib import Path
 
 from .captions import MEMORIZED_CAPTION, caption
-from .mission import ASSETS, QUICK_MEMORIZATION_TRAIN_SIZE, RECIPES, SIZES, _paths, prune_run, train_argv
+from .mission import ASSETS, QUICK_MEMORIZATION_TRAIN_SIZE, RECIPES, SIZES, _paths, prune_run, train_settings
 from .render import CAT_CLASSES, COLOUR_NAMES, SHAPES, SUBJECTS, TEXTURES
 
 SUITES = ("artist", "objects", "coco", "memorization")
@@ -101,7 +101,7 @@ def write_prompt_sets(folder: Path, assets: Path = ASSETS, rows_per_class: int =
 
 def make_deltas(out: Path, recipes, methods, assets: Path = ASSETS, quick: bool = False) -> list[str]:
     """``NAME=PATH`` of every delta: Concept Ablation (``ca-{recipe}``) and ConceptPrune (``cp-{recipe}``)."""
-    from ablation.commands import script
+    from ablation.train import run as train
 
     specs = []
     for method in methods:
@@ -111,7 +111,7 @@ def make_deltas(out: Path, recipes, methods, assets: Path = ASSETS, quick: bool 
                 size = SIZES["quick" if quick else "full"]["train_size"]
                 if quick and recipe["concept_type"] == "memorization":
                     size = QUICK_MEMORIZATION_TRAIN_SIZE
-                run_dir = script("train").main(train_argv(name, recipe, assets, out, size))
+                run_dir = train(train_settings(name, recipe, assets, out, size))
                 delta = sorted((run_dir / "checkpoints").glob("delta_step_*"),
                                key=lambda p: int(p.stem.rsplit("_", 1)[1]))[-1]
                 specs.append(f"ca-{name}={delta}")

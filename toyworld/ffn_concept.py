@@ -809,8 +809,6 @@ def run(out: Path, assets: Path = ASSETS, quick: bool = False, methods=("teach",
     """Build base + waves (the ``variant``'s delta), then evaluate.py + judge on: the fine-tune itself
     (``teach``), ConceptPrune and Concept Ablation on waves. Writes ``{out}/ffn{suffix}.{md,json}`` and
     ``{out}/grid{suffix}.png``."""
-    from ablation.commands import script
-
     from . import mission
 
     out = Path(out)
@@ -840,9 +838,10 @@ def run(out: Path, assets: Path = ASSETS, quick: bool = False, methods=("teach",
         times["conceptprune_eval_s"] = runs["conceptprune"]["time_s"]
     if "ablation" in methods:
         t = time.time()
-        train = script("train")
-        argv = mission.train_argv(f"ffn_waves{sfx}", ablation_recipe(), assets, out, sizes["train_size"])
-        run_dir = train.main(_set(argv, "-rc", ckpt))
+        from ablation.train import run as train
+
+        run_dir = train(mission.train_settings(f"ffn_waves{sfx}", ablation_recipe(), assets, out,
+                                               sizes["train_size"], base_ckpt=str(ckpt)))
         times["ablation_train_s"] = round(time.time() - t, 1)
         runs["ablation"] = evaluate_run(run_dir, out, ckpt, out / f"baseline-waves{sfx}", sizes["numgen"],
                                         "delta_step_*", assets)

@@ -257,16 +257,16 @@ def score(folder: Path, concept: str, assets: Path, extra_textures=()) -> dict:
 # ------------------------------------------------------------------------------------ one run
 def edit(method: str, target: str, spec: dict, ctx: dict) -> tuple[Path, Path]:
     """Train (Concept Ablation) or prune (ConceptPrune) one target; returns (run folder, delta checkpoint)."""
-    from ablation.commands import script
+    from ablation.train import run as train
 
     name = f"{method.replace('-', '_')}_{slug(target)}"
     if method == "conceptprune":
         run_dir = mission.prune_run(f"matrix_{slug(target)}", ctx["assets"], ctx["out"], spec=spec,
                                     ckpt=ctx["ckpt"])
         return run_dir, run_dir / "checkpoints" / "delta_pruned.safetensors"
-    extra = [*(["-rc", str(ctx["ckpt"])] if ctx["ckpt"] else []), *ctx["train_extra"]]
-    run_dir = script("train").main(mission.train_argv(name, spec, ctx["assets"], ctx["out"],
-                                                      ctx["sizes"]["train_size"], extra))
+    base = {"base_ckpt": str(ctx["ckpt"])} if ctx["ckpt"] else {}
+    run_dir = train(mission.train_settings(name, spec, ctx["assets"], ctx["out"], ctx["sizes"]["train_size"],
+                                           ctx["train_extra"], **base))
     return run_dir, sorted((run_dir / "checkpoints").glob("delta_step_*"))[-1]
 
 
@@ -335,8 +335,8 @@ def run(methods, targets, out: Path, assets: Path = mission.ASSETS, quick: bool 
         extra_textures=None, train_extra=(), numgen: int | None = None, train_size: int | None = None,
         ffn_base: str | None = None) -> dict:
     """The matrix for ``methods`` x ``targets`` into ``out`` (see the module docstring). ``numgen`` and
-    ``train_size`` override the sizes (evaluation images per concept, anchor images), ``train_extra`` is
-    passed to every train.py run (e.g. config overrides): both for short test runs. ``ffn_base`` ("units" or
+    ``train_size`` override the sizes (evaluation images per concept, anchor images), ``train_extra`` are
+    config overrides (``key.sub=value``) of every training run: both for short test runs. ``ffn_base`` ("units" or
     "dense"): the base is the shipped model with ``toyworld.ffn_concept``'s FFN delta of that variant, built
     into ``out`` (instead of ``ckpt``)."""
     if ffn_base is not None and ckpt is not None:

@@ -1,8 +1,8 @@
 """The README's first run: ablate a style, an instance and the memorized picture of the toy world with
 ``train.py``, score each with ``evaluate.py``, and write the before/after table and image grid.
 
-Everything runs through the same entry points a researcher uses with Stable Diffusion (``train.main``,
-``evaluate.main``), with the toy world's weights (``assets/toyworld/``), configs
+Everything runs through the same jobs a researcher uses with Stable Diffusion (``ablation.train``, train.py's
+job, and ``evaluate.main``), with the toy world's weights (``assets/toyworld/``), configs
 (``configs/toyworld/``), prompt files and evaluation set::
 
     python -m toyworld.mission --out outputs/toyworld-mission          # a few minutes per recipe on a CPU
@@ -48,8 +48,8 @@ ASSETS = REPO / "assets/toyworld"
 # term slows the ablation down. Full runs, 25 images per hard negative, stripes after ablation: weight 1 / 100
 # steps 0.53, 4 / 300 0.32, 8 / 400 0.28, with polka dots and checkerboard at 0.92-1.00 throughout.
 PRESERVE_OVERRIDES = ["training.max_steps=400", "training.save_freq=400"]
-# name -> what train.py / evaluate.py get; "eval_target" is the evaluate.py --caption_target, "flags" extra
-# train.py flags, "preserve" the --preserve_prompts file, "overrides" config overrides.
+# name -> what train.py / evaluate.py get; "eval_target" is the evaluate.py --caption_target, "regularization"
+# train.py's --regularization, "preserve" the --preserve_prompts file, "overrides" config overrides.
 _STYLE = {"concept_type": "style", "caption_target": "stripes", "prompts": "prompts/painting.txt",
           "eval_target": "stripes"}
 _INSTANCE = {"concept_type": "object", "caption_target": "cat+grumpy cat", "prompts": "prompts/cat.txt",
@@ -57,7 +57,7 @@ _INSTANCE = {"concept_type": "object", "caption_target": "cat+grumpy cat", "prom
 RECIPES = {
     # The style recipe keeps the anchor prompt's own prediction in place (--regularization): the shipped model
     # binds colour through the text, and without it the anchor paintings drift in colour.
-    "style": {**_STYLE, "flags": ["--regularization"]},
+    "style": {**_STYLE, "regularization": True},
     # style-preserve drops --regularization: its true-noise anchor term fights the ablation at high noise levels
     # (400-step direct K/V fits, batch 8: share of the base model's squared stripes-vs-painting eps gap left at
     # t >= 900: 0.11 alone, 0.44 with it at weight 2, 0.18 with preservation at weight 8), and the kept captions
@@ -142,18 +142,25 @@ def memorized_reference(out: Path) -> Path:
     return path
 
 
-def train_argv(name: str, recipe: dict, assets: Path, out: Path, train_size: int, extra=()) -> list[str]:
+def train_settings(name: str, recipe: dict, assets: Path, out: Path, train_size: int, overrides=(), **changes):
+    """The ``ablation.train`` settings (train.py's job, ``-t``) of recipe ``name``: the toy world's model, configs
+    and sizes; ``overrides`` are config overrides after the recipe's, ``changes`` other TrainSettings fields
+    (e.g. ``base_ckpt``, ``seed``)."""
+    from ablation.train import TrainSettings
+
     p = _paths(assets)
-    argv = ["-t", "--concept_type", recipe["concept_type"], "--caption_target", recipe["caption_target"],
-            "--prompts", str(assets / recipe["prompts"]), "--name", f"toy_{name}", "--train_size", str(train_size),
-            "--model_config", str(p["config"]), "--config", str(REPO / f"configs/toyworld/{recipe['concept_type']}.yaml"),
-            "-rc", str(p["weights"]), "--logdir", str(out / "logs"), "--root", str(out / "data"),
-            "--n_samples", "36", "--ckpt_format", "safetensors", "--image_logging_freq", "0"]
+    fields = dict(
+        train=True, concept_type=recipe["concept_type"], caption_target=recipe["caption_target"],
+        prompts=str(assets / recipe["prompts"]), name=f"toy_{name}", train_size=train_size,
+        model_config=str(p["config"]), config=str(REPO / f"configs/toyworld/{recipe['concept_type']}.yaml"),
+        base_ckpt=str(p["weights"]), logdir=str(out / "logs"), root=str(out / "data"), n_samples=36,
+        ckpt_format="safetensors", image_logging_freq=0, regularization=recipe.get("regularization", False),
+        overrides=(*recipe.get("overrides", []), *overrides))
     if recipe["concept_type"] == "memorization":
-        argv += ["--mem_impath", str(memorized_reference(out)), "--sscd_ckpt", str(p["copydetect"])]
+        fields.update(mem_impath=str(memorized_reference(out)), sscd_ckpt=str(p["copydetect"]))
     if "preserve" in recipe:
-        argv += ["--preserve_prompts", str(assets / recipe["preserve"])]
-    return argv + recipe.get("flags", []) + recipe.get("overrides", []) + list(extra)
+        fields["preserve_prompts"] = str(assets / recipe["preserve"])
+    return TrainSettings(**{**fields, **changes})
 
 
 def prune_run(name: str, assets: Path, out: Path, skill_ratio: float = PRUNE_SKILL_RATIO,
@@ -313,10 +320,14 @@ def image_grid(rows: list[tuple[str, list[Path]]], path: Path, scale: int = 3) -
 
 
 def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_extra=(), method: str = "ablation",
-        skill_ratio: float = PRUNE_SKILL_RATIO) -> dict:
+        skill_ratio: float = PRUNE_SKILL_RATIO, train_changes=None) -> dict:
+    """The mission for ``recipes`` into ``out``. ``train_extra``: config overrides (``key.sub=value``) of every
+    training run, after the recipe's; ``train_changes``: other TrainSettings fields of every training run (e.g.
+    ``{"seed": 24}``)."""
+    from ablation import train  # train.py's job; train.run is looked up at each call (toyworld.anchor_study times it)
     from ablation.commands import script  # the repo's scripts, importable from any working directory
 
-    evaluate, train = script("evaluate"), script("train")
+    evaluate = script("evaluate")
     ablated_dir, base_dir = evaluate.ablated_dir, evaluate.base_dir
 
     sizes = SIZES["quick" if quick else "full"]
@@ -337,7 +348,8 @@ def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_ex
         if pruning:
             run_dir, pattern = prune_run(name, assets, out, skill_ratio), "delta_pruned*"
         else:
-            run_dir = train.main(train_argv(name, recipe, assets, out, train_size, train_extra))
+            run_dir = train.run(train_settings(name, recipe, assets, out, train_size, train_extra,
+                                               **(train_changes or {})))
             pattern = "delta_step_*"
         plan = evaluate.setup(evaluate_argv(run_dir, recipe, assets, out, sizes["numgen"], pattern))
         df = evaluate.run(plan)
