@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Evaluate ablated models: generate with every delta checkpoint of one or more training
 runs and with the base model, then score CLIP score / CLIP accuracy, KID and FID (and, for
 memorization, the SSCD memorization rate).
@@ -48,63 +47,118 @@ import math
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
 PROMPT_DIR = REPO / "assets/eval_prompts"
 CKPT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
 BASE_META = "base_model.json"
+CONCEPT_TYPES = ("style", "object", "memorization")
+PRECISIONS = ("full", "autocast")
+BASELINE_SETS = ("paired", "paper")
 
 
-def get_parser() -> argparse.ArgumentParser:
+# ---------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """The command line of ``evaluate.py``, one field per flag (same names and defaults).
+
+    :func:`check` (run by :func:`settings_from_argv` and :func:`run`) fills in what the command line may leave
+    open: ``base_ckpt`` (the base recorded in the run's config, else ``assets/pretrained_models/sd-v1-4.ckpt``),
+    ``outpkl`` (``{root}/metrics/evaluation.pkl``) and, for memorization, ``sscd_ckpt``."""
+
+    root: str
+    concept_type: str
+    caption_target: str
+    filter: str = "delta_step_*"
+    eval_json: str = str(REPO / "assets/eval.json")
+    eval_prompts: str = str(PROMPT_DIR)
+    numgen: int = 50
+    outpkl: str | None = None
+    base_ckpt: str | None = None
+    base_outpath: str = "outputs/baseline_generation"
+    gpus: str | None = None
+    eval_stage: bool = False
+    config: str | None = None
+    clip_model: str = "open_clip:ViT-B-32:openai"
+    feature_model: str | None = None
+    feature_size: int = 299
+    sscd_ckpt: str | None = None
+    mem_impath: str | None = None
+    steps: int = 50
+    eta: float = 1.0
+    scale: float = 6.0
+    seed: int = 42
+    H: int = 512
+    W: int = 512
+    n_samples: int = 10
+    precision: str = "autocast"
+    baseline_set: str = "paired"
+
+
+def build_parser() -> argparse.ArgumentParser:
     from runtime import cli
 
+    d = {f.name: f.default for f in fields(EvaluateSettings)}  # one source for the defaults
     p = cli.ArgumentParser(description=__doc__)
     p.add_argument("--root", required=True, help="a training run folder (with checkpoints/) or a folder of runs")
-    p.add_argument("--filter", default="delta_step_*", help="glob for checkpoints under {run}/checkpoints/")
-    p.add_argument("--concept_type", required=True, choices=["style", "object", "memorization"])
+    p.add_argument("--filter", default=d["filter"], help="glob for checkpoints under {run}/checkpoints/")
+    p.add_argument("--concept_type", required=True, choices=list(CONCEPT_TYPES))
     p.add_argument("--caption_target", required=True,
                    help="a key of --eval_json (style/object) or the memorized caption (memorization)")
-    p.add_argument("--eval_json", default=str(REPO / "assets/eval.json"))
-    p.add_argument("--eval_prompts", default=str(PROMPT_DIR), help="folder of {name}_eval.txt prompt files")
-    p.add_argument("--numgen", type=cli.positive_int, default=50,
+    p.add_argument("--eval_json", default=d["eval_json"])
+    p.add_argument("--eval_prompts", default=d["eval_prompts"], help="folder of {name}_eval.txt prompt files")
+    p.add_argument("--numgen", type=cli.positive_int, default=d["numgen"],
                    help="images per hard negative (>= 2 with hard negatives: KID needs two); target and anchor "
                         "get 4x")
-    p.add_argument("--outpkl", default=None,
+    p.add_argument("--outpkl", default=d["outpkl"],
                    help="metrics table (.pkl; .json, .csv and the chart beside it); default: {--root}/metrics/"
                         "evaluation.pkl")
-    p.add_argument("--base_ckpt", default=None,
+    p.add_argument("--base_ckpt", default=d["base_ckpt"],
                    help="base model (checkpoint file or diffusers pipeline folder); default: the base recorded in the "
                         "run's config, else assets/pretrained_models/sd-v1-4.ckpt")
-    p.add_argument("--base_outpath", default="outputs/baseline_generation",
+    p.add_argument("--base_outpath", default=d["base_outpath"],
                    help="cache of the base model's generations, shared by runs (one per base model and settings)")
-    p.add_argument("--gpus", default=None, help=cli.GPUS_HELP)
+    p.add_argument("--gpus", default=d["gpus"], help=cli.GPUS_HELP)
     p.add_argument("--eval_stage", action="store_true", help="metrics only, on existing generations")
-    p.add_argument("--config", default=None, help="model config (default: the run's saved config)")
-    p.add_argument("--clip_model", default="open_clip:ViT-B-32:openai",
+    p.add_argument("--config", default=d["config"], help="model config (default: the run's saved config)")
+    p.add_argument("--clip_model", default=d["clip_model"],
                    help="open_clip:ARCH:PRETRAINED (an open_clip tag, or a local weights file), or a transformers "
                         "CLIPModel (local folder or hub id); checked before any generation")
-    p.add_argument("--feature_model", default=None,
+    p.add_argument("--feature_model", default=d["feature_model"],
                    help="TorchScript feature extractor for KID/FID (default: clean-fid Inception); "
                         "a file named inception-2015-12-05.pt runs as clean-fid's Inception")
-    p.add_argument("--feature_size", type=cli.positive_int, default=299, help="input size of --feature_model")
-    p.add_argument("--sscd_ckpt", default=None, help="SSCD TorchScript model (memorization)")
-    p.add_argument("--mem_impath", default=None, help="the memorized image (memorization)")
-    p.add_argument("--steps", type=cli.positive_int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=cli.nonnegative_float, default=1.0)
-    p.add_argument("--scale", type=cli.finite_float, default=6.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=cli.nonnegative_int, default=42)
-    p.add_argument("--H", type=cli.image_side, default=512)
-    p.add_argument("--W", type=cli.image_side, default=512)
-    p.add_argument("--n_samples", type=cli.positive_int, default=10, help="generation batch size")
-    p.add_argument("--precision", choices=["full", "autocast"], default="autocast", help="autocast: fp16 on CUDA")
-    p.add_argument("--baseline_set", choices=["paired", "paper"], default="paired",
+    p.add_argument("--feature_size", type=cli.positive_int, default=d["feature_size"],
+                   help="input size of --feature_model")
+    p.add_argument("--sscd_ckpt", default=d["sscd_ckpt"], help="SSCD TorchScript model (memorization)")
+    p.add_argument("--mem_impath", default=d["mem_impath"], help="the memorized image (memorization)")
+    p.add_argument("--steps", type=cli.positive_int, default=d["steps"], help="DDIM steps")
+    p.add_argument("--eta", type=cli.nonnegative_float, default=d["eta"])
+    p.add_argument("--scale", type=cli.finite_float, default=d["scale"], help="classifier-free guidance scale")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=d["seed"])
+    p.add_argument("--H", type=cli.image_side, default=d["H"])
+    p.add_argument("--W", type=cli.image_side, default=d["W"])
+    p.add_argument("--n_samples", type=cli.positive_int, default=d["n_samples"], help="generation batch size")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=d["precision"],
+                   help="autocast: fp16 on CUDA")
+    p.add_argument("--baseline_set", choices=list(BASELINE_SETS), default=d["baseline_set"],
                    help="the base-model images each concept is compared with (KID, FID, Baseline columns): "
                         "paired = the ablated images' own prompts and seeds (numgen per hard negative); "
                         "paper = the original's 4*numgen base images for every concept")
     return p
+
+
+def parse_settings(argv=None) -> EvaluateSettings:
+    """The command line as settings, nothing checked beyond argparse (a bad flag exits with status 2);
+    :func:`settings_from_argv` also runs :func:`check`."""
+    return EvaluateSettings(**vars(build_parser().parse_args(argv)))
+
+
+def settings_from_argv(argv=None) -> EvaluateSettings:
+    """Parse ``argv`` and run every cheap check (:func:`check`); the settings with their defaults resolved."""
+    return check(parse_settings(argv))
 
 
 # ---------------------------------------------------------------------------------------- plan
@@ -127,8 +181,9 @@ class Checkpoint:
 
 @dataclass
 class Plan:
-    args: argparse.Namespace
-    concept_type: str
+    """What :func:`plan` found and checked: the work of one evaluation."""
+
+    settings: EvaluateSettings  # with base_ckpt, outpkl and (memorization) sscd_ckpt resolved
     target: str
     anchor: str | None
     concepts: list[Concept]
@@ -136,7 +191,12 @@ class Plan:
     base_config: dict
     devices: tuple[str, ...]
     outpkl: Path
-    extras: dict = field(default_factory=dict)
+    clip: str  # --clip_model as resolved by scoring.metrics.resolve_clip (what load_clip loads)
+    base_prompt_sets: dict[str, list[str]] = field(default_factory=dict, repr=False)  # base_prompts' cache
+
+    @property
+    def concept_type(self) -> str:
+        return self.settings.concept_type
 
 
 def folder_name(concept: str) -> str:
@@ -282,129 +342,162 @@ def _model_config(path: Path) -> dict:
     return OmegaConf.to_container(config.model, resolve=True)
 
 
-def setup(argv=None) -> Plan:
-    """Parse and check everything that is cheap to check, before any model is built."""
-    import importlib.util
 
+def _check_values(settings: EvaluateSettings) -> None:
+    """The command line's type and choice rules, for settings built in Python (parsed ones always pass)."""
+    import argparse as _argparse
+
+    from runtime import cli
+
+    rules = {"numgen": cli.positive_int, "feature_size": cli.positive_int, "steps": cli.positive_int,
+             "eta": cli.nonnegative_float, "scale": cli.finite_float, "seed": cli.nonnegative_int,
+             "H": cli.image_side, "W": cli.image_side, "n_samples": cli.positive_int}
+    for name, rule in rules.items():
+        value = getattr(settings, name)
+        if isinstance(value, bool) or (rule in (cli.positive_int, cli.nonnegative_int, cli.image_side)
+                                       and not isinstance(value, int)):
+            raise cli.UsageError(f"argument --{name}: expected an integer, got {value!r}")
+        try:
+            rule(str(value))
+        except _argparse.ArgumentTypeError as e:
+            raise cli.UsageError(f"argument --{name}: {e}") from None
+    for name, choices in (("concept_type", CONCEPT_TYPES), ("precision", PRECISIONS),
+                          ("baseline_set", BASELINE_SETS)):
+        if getattr(settings, name) not in choices:
+            raise cli.UsageError(f"argument --{name}: invalid choice: {getattr(settings, name)!r} (choose from "
+                                 f"{', '.join(repr(c) for c in choices)})")
+
+
+def check(settings: EvaluateSettings) -> EvaluateSettings:
+    """Every cheap check of :func:`plan` (no model is built); the settings with their defaults resolved."""
+    return plan(settings).settings
+
+
+def plan(settings: EvaluateSettings) -> Plan:
+    """Check everything that is cheap to check, before any model is built, and return the work to do.
+
+    Raises :class:`runtime.cli.UsageError` and other ValueError / OSError / RuntimeError / ImportError with
+    one-line messages (``main`` prints them and exits with status 2)."""
     from runtime.cli import check_distinct_outputs, check_output, parse_devices
     from runtime.loading import check_checkpoints, check_delta, find_run_config
 
-    args = get_parser().parse_args(argv)
-    if not args.caption_target.strip():
+    s = settings
+    _check_values(s)
+    if not s.caption_target.strip():
         raise ValueError("--caption_target is empty")
-    prompt_dir = Path(args.eval_prompts)
-    n_main = 4 * args.numgen
+    prompt_dir = Path(s.eval_prompts)
+    n_main = 4 * s.numgen
 
-    if args.concept_type == "memorization":
-        target, anchor = args.caption_target.strip(), None
+    sscd_ckpt = s.sscd_ckpt
+    if s.concept_type == "memorization":
+        target, anchor = s.caption_target.strip(), None
         concepts = [Concept(target.lower(), [target] * n_main)]
-        if not args.mem_impath:
+        if not s.mem_impath:
             raise ValueError("memorization needs --mem_impath (the memorized image)")
-        if not Path(args.mem_impath).is_file():
-            raise FileNotFoundError(f"--mem_impath not found: {args.mem_impath}")
+        if not Path(s.mem_impath).is_file():
+            raise FileNotFoundError(f"--mem_impath not found: {s.mem_impath}")
         from scoring.sscd import DEFAULT_SSCD_PATH
 
-        sscd = Path(args.sscd_ckpt) if args.sscd_ckpt else DEFAULT_SSCD_PATH
+        sscd = Path(s.sscd_ckpt) if s.sscd_ckpt else DEFAULT_SSCD_PATH
         if not sscd.is_file():
             raise FileNotFoundError(f"memorization needs the SSCD model: {sscd} not found (pass --sscd_ckpt)")
-        args.sscd_ckpt = str(sscd)
+        sscd_ckpt = str(sscd)
     else:
-        entry = load_eval_entry(Path(args.eval_json), args.concept_type, args.caption_target)
+        entry = load_eval_entry(Path(s.eval_json), s.concept_type, s.caption_target)
         target, anchor = entry["target"].strip().lower(), entry["anchor"].strip().lower()
         names = [target, anchor] + [n.strip().lower() for n in entry["hard_negative"]]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"--caption_target {args.caption_target!r}: concepts repeat in {args.eval_json}: {dupes}")
-        counts = [n_main, n_main] + [args.numgen] * (len(names) - 2)
-        concepts = [Concept(n, concept_prompts(args.concept_type, n, anchor, k, prompt_dir))
+            raise ValueError(f"--caption_target {s.caption_target!r}: concepts repeat in {s.eval_json}: {dupes}")
+        counts = [n_main, n_main] + [s.numgen] * (len(names) - 2)
+        concepts = [Concept(n, concept_prompts(s.concept_type, n, anchor, k, prompt_dir))
                     for n, k in zip(names, counts)]
     for c in concepts:
         folder_name(c.name)
         if len(c.prompts) < 2:
-            raise ValueError(f"--numgen {args.numgen} gives {c.name!r} {len(c.prompts)} image: KID needs at least 2 "
+            raise ValueError(f"--numgen {s.numgen} gives {c.name!r} {len(c.prompts)} image: KID needs at least 2 "
                              f"per concept; use --numgen 2 or more")
 
-    ckpt_paths = find_checkpoints(Path(args.root), args.filter)
+    ckpt_paths = find_checkpoints(Path(s.root), s.filter)
     checkpoints = []
     for path in ckpt_paths:
-        config_path = Path(args.config) if args.config else (find_run_config(path) or DEFAULT_CONFIG)
+        config_path = Path(s.config) if s.config else (find_run_config(path) or DEFAULT_CONFIG)
         model_config = _model_config(config_path)
-        if not args.eval_stage:
+        if not s.eval_stage:
             check_delta(model_config, path)
         checkpoints.append(Checkpoint(path.parent.parent, path, model_config))
-    base_config = _model_config(Path(args.config)) if args.config else checkpoints[0].model_config
-    if args.base_ckpt is None:  # the base the run was trained on, not a fixed path
+    base_config = _model_config(Path(s.config)) if s.config else checkpoints[0].model_config
+    base_ckpt = s.base_ckpt
+    if base_ckpt is None:  # the base the run was trained on, not a fixed path
         from runtime.loading import run_base_ckpt
 
         bases = {run_base_ckpt(c.path) for c in checkpoints}
         if len(bases) > 1:
             raise ValueError(f"the runs under --root were trained on different bases ({', '.join(sorted(map(str, bases)))}); "
                              f"pass --base_ckpt, or evaluate them one by one")
-        args.base_ckpt = bases.pop() or str(REPO / "assets/pretrained_models/sd-v1-4.ckpt")
-    if args.outpkl is None:
-        args.outpkl = str(Path(args.root) / "metrics" / "evaluation.pkl")
-    if not args.eval_stage:
+        base_ckpt = bases.pop() or str(REPO / "assets/pretrained_models/sd-v1-4.ckpt")
+    outpkl_name = s.outpkl if s.outpkl is not None else str(Path(s.root) / "metrics" / "evaluation.pkl")
+    s = replace(s, sscd_ckpt=sscd_ckpt, base_ckpt=base_ckpt, outpkl=outpkl_name)
+    if not s.eval_stage:
         from ldm.diffusers_format import checkpoint_exists
 
-        if not checkpoint_exists(args.base_ckpt):
-            raise FileNotFoundError(f"--base_ckpt not found: {args.base_ckpt} (a checkpoint file or a diffusers "
+        if not checkpoint_exists(s.base_ckpt):
+            raise FileNotFoundError(f"--base_ckpt not found: {s.base_ckpt} (a checkpoint file or a diffusers "
                                     f"pipeline folder)")
-        check_checkpoints(base_config, args.base_ckpt)
+        check_checkpoints(base_config, s.base_ckpt)
 
     # every output location, before any work (the pickle is written last, after hours of generation)
-    outpkl = Path(args.outpkl)
-    inputs = [args.base_ckpt, args.eval_json, args.mem_impath, args.config, *(c.path for c in checkpoints)]
+    outpkl = Path(s.outpkl)
+    inputs = [s.base_ckpt, s.eval_json, s.mem_impath, s.config, *(c.path for c in checkpoints)]
     outputs = {"--outpkl": outpkl, "its CSV": outpkl.with_suffix(".csv"), "its JSON": outpkl.with_suffix(".json"),
-               "the chart": chart_file(outpkl, args.caption_target)}
+               "the chart": chart_file(outpkl, s.caption_target)}
     if outpkl.suffix.lower() in (".csv", ".json", ".png"):
         raise ValueError(f"--outpkl {outpkl}: use a .pkl name; the CSV, JSON and chart are written beside it")
     for what, path in outputs.items():
         check_output(path, what if what == "--outpkl" else f"{what} (from --outpkl)", inputs=inputs)
     check_distinct_outputs(outputs)
     read_table(outpkl)  # an earlier table that cannot be merged fails now, not after the metrics
-    if not args.eval_stage:
-        check_output(args.base_outpath, "--base_outpath", kind="dir")
+    if not s.eval_stage:
+        check_output(s.base_outpath, "--base_outpath", kind="dir")
         for run in dict.fromkeys(c.run for c in checkpoints):
             check_output(run / "eval", f"the eval folder of run {run}", kind="dir")
 
     # metric models: fail now, not after hours of generation
-    from scoring.metrics import INCEPTION_FILE, inception_weights, resolve_clip
+    from scoring.metrics import check_feature_model, resolve_clip
 
-    clip = resolve_clip(args.clip_model)  # a missing model fails here, not after the generation
-    if args.feature_model and not Path(args.feature_model).is_file():
-        raise FileNotFoundError(f"--feature_model not found: {args.feature_model}")
-    if not args.feature_model or Path(args.feature_model).name == INCEPTION_FILE:  # clean-fid's Inception
-        if importlib.util.find_spec("cleanfid") is None:
-            raise ImportError("KID/FID with clean-fid's Inception need the `clean-fid` package (and torchvision): "
-                              "pip install -e \".[eval]\"; or pass --feature_model <another TorchScript extractor>")
-        inception_weights(args.feature_model)  # clean-fid's download, now rather than after the generation
+    clip = resolve_clip(s.clip_model)  # a missing model fails here, not after the generation
+    check_feature_model(s.feature_model)
 
-    if not args.eval_stage:
-        _check_folder_plans(args, concepts, checkpoints, anchor)
-    devices = () if args.eval_stage else parse_devices(args.gpus)
-    plan = Plan(args, args.concept_type, target, anchor, concepts, checkpoints, base_config, devices, outpkl,
-                extras={"clip": clip})
-    if args.eval_stage:  # metrics only: every generation must be there now, not after CLIP has loaded
+    base_sets: dict[str, list[str]] = {}  # base_prompts' cache, shared with the plan
+    if not s.eval_stage:
+        _check_folder_plans(s, concepts, checkpoints, anchor, base_sets)
+    devices = () if s.eval_stage else parse_devices(s.gpus)
+    the_plan = Plan(s, target, anchor, concepts, checkpoints, base_config, devices, outpkl, clip, base_sets)
+    if s.eval_stage:  # metrics only: every generation must be there now, not after CLIP has loaded
         for c in concepts:
-            folder_images(base_dir(plan, c), len(base_prompts(plan, c)))
+            folder_images(base_dir(the_plan, c), len(base_prompts(the_plan, c)))
             for ckpt in checkpoints:
                 folder_images(ablated_dir(ckpt, c), len(c.prompts))
     else:
         from runtime.generate import validate_generation_args
 
         for c in concepts:
-            validate_generation_args(c.prompts, steps=args.steps, eta=args.eta, scale=args.scale,
-                                     batch_size=args.n_samples, height=args.H, width=args.W, seed=args.seed,
-                                     devices=devices, precision=args.precision)
-    return plan
+            validate_generation_args(c.prompts, steps=s.steps, eta=s.eta, scale=s.scale,
+                                     batch_size=s.n_samples, height=s.H, width=s.W, seed=s.seed,
+                                     devices=devices, precision=s.precision)
+    return the_plan
 
 
-def _check_folder_plans(args, concepts: list[Concept], checkpoints: list[Checkpoint], anchor) -> None:
+def _check_folder_plans(settings: EvaluateSettings, concepts: list[Concept], checkpoints: list[Checkpoint],
+                        anchor: str | None, base_sets: dict[str, list[str]]) -> None:
     """Folders generated before with other settings fail now, each named, not hours into the generation."""
     from runtime.generate import PLAN_FILE, plan_diff, plan_dict
 
-    plan = Plan(args, args.concept_type, "", anchor, concepts, checkpoints, {}, (), Path("."))
-    folders = [(base_dir(plan, c), base_prompts(plan, c), "--base_outpath") for c in concepts]
+    s = settings
+    folders = []
+    for c in concepts:
+        prompts = _base_prompts(s, anchor, c, base_sets)
+        folders.append((baseline_dir(s.base_outpath, c, prompts), prompts, "--base_outpath"))
     folders += [(ablated_dir(k, c), c.prompts, f"the eval folder of run {k.run}") for k in checkpoints for c in concepts]
     for folder, prompts, where in folders:
         plan_file = folder / PLAN_FILE
@@ -414,7 +507,7 @@ def _check_folder_plans(args, concepts: list[Concept], checkpoints: list[Checkpo
             old = json.loads(plan_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # generate_images reports an unreadable plan with its own advice
-        diff = plan_diff(old, plan_dict(prompts, args.steps, args.eta, args.scale, args.H, args.W, args.seed))
+        diff = plan_diff(old, plan_dict(prompts, s.steps, s.eta, s.scale, s.H, s.W, s.seed))
         if diff:
             raise ValueError(f"{folder} was generated with other settings (differs in: {', '.join(diff)}); delete it, "
                              f"or use another {where if where == '--base_outpath' else 'copy of the run'}")
@@ -425,34 +518,48 @@ def ablated_dir(ckpt: Checkpoint, concept: Concept) -> Path:
     return ckpt.run / "eval" / f"{ckpt.path.stem}-{folder_name(concept.name)}"
 
 
-def base_prompts(plan: Plan, concept: Concept) -> list[str]:
+def baseline_prompts(settings: EvaluateSettings, anchor: str | None, concept: Concept) -> list[str]:
     """The base model's prompts for ``concept`` (``--baseline_set``).
 
-    ``paired`` (default): the ablated folder's own prompt list, so base image ``i`` has the prompt and seed of
-    ablated image ``i``. ``paper``: the original's baseline, ``4 * numgen`` images for every concept with each
-    line repeated consecutively (its ``load_data``); for the target and the anchor that is the paired list
-    anyway (the original, too, sampled both from the same list and seed), for a hard negative a separate,
-    larger set whose first ``numgen`` images share their start noise (mostly not their prompts) with the
+    ``paired`` (default): the ablated folder's own prompt list (``concept.prompts`` itself), so base image ``i``
+    has the prompt and seed of ablated image ``i``. ``paper``: the original's baseline, ``4 * numgen`` images for
+    every concept with each line repeated consecutively (its ``load_data``); for the target and the anchor that
+    is the paired list anyway (the original, too, sampled both from the same list and seed), for a hard negative a
+    separate, larger set whose first ``numgen`` images share their start noise (mostly not their prompts) with the
     ablated ones.
     """
-    n = 4 * plan.args.numgen
-    if plan.args.baseline_set == "paired" or plan.anchor is None or len(concept.prompts) == n:
+    n = 4 * settings.numgen
+    if settings.baseline_set == "paired" or anchor is None or len(concept.prompts) == n:
         return concept.prompts
-    cache = plan.extras.setdefault("base_prompts", {})
+    with warnings.catch_warnings():  # already warned about these lines in plan()
+        warnings.simplefilter("ignore")
+        lines = concept_lines(settings.concept_type, concept.name, anchor, Path(settings.eval_prompts))
+    return [lines[i * len(lines) // n] for i in range(n)]
+
+
+def _base_prompts(settings: EvaluateSettings, anchor: str | None, concept: Concept,
+                  cache: dict[str, list[str]]) -> list[str]:
     if concept.name not in cache:
-        with warnings.catch_warnings():  # already warned about these lines in setup()
-            warnings.simplefilter("ignore")
-            lines = concept_lines(plan.concept_type, concept.name, plan.anchor, Path(plan.args.eval_prompts))
-        cache[concept.name] = [lines[i * len(lines) // n] for i in range(n)]
+        cache[concept.name] = baseline_prompts(settings, anchor, concept)
     return cache[concept.name]
 
 
-def base_dir(plan: Plan, concept: Concept) -> Path:
+def base_prompts(plan: Plan, concept: Concept) -> list[str]:
+    """:func:`baseline_prompts` of the plan's settings, computed once per concept."""
+    return _base_prompts(plan.settings, plan.anchor, concept, plan.base_prompt_sets)
+
+
+def baseline_dir(base_outpath: str | Path, concept: Concept, prompts: list[str]) -> Path:
+    """The cache folder of the base model's images of ``concept`` made from ``prompts`` (from
+    :func:`baseline_prompts`): ``base-{concept}`` for the paired set, ``base{n}-{concept}`` for the paper's."""
     name = folder_name(concept.name)
-    prompts = base_prompts(plan, concept)
     if prompts is concept.prompts:
-        return Path(plan.args.base_outpath) / f"base-{name}"
-    return Path(plan.args.base_outpath) / f"base{len(prompts)}-{name}"  # the --baseline_set paper set
+        return Path(base_outpath) / f"base-{name}"
+    return Path(base_outpath) / f"base{len(prompts)}-{name}"  # the --baseline_set paper set
+
+
+def base_dir(plan: Plan, concept: Concept) -> Path:
+    return baseline_dir(plan.settings.base_outpath, concept, base_prompts(plan, concept))
 
 
 def _write_prompts_json(folder: Path, prompts: list[str]) -> None:
@@ -467,7 +574,7 @@ def _base_identity(plan: Plan) -> dict:
 
     config = hashlib.sha256(json.dumps(plan.base_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
     # size alone misses retrained weights of the same architecture written to the same path
-    ident = source_identity(plan.args.base_ckpt)  # a file, or every file of a diffusers pipeline folder
+    ident = source_identity(plan.settings.base_ckpt)  # a file, or every file of a diffusers pipeline folder
     return {"base_ckpt": ident.pop("path"), **ident, "model_config_sha256": config}
 
 
@@ -480,25 +587,28 @@ def _check_base_identity(folder: Path, ident: dict) -> None:
                                f"config {old.get('model_config_sha256')}); use another --base_outpath or delete it")
 
 
-def _generate(factory, prompts: list[str], outdir: Path, plan: Plan, desc: str) -> None:
+def _generate(factory, prompts: list[str], outdir: Path, plan: Plan, desc: str,
+              shard: tuple[int, int] | None) -> None:
     from runtime.dist import local_devices
     from runtime.generate import GenerationPlanError, generate_images
 
-    a = plan.args
+    a = plan.settings
     try:
         generate_images(factory, prompts, outdir, steps=a.steps, eta=a.eta, scale=a.scale, batch_size=a.n_samples,
                         height=a.H, width=a.W, seed=a.seed, devices=local_devices(plan.devices),
-                        precision=a.precision, desc=desc, shard=plan.extras.get("shard"))
+                        precision=a.precision, desc=desc, shard=shard)
     except GenerationPlanError as e:
         raise GenerationPlanError(f"{e} (evaluation settings such as --numgen, --steps, --H/--W or the prompts "
                                   f"changed since this folder was generated)") from e
     _write_prompts_json(outdir, prompts)
 
 
-def generate_all(plan: Plan) -> None:
+def generate_all(plan: Plan, shard: tuple[int, int] | None = None) -> None:
+    """Stage 1: the base model's images of every concept (cached across runs), then every checkpoint's.
+    ``shard``: this process's share under a launcher (``runtime.dist.init_from_launcher``), None for all."""
     from runtime.loading import load_model
 
-    base_factory = functools.partial(load_model, plan.base_config, plan.args.base_ckpt, None)
+    base_factory = functools.partial(load_model, plan.base_config, plan.settings.base_ckpt, None)
     ident = _base_identity(plan)
     for concept in plan.concepts:  # the baseline once per concept, cached across runs
         folder = base_dir(plan, concept)
@@ -507,11 +617,12 @@ def generate_all(plan: Plan) -> None:
         from runtime.files import write_text_atomic
 
         write_text_atomic(folder / BASE_META, json.dumps(ident, indent=1) + "\n")
-        _generate(base_factory, base_prompts(plan, concept), folder, plan, f"base {concept.name}")
+        _generate(base_factory, base_prompts(plan, concept), folder, plan, f"base {concept.name}", shard)
     for ckpt in plan.checkpoints:
-        factory = functools.partial(load_model, ckpt.model_config, plan.args.base_ckpt, str(ckpt.path))
+        factory = functools.partial(load_model, ckpt.model_config, plan.settings.base_ckpt, str(ckpt.path))
         for concept in plan.concepts:
-            _generate(factory, concept.prompts, ablated_dir(ckpt, concept), plan, f"{ckpt.expname} {concept.name}")
+            _generate(factory, concept.prompts, ablated_dir(ckpt, concept), plan, f"{ckpt.expname} {concept.name}",
+                      shard)
 
 
 # ---------------------------------------------------------------------------------------- stage 2
@@ -538,31 +649,24 @@ def folder_images(folder: Path, expected: int | None = None) -> list[Path]:
     return paths
 
 
-def _feature_extractor(args, device):
-    from scoring.metrics import INCEPTION_FILE, inception_features, torchscript_features
-
-    if args.feature_model is None:
-        return inception_features(device=device)
-    if Path(args.feature_model).name == INCEPTION_FILE:
-        return inception_features(device=device, weights=args.feature_model)
-    return torchscript_features(args.feature_model, args.feature_size, device=device)
 
 
 def compute_metrics(plan: Plan) -> dict[str, dict[str, float]]:
     """``{expname: {column: value}}`` for every checkpoint of the plan."""
     import torch
 
-    from scoring.metrics import clip_metrics, clip_score, fid, kid, load_clip
+    from scoring.metrics import clip_metrics, clip_score, feature_extractor, fid, kid, load_clip
     from scoring.sscd import sscd_memorization_rate
 
+    s = plan.settings
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    clip = load_clip(plan.extras.get("clip", plan.args.clip_model), device)
-    features = _feature_extractor(plan.args, device)
+    clip = load_clip(plan.clip, device)
+    features = feature_extractor(s.feature_model, s.feature_size, device)
     sscd = None
     if plan.concept_type == "memorization":
         from scoring.sscd import load_sscd
 
-        sscd = load_sscd(plan.args.sscd_ckpt, device)
+        sscd = load_sscd(s.sscd_ckpt, device)
 
     def clip_pair(images, t):
         if plan.anchor is None:
@@ -572,7 +676,7 @@ def compute_metrics(plan: Plan) -> dict[str, dict[str, float]]:
     def folder_stats(images, t):
         stats = {"clip": clip_pair(images, t), "feats": features(images)}
         if sscd is not None:
-            stats["mem"] = sscd_memorization_rate(sscd, images, plan.args.mem_impath)
+            stats["mem"] = sscd_memorization_rate(sscd, images, s.mem_impath)
         return stats
 
     base = {}
@@ -664,7 +768,7 @@ def chart_file(outpkl: Path, caption_target: str) -> Path:
 
 
 def chart_path(plan: Plan) -> Path:
-    return chart_file(plan.outpkl, plan.args.caption_target)
+    return chart_file(plan.outpkl, plan.settings.caption_target)
 
 
 def plot_chart(plan: Plan, results: dict[str, dict[str, float]]) -> Path:
@@ -696,7 +800,7 @@ def plot_chart(plan: Plan, results: dict[str, dict[str, float]]) -> Path:
     ax.set_xticks(x, labels, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{plan.concept_type}: {plan.args.caption_target}")
+    ax.set_title(f"{plan.concept_type}: {plan.settings.caption_target}")
     ax.legend(fontsize="small")
     fig.tight_layout()
     out = chart_path(plan)
@@ -706,14 +810,16 @@ def plot_chart(plan: Plan, results: dict[str, dict[str, float]]) -> Path:
     return out
 
 
-def run(plan: Plan):
-    if not plan.args.eval_stage:
+def execute(plan: Plan):
+    """Stage 1 (unless ``--eval_stage``) and stage 2 of a checked :func:`plan`: the merged metrics table
+    (a DataFrame), or None on a launcher rank other than 0 (it only generates)."""
+    if not plan.settings.eval_stage:
         from runtime.dist import init_from_launcher
 
         # torchrun & co.: every rank generates its share of each folder; rank 0 alone scores them
-        plan.extras["shard"] = init_from_launcher()
-        generate_all(plan)
-        if plan.extras["shard"] is not None and plan.extras["shard"][0] != 0:
+        shard = init_from_launcher()
+        generate_all(plan, shard)
+        if shard is not None and shard[0] != 0:
             return None
     results = compute_metrics(plan)
     bad = [(e, c) for e, row in results.items() for c, v in row.items() if not math.isfinite(v)]
@@ -729,11 +835,15 @@ def run(plan: Plan):
     return df
 
 
-def main(argv=None):
-    return run(setup(argv))
+def run(settings: EvaluateSettings):
+    """The evaluation of ``settings``: :func:`plan` (every cheap check first), then :func:`execute`.
+    Returns the metrics table (a pandas DataFrame; None on a launcher rank other than 0)."""
+    return execute(plan(settings))
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """``evaluate.py``: a bad input is one ``error:`` line and exit status 2, before any work."""
     from runtime.cli import exit_on_usage_error
 
-    run(exit_on_usage_error(setup))
+    execute(exit_on_usage_error(lambda: plan(parse_settings(argv))))
+    return 0
