@@ -284,3 +284,16 @@ def test_baseline_cache_notices_rewritten_base_weights(env, tmp_path):
     os.utime(base, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, rewritten later
     with pytest.raises(RuntimeError, match="another base model"):
         _run(argv)
+
+
+@pytest.mark.parametrize("change, flag", [({"numgen": 0}, "--numgen"), ({"H": 12}, "--H"),
+                                          ({"eta": float("nan")}, "--eta"), ({"steps": 2.5}, "--steps"),
+                                          ({"precision": "half"}, "--precision")])
+def test_settings_built_in_python_are_checked_like_the_command_line(env, change, flag):
+    import dataclasses
+
+    from runtime.cli import UsageError
+
+    settings = protocol.parse_settings(_argv(env))
+    with pytest.raises(UsageError, match=flag):
+        protocol.run(dataclasses.replace(settings, **change))
