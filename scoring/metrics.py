@@ -62,7 +62,8 @@ __all__ = ["DEFAULT_CLIP", "CLIP_MEAN", "CLIP_STD", "CLIP_PREFIX", "CLIP_SCORE_W
            "load_clip", "preprocess_clip", "clip_image_features", "clip_text_features", "clip_text",
            "style", "clip_scores", "clip_score", "clip_accuracy", "clip_metrics", "accuracy_from_scores",
            "fid", "kid", "clean_resize", "torchscript_features", "inception_features", "inception_weights",
-           "INCEPTION_FILE", "OpenClip", "resolve_clip", "parse_open_clip"]
+           "INCEPTION_FILE", "OpenClip", "resolve_clip", "parse_open_clip", "feature_extractor",
+           "check_feature_model"]
 
 DEFAULT_CLIP = "open_clip:ViT-B-32:openai"  # the paper's CLIP (OpenAI ViT-B/32), through open_clip
 OPEN_CLIP = "open_clip:"
@@ -539,3 +540,32 @@ def inception_features(device: str | torch.device = "cpu", batch_size: int = 64,
         return torch.as_tensor(np.asarray(feats), dtype=torch.float64)
 
     return extract
+
+
+def feature_extractor(feature_model: PathLike | None, feature_size: int = INCEPTION_SIZE,
+                      device: str | torch.device = "cpu") -> FeatureExtractor:
+    """The KID/FID features of a ``--feature_model``: None, or a file named ``inception-2015-12-05.pt``, runs
+    clean-fid's Inception (:func:`inception_features`); any other file is a TorchScript extractor taking
+    ``feature_size`` images (:func:`torchscript_features`)."""
+    if feature_model is None:
+        return inception_features(device=device)
+    if Path(feature_model).name == INCEPTION_FILE:
+        return inception_features(device=device, weights=feature_model)
+    return torchscript_features(feature_model, feature_size, device=device)
+
+
+def check_feature_model(feature_model: PathLike | None, what: str = "KID/FID") -> None:
+    """What :func:`feature_extractor` needs, checked before any work (no model is loaded): a given
+    ``feature_model`` file exists; for clean-fid's Inception (``feature_model`` None or a file named
+    ``inception-2015-12-05.pt``) the ``clean-fid`` package is installed and the weights are there (clean-fid
+    downloads its own copy now when it is missing). ``what`` names the metrics in the message.
+    Raises FileNotFoundError / ImportError / RuntimeError / ValueError."""
+    import importlib.util
+
+    if feature_model and not Path(feature_model).is_file():
+        raise FileNotFoundError(f"--feature_model not found: {feature_model}")
+    if not feature_model or Path(feature_model).name == INCEPTION_FILE:  # clean-fid's Inception
+        if importlib.util.find_spec("cleanfid") is None:
+            raise ImportError(f"{what} with clean-fid's Inception need the `clean-fid` package (and torchvision): "
+                              "pip install -e \".[eval]\"; or pass --feature_model <another TorchScript extractor>")
+        inception_weights(feature_model)  # clean-fid's download, now rather than after the generation

@@ -1,4 +1,4 @@
-"""evaluate.py end to end on tiny local models: a fake run with one delta, a tiny eval.json and prompt files,
+"""evaluate.py (evaluation.protocol) end to end on tiny local models: a fake run with one delta, a tiny eval.json and prompt files,
 a tiny CLIPModel, a tiny TorchScript feature extractor and a tiny SSCD stand-in."""
 import json
 import math
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import evaluate
+from evaluation import protocol
 from runtime.delta import save_delta
 from conftest import TINY_CONFIG, tiny_model
 
@@ -92,16 +92,21 @@ def _argv(env, *extra, root=None, caption="grumpy cat", concept_type="object"):
             "--feature_model", str(env["features"]), *GEN, *extra]
 
 
+def _run(argv):
+    """What ``python evaluate.py argv`` computes: the metrics table (errors raise instead of exiting 2)."""
+    return protocol.run(protocol.parse_settings(argv))
+
+
 def test_prompts_and_names():
     # the original's rewrite: strip, then a plain case-sensitive substring replace
-    assert evaluate.replace_word(" A Cat on a cat category ", "cat", "grumpy cat") == \
+    assert protocol.replace_word(" A Cat on a cat category ", "cat", "grumpy cat") == \
         "A Cat on a grumpy cat grumpy category"
-    assert evaluate.folder_name("C-3PO") == "c_3po"
-    assert evaluate.folder_name("van gogh") == "van_gogh"
+    assert protocol.folder_name("C-3PO") == "c_3po"
+    assert protocol.folder_name("van gogh") == "van_gogh"
 
 
 def test_end_to_end_object(env, monkeypatch, capsys):
-    df = evaluate.main(_argv(env))
+    df = _run(_argv(env))
     run, d = env["run"], env["dir"]
     expname = f"{run.name}_delta_step_2"
     # folders and their contents: 4*numgen for target and anchor, numgen for the hard negative
@@ -141,13 +146,13 @@ def test_end_to_end_object(env, monkeypatch, capsys):
     table = json.loads((out / "evaluation.json").read_text())  # the JSON is the table, the pickle only a copy
     table["other_run"] = {"KID_cat": 1.0}
     (out / "evaluation.json").write_text(json.dumps(table))
-    df2 = evaluate.main(_argv(env))
+    df2 = _run(_argv(env))
     assert {p: p.stat().st_mtime_ns for p in (d / "baseline").rglob("*.png")} == mtimes
     assert set(df2.index) == {expname, "other_run"}
     assert df2.loc[expname, "KID_cat"] == pytest.approx(df.loc[expname, "KID_cat"])
 
     # metrics only, from a folder of runs
-    df3 = evaluate.main(_argv(env, "--eval_stage", root=run.parent))
+    df3 = _run(_argv(env, "--eval_stage", root=run.parent))
     assert df3.loc[expname, "FID_cat"] == pytest.approx(df.loc[expname, "FID_cat"])
 
     # a second run reuses the baseline cache (a fresh run with the same delta: only ablated images are made)
@@ -163,7 +168,7 @@ def test_end_to_end_object(env, monkeypatch, capsys):
         return real(config, ckpt, delta, device)
 
     monkeypatch.setattr(delta_mod, "load_model", counting)
-    evaluate.main(_argv(env, root=run2))
+    _run(_argv(env, root=run2))
     assert calls and all(c is not None for c in calls)  # never the base model
     assert {p: p.stat().st_mtime_ns for p in (d / "baseline").rglob("*.png")} == mtimes
 
@@ -173,7 +178,7 @@ def test_memorization(env, tmp_path):
                  caption="A memorized caption", concept_type="memorization")
     argv[argv.index("--outpkl") + 1] = str(tmp_path / "mem.pkl")
     argv[argv.index("--base_outpath") + 1] = str(tmp_path / "baseline")
-    df = evaluate.main(argv)
+    df = _run(argv)
     row = df.iloc[0]
     for col in ("Memorization rate", "Baseline memorization rate", "KID_a memorized caption",
                 "FID_a memorized caption", "CLIP scores_a memorized caption_a memorized caption"):
@@ -206,18 +211,18 @@ def test_clear_errors(env, change, exc, match):
         else:
             argv += [k, v]
     with pytest.raises(exc, match=match):
-        evaluate.setup(argv)
+        protocol.settings_from_argv(argv)
 
 
 def test_empty_prompt_file_and_missing_sscd(env, tmp_path):
     (env["prompts"] / "van_gogh_eval.txt").write_text("a starry night by van gogh\n")
     try:
         with pytest.raises(ValueError, match="painting_eval.txt"):
-            evaluate.setup(_argv(env, concept_type="style", caption="van gogh"))
+            protocol.settings_from_argv(_argv(env, concept_type="style", caption="van gogh"))
     finally:
         (env["prompts"] / "van_gogh_eval.txt").unlink()
     with pytest.raises(FileNotFoundError, match="SSCD"):
-        evaluate.setup(_argv(env, "--mem_impath", str(env["mem"]), "--sscd_ckpt", str(tmp_path / "no.pt"),
+        protocol.settings_from_argv(_argv(env, "--mem_impath", str(env["mem"]), "--sscd_ckpt", str(tmp_path / "no.pt"),
                              concept_type="memorization", caption="x"))
 
 
@@ -225,7 +230,7 @@ def test_eval_stage_without_generations(env, tmp_path):
     argv = _argv(env, "--eval_stage")
     argv[argv.index("--base_outpath") + 1] = str(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="images.txt"):
-        evaluate.main(argv)
+        _run(argv)
 
 
 def test_conceptprune_delta_is_evaluated_like_an_ablation_run(env, tmp_path):
@@ -250,7 +255,7 @@ def test_conceptprune_delta_is_evaluated_like_an_ablation_run(env, tmp_path):
     out = tmp_path / "metrics" / "evaluation.pkl"
     argv = _argv(env, "--filter", "delta_pruned*", root=run)
     argv[argv.index("--outpkl") + 1] = str(out)
-    df = evaluate.main(argv)
+    df = _run(argv)
     expname = f"{run.name}_delta_pruned"
     assert list(df.index) == [expname]
     assert all(math.isfinite(float(v)) for v in df.loc[expname].values)
@@ -274,8 +279,21 @@ def test_baseline_cache_notices_rewritten_base_weights(env, tmp_path):
     for flag, value in (("--base_ckpt", base), ("--base_outpath", tmp_path / "baseline"),
                         ("--outpkl", tmp_path / "m" / "evaluation.pkl")):
         argv[argv.index(flag) + 1] = str(value)
-    evaluate.main(argv)
+    _run(argv)
     st = base.stat()
     os.utime(base, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, rewritten later
     with pytest.raises(RuntimeError, match="another base model"):
-        evaluate.main(argv)
+        _run(argv)
+
+
+@pytest.mark.parametrize("change, flag", [({"numgen": 0}, "--numgen"), ({"H": 12}, "--H"),
+                                          ({"eta": float("nan")}, "--eta"), ({"steps": 2.5}, "--steps"),
+                                          ({"precision": "half"}, "--precision")])
+def test_settings_built_in_python_are_checked_like_the_command_line(env, change, flag):
+    import dataclasses
+
+    from runtime.cli import UsageError
+
+    settings = protocol.parse_settings(_argv(env))
+    with pytest.raises(UsageError, match=flag):
+        protocol.run(dataclasses.replace(settings, **change))

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-import evaluate
-from scoring.metrics import kid
-from test_evaluate import _argv, env  # noqa: F401  (env is the module fixture)
+from evaluation import protocol
+from scoring.metrics import feature_extractor, kid
+from test_evaluate import _argv, _run, env  # noqa: F401  (env is the module fixture)
 
 
 def _paths(env, tmp_path, *extra):
@@ -17,8 +17,8 @@ def _paths(env, tmp_path, *extra):
 
 
 def test_paper_baseline_set(env, tmp_path):  # noqa: F811
-    paired = evaluate.main(_paths(env, tmp_path))
-    paper = evaluate.main(_paths(env, tmp_path, "--baseline_set", "paper"))
+    paired = _run(_paths(env, tmp_path))
+    paper = _run(_paths(env, tmp_path, "--baseline_set", "paper"))
     base = tmp_path / "baseline"
     # numgen 2: the hard negative gets 4 * 2 = 8 base images in its own folder, each line repeated consecutively
     lines = ["a photo of a persian cat", "a persian cat on a sofa"]
@@ -32,8 +32,8 @@ def test_paper_baseline_set(env, tmp_path):  # noqa: F811
         assert row_paper[f"KID_{t}"] == row_paired[f"KID_{t}"]
         assert row_paper[f"Baseline CLIP scores_{t}_{t}"] == row_paired[f"Baseline CLIP scores_{t}_{t}"]
     # the hard negative: 2 ablated images against the 8 base images
-    args = evaluate.get_parser().parse_args(_paths(env, tmp_path))
-    features = evaluate._feature_extractor(args, "cpu")
+    settings = protocol.parse_settings(_paths(env, tmp_path))
+    features = feature_extractor(settings.feature_model, settings.feature_size, "cpu")
     ablated = sorted((env["run"] / "eval" / "delta_step_2-persian_cat" / "samples").glob("*.png"))
     big = sorted((base / "base8-persian_cat" / "samples").glob("*.png"))
     small = sorted((base / "base-persian_cat" / "samples").glob("*.png"))
@@ -42,11 +42,11 @@ def test_paper_baseline_set(env, tmp_path):  # noqa: F811
     assert row_paired["KID_persian cat"] == pytest.approx(kid(features(ablated), features(small)))
     assert row_paper["KID_persian cat"] != row_paired["KID_persian cat"]
     # metrics only, from the existing folders; a missing paper set is named
-    again = evaluate.main(_paths(env, tmp_path, "--baseline_set", "paper", "--eval_stage"))
+    again = _run(_paths(env, tmp_path, "--baseline_set", "paper", "--eval_stage"))
     assert again.iloc[-1]["KID_persian cat"] == pytest.approx(row_paper["KID_persian cat"])
     json.loads((base / "base8-persian_cat" / "prompts.json").read_text())
     for f in (base / "base8-persian_cat").iterdir():
         if f.is_file():
             f.unlink()
     with pytest.raises(FileNotFoundError, match="base8-persian_cat"):
-        evaluate.main(_paths(env, tmp_path, "--baseline_set", "paper", "--eval_stage"))
+        _run(_paths(env, tmp_path, "--baseline_set", "paper", "--eval_stage"))

@@ -17,8 +17,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-import evaluate
 from ablation import train
+from evaluation import protocol
 from prune import jobs as conceptprune
 from runtime import cli
 from runtime import export
@@ -84,11 +84,11 @@ def test_outpkl_pickle_is_never_unpickled(tmp_path):
     outpkl.write_bytes(pickle.dumps(_Evil(marker)))
     # a pickle without its JSON: refused, not read, not replaced
     with pytest.raises(ValueError, match="not read"):
-        evaluate.update_table(outpkl, {"run_a": {"KID_x": 0.5}})
+        protocol.update_table(outpkl, {"run_a": {"KID_x": 0.5}})
     assert not marker.exists()
     # with the JSON beside it, the JSON is the table; the planted pickle is overwritten, never loaded
     outpkl.with_suffix(".json").write_text(json.dumps({"run_old": {"KID_x": 0.25, "FID_x": None}}))
-    df = evaluate.update_table(outpkl, {"run_a": {"KID_x": 0.5}})
+    df = protocol.update_table(outpkl, {"run_a": {"KID_x": 0.5}})
     assert not marker.exists()
     assert df.loc["run_old", "KID_x"] == 0.25 and df.loc["run_a", "KID_x"] == 0.5
     assert np.isnan(df.loc["run_old", "FID_x"]) and np.isnan(df.loc["run_a", "FID_x"])
@@ -100,7 +100,7 @@ def test_outpkl_pickle_is_never_unpickled(tmp_path):
     # a JSON that is not a table is refused with its name
     outpkl.with_suffix(".json").write_text('{"run": [1, 2]')
     with pytest.raises(ValueError, match="evaluation.json"):
-        evaluate.read_table(outpkl)
+        protocol.read_table(outpkl)
 
 
 # ------------------------------------------------------------------ 2. two runs in the same second
@@ -302,7 +302,6 @@ def test_non_finite_delta_refused(files, tmp_path):
     (sample, ["--ddim_eta", "-1"], "--ddim_eta"),
     (sample, ["--n_samples", "0"], "--n_samples"),
     (sample, ["--ddim_steps", "inf"], "--ddim_steps"),
-    (evaluate, ["--root", "x", "--concept_type", "style", "--caption_target", "x", "--numgen", "0"], "--numgen"),
     (train, ["--concept_type", "style", "--caption_target", "x", "--prompts", "p", "--n_samples", "0"],
      "--n_samples"),
     (train, ["--concept_type", "style", "--caption_target", "x", "--prompts", "p", "--base_lr", "-1"], "--base_lr"),
@@ -310,12 +309,20 @@ def test_non_finite_delta_refused(files, tmp_path):
     (conceptprune, ["prune", "--masks", "m", "--tau", "0"], "--tau"),
 ])
 def test_numeric_flags_one_line_exit_2(script, argv, flag, capsys):
-    build_parser = getattr(script, "build_parser", None) or script.get_parser  # moved jobs: build_parser
+    build_parser = script.build_parser
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag in err and "error:" in err
+
+
+def test_evaluate_numeric_flag_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        protocol.main(["--root", "x", "--concept_type", "style", "--caption_target", "x", "--numgen", "0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--numgen" in err and "error:" in err
 
 
 @pytest.mark.parametrize("override,match", [
@@ -361,7 +368,7 @@ def test_messages_name_the_file(files, tmp_path):
                         ('{"object": {', "not valid JSON")):
         js.write_text(text)
         with pytest.raises(ValueError, match=match) as e:
-            evaluate.load_eval_entry(js, "object", "x")
+            protocol.load_eval_entry(js, "object", "x")
         assert "eval.json" in str(e.value)
 
 
@@ -374,7 +381,7 @@ def test_truncated_image_in_eval_folder_is_named(tmp_path):
     data = (folder / "samples" / "00001.png").read_bytes()
     (folder / "samples" / "00001.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="00001.png"):
-        evaluate.folder_images(folder, 2)
+        protocol.folder_images(folder, 2)
 
 
 # ------------------------------------------------------------------ 12. an anchor word no prompt contains

@@ -1,8 +1,10 @@
-"""Packaging: pyproject.toml's dependency files and entry points, the scripts as importable modules, and the
+"""Packaging: pyproject.toml's dependency files and entry points, the root scripts as shells over the jobs, and the
 installed package from outside the repository (skipped where the package is not installed, e.g. a venv made
 before pyproject.toml; tools/setup.sh and CI install it)."""
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.metadata
 import subprocess
 import sys
@@ -44,61 +46,65 @@ def test_requirement_files_parse_as_plain_requirements():
     assert {"torch", "torchvision", "open_clip_torch", "clean-fid"} <= card
 
 
+# console command -> (root script, the job module both call)
+JOBS = {"ablate-train": ("train.py", "ablation.train"), "ablate-sample": ("sample.py", "runtime.sample"),
+        "ablate-evaluate": ("evaluate.py", "evaluation.protocol"), "ablate-export": ("tools/export.py", "runtime.export"),
+        "conceptprune": ("conceptprune.py", "prune.jobs"), "ablate-benchmark": ("benchmark.py", "evaluation.benchmark")}
+
+
 def test_entry_points_resolve():
-    from ablation import commands
-
     scripts = PYPROJECT["project"]["scripts"]
-    assert {"ablate-train", "ablate-sample", "ablate-evaluate", "ablate-export", "conceptprune",
-            "toyworld-mission"} <= set(scripts)
-    for target in scripts.values():
+    assert set(JOBS) | {"toyworld-mission"} == set(scripts)
+    for command, target in scripts.items():
         module, func = target.split(":")
-        if module == "toyworld.mission":  # the toy world's own command, not a script
-            from toyworld import mission
-
-            assert callable(getattr(mission, func))
-            continue
-        assert module == "ablation.commands" and callable(getattr(commands, func))
+        assert func == "main" and callable(getattr(importlib.import_module(module), func))
+        if command in JOBS:
+            assert module == JOBS[command][1]
 
 
-@pytest.mark.parametrize("name", ["train", "sample", "evaluate", "conceptprune", "export"])
-def test_script_modules_are_shared(name):
-    """script(name) is one module however it is reached (the entry points, toyworld, `import train`)."""
-    from ablation.commands import SCRIPTS, script
+@pytest.mark.parametrize("command", sorted(JOBS))
+def test_root_scripts_are_shells_over_the_job(command):
+    """A root script imports exactly its job's main and nothing else: the paper's command and the console
+    command run the same function, and nothing can import a script for its internals."""
+    script, module = JOBS[command]
+    tree = ast.parse((ROOT / script).read_text())
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    jobs = [n for n in imports if isinstance(n, ast.ImportFrom) and n.module == module]
+    assert len(jobs) == 1 and [a.name for a in jobs[0].names] == ["main"]
+    others = {(getattr(n, "module", None), a.name) for n in imports if n not in jobs for a in n.names}
+    assert others <= {(None, "sys"), ("pathlib", "Path")}  # tools/export.py puts the clone on sys.path
+    assert len((ROOT / script).read_text().splitlines()) < 40
 
-    mod = script(name)
-    assert Path(mod.__file__).resolve() == ROOT / SCRIPTS[name]
-    assert script(name) is mod and callable(mod.main)
 
-
-def test_script_does_not_take_over_a_foreign_module(monkeypatch):
+def test_a_foreign_evaluate_module_does_not_matter(monkeypatch, capsys):
+    """Hugging Face's ``evaluate`` may hold the plain name; the job lives in evaluation.protocol."""
     import types
 
-    from ablation.commands import script
-
-    foreign = types.ModuleType("evaluate")  # e.g. Hugging Face's `evaluate` already imported
+    foreign = types.ModuleType("evaluate")
     foreign.__file__ = "/elsewhere/evaluate/__init__.py"
     monkeypatch.setitem(sys.modules, "evaluate", foreign)
-    monkeypatch.delitem(sys.modules, "_ablation_script_evaluate", raising=False)
-    mod = script("evaluate")
-    assert mod is not foreign and sys.modules["evaluate"] is foreign and callable(mod.get_parser)
+    from evaluation import protocol
+
+    with pytest.raises(SystemExit) as e:
+        protocol.main(["--help"])
+    assert e.value.code == 0 and "--clip_model" in capsys.readouterr().out and sys.modules["evaluate"] is foreign
 
 
 def test_entry_point_help_exits_zero(monkeypatch, capsys):
-    from ablation import commands
-
     monkeypatch.setattr(sys, "argv", ["ablate-evaluate", "--help"])
+    from evaluation.protocol import main
+
     with pytest.raises(SystemExit) as e:
-        commands.evaluate()
+        main()
     assert e.value.code == 0 and "--clip_model" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not _installed(), reason=f"{DIST} is not installed in this environment (pip install -e .)")
 def test_installed_package_works_outside_the_repo(tmp_path):
-    code = ("import ldm, ablation, prune, toyworld; from ablation.commands import script; "
-            "print(script('train').__file__)")
+    code = "import ldm, runtime, scoring, ablation, prune, evaluation, toyworld, ablation.train; print(ablation.train.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert Path(out.stdout.strip()) == ROOT / "train.py"
+    assert Path(out.stdout.strip()) == ROOT / "ablation" / "train.py"
     bindir = Path(sys.executable).parent
     for cmd in (["ablate-train", "--help"], ["conceptprune", "--help"], [sys.executable, "-m", "toyworld.mission", "--help"]):
         exe = cmd if cmd[0] == sys.executable else [str(bindir / cmd[0]), *cmd[1:]]
@@ -107,12 +113,12 @@ def test_installed_package_works_outside_the_repo(tmp_path):
 
 
 def test_help_shows_defaults_and_no_outside_documents():
-    from ablation.commands import script
+    from runtime.sample import build_parser
 
-    text = script("sample").get_parser().format_help()
+    text = build_parser().format_help()
     assert "(default: 100)" in text and "(default: 1.0)" in text  # --ddim_steps, --ddim_eta
-    for name in ("train", "sample", "evaluate", "conceptprune", "export"):
-        assert "\u00a7" not in script(name).get_parser().format_help()
+    for _, module in JOBS.values():
+        assert "\u00a7" not in importlib.import_module(module).build_parser().format_help()
     tracked = subprocess.run(["git", "-C", str(ROOT), "grep", "-l", "-I", "\u00a7", "--", "*.py", "*.md", "*.yaml"],
                              capture_output=True, text=True).stdout.split()
     assert not tracked, f"references to documents outside the repository in {tracked}"

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from omegaconf import OmegaConf
 
-import evaluate
+from evaluation import protocol
 from runtime.sample import SampleSettings, check
 from test_evaluate import GEN, _argv, env  # noqa: F401 (fixture)
 
@@ -36,10 +36,10 @@ def _without(argv, *flags):
 
 def test_evaluate_defaults_follow_the_run(env, recorded_run):  # noqa: F811
     argv = _without(_argv(env, root=recorded_run), "--base_ckpt", "--outpkl")
-    plan = evaluate.setup(argv)
-    assert plan.args.base_ckpt == str(env["base"])
+    plan = protocol.plan(protocol.parse_settings(argv))
+    assert plan.settings.base_ckpt == str(env["base"])
     assert plan.outpkl == recorded_run / "metrics" / "evaluation.pkl"
-    p = evaluate.get_parser()
+    p = protocol.build_parser()
     assert "assets" not in p.get_default("base_outpath")
 
 
@@ -54,13 +54,13 @@ def test_folder_made_with_other_settings_fails_in_setup(env, recorded_run, tmp_p
     base = tmp_path / "baseline"
     argv = _argv(env, root=recorded_run)
     argv[argv.index("--base_outpath") + 1] = str(base)
-    plan = evaluate.setup(argv)
-    folder = evaluate.base_dir(plan, plan.concepts[0])
+    plan = protocol.plan(protocol.parse_settings(argv))
+    folder = protocol.base_dir(plan, plan.concepts[0])
     folder.mkdir(parents=True)
     from runtime.generate import PLAN_FILE, plan_dict
 
-    a = plan.args
+    a = plan.settings
     old = plan_dict(plan.concepts[0].prompts, a.steps + 1, a.eta, a.scale, a.H, a.W, a.seed)
     (folder / PLAN_FILE).write_text(json.dumps(old))
     with pytest.raises(ValueError, match=rf"{folder.name} was generated with other settings \(differs in: steps\)"):
-        evaluate.setup(argv)
+        protocol.settings_from_argv(argv)

@@ -609,12 +609,6 @@ def eval_prompt_dir(out: Path, assets: Path = ASSETS) -> Path:
     return folder
 
 
-def _set(argv: list[str], flag: str, value) -> list[str]:
-    argv = list(argv)
-    argv[argv.index(flag) + 1] = str(value)
-    return argv
-
-
 def _model_config(assets: Path = ASSETS) -> dict:
     from omegaconf import OmegaConf
 
@@ -710,29 +704,38 @@ def _scorers(assets: Path = ASSETS):
     return load_judge(assets / "judge" / "judge.safetensors"), load_detector(assets / "ffn" / DETECTOR_FILE)
 
 
+def evaluate_settings(run_dir: Path, out: Path, base_ckpt: Path, base_outpath: Path, numgen: int, pattern: str,
+                      assets: Path = ASSETS):
+    """The mission's ``evaluation.protocol`` settings (``mission.evaluate_settings``) for ``run_dir`` with target
+    waves, anchor painting and the three shipped textures as hard negatives (``ffn/eval.json``), the prompt
+    folder of :func:`eval_prompt_dir`, base ``base_ckpt`` and its image cache ``base_outpath``."""
+    import dataclasses
+
+    from . import mission
+
+    settings = mission.evaluate_settings(run_dir, {"concept_type": "style", "eval_target": TEXTURE}, assets, out,
+                                         numgen, pattern)
+    return dataclasses.replace(settings, eval_json=str(EVAL_JSON if assets == ASSETS else assets / "ffn/eval.json"),
+                               eval_prompts=str(eval_prompt_dir(out, assets)), base_ckpt=str(base_ckpt),
+                               base_outpath=str(base_outpath))
+
+
 def evaluate_run(run_dir: Path, out: Path, base_ckpt: Path, base_outpath: Path, numgen: int, pattern: str,
                  assets: Path = ASSETS) -> dict:
     """evaluate.py on ``run_dir`` (target waves, anchor painting, the three shipped textures as hard negatives),
     then the judge's view of the base and edited images of every concept."""
-    from ablation.commands import script
+    from evaluation import protocol
 
-    from . import mission
-
-    evaluate = script("evaluate")
-    argv = mission.evaluate_argv(run_dir, {"concept_type": "style", "eval_target": TEXTURE}, assets, out, numgen,
-                                 pattern)
-    argv = _set(argv, "--eval_json", EVAL_JSON if assets == ASSETS else assets / "ffn/eval.json")
-    argv = _set(argv, "--eval_prompts", eval_prompt_dir(out, assets))
-    argv = _set(_set(argv, "--base_ckpt", base_ckpt), "--base_outpath", base_outpath)
+    settings = evaluate_settings(run_dir, out, base_ckpt, base_outpath, numgen, pattern, assets)
     t0 = time.time()
-    plan = evaluate.setup(argv)
-    df = evaluate.run(plan)
+    plan = protocol.plan(settings)
+    df = protocol.execute(plan)
     ckpt = plan.checkpoints[-1]
     row = df.loc[ckpt.expname].to_dict()
     judge, detector = _scorers(assets)
     concepts = {}
     for c in plan.concepts:
-        b, e = evaluate.base_dir(plan, c), evaluate.ablated_dir(ckpt, c)
+        b, e = protocol.base_dir(plan, c), protocol.ablated_dir(ckpt, c)
         concepts[c.name] = {"base": texture_share(judge, detector, b, c.name),
                             "edited": texture_share(judge, detector, e, c.name),
                             "kid": row.get(f"KID_{c.name}"),

@@ -15,7 +15,7 @@
 
 2. A copy-detection descriptor standing in for SSCD: a tiny CNN giving L2-normalised ``dim``-D
    descriptors, trained contrastively (InfoNCE on two augmented views) on renders plus the memorized
-   picture, exported with ``torch.jit.script`` so that ``ablation.memorization.load_sscd`` /
+   picture, exported with ``torch.jit.script`` so that ``scoring.sscd.load_sscd`` /
    ``similarities`` use it unchanged: the scripted module takes ImageNet-normalised ``[B, 3, H, W]``
    (e.g. 288x288 from ``preprocess_sscd``), undoes the normalisation and average-pools to 32x32 itself.
 

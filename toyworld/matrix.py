@@ -147,15 +147,13 @@ def eval_lines(concept: str, assets: Path = mission.ASSETS) -> list[str]:
     """A concept's evaluation prompts as evaluate.py builds them: textures and plain paintings read their shipped
     file (a texture without one: ``texture_eval_lines``), cat variants the anchor's file ``cat_eval.txt`` with
     the word "cat" replaced (evaluate.py's object rule)."""
-    from ablation.commands import script
-
-    evaluate = script("evaluate")
+    from evaluation.protocol import concept_lines
 
     prompt_dir = assets / "eval_prompts"
     if concept in CAT_CLASSES:
-        return evaluate.concept_lines("object", concept, ANCHOR_CLASS, prompt_dir)
+        return concept_lines("object", concept, ANCHOR_CLASS, prompt_dir)
     if (prompt_dir / f"{slug(concept)}_eval.txt").is_file():
-        return evaluate.concept_lines("style", concept, ANCHOR_STYLE, prompt_dir)
+        return concept_lines("style", concept, ANCHOR_STYLE, prompt_dir)
     return texture_eval_lines(concept, assets)
 
 
@@ -216,11 +214,9 @@ def _shown(path: Path) -> str:
 
 def sampling() -> dict:
     """evaluate.py's default sampler settings (DDIM steps, eta, CFG scale, first seed)."""
-    from ablation.commands import script
+    from evaluation.protocol import EvaluateSettings
 
-    evaluate = script("evaluate")
-
-    a = evaluate.get_parser().parse_args(["--root", ".", "--concept_type", "style", "--caption_target", "x"])
+    a = EvaluateSettings(root=".", concept_type="style", caption_target="x")
     return {"steps": a.steps, "eta": a.eta, "scale": a.scale, "seed": a.seed}
 
 

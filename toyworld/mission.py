@@ -1,8 +1,8 @@
 """The README's first run: ablate a style, an instance and the memorized picture of the toy world with
 ``train.py``, score each with ``evaluate.py``, and write the before/after table and image grid.
 
-Everything runs through the same jobs a researcher uses with Stable Diffusion (``ablation.train``, train.py's
-job, and ``evaluate.main``), with the toy world's weights (``assets/toyworld/``), configs
+Everything runs through the same jobs a researcher uses with Stable Diffusion (``ablation.train`` and
+``evaluation.protocol``, the jobs of train.py and evaluate.py), with the toy world's weights (``assets/toyworld/``), configs
 (``configs/toyworld/``), prompt files and evaluation set::
 
     python -m toyworld.mission --out outputs/toyworld-mission          # a few minutes per recipe on a CPU
@@ -199,19 +199,22 @@ def pruned_fraction(delta) -> float:
     return info["pruned_weights"] / info["ff2_weights"]
 
 
-def evaluate_argv(run_dir: Path, recipe: dict, assets: Path, out: Path, numgen: int,
-                  checkpoints: str = "delta_step_*") -> list[str]:
+def evaluate_settings(run_dir: Path, recipe: dict, assets: Path, out: Path, numgen: int,
+                      checkpoints: str = "delta_step_*"):
+    """The ``evaluation.protocol`` settings that score ``run_dir`` on the toy world (its CLIP, its judge's
+    features for KID/FID, 32 px images, full precision; memorization: the memorized render and copydetect)."""
+    from evaluation.protocol import EvaluateSettings
+
     p = _paths(assets)
-    argv = ["--root", str(run_dir), "--filter", checkpoints, "--concept_type", recipe["concept_type"],
-            "--caption_target", recipe["eval_target"],
-            "--eval_json", str(assets / "eval.json"), "--eval_prompts", str(assets / "eval_prompts"),
-            "--numgen", str(numgen), "--outpkl", str(out / "metrics" / "evaluation.pkl"),
-            "--base_ckpt", str(p["weights"]), "--base_outpath", str(out / "baseline"), "--clip_model", str(p["clip"]),
-            "--feature_model", str(p["features"]), "--feature_size", "32", "--H", "32", "--W", "32",
-            "--n_samples", "50", "--precision", "full"]
-    if recipe["concept_type"] == "memorization":
-        argv += ["--mem_impath", str(memorized_reference(out)), "--sscd_ckpt", str(p["copydetect"])]
-    return argv
+    memorization = recipe["concept_type"] == "memorization"
+    return EvaluateSettings(
+        root=str(run_dir), filter=checkpoints, concept_type=recipe["concept_type"],
+        caption_target=recipe["eval_target"], eval_json=str(assets / "eval.json"),
+        eval_prompts=str(assets / "eval_prompts"), numgen=numgen, outpkl=str(out / "metrics" / "evaluation.pkl"),
+        base_ckpt=str(p["weights"]), base_outpath=str(out / "baseline"), clip_model=str(p["clip"]),
+        feature_model=str(p["features"]), feature_size=32, H=32, W=32, n_samples=50, precision="full",
+        mem_impath=str(memorized_reference(out)) if memorization else None,
+        sscd_ckpt=str(p["copydetect"]) if memorization else None)
 
 
 def prompt_attributes(prompt: str) -> dict:
@@ -325,10 +328,9 @@ def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_ex
     training run, after the recipe's; ``train_changes``: other TrainSettings fields of every training run (e.g.
     ``{"seed": 24}``)."""
     from ablation import train  # train.py's job; train.run is looked up at each call (toyworld.anchor_study times it)
-    from ablation.commands import script  # the repo's scripts, importable from any working directory
+    from evaluation import protocol
 
-    evaluate = script("evaluate")
-    ablated_dir, base_dir = evaluate.ablated_dir, evaluate.base_dir
+    ablated_dir, base_dir = protocol.ablated_dir, protocol.base_dir
 
     sizes = SIZES["quick" if quick else "full"]
     pruning = method == "conceptprune"
@@ -351,8 +353,8 @@ def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_ex
             run_dir = train.run(train_settings(name, recipe, assets, out, train_size, train_extra,
                                                **(train_changes or {})))
             pattern = "delta_step_*"
-        plan = evaluate.setup(evaluate_argv(run_dir, recipe, assets, out, sizes["numgen"], pattern))
-        df = evaluate.run(plan)
+        plan = protocol.plan(evaluate_settings(run_dir, recipe, assets, out, sizes["numgen"], pattern))
+        df = protocol.execute(plan)
         ckpt = plan.checkpoints[-1]
         folders = {c.name: (base_dir(plan, c), ablated_dir(ckpt, c)) for c in plan.concepts}
         summaries.append(summarize(name, recipe, df.loc[ckpt.expname].to_dict(), assets, folders))
