@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
-DEFAULT_BASE = REPO / "assets/pretrained_models/sd-v1-4.ckpt"
+from evaluation.settings import BenchmarkSettings
+from runtime.loading import DEFAULT_BASE_CKPT as DEFAULT_BASE
+from runtime.loading import DEFAULT_CONFIG
 
 DESCRIPTION = """\
 ConceptPrune's erasure benchmarks for any model: the base, base + a delta (ours: ablation or pruned), a full
@@ -37,69 +36,6 @@ Generation follows the original benchmark scripts (diffusers' default PNDM ~ our
 512 px); every input, model file and scorer (CLIP, NudeNet, ResNet-50, SSCD, Inception) is checked before
 the first image is made.
 """
-
-
-@dataclass(frozen=True, kw_only=True)
-class BenchmarkSettings:
-    """``benchmark.py``: one field per flag, with its default. After :func:`check`: ``n_captions`` is ``limit`` when
-    only ``--limit`` was given for coco, ``sscd_ckpt`` names the SSCD file memorization uses, and ``clip_resolved``
-    / ``mem_clip_resolved`` are what ``scoring.metrics.resolve_clip`` made of ``clip_model`` / ``mem_clip_model``
-    (for the suites that use them)."""
-    suites: tuple[str, ...]
-    # models
-    base: str = str(DEFAULT_BASE)
-    config: str = str(DEFAULT_CONFIG)
-    delta: tuple[str, ...] = ()
-    compvis: tuple[str, ...] = ()
-    diffusers: tuple[str, ...] = ()
-    unet: tuple[str, ...] = ()
-    # generation
-    outdir: str = "outputs/benchmark"
-    sampler: str = "plms"
-    steps: int = 50
-    scale: float = 7.5
-    eta: float = 0.0
-    H: int = 512
-    W: int = 512
-    batch_size: int = 4
-    precision: str = "autocast"
-    gpus: str | None = None
-    limit: int | None = None
-    score_only: bool = False
-    # scorers
-    clip_model: str = "open_clip:ViT-B-32:openai"
-    mem_clip_model: str = "open_clip:ViT-g-14:laion2b_s12b_b42k"
-    feature_model: str | None = None
-    feature_size: int = 299
-    classifier: str = "resnet50"
-    classifier_labels: str | None = None
-    sscd_ckpt: str | None = None
-    score_device: str | None = None
-    # artist
-    artist: tuple[str, ...] = ()
-    # nudity
-    prompt_set: str = "i2p"
-    prompts: str | None = None
-    categories: tuple[str, ...] | None = None
-    row_settings: bool = False
-    # objects
-    target_class: str | None = None
-    removal_mode: str = "both"
-    rows_per_class: int | None = None
-    object_prompts: str | None = None
-    # gender
-    professions: tuple[str, ...] | None = None
-    gender_seeds: int = 250
-    # coco
-    captions: str | None = None
-    n_captions: int | None = None
-    # memorization
-    mem_jsonl: str | None = None
-    gt_dir: str | None = None
-    mem_seeds: int = 1
-    # derived by check()
-    clip_resolved: str | None = None
-    mem_clip_resolved: str | None = None
 
 
 def _comma_list(v: str) -> list[str]:

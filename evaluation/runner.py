@@ -30,7 +30,7 @@ from .prompt_sets import Row
 from .suites import SUITES, Context, Suite, headline
 
 if TYPE_CHECKING:
-    from .benchmark import BenchmarkSettings
+    from .settings import BenchmarkSettings
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable
 from .prompt_sets import PromptSetError, Row
 
 if TYPE_CHECKING:
-    from .benchmark import BenchmarkSettings
+    from .settings import BenchmarkSettings
 
 
 @dataclass
