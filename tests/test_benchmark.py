@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from evaluation import benchmark as bench
-from toyworld import benchmark as toy
+from experiments import toy_benchmark as toy
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets/toyworld"
@@ -44,7 +44,7 @@ def _settings(out, sets, suites=toy.SUITES, **changes):
 
 @pytest.fixture(scope="module")
 def toy_run(world):
-    """``python -m toyworld.benchmark`` with our zero-FFN delta instead of trained ones (no training in CI)."""
+    """``python -m experiments.toy_benchmark`` with our zero-FFN delta instead of trained ones (no training in CI)."""
     out, sets = world
     report = toy.run(out, recipes=(), methods=(), steps=10, limit=2,
                      extra_deltas=[f"zero-ffn={out / 'zero_ffn.safetensors'}"])

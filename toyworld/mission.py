@@ -167,7 +167,7 @@ def prune_run(name: str, assets: Path, out: Path, skill_ratio: float = PRUNE_SKI
               tau: int = PRUNE_TAU, spec: dict | None = None, ckpt: Path | None = None) -> Path:
     """ConceptPrune for recipe ``name``: discover + prune into ``{out}/logs/toy_prune_{name}/checkpoints/``.
     ``spec`` (default ``PRUNE[name]``) and ``ckpt`` (default: the shipped base) serve other targets and bases
-    (``toyworld.matrix``); prompt files are relative to ``assets`` unless absolute."""
+    (``experiments.matrix``); prompt files are relative to ``assets`` unless absolute."""
     p, spec = _paths(assets), spec or PRUNE[name]
     run_dir = out / "logs" / f"toy_prune_{name}"
     prune(ckpt or p["weights"], p["config"], spec["concept"], assets / spec["target_file"], run_dir,
@@ -327,7 +327,7 @@ def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_ex
     """The mission for ``recipes`` into ``out``. ``train_extra``: config overrides (``key.sub=value``) of every
     training run, after the recipe's; ``train_changes``: other TrainSettings fields of every training run (e.g.
     ``{"seed": 24}``)."""
-    from ablation import train  # train.py's job; train.run is looked up at each call (toyworld.anchor_study times it)
+    from ablation import train  # train.py's job; train.run is looked up at each call (experiments.anchor_study times it)
     from evaluation import protocol
 
     ablated_dir, base_dir = protocol.ablated_dir, protocol.base_dir

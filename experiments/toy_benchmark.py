@@ -16,8 +16,8 @@ memorization  the memorized caption, seeds 0..9, its render as the    copy descr
 
 ::
 
-    python -m toyworld.benchmark --out outputs/toyworld-benchmark            # trains and prunes, then scores
-    python -m toyworld.benchmark --recipes style --methods conceptprune --limit 8 --steps 10   # a quick look
+    python -m experiments.toy_benchmark --out outputs/toyworld-benchmark            # trains and prunes, then scores
+    python -m experiments.toy_benchmark --recipes style --methods conceptprune --limit 8 --steps 10   # a quick look
 
 The deltas come from ``toyworld.mission``'s recipes (``train.py`` for Concept Ablation, ``conceptprune.py``
 discover + prune for ConceptPrune) and are scored by the unchanged ``benchmark.py`` (``evaluation.benchmark``);
@@ -31,9 +31,9 @@ import json
 import random
 from pathlib import Path
 
-from .captions import MEMORIZED_CAPTION, caption
-from .mission import ASSETS, QUICK_MEMORIZATION_TRAIN_SIZE, RECIPES, SIZES, _paths, prune_run, train_settings
-from .render import CAT_CLASSES, COLOUR_NAMES, SHAPES, SUBJECTS, TEXTURES
+from toyworld.captions import MEMORIZED_CAPTION, caption
+from toyworld.mission import ASSETS, QUICK_MEMORIZATION_TRAIN_SIZE, RECIPES, SIZES, _paths, prune_run, train_settings
+from toyworld.render import CAT_CLASSES, COLOUR_NAMES, SHAPES, SUBJECTS, TEXTURES
 
 SUITES = ("artist", "objects", "coco", "memorization")
 RECIPE_NAMES = ("style", "instance", "memorized")  # mission recipes whose deltas are benchmarked
@@ -45,12 +45,12 @@ class JudgeClassifier:
     """The objects suite's classifier protocol (``.classify(paths) -> names``) over the judge's subject head."""
 
     def __init__(self, path: Path):
-        from .judge import load_judge
+        from toyworld.judge import load_judge
 
         self.judge = load_judge(path)
 
     def classify(self, paths, batch_size: int = 64) -> list[str]:
-        from .judge import classify
+        from toyworld.judge import classify
 
         return [row["subject"].lower() for row in classify(self.judge, list(paths), batch_size)]
 
@@ -61,8 +61,8 @@ def write_prompt_sets(folder: Path, assets: Path = ASSETS, rows_per_class: int =
     object CSV, a captions file, and Wen et al.'s jsonl + gt_images layout."""
     import csv
 
-    from .dataset import sample_scene
-    from .render import render_memorized
+    from toyworld.dataset import sample_scene
+    from toyworld.render import render_memorized
 
     folder.mkdir(parents=True, exist_ok=True)
     artists = []

@@ -38,12 +38,12 @@ toy CLIP never saw the word. The sweep (``--sweep``): ConceptPrune at every ``SW
 
 Commands (one torch thread; wall times on this project's shared 2-core CPU)::
 
-    python -m toyworld.ffn_concept --out outputs/toyworld-ffn             # 11 min: fine-tune check, ConceptPrune, CA
-    python -m toyworld.ffn_concept --out outputs/toyworld-ffn --quick     # fewer images
-    python -m toyworld.ffn_concept --out outputs/toyworld-ffn --sweep     # 24 min
-    python -m toyworld.ffn_concept --out outputs/toyworld-ffn-dense --variant dense   # 13 min: the same run on the dense delta
-    python -m toyworld.ffn_concept --train_detector        # 2 min -> assets/toyworld/ffn/waves_detector.*
-    python -m toyworld.ffn_concept --train_delta [units|dense]   # 17 min each -> assets/toyworld/ffn/ffn_delta*.*
+    python -m experiments.ffn_concept --out outputs/toyworld-ffn             # 11 min: fine-tune check, ConceptPrune, CA
+    python -m experiments.ffn_concept --out outputs/toyworld-ffn --quick     # fewer images
+    python -m experiments.ffn_concept --out outputs/toyworld-ffn --sweep     # 24 min
+    python -m experiments.ffn_concept --out outputs/toyworld-ffn-dense --variant dense   # 13 min: the same run on the dense delta
+    python -m experiments.ffn_concept --train_detector        # 2 min -> assets/toyworld/ffn/waves_detector.*
+    python -m experiments.ffn_concept --train_delta [units|dense]   # 17 min each -> assets/toyworld/ffn/ffn_delta*.*
 
 ``--train_delta`` and ``--train_detector`` retrain the shipped files with fixed seeds (``DELTA_SETTINGS`` with
 ``VARIANTS``, ``DETECTOR_SETTINGS``). The run writes ``{out}/ffn.{md,json}`` and ``{out}/grid.png`` (the
@@ -57,9 +57,9 @@ import random
 import time
 from pathlib import Path
 
-from .captions import caption
-from .dataset import DEFAULT_MIXTURE, _placed, sample_scene
-from .render import ANCHOR_STYLE, BACKGROUNDS, COLOUR_NAMES, FFN_TEXTURES, SHAPES, TEXTURES, Scene
+from toyworld.captions import caption
+from toyworld.dataset import DEFAULT_MIXTURE, _placed, sample_scene
+from toyworld.render import ANCHOR_STYLE, BACKGROUNDS, COLOUR_NAMES, FFN_TEXTURES, SHAPES, TEXTURES, Scene
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "assets/toyworld"
@@ -111,7 +111,7 @@ def ffn_pool(n: int, seed: int, texture_frac: float, size: int = 32, texture: st
     """``(images uint8 [n, 3, size, size], captions, scenes)`` of items ``0..n-1``."""
     import torch
 
-    from .render import render
+    from toyworld.render import render
 
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
     captions, scenes = [], []
@@ -127,7 +127,7 @@ def ffn_pool(n: int, seed: int, texture_frac: float, size: int = 32, texture: st
 def _detector_net(width: int = 16):
     import torch.nn as nn
 
-    from .judge import _block
+    from toyworld.judge import _block
 
     w = width
     return nn.Sequential(_block(3, w), nn.MaxPool2d(2), _block(w, 2 * w), _block(2 * w, 2 * w), nn.MaxPool2d(2),
@@ -160,7 +160,7 @@ def _make_detector(width: int = 16, size: int = 32):
 def _detector_batch(images, gen, batch_idx):
     """Training views: the judge's copy-like perturbations at half strength (zoom, shift, blur, colour jitter,
     noise; generated textures are softer and less regular than renders)."""
-    from .judge import perturb
+    from toyworld.judge import perturb
 
     return perturb(images[batch_idx].float() / 255, gen, 0.5)
 
@@ -183,8 +183,8 @@ def detector_pool(n: int, seed: int, texture_frac: float, size: int = 32, vae=No
     reconstruction through it (softer edges, like generated images)."""
     import torch
 
-    from .judge import JUDGE_MIXTURE
-    from .render import render
+    from toyworld.judge import JUDGE_MIXTURE
+    from toyworld.render import render
 
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
     labels = torch.empty(n)
@@ -208,8 +208,8 @@ def train_detector(outdir=FFN_ASSETS, pool: int = 8000, texture_frac: float = 0.
     import torch
     import torch.nn.functional as F
 
-    from .judge import _round_fp16_
-    from .training import adamw, lr_at
+    from toyworld.judge import _round_fp16_
+    from toyworld.training import adamw, lr_at
 
     if seed == EVAL_SEED:
         raise ValueError(f"seed {EVAL_SEED} is reserved for evaluation")
@@ -252,7 +252,7 @@ def train_detector(outdir=FFN_ASSETS, pool: int = 8000, texture_frac: float = 0.
 
 
 def load_detector(path=FFN_ASSETS / DETECTOR_FILE):
-    from .judge import load_configured
+    from toyworld.judge import load_configured
 
     return load_configured(path, DETECTOR_FILE, _make_detector)
 
@@ -261,8 +261,8 @@ def detector_accuracy(model, n: int = 2000, seed: int = EVAL_SEED, texture_frac:
     """Share of fresh renders the detector gets right, overall and per true style (waves recall, and for
     each shipped style the share *not* called waves)."""
 
-    from .judge import JUDGE_MIXTURE
-    from .render import render
+    from toyworld.judge import JUDGE_MIXTURE
+    from toyworld.render import render
 
     images, truth = [], []
     for i in range(n):
@@ -285,8 +285,8 @@ def reconstruction_accuracy(model, n: int = 500, seed: int = EVAL_SEED, assets: 
     import torch
     from PIL import Image
 
-    from .judge import JUDGE_MIXTURE
-    from .render import render
+    from toyworld.judge import JUDGE_MIXTURE
+    from toyworld.render import render
 
     vae = load_base(assets).first_stage_model
     waves = [texture_scene(random.Random(f"toyworld-ffn-recon:{seed}:w{i}")) for i in range(n)]
@@ -336,7 +336,7 @@ def _detect(model, images, batch_size: int = 128) -> list[bool]:
 def style_of(judge, detector, images, seen=None) -> list[str]:
     """The style each image shows: ``TEXTURE`` where the detector fires, else the shipped judge's style
     (``seen``: the judge's ``classify`` of the images, when already at hand)."""
-    from .judge import classify
+    from toyworld.judge import classify
 
     seen = classify(judge, images) if seen is None else seen
     return [TEXTURE if w else s["style"] for w, s in zip(_detect(detector, images), seen)]
@@ -395,7 +395,7 @@ def fine_tune_ffn(ldm, mean, std, captions, is_texture, steps: int, batch_size: 
     import torch
     from tqdm.auto import tqdm
 
-    from .ldm import UNetTrainer, draw_batch
+    from toyworld.ldm import UNetTrainer, draw_batch
 
     gen = torch.Generator().manual_seed(seed)
     is_texture = torch.as_tensor(is_texture, dtype=torch.bool)
@@ -438,7 +438,7 @@ def unit_usage(ldm, mean, captions, n: int = 512, seed: int = 0) -> dict:
     (latent means, noised at uniform t, with their captions): ``{block prefix: [inner]}``."""
     import torch
 
-    from .ldm import _encode_all
+    from toyworld.ldm import _encode_all
 
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(mean), generator=gen)[:n]
@@ -497,7 +497,7 @@ def train_delta(outdir=FFN_ASSETS, assets: Path = ASSETS, progress: bool = True,
 
     from runtime.delta import save_delta
 
-    from .ldm import latent_moments
+    from toyworld.ldm import latent_moments
 
     s = {**DELTA_SETTINGS, **overrides}
     torch.manual_seed(s["seed"])
@@ -638,7 +638,7 @@ def prune_run(out: Path, ckpt: Path, texture: str = TEXTURE, skill_ratio: float 
     the toy settings of ``toyworld.mission`` (PLMS 50, CFG 7.5, seed 0, 32 px; tau and skill_ratio from there unless
     given; no images saved); the pruned delta goes to ``{run_dir}/checkpoints/{delta_name}``. ``n_pairs``: only the
     first prompt pairs (CI)."""
-    from . import mission
+    from toyworld import mission
 
     skill_ratio = mission.PRUNE_SKILL_RATIO if skill_ratio is None else skill_ratio
     tau = mission.PRUNE_TAU if tau is None else tau
@@ -656,14 +656,14 @@ def prune_run(out: Path, ckpt: Path, texture: str = TEXTURE, skill_ratio: float 
 
 
 def pruned_fraction(run_dir: Path, delta_name: str = "delta_pruned.safetensors") -> float:
-    from . import mission
+    from toyworld import mission
 
     return mission.pruned_fraction(Path(run_dir) / "checkpoints" / delta_name)
 
 
 def ablation_recipe() -> dict:
     """The mission's ``style`` recipe (train.py, cross-attention K/V, --regularization) with target waves."""
-    from . import mission
+    from toyworld import mission
 
     return {**mission.RECIPES["style"], "caption_target": TEXTURE, "eval_target": TEXTURE}
 
@@ -681,8 +681,8 @@ def texture_share(judge, detector, folder: Path, concept: str) -> dict:
 def shares(judge, detector, images, prompts, concept: str) -> dict:
     """``texture_share`` of a list of images and their prompts; for a shipped texture also ``judge_alone``, the
     share the shipped judge's style head gives it without the detector."""
-    from .judge import classify
-    from .mission import prompt_attributes
+    from toyworld.judge import classify
+    from toyworld.mission import prompt_attributes
 
     seen = classify(judge, images)
     styles = style_of(judge, detector, images, seen)
@@ -699,7 +699,7 @@ def shares(judge, detector, images, prompts, concept: str) -> dict:
 
 
 def _scorers(assets: Path = ASSETS):
-    from .judge import load_judge
+    from toyworld.judge import load_judge
 
     return load_judge(assets / "judge" / "judge.safetensors"), load_detector(assets / "ffn" / DETECTOR_FILE)
 
@@ -711,7 +711,7 @@ def evaluate_settings(run_dir: Path, out: Path, base_ckpt: Path, base_outpath: P
     folder of :func:`eval_prompt_dir`, base ``base_ckpt`` and its image cache ``base_outpath``."""
     import dataclasses
 
-    from . import mission
+    from toyworld import mission
 
     settings = mission.evaluate_settings(run_dir, {"concept_type": "style", "eval_target": TEXTURE}, assets, out,
                                          numgen, pattern)
@@ -788,7 +788,7 @@ def markdown(report: dict) -> str:
 def write_grid(report: dict, path: Path, concepts=(TEXTURE, "polka dots"), n: int = 8, scale: int = 2) -> Path:
     """The image grid of a ``run`` report: per concept, rows shipped / base + waves / pruned / ablated, ``n``
     images spread over its evaluation folder (every colour), the same prompts and seeds in each row."""
-    from . import mission
+    from toyworld import mission
 
     runs, rows = report["runs"], []
     first = runs[next(iter(runs))]["concepts"]
@@ -812,7 +812,7 @@ def run(out: Path, assets: Path = ASSETS, quick: bool = False, methods=("teach",
     """Build base + waves (the ``variant``'s delta), then evaluate.py + judge on: the fine-tune itself
     (``teach``), ConceptPrune and Concept Ablation on waves. Writes ``{out}/ffn{suffix}.{md,json}`` and
     ``{out}/grid{suffix}.png``."""
-    from . import mission
+    from toyworld import mission
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
