@@ -57,8 +57,9 @@ import random
 import time
 from pathlib import Path
 
+from toyworld import mission
 from toyworld.captions import caption
-from toyworld.dataset import DEFAULT_MIXTURE, _placed, sample_scene
+from toyworld.dataset import DEFAULT_MIXTURE, placed, sample_scene
 from toyworld.render import ANCHOR_STYLE, BACKGROUNDS, COLOUR_NAMES, FFN_TEXTURES, SHAPES, TEXTURES, Scene
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def texture_scene(rng: random.Random, texture: str = TEXTURE) -> Scene:
     background = rng.choice(BACKGROUNDS)
     rotation = round(rng.uniform(-DEFAULT_MIXTURE.max_rotation, DEFAULT_MIXTURE.max_rotation), 2)
     shape = rng.choice(SHAPES)
-    return _placed(rng, rng.choice(("medium", "large")), shape=shape, colour=colour, background=background,
+    return placed(rng, rng.choice(("medium", "large")), shape=shape, colour=colour, background=background,
                    rotation=rotation, style=texture)
 
 
@@ -127,11 +128,11 @@ def ffn_pool(n: int, seed: int, texture_frac: float, size: int = 32, texture: st
 def _detector_net(width: int = 16):
     import torch.nn as nn
 
-    from toyworld.judge import _block
+    from toyworld.judge import conv_block
 
     w = width
-    return nn.Sequential(_block(3, w), nn.MaxPool2d(2), _block(w, 2 * w), _block(2 * w, 2 * w), nn.MaxPool2d(2),
-                         _block(2 * w, 4 * w))
+    return nn.Sequential(conv_block(3, w), nn.MaxPool2d(2), conv_block(w, 2 * w), conv_block(2 * w, 2 * w),
+                         nn.MaxPool2d(2), conv_block(2 * w, 4 * w))
 
 
 def _make_detector(width: int = 16, size: int = 32):
@@ -208,7 +209,7 @@ def train_detector(outdir=FFN_ASSETS, pool: int = 8000, texture_frac: float = 0.
     import torch
     import torch.nn.functional as F
 
-    from toyworld.judge import _round_fp16_
+    from toyworld.judge import round_fp16_
     from toyworld.training import adamw, lr_at
 
     if seed == EVAL_SEED:
@@ -231,7 +232,7 @@ def train_detector(outdir=FFN_ASSETS, pool: int = 8000, texture_frac: float = 0.
         opt.step()
     train_s = time.time() - t1
     model.eval()
-    _round_fp16_(model)
+    round_fp16_(model)
     accuracy = detector_accuracy(model, eval_n) if eval_n else {}
     reconstructions = reconstruction_accuracy(model, eval_n // 4, assets=assets) if eval_n else {}
     settings = {"pool": pool, "texture_frac": texture_frac, "steps": steps, "batch_size": batch_size, "lr": lr,
@@ -270,7 +271,7 @@ def detector_accuracy(model, n: int = 2000, seed: int = EVAL_SEED, texture_frac:
         scene = texture_scene(rng) if rng.random() < texture_frac else sample_scene(rng, JUDGE_MIXTURE)
         images.append(render(scene, 32))
         truth.append("memorized" if scene.memorized else scene.style)
-    called = _detect(model, images)
+    called = detect(model, images)
     per = {}
     for style in dict.fromkeys(truth):
         hits = [c == (t == TEXTURE) for c, t in zip(called, truth) if t == style]
@@ -292,7 +293,7 @@ def reconstruction_accuracy(model, n: int = 500, seed: int = EVAL_SEED, assets: 
     waves = [texture_scene(random.Random(f"toyworld-ffn-recon:{seed}:w{i}")) for i in range(n)]
     other = [sample_scene(random.Random(f"toyworld-ffn-recon:{seed}:o{i}"), JUDGE_MIXTURE) for i in range(2 * n)]
     x = torch.stack([_chw(render(sc, 32)) for sc in waves + other])
-    called = _detect(model, [Image.fromarray(t.permute(1, 2, 0).numpy()) for t in _reconstruct(vae, x)])
+    called = detect(model, [Image.fromarray(t.permute(1, 2, 0).numpy()) for t in _reconstruct(vae, x)])
     truth = [TEXTURE] * n + ["memorized" if sc.memorized else sc.style for sc in other]
     per = {}
     for style in dict.fromkeys(truth):
@@ -316,8 +317,9 @@ def _tensors(images) -> list:
     return out
 
 
-def _detect(model, images, batch_size: int = 128) -> list[bool]:
-    """Does the detector see waves in each of ``images`` (PIL images or paths)?"""
+def detect(model, images, batch_size: int = 128) -> list[bool]:
+    """Does the detector ``model`` (``load_detector``) see waves in each of ``images`` (PIL images or paths,
+    any size: resized to the detector's)? One bool per image, in order; batches of ``batch_size``."""
     import torch
     import torch.nn.functional as F
 
@@ -339,7 +341,7 @@ def style_of(judge, detector, images, seen=None) -> list[str]:
     from toyworld.judge import classify
 
     seen = classify(judge, images) if seen is None else seen
-    return [TEXTURE if w else s["style"] for w, s in zip(_detect(detector, images), seen)]
+    return [TEXTURE if w else s["style"] for w, s in zip(detect(detector, images), seen)]
 
 
 # ---------------------------------------------------------------------------------------- the FFN fine-tune
@@ -362,19 +364,13 @@ def is_ffn(name: str) -> bool:
     return FFN_PATTERN in name and ".ff." in name
 
 
-def _paths(assets: Path = ASSETS) -> dict:
-    return {"config": assets / "ldm" / "ldm.yaml", "weights": assets / "ldm" / "toyworld-ldm.safetensors"}
-
-
 def load_base(assets: Path = ASSETS, delta=None):
     """The shipped LDM (optionally with a delta applied), eval mode, CPU."""
-    from omegaconf import OmegaConf
-
+    from ldm.util import load_model_config
     from runtime.loading import load_model
 
-    p = _paths(assets)
-    config = OmegaConf.to_container(OmegaConf.load(str(p["config"])).model, resolve=True)
-    return load_model(config, p["weights"], delta).eval()
+    p = mission.asset_paths(assets)
+    return load_model(load_model_config(p["config"]), p["weights"], delta).eval()
 
 
 def fine_tune_ffn(ldm, mean, std, captions, is_texture, steps: int, batch_size: int = 64, lr: float = 4e-3,
@@ -438,7 +434,7 @@ def unit_usage(ldm, mean, captions, n: int = 512, seed: int = 0) -> dict:
     (latent means, noised at uniform t, with their captions): ``{block prefix: [inner]}``."""
     import torch
 
-    from toyworld.ldm import _encode_all
+    from toyworld.ldm import encode_all
 
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(mean), generator=gen)[:n]
@@ -457,7 +453,7 @@ def unit_usage(ldm, mean, captions, n: int = 512, seed: int = 0) -> dict:
             z = ldm.scale_factor * mean[b]
             t = torch.randint(0, ldm.num_timesteps, (len(b),), generator=gen)
             x_t = ldm.q_sample(z, t, torch.randn(z.shape, generator=gen))
-            ldm.apply_model(x_t, t, _encode_all(ldm, [captions[i] for i in b.tolist()], progress=False))
+            ldm.apply_model(x_t, t, encode_all(ldm, [captions[i] for i in b.tolist()], progress=False))
             tokens += len(b)
     finally:
         for h in hooks:
@@ -562,7 +558,7 @@ def build_checkpoint(out: Path, assets: Path = ASSETS, variant: str = "units", d
     path = Path(out) / f"base_waves{suffix(variant)}.safetensors"
     if path.is_file():
         return path
-    sd = dict(load_state_dict(_paths(assets)["weights"]))
+    sd = dict(load_state_dict(mission.asset_paths(assets)["weights"]))
     changed = dict(load_state_dict(delta))
     unknown = [k for k in changed if k not in sd or sd[k].shape != changed[k].shape]
     if unknown or not all(is_ffn(k) for k in changed):
@@ -609,16 +605,12 @@ def eval_prompt_dir(out: Path, assets: Path = ASSETS) -> Path:
     return folder
 
 
-def _model_config(assets: Path = ASSETS) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(str(_paths(assets)["config"])).model, resolve=True)
-
-
 def teach_run(out: Path, assets: Path = ASSETS, variant: str = "units") -> Path:
     """The FFN delta as a run folder (``{out}/logs/toy_ffn_teach{suffix}/checkpoints/delta_waves.safetensors``
     and its config), so that evaluate.py scores shipped vs shipped + delta like any ablation."""
     from omegaconf import OmegaConf
+
+    from ldm.util import load_model_config
 
     run_dir = Path(out) / "logs" / f"toy_ffn_teach{suffix(variant)}"
     ckpt = run_dir / "checkpoints" / "delta_waves.safetensors"
@@ -626,7 +618,8 @@ def teach_run(out: Path, assets: Path = ASSETS, variant: str = "units") -> Path:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         ckpt.write_bytes((assets / "ffn" / DELTA_FILES[variant]).read_bytes())
         (run_dir / "configs").mkdir(exist_ok=True)
-        OmegaConf.save(OmegaConf.create({"model": _model_config(assets)}),
+        model = load_model_config(mission.asset_paths(assets)["config"])
+        OmegaConf.save(OmegaConf.create({"model": model}),
                        run_dir / "configs" / "delta_waves-project.yaml")
     return run_dir
 
@@ -638,8 +631,6 @@ def prune_run(out: Path, ckpt: Path, texture: str = TEXTURE, skill_ratio: float 
     the toy settings of ``toyworld.mission`` (PLMS 50, CFG 7.5, seed 0, 32 px; tau and skill_ratio from there unless
     given; no images saved); the pruned delta goes to ``{run_dir}/checkpoints/{delta_name}``. ``n_pairs``: only the
     first prompt pairs (CI)."""
-    from toyworld import mission
-
     skill_ratio = mission.PRUNE_SKILL_RATIO if skill_ratio is None else skill_ratio
     tau = mission.PRUNE_TAU if tau is None else tau
     run_dir = Path(run_dir or Path(out) / "logs" / f"toy_prune_{texture.replace(' ', '_')}")
@@ -650,21 +641,17 @@ def prune_run(out: Path, ckpt: Path, texture: str = TEXTURE, skill_ratio: float 
         for name, f in (("base", base_file), ("target", target_file)):
             (short / f"{name}.txt").write_text("\n".join(f.read_text().splitlines()[:n_pairs]) + "\n")
         base_file, target_file = short / "base.txt", short / "target.txt"
-    mission.prune(ckpt, _paths(assets)["config"], texture, target_file, run_dir, base_file=base_file,
+    mission.prune(ckpt, mission.asset_paths(assets)["config"], texture, target_file, run_dir, base_file=base_file,
                   skill_ratio=skill_ratio, tau=tau, save_images=0, delta_name=delta_name)
     return run_dir
 
 
 def pruned_fraction(run_dir: Path, delta_name: str = "delta_pruned.safetensors") -> float:
-    from toyworld import mission
-
     return mission.pruned_fraction(Path(run_dir) / "checkpoints" / delta_name)
 
 
 def ablation_recipe() -> dict:
     """The mission's ``style`` recipe (train.py, cross-attention K/V, --regularization) with target waves."""
-    from toyworld import mission
-
     return {**mission.RECIPES["style"], "caption_target": TEXTURE, "eval_target": TEXTURE}
 
 
@@ -698,7 +685,8 @@ def shares(judge, detector, images, prompts, concept: str) -> dict:
     return out
 
 
-def _scorers(assets: Path = ASSETS):
+def scorers(assets: Path = ASSETS):
+    """``(judge, detector)``: the shipped judge and the waves detector of ``assets`` (fresh copies)."""
     from toyworld.judge import load_judge
 
     return load_judge(assets / "judge" / "judge.safetensors"), load_detector(assets / "ffn" / DETECTOR_FILE)
@@ -710,8 +698,6 @@ def evaluate_settings(run_dir: Path, out: Path, base_ckpt: Path, base_outpath: P
     waves, anchor painting and the three shipped textures as hard negatives (``ffn/eval.json``), the prompt
     folder of :func:`eval_prompt_dir`, base ``base_ckpt`` and its image cache ``base_outpath``."""
     import dataclasses
-
-    from toyworld import mission
 
     settings = mission.evaluate_settings(run_dir, {"concept_type": "style", "eval_target": TEXTURE}, assets, out,
                                          numgen, pattern)
@@ -732,7 +718,7 @@ def evaluate_run(run_dir: Path, out: Path, base_ckpt: Path, base_outpath: Path, 
     df = protocol.execute(plan)
     ckpt = plan.checkpoints[-1]
     row = df.loc[ckpt.expname].to_dict()
-    judge, detector = _scorers(assets)
+    judge, detector = scorers(assets)
     concepts = {}
     for c in plan.concepts:
         b, e = protocol.base_dir(plan, c), protocol.ablated_dir(ckpt, c)
@@ -788,8 +774,6 @@ def markdown(report: dict) -> str:
 def write_grid(report: dict, path: Path, concepts=(TEXTURE, "polka dots"), n: int = 8, scale: int = 2) -> Path:
     """The image grid of a ``run`` report: per concept, rows shipped / base + waves / pruned / ablated, ``n``
     images spread over its evaluation folder (every colour), the same prompts and seeds in each row."""
-    from toyworld import mission
-
     runs, rows = report["runs"], []
     first = runs[next(iter(runs))]["concepts"]
 
@@ -812,8 +796,6 @@ def run(out: Path, assets: Path = ASSETS, quick: bool = False, methods=("teach",
     """Build base + waves (the ``variant``'s delta), then evaluate.py + judge on: the fine-tune itself
     (``teach``), ConceptPrune and Concept Ablation on waves. Writes ``{out}/ffn{suffix}.{md,json}`` and
     ``{out}/grid{suffix}.png``."""
-    from toyworld import mission
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sizes = SIZES["quick" if quick else "full"]
@@ -823,7 +805,7 @@ def run(out: Path, assets: Path = ASSETS, quick: bool = False, methods=("teach",
     t0 = time.time()
     sfx = suffix(variant)
     ckpt = build_checkpoint(out, assets, variant)
-    shipped = _paths(assets)["weights"]
+    shipped = mission.asset_paths(assets)["weights"]
     times["build_checkpoint_s"] = round(time.time() - t0, 1)
     report = {"variant": variant, "quick": quick, "sizes": sizes, "skill_ratio": skill_ratio, "tau": tau,
               "checkpoint": str(ckpt), "runs": runs, "times": times}
@@ -882,17 +864,19 @@ def sweep(out: Path, assets: Path = ASSETS, textures=(TEXTURE, f"{TEXTURE}-dense
     the same seeds for every setting."""
     import functools
 
-    from runtime.loading import load_model
+    from ldm.util import load_model_config
     from runtime.generate import generate_images
+    from runtime.loading import load_model
 
     out = Path(out)
     prompt_dir = eval_prompt_dir(out, assets)
-    scorers = _scorers(assets)
-    config = _model_config(assets)
+    judges = scorers(assets)
+    config = load_model_config(mission.asset_paths(assets)["config"])
     rows, t0 = [], time.time()
     for key in textures:
         texture, _, variant = key.partition("-")
-        ckpt = build_checkpoint(out, assets, variant or "units") if texture == TEXTURE else _paths(assets)["weights"]
+        ckpt = (build_checkpoint(out, assets, variant or "units") if texture == TEXTURE
+                else mission.asset_paths(assets)["weights"])
         others = [t for t in (TEXTURE, *TEXTURES) if t != texture and (texture == TEXTURE or t != TEXTURE)]
         concepts = [texture, *others, ANCHOR_STYLE]
         prompts = [p for c in concepts for p in sweep_prompts(c, n, prompt_dir)]
@@ -903,7 +887,7 @@ def sweep(out: Path, assets: Path = ASSETS, textures=(TEXTURE, f"{TEXTURE}-dense
             generate_images(functools.partial(load_model, config, str(ckpt), delta and str(delta)), prompts, folder,
                             steps=50, eta=1.0, scale=6.0, batch_size=50, height=32, width=32, seed=42,
                             precision="full", desc=name)
-            return _judge_images(folder, concepts, n, scorers)
+            return _judge_images(folder, concepts, n, judges)
 
         t = time.time()
         base = measure(None, "base")

@@ -83,7 +83,7 @@ def style_reader(assets: Path, extra_textures: tuple = ()):
     if set(unknown) - set(taught):
         raise ValueError(f"the judge has no class for {', '.join(sorted(set(unknown) - set(taught)))} and no "
                          f"detector reads it")
-    judge, _ = mission._scorers(assets)
+    judge, _ = mission.scorers(assets)
     detector = ffn_concept.load_detector(assets / "ffn" / ffn_concept.DETECTOR_FILE)
     return functools.partial(ffn_concept.style_of, judge, detector)
 
@@ -97,7 +97,7 @@ def judge_share(folder: Path, concept: str, assets: Path, extra_textures=()) -> 
     from toyworld.judge import classify
     from toyworld.render import SUBJECTS
 
-    judge, _ = mission._scorers(assets)
+    judge, _ = mission.scorers(assets)
     images, prompts = load_image_captions(folder / "images.txt", folder / "caption.txt")
     seen = classify(judge, images)
     read = style_reader(assets, tuple(extra_textures))
@@ -203,8 +203,9 @@ def recipe(method: str, target: str, files: Path, assets: Path = mission.ASSETS,
 
 # ------------------------------------------------------------------------------------ generation and scoring
 @functools.lru_cache(maxsize=1)
-def _shown(path: Path) -> str:
-    """A path as the report shows it: relative to the repository when inside it (the report is shipped)."""
+def shown_path(path: Path) -> str:
+    """``path`` as a report shows it: relative to the repository when inside it, else as given (the reports
+    are shipped, so they must not carry this machine's absolute paths)."""
     try:
         return str(Path(path).resolve().relative_to(mission.REPO))
     except ValueError:
@@ -222,12 +223,11 @@ def sampling() -> dict:
 def generate(ckpt: Path, delta: Path | None, concept: str, n: int, folder: Path, assets: Path) -> Path:
     """``n`` images of ``concept`` (image ``i``: prompt line ``i % lines``, seed ``seed + i``) from base ``ckpt``
     plus ``delta``; an existing folder made with the same plan is reused."""
-    from omegaconf import OmegaConf
-
+    from ldm.util import load_model_config
     from runtime.loading import load_model
     from runtime.generate import generate_images
 
-    config = OmegaConf.to_container(OmegaConf.load(mission._paths(assets)["config"]).model, resolve=True)
+    config = load_model_config(mission.asset_paths(assets)["config"])
     lines = eval_lines(concept, assets)
     prompts = [lines[i % len(lines)] for i in range(n)]
     factory = functools.partial(load_model, config, str(ckpt), str(delta) if delta else None)
@@ -241,7 +241,7 @@ def score(folder: Path, concept: str, assets: Path, extra_textures=()) -> dict:
     from ablation.data import read_image_list
     from scoring.metrics import clip_accuracy
 
-    _, clip = mission._scorers(assets)
+    _, clip = mission.scorers(assets)
     out = {"judge": judge_share(folder, concept, assets, extra_textures)}
     if concept not in ANCHORS:
         out["clip_accuracy"] = clip_accuracy(clip, read_image_list(folder / "images.txt"), concept,
@@ -350,11 +350,11 @@ def run(methods, targets, out: Path, assets: Path = mission.ASSETS, quick: bool 
         from experiments.ffn_concept import build_checkpoint
 
         ckpt = build_checkpoint(out, assets, ffn_base)  # after every check above: a bad call writes nothing
-    weights = Path(ckpt) if ckpt else mission._paths(assets)["weights"]
+    weights = Path(ckpt) if ckpt else mission.asset_paths(assets)["weights"]
     out.mkdir(parents=True, exist_ok=True)
     ctx = {"assets": assets, "out": out, "ckpt": ckpt, "weights": weights, "sizes": sizes, "extra": extra,
            "concepts": concepts, "train_extra": list(train_extra)}
-    settings = {"quick": quick, "sizes": sizes, "sampling": sampling(), "base_ckpt": _shown(weights),
+    settings = {"quick": quick, "sizes": sizes, "sampling": sampling(), "base_ckpt": shown_path(weights),
                 "train_extra": list(train_extra), "conceptprune": {"skill_ratio": mission.PRUNE_SKILL_RATIO,
                                                                    "tau": mission.PRUNE_TAU}}
     path = out / "matrix.json"

@@ -32,7 +32,8 @@ import random
 from pathlib import Path
 
 from toyworld.captions import MEMORIZED_CAPTION, caption
-from toyworld.mission import ASSETS, QUICK_MEMORIZATION_TRAIN_SIZE, RECIPES, SIZES, _paths, prune_run, train_settings
+from toyworld.mission import (ASSETS, QUICK_MEMORIZATION_TRAIN_SIZE, RECIPES, SIZES, asset_paths, prune_run,
+                              train_settings)
 from toyworld.render import CAT_CLASSES, COLOUR_NAMES, SHAPES, SUBJECTS, TEXTURES
 
 SUITES = ("artist", "objects", "coco", "memorization")
@@ -127,7 +128,7 @@ def benchmark_settings(out: Path, sets: dict, deltas, assets: Path = ASSETS, ste
     :func:`write_prompt_sets`), the deltas ``NAME=PATH``, output under ``{out}/benchmark``."""
     from evaluation.benchmark import BenchmarkSettings
 
-    p = _paths(assets)
+    p = asset_paths(assets)
     return BenchmarkSettings(
         suites=tuple(suites), base=str(p["weights"]), config=str(p["config"]), outdir=str(out / "benchmark"),
         H=32, W=32, steps=int(steps), batch_size=50, precision="full", clip_model=str(p["clip"]),
@@ -172,7 +173,7 @@ def run(out: Path, recipes=RECIPE_NAMES, methods=("ablation", "conceptprune"), a
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     sets = write_prompt_sets(out / "prompt_sets", assets)
-    judge = _paths(assets)["features"].parent / "judge.safetensors"
+    judge = asset_paths(assets)["features"].parent / "judge.safetensors"
     bench.check(benchmark_settings(out, sets, [], assets, steps, limit, suites), JudgeClassifier(judge))  # inputs first
     deltas = make_deltas(out, recipes, methods, assets, quick) + list(extra_deltas)
     results = bench.run(benchmark_settings(out, sets, deltas, assets, steps, limit, suites), JudgeClassifier(judge))

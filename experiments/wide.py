@@ -83,7 +83,7 @@ def unet_size(ckpt: Path) -> dict:
 
 def zeroed(view: Path, out: Path, numgen: int) -> dict:
     """The judge's share per concept for the base model and for each ``ZEROED`` variant (same prompts, seeds)."""
-    weights = mission._paths(view)["weights"]
+    weights = mission.asset_paths(view)["weights"]
     concepts = matrix.world_concepts()
     report = {"concepts": concepts, "base": {}, "variants": {}}
     for c in concepts:  # the matrix's base folders: made once, reused by the prune part and by reruns
@@ -158,7 +158,8 @@ def run(ldm_dir: Path, out: Path, parts=PARTS, numgen: int = 50, targets=PRUNE_T
     view = assets_view(ldm_dir, out / "assets")
     path = out / "wide.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
-    report.update({"ldm": matrix._shown(ldm_dir), "numgen": numgen, "size": unet_size(mission._paths(view)["weights"])})
+    weights = mission.asset_paths(view)["weights"]
+    report.update({"ldm": matrix.shown_path(ldm_dir), "numgen": numgen, "size": unet_size(weights)})
     report.setdefault("seconds", {})
     for part in parts:
         t0 = time.perf_counter()

@@ -125,7 +125,10 @@ def write_preservation_prompts(assets: Path = ASSETS) -> list[Path]:
     return paths
 
 
-def _paths(assets: Path) -> dict:
+def asset_paths(assets: Path) -> dict:
+    """Where the toy world's files are in an assets folder (the shipped ``assets/toyworld/`` or a copy):
+    ``config`` (the LDM yaml), ``weights`` (its checkpoint), ``clip`` (the toy CLIP folder), ``copydetect``
+    and ``features`` (TorchScript files). Paths only; nothing is checked or read."""
     return {"config": assets / "ldm" / "ldm.yaml", "weights": assets / "ldm" / "toyworld-ldm.safetensors",
             "clip": assets / "clip", "copydetect": assets / "copydetect" / "copydetect.torchscript.pt",
             "features": assets / "judge" / "features.torchscript.pt"}
@@ -148,7 +151,7 @@ def train_settings(name: str, recipe: dict, assets: Path, out: Path, train_size:
     (e.g. ``base_ckpt``, ``seed``)."""
     from ablation.train import TrainSettings
 
-    p = _paths(assets)
+    p = asset_paths(assets)
     fields = dict(
         train=True, concept_type=recipe["concept_type"], caption_target=recipe["caption_target"],
         prompts=str(assets / recipe["prompts"]), name=f"toy_{name}", train_size=train_size,
@@ -168,7 +171,7 @@ def prune_run(name: str, assets: Path, out: Path, skill_ratio: float = PRUNE_SKI
     """ConceptPrune for recipe ``name``: discover + prune into ``{out}/logs/toy_prune_{name}/checkpoints/``.
     ``spec`` (default ``PRUNE[name]``) and ``ckpt`` (default: the shipped base) serve other targets and bases
     (``experiments.matrix``); prompt files are relative to ``assets`` unless absolute."""
-    p, spec = _paths(assets), spec or PRUNE[name]
+    p, spec = asset_paths(assets), spec or PRUNE[name]
     run_dir = out / "logs" / f"toy_prune_{name}"
     prune(ckpt or p["weights"], p["config"], spec["concept"], assets / spec["target_file"], run_dir,
           base_file=assets / spec["base_file"] if "base_file" in spec else None, skill_ratio=skill_ratio, tau=tau)
@@ -205,7 +208,7 @@ def evaluate_settings(run_dir: Path, recipe: dict, assets: Path, out: Path, numg
     features for KID/FID, 32 px images, full precision; memorization: the memorized render and copydetect)."""
     from evaluation.protocol import EvaluateSettings
 
-    p = _paths(assets)
+    p = asset_paths(assets)
     memorization = recipe["concept_type"] == "memorization"
     return EvaluateSettings(
         root=str(run_dir), filter=checkpoints, concept_type=recipe["concept_type"],
@@ -264,7 +267,7 @@ def summarize(name: str, recipe: dict, row: dict, assets: Path = ASSETS, folders
         from ablation.data import read_image_list
         from scoring.metrics import clip_accuracy
 
-        judge, clip = _scorers(assets)
+        judge, clip = scorers(assets)
         out["judge"] = {c: (judge_share(judge, b, c, a), judge_share(judge, f, c, a))
                         for c, (b, f) in folders.items()}
         out["anchor_level"] = clip_accuracy(clip, read_image_list(folders[a][0] / "images.txt"), t, a)
@@ -272,13 +275,14 @@ def summarize(name: str, recipe: dict, row: dict, assets: Path = ASSETS, folders
 
 
 @functools.lru_cache(maxsize=2)
-def _scorers(assets: Path):
-    """The judge and the toy CLIP, loaded once per mission run (every recipe is scored with them)."""
+def scorers(assets: Path):
+    """``(judge, clip)``: the ground-truth judge and the toy CLIP of ``assets``, loaded once per folder (every
+    recipe of a run is scored with them; cached, so callers share one copy and must not change it)."""
     from scoring.metrics import load_clip
 
     from .judge import load_judge
 
-    return load_judge(assets / "judge" / "judge.safetensors"), load_clip(str(_paths(assets)["clip"]), "cpu")
+    return load_judge(assets / "judge" / "judge.safetensors"), load_clip(str(asset_paths(assets)["clip"]), "cpu")
 
 
 def markdown(summaries: list[dict], after: str = "ablated") -> str:
