@@ -4,7 +4,7 @@ The toy world is the stage (renderer, captions, data set, the model and its trai
 mission); these are the experiments staged on it, using only the public API of the library and of ``toyworld``:
 
 * ``experiments.matrix``: every concept as the target in turn, every other concept measured;
-* ``experiments.ffn_concept``: a concept taught into the FFNs ("waves"), then ConceptPrune and Concept Ablation
+* ``experiments.ffn``: a concept taught into the FFNs ("waves"), then ConceptPrune and Concept Ablation
   on it;
 * ``experiments.wide``: a wider toy UNet (two transformer blocks per level);
 * ``experiments.anchor_study``: cheaper anchor samplers against the paper's DDIM 200;

@@ -26,7 +26,7 @@ prompts and seeds (``{out}/logs/<run>/matrix_eval/``).
 
 Textures outside the shipped world (``render.FFN_TEXTURES``, e.g. "waves") join as targets and columns with
 ``--extra_textures`` (by default all of them when ``--ckpt`` names a base that learned them; none with the shipped
-base); where the judge's style head has no class for one, ``experiments.ffn_concept.style_of`` (its detector) reads
+base); where the judge's style head has no class for one, ``experiments.ffn.style_of`` (its detector) reads
 the styles (``style_reader``).
 
 Output, rewritten after every run (a rerun with the same ``--out`` skips the runs already there):
@@ -68,7 +68,7 @@ def extra_textures_default(ckpt) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=4)
 def style_reader(assets: Path, extra_textures: tuple = ()):
     """``images -> [style]`` for the judge's style calls, or None where the shipped judge's style head knows every
-    texture. A texture it has no class for needs a reader of its own: ``experiments.ffn_concept.style_of`` (its
+    texture. A texture it has no class for needs a reader of its own: ``experiments.ffn.style_of`` (its
     detector decides that texture, the judge's head the rest) for the textures that module teaches."""
     from toyworld.judge import HEADS
 
@@ -76,16 +76,16 @@ def style_reader(assets: Path, extra_textures: tuple = ()):
     if not unknown:
         return None
     try:
-        from experiments import ffn_concept
+        from experiments import ffn
     except ImportError:
-        ffn_concept = None
-    taught = getattr(ffn_concept, "FFN_TEXTURES", ()) if hasattr(ffn_concept, "style_of") else ()
+        ffn = None
+    taught = getattr(ffn, "FFN_TEXTURES", ()) if hasattr(ffn, "style_of") else ()
     if set(unknown) - set(taught):
         raise ValueError(f"the judge has no class for {', '.join(sorted(set(unknown) - set(taught)))} and no "
                          f"detector reads it")
     judge, _ = mission.scorers(assets)
-    detector = ffn_concept.load_detector(assets / "ffn" / ffn_concept.DETECTOR_FILE)
-    return functools.partial(ffn_concept.style_of, judge, detector)
+    detector = ffn.load_detector(assets / "ffn" / ffn.DETECTOR_FILE)
+    return functools.partial(ffn.style_of, judge, detector)
 
 
 def judge_share(folder: Path, concept: str, assets: Path, extra_textures=()) -> float:
@@ -332,7 +332,7 @@ def run(methods, targets, out: Path, assets: Path = mission.ASSETS, quick: bool 
     """The matrix for ``methods`` x ``targets`` into ``out`` (see the module docstring). ``numgen`` and
     ``train_size`` override the sizes (evaluation images per concept, anchor images), ``train_extra`` are
     config overrides (``key.sub=value``) of every training run: both for short test runs. ``ffn_base`` ("units" or
-    "dense"): the base is the shipped model with ``experiments.ffn_concept``'s FFN delta of that variant, built
+    "dense"): the base is the shipped model with ``experiments.ffn``'s FFN delta of that variant, built
     into ``out`` (instead of ``ckpt``)."""
     if ffn_base is not None and ckpt is not None:
         raise ValueError("ckpt and ffn_base name two base models; give one")
@@ -347,7 +347,7 @@ def run(methods, targets, out: Path, assets: Path = mission.ASSETS, quick: bool 
     sizes = dict(mission.SIZES["quick" if quick else "full"])
     sizes.update({k: v for k, v in (("numgen", numgen), ("train_size", train_size)) if v})
     if ffn_base is not None:
-        from experiments.ffn_concept import build_checkpoint
+        from experiments.ffn import build_checkpoint
 
         ckpt = build_checkpoint(out, assets, ffn_base)  # after every check above: a bad call writes nothing
     weights = Path(ckpt) if ckpt else mission.asset_paths(assets)["weights"]
@@ -399,7 +399,7 @@ def main(argv=None) -> dict:
     p.add_argument("--numgen", type=int, default=None, help="evaluation images per concept (default: 50, quick 10)")
     p.add_argument("--ckpt", default=None, help="another base checkpoint (default: the shipped toy model)")
     p.add_argument("--ffn_base", choices=("units", "dense"), default=None,
-                   help="the base is the shipped model plus experiments.ffn_concept's FFN delta of this variant "
+                   help="the base is the shipped model plus experiments.ffn's FFN delta of this variant "
                         "(it knows 'waves'), built into --out")
     p.add_argument("--extra_textures", nargs="*", default=None,
                    help="textures outside the shipped world (default: render.FFN_TEXTURES "

@@ -1,5 +1,5 @@
 """Issue 21: a concept that lives in the FFNs (the texture "waves", taught to the shipped toy UNet through its
-transformer blocks' feed-forward weights only; experiments/ffn_concept.py) and ConceptPrune on it. The effect is
+transformer blocks' feed-forward weights only; experiments/ffn/) and ConceptPrune on it. The effect is
 asserted on a short run with the shipped FFN delta: after pruning, the judge sees far fewer waves, and stripes
 stay."""
 import functools
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from experiments import ffn_concept as F
+from experiments import ffn as F
 from toyworld.dataset import DEFAULT_MIXTURE, sample_scene
 from toyworld.judge import JUDGE_MIXTURE
 from toyworld.render import FFN_TEXTURES, STYLES, TEXTURES, Scene, render

@@ -59,7 +59,7 @@ def placed(rng: random.Random, size: str, **fields) -> Scene:
     """A ``Scene`` of ``size`` (a key of ``SIZES``) at a random position that keeps the whole object in the
     picture with a margin, drawn from ``rng``; ``fields`` are the other ``Scene`` fields.
 
-    The one placement rule, so that scenes drawn elsewhere (``experiments.ffn_concept``) sit like the world's.
+    The one placement rule, so that scenes drawn elsewhere (``experiments.ffn``) sit like the world's.
     Raises ``KeyError`` for an unknown size.
     """
     r = SIZES[size]

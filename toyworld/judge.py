@@ -142,7 +142,7 @@ def _check_seed(seed: int) -> None:
 # ---------------------------------------------------------------------------------------- classifier
 def conv_block(cin: int, cout: int) -> nn.Sequential:
     """3x3 convolution (no bias), batch norm, ReLU: ``[B, cin, H, W]`` -> ``[B, cout, H, W]``; the unit of the
-    judge's and the copy descriptor's CNNs (and of ``experiments.ffn_concept``'s detector)."""
+    judge's and the copy descriptor's CNNs (and of ``experiments.ffn``'s detector)."""
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 

@@ -240,7 +240,7 @@ def draw_batch(ldm, gen: torch.Generator, mean: torch.Tensor, std: torch.Tensor,
 
 
 class UNetTrainer:
-    """What the toy UNet's training loops (``train_unet``, ``experiments.ffn_concept.fine_tune_ffn``) share around
+    """What the toy UNet's training loops (``train_unet``, ``experiments.ffn.fine_tune_ffn``) share around
     their own loss: the captions encoded once, AdamW on the UNet parameters that require grad with
     ``training.lr_at``'s schedule, clipped gradients, and an EMA copy that ``finish`` loads."""
 
