@@ -45,8 +45,7 @@ ASSETS = REPO / "assets/toyworld"
 
 # The paper's recipe plus --preserve_prompts (train.py; not in the paper): other world captions keep the base
 # model's prediction (training.preservation_weight of the concept config: 8), with 4x the steps because the
-# term slows the ablation down. Full runs, 25 images per hard negative, stripes after ablation: weight 1 / 100
-# steps 0.53, 4 / 300 0.32, 8 / 400 0.28, with polka dots and checkerboard at 0.92-1.00 throughout.
+# term slows the ablation down (the weight/steps trials: docs/experiments/toyworld-mission.md).
 PRESERVE_OVERRIDES = ["training.max_steps=400", "training.save_freq=400"]
 # name -> what train.py / evaluate.py get; "eval_target" is the evaluate.py --caption_target, "regularization"
 # train.py's --regularization, "preserve" the --preserve_prompts file, "overrides" config overrides.
@@ -58,11 +57,8 @@ RECIPES = {
     # The style recipe keeps the anchor prompt's own prediction in place (--regularization): the shipped model
     # binds colour through the text, and without it the anchor paintings drift in colour.
     "style": {**_STYLE, "regularization": True},
-    # style-preserve drops --regularization: its true-noise anchor term fights the ablation at high noise levels
-    # (400-step direct K/V fits, batch 8: share of the base model's squared stripes-vs-painting eps gap left at
-    # t >= 900: 0.11 alone, 0.44 with it at weight 2, 0.18 with preservation at weight 8), and the kept captions
-    # hold the anchor paintings anyway. Full runs, 200 target images: stripes 0.30 -> 0.23 by CLIP, 0.12 -> 0.07
-    # by the judge; painting CLIP score 0.42 -> 0.46.
+    # style-preserve drops --regularization: its true-noise anchor term fights the ablation at high noise levels,
+    # and the kept captions hold the anchor paintings anyway (measured: docs/experiments/toyworld-mission.md).
     "style-preserve": {**_STYLE, "preserve": "preserve_prompts/style.txt", "overrides": PRESERVE_OVERRIDES},
     "instance": _INSTANCE,
     "instance-preserve": {**_INSTANCE, "preserve": "preserve_prompts/instance.txt", "overrides": PRESERVE_OVERRIDES},
@@ -70,8 +66,8 @@ RECIPES = {
                   "prompts": "prompts/lighthouse_mem.txt", "eval_target": MEMORIZED_CAPTION},
 }
 # preservation file -> (the word it must not contain: the target; anchor prompts appended, or None). The instance
-# file adds the anchor prompts (cat anchor CLIP score 0.77 -> 0.87); the style file does not (with them, the
-# judge saw checkerboard fall to 0.66 instead of 0.86 of 0.96, at 50 images).
+# file adds the anchor prompts (they keep the cat anchor); the style file does not (with them, the judge saw
+# checkerboard fall further; both measured: docs/experiments/toyworld-mission.md).
 PRESERVE_SOURCES = {"preserve_prompts/style.txt": ("stripes", None),
                     "preserve_prompts/instance.txt": ("grumpy", "prompts/cat.txt")}
 # ConceptPrune per recipe: concept name and prompt files for conceptprune.py discover. The toy UNet's ff.net.2

@@ -55,8 +55,8 @@ def fine_tune_ffn(ldm, mean, std, captions, is_texture, steps: int, batch_size: 
     are not ``is_texture`` (the ordinary world scenes) are fitted to the frozen shipped UNet's own prediction
     instead of the true noise, and only they have their caption dropped (``p_uncond``). The waves items teach
     the new texture; the others keep every other prompt, and the unconditional prediction, where the shipped
-    model had them (fitting them to the true noise also went on training the shipped model: in a trial, 36 images
-    each, polka dots moved by +0.19 and checkerboard by -0.14). ``masks`` (parameter name of ``ldm.model`` ->
+    model had them (fitting them to the true noise also went on training the shipped model; the trial is on
+    docs/experiments/ffn-waves.md). ``masks`` (parameter name of ``ldm.model`` ->
     bool tensor of its shape): only the True entries change (gradients masked, the rest restored after every
     step, weight decay included)."""
     import copy
