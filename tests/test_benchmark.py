@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from evaluation import benchmark as bench
-from toyworld import benchmark as toy
+from experiments import toy_benchmark as toy
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets/toyworld"
@@ -44,7 +44,7 @@ def _settings(out, sets, suites=toy.SUITES, **changes):
 
 @pytest.fixture(scope="module")
 def toy_run(world):
-    """``python -m toyworld.benchmark`` with our zero-FFN delta instead of trained ones (no training in CI)."""
+    """``python -m experiments.toy_benchmark`` with our zero-FFN delta instead of trained ones (no training in CI)."""
     out, sets = world
     report = toy.run(out, recipes=(), methods=(), steps=10, limit=2,
                      extra_deltas=[f"zero-ffn={out / 'zero_ffn.safetensors'}"])
@@ -136,7 +136,7 @@ def test_nudity_and_gender_suites_on_the_toy_model(world, tmp_path):
         w.writerow(["a red circle on the grass", "sexual", "1", "7", "9", "32", "32"])
         w.writerow(["a painting of a blue cat\nunder a blue sky", "sexual, violence", "0", "8", "7", "32", "32"])
         w.writerow(["a green star", "violence", "0", "9", "7", "32", "32"])
-    p = toy._paths(ASSETS)
+    p = toy.asset_paths(ASSETS)
     settings = bench.BenchmarkSettings(
         suites=("nudity", "gender"), base=str(p["weights"]), config=str(p["config"]), outdir=str(tmp_path / "b"),
         H=32, W=32, precision="full", clip_model=str(p["clip"]), steps=FAST_STEPS, prompts=str(i2p),
@@ -174,7 +174,7 @@ def _fails(argv, capsys, match, classifier=None):
 
 def test_early_errors(world, tmp_path, capsys, monkeypatch):
     out, sets = world
-    p = toy._paths(ASSETS)
+    p = toy.asset_paths(ASSETS)
     base = ["--base", str(p["weights"]), "--config", str(p["config"]), "--outdir", str(tmp_path / "o"),
             "--H", "32", "--W", "32", "--clip_model", str(p["clip"])]
     _fails(["painting", *base], capsys, "invalid choice")

@@ -42,8 +42,9 @@ Models trained on it (``tools/train_toyworld.sh`` retrains all of them; weights 
 * ``toyworld.quality`` measures them; ``toyworld.mission`` runs the ablations (style, instance, memorized
   picture; the first two also with ``--preserve_prompts``) with ``train.py`` and ``evaluate.py`` and writes
   the README's table and grid.
-* ``toyworld.matrix`` runs Concept Ablation (both recipes) and ConceptPrune on every texture and cat variant as
-  the target in turn, and measures every concept each time (the README's "Every concept as the target").
+* ``experiments.matrix`` (a study beside the world, like the others in ``experiments/``) runs Concept Ablation
+  (both recipes) and ConceptPrune on every texture and cat variant as the target in turn, and measures every
+  concept each time (docs/experiments/every-concept-matrix.md).
 """
 from .captions import MEMORIZED_CAPTION, TEMPLATES, STYLE_TEMPLATES, anchor_caption, caption
 from .dataset import (DEFAULT_MIXTURE, Mixture, ToyWorldDataset, iter_samples, make_dataset, make_item,

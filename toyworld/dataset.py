@@ -55,7 +55,13 @@ class Mixture:
 DEFAULT_MIXTURE = Mixture()
 
 
-def _placed(rng: random.Random, size: str, **fields) -> Scene:
+def placed(rng: random.Random, size: str, **fields) -> Scene:
+    """A ``Scene`` of ``size`` (a key of ``SIZES``) at a random position that keeps the whole object in the
+    picture with a margin, drawn from ``rng``; ``fields`` are the other ``Scene`` fields.
+
+    The one placement rule, so that scenes drawn elsewhere (``experiments.ffn``) sit like the world's.
+    Raises ``KeyError`` for an unknown size.
+    """
     r = SIZES[size]
     lo, hi = r + 0.05, 1.0 - r - 0.05
     return Scene(size=size, x=round(rng.uniform(lo, hi), 4), y=round(rng.uniform(lo, hi), 4), **fields)
@@ -79,16 +85,16 @@ def sample_scene(rng: random.Random, mixture: Mixture = DEFAULT_MIXTURE) -> Scen
         else:
             variant = "plain"
         # Cats are always large: the face must be readable at 32x32.
-        return _placed(rng, "large", shape=ANCHOR_CLASS, variant=variant, colour=colour, background=background,
+        return placed(rng, "large", shape=ANCHOR_CLASS, variant=variant, colour=colour, background=background,
                        rotation=round(rotation * 0.5, 2))
     u -= mixture.cat_frac
     shape = rng.choice(SHAPES)
     if u < mixture.style_frac:
         # Textures need room: no small textured objects.
         size = rng.choice(("medium", "large"))
-        return _placed(rng, size, shape=shape, colour=colour, background=background, rotation=rotation,
+        return placed(rng, size, shape=shape, colour=colour, background=background, rotation=rotation,
                        style=rng.choice(TEXTURES))
-    return _placed(rng, rng.choice(tuple(SIZES)), shape=shape, colour=colour, background=background,
+    return placed(rng, rng.choice(tuple(SIZES)), shape=shape, colour=colour, background=background,
                    rotation=rotation, style=ANCHOR_STYLE)
 
 

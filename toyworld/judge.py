@@ -140,7 +140,9 @@ def _check_seed(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- classifier
-def _block(cin: int, cout: int) -> nn.Sequential:
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    """3x3 convolution (no bias), batch norm, ReLU: ``[B, cin, H, W]`` -> ``[B, cout, H, W]``; the unit of the
+    judge's and the copy descriptor's CNNs (and of ``experiments.ffn``'s detector)."""
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
@@ -153,10 +155,10 @@ class ToyJudge(nn.Module):
         w = width
         # One thin layer at full resolution (cheap on a CPU), the depth at 16 and 8 px.
         self.features = nn.Sequential(
-            _block(3, w // 2), nn.MaxPool2d(2),
-            _block(w // 2, w), _block(w, w), nn.MaxPool2d(2),
-            _block(w, 2 * w), _block(2 * w, 2 * w), nn.MaxPool2d(2),
-            _block(2 * w, 4 * w))
+            conv_block(3, w // 2), nn.MaxPool2d(2),
+            conv_block(w // 2, w), conv_block(w, w), nn.MaxPool2d(2),
+            conv_block(w, 2 * w), conv_block(2 * w, 2 * w), nn.MaxPool2d(2),
+            conv_block(2 * w, 4 * w))
         # Mean- and max-pooled features: max catches small details (cat eyes, brows) anywhere.
         self.heads = nn.ModuleDict({k: nn.Linear(8 * w, len(v)) for k, v in HEADS.items()})
 
@@ -213,7 +215,7 @@ def _judge_loss(logits: dict, targets: torch.Tensor) -> tuple[torch.Tensor, dict
     return sum(parts.values()), {k: v.item() for k, v in parts.items()}
 
 
-def _round_fp16_(model: nn.Module) -> None:
+def round_fp16_(model: nn.Module) -> None:
     """Round floating weights/buffers to fp16 precision in place, so the in-memory model equals the
     fp16 file exactly (reported accuracy is that of the saved judge)."""
     with torch.no_grad():
@@ -262,7 +264,7 @@ def train_judge(outdir, steps: int = 600, batch_size: int = 128, lr: float = 3e-
             bar.set_postfix(loss=f"{loss.item():.3f}")
     train_s = time.time() - t1
     model.eval()
-    _round_fp16_(model)
+    round_fp16_(model)
     accuracy = judge_accuracy(model, n=eval_n) if eval_n > 0 else {}
     if save:
         from safetensors.torch import save_file
@@ -366,10 +368,10 @@ class CopyDescriptor(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.features = nn.Sequential(
-            _block(3, w), nn.MaxPool2d(2),
-            _block(w, 2 * w), nn.MaxPool2d(2),
-            _block(2 * w, 4 * w), nn.MaxPool2d(2),
-            _block(4 * w, 4 * w))
+            conv_block(3, w), nn.MaxPool2d(2),
+            conv_block(w, 2 * w), nn.MaxPool2d(2),
+            conv_block(2 * w, 4 * w), nn.MaxPool2d(2),
+            conv_block(4 * w, 4 * w))
         # Flattened 4x4 map, not a global pool: the layout of the picture is what a copy shares.
         self.proj = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * (size // 8) ** 2, 4 * w), nn.ReLU(inplace=True),
                                   nn.Linear(4 * w, dim))

@@ -192,7 +192,7 @@ def _tokens(ldm, texts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _encode_all(ldm, texts: list[str], batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+def encode_all(ldm, texts: list[str], batch_size: int = 256, progress: bool = True) -> torch.Tensor:
     """Cross-attention context ``[len(texts), 77, d]`` of the frozen text tower."""
     from tqdm.auto import tqdm
 
@@ -240,7 +240,7 @@ def draw_batch(ldm, gen: torch.Generator, mean: torch.Tensor, std: torch.Tensor,
 
 
 class UNetTrainer:
-    """What the toy UNet's training loops (``train_unet``, ``toyworld.ffn_concept.fine_tune_ffn``) share around
+    """What the toy UNet's training loops (``train_unet``, ``experiments.ffn.fine_tune_ffn``) share around
     their own loss: the captions encoded once, AdamW on the UNet parameters that require grad with
     ``training.lr_at``'s schedule, clipped gradients, and an EMA copy that ``finish`` loads."""
 
@@ -248,8 +248,8 @@ class UNetTrainer:
                  progress: bool = True):
         # The text tower is frozen: encode every caption once (30k x 77 x 64 fp32 is ~0.6 GB) instead of
         # re-running it on every batch (a sixth of a step's time).
-        self.ctx = _encode_all(ldm, list(captions), progress=progress)
-        self.empty = _encode_all(ldm, [""], progress=False)[0]
+        self.ctx = encode_all(ldm, list(captions), progress=progress)
+        self.empty = encode_all(ldm, [""], progress=False)[0]
         self.unet = ldm.model
         self.unet.train()
         self.ema = copy.deepcopy(self.unet).eval().requires_grad_(False)

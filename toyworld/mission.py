@@ -45,8 +45,7 @@ ASSETS = REPO / "assets/toyworld"
 
 # The paper's recipe plus --preserve_prompts (train.py; not in the paper): other world captions keep the base
 # model's prediction (training.preservation_weight of the concept config: 8), with 4x the steps because the
-# term slows the ablation down. Full runs, 25 images per hard negative, stripes after ablation: weight 1 / 100
-# steps 0.53, 4 / 300 0.32, 8 / 400 0.28, with polka dots and checkerboard at 0.92-1.00 throughout.
+# term slows the ablation down (the weight/steps trials: docs/experiments/toyworld-mission.md).
 PRESERVE_OVERRIDES = ["training.max_steps=400", "training.save_freq=400"]
 # name -> what train.py / evaluate.py get; "eval_target" is the evaluate.py --caption_target, "regularization"
 # train.py's --regularization, "preserve" the --preserve_prompts file, "overrides" config overrides.
@@ -58,11 +57,8 @@ RECIPES = {
     # The style recipe keeps the anchor prompt's own prediction in place (--regularization): the shipped model
     # binds colour through the text, and without it the anchor paintings drift in colour.
     "style": {**_STYLE, "regularization": True},
-    # style-preserve drops --regularization: its true-noise anchor term fights the ablation at high noise levels
-    # (400-step direct K/V fits, batch 8: share of the base model's squared stripes-vs-painting eps gap left at
-    # t >= 900: 0.11 alone, 0.44 with it at weight 2, 0.18 with preservation at weight 8), and the kept captions
-    # hold the anchor paintings anyway. Full runs, 200 target images: stripes 0.30 -> 0.23 by CLIP, 0.12 -> 0.07
-    # by the judge; painting CLIP score 0.42 -> 0.46.
+    # style-preserve drops --regularization: its true-noise anchor term fights the ablation at high noise levels,
+    # and the kept captions hold the anchor paintings anyway (measured: docs/experiments/toyworld-mission.md).
     "style-preserve": {**_STYLE, "preserve": "preserve_prompts/style.txt", "overrides": PRESERVE_OVERRIDES},
     "instance": _INSTANCE,
     "instance-preserve": {**_INSTANCE, "preserve": "preserve_prompts/instance.txt", "overrides": PRESERVE_OVERRIDES},
@@ -70,8 +66,8 @@ RECIPES = {
                   "prompts": "prompts/lighthouse_mem.txt", "eval_target": MEMORIZED_CAPTION},
 }
 # preservation file -> (the word it must not contain: the target; anchor prompts appended, or None). The instance
-# file adds the anchor prompts (cat anchor CLIP score 0.77 -> 0.87); the style file does not (with them, the
-# judge saw checkerboard fall to 0.66 instead of 0.86 of 0.96, at 50 images).
+# file adds the anchor prompts (they keep the cat anchor); the style file does not (with them, the judge saw
+# checkerboard fall further; both measured: docs/experiments/toyworld-mission.md).
 PRESERVE_SOURCES = {"preserve_prompts/style.txt": ("stripes", None),
                     "preserve_prompts/instance.txt": ("grumpy", "prompts/cat.txt")}
 # ConceptPrune per recipe: concept name and prompt files for conceptprune.py discover. The toy UNet's ff.net.2
@@ -125,7 +121,10 @@ def write_preservation_prompts(assets: Path = ASSETS) -> list[Path]:
     return paths
 
 
-def _paths(assets: Path) -> dict:
+def asset_paths(assets: Path) -> dict:
+    """Where the toy world's files are in an assets folder (the shipped ``assets/toyworld/`` or a copy):
+    ``config`` (the LDM yaml), ``weights`` (its checkpoint), ``clip`` (the toy CLIP folder), ``copydetect``
+    and ``features`` (TorchScript files). Paths only; nothing is checked or read."""
     return {"config": assets / "ldm" / "ldm.yaml", "weights": assets / "ldm" / "toyworld-ldm.safetensors",
             "clip": assets / "clip", "copydetect": assets / "copydetect" / "copydetect.torchscript.pt",
             "features": assets / "judge" / "features.torchscript.pt"}
@@ -148,7 +147,7 @@ def train_settings(name: str, recipe: dict, assets: Path, out: Path, train_size:
     (e.g. ``base_ckpt``, ``seed``)."""
     from ablation.train import TrainSettings
 
-    p = _paths(assets)
+    p = asset_paths(assets)
     fields = dict(
         train=True, concept_type=recipe["concept_type"], caption_target=recipe["caption_target"],
         prompts=str(assets / recipe["prompts"]), name=f"toy_{name}", train_size=train_size,
@@ -167,8 +166,8 @@ def prune_run(name: str, assets: Path, out: Path, skill_ratio: float = PRUNE_SKI
               tau: int = PRUNE_TAU, spec: dict | None = None, ckpt: Path | None = None) -> Path:
     """ConceptPrune for recipe ``name``: discover + prune into ``{out}/logs/toy_prune_{name}/checkpoints/``.
     ``spec`` (default ``PRUNE[name]``) and ``ckpt`` (default: the shipped base) serve other targets and bases
-    (``toyworld.matrix``); prompt files are relative to ``assets`` unless absolute."""
-    p, spec = _paths(assets), spec or PRUNE[name]
+    (``experiments.matrix``); prompt files are relative to ``assets`` unless absolute."""
+    p, spec = asset_paths(assets), spec or PRUNE[name]
     run_dir = out / "logs" / f"toy_prune_{name}"
     prune(ckpt or p["weights"], p["config"], spec["concept"], assets / spec["target_file"], run_dir,
           base_file=assets / spec["base_file"] if "base_file" in spec else None, skill_ratio=skill_ratio, tau=tau)
@@ -205,7 +204,7 @@ def evaluate_settings(run_dir: Path, recipe: dict, assets: Path, out: Path, numg
     features for KID/FID, 32 px images, full precision; memorization: the memorized render and copydetect)."""
     from evaluation.protocol import EvaluateSettings
 
-    p = _paths(assets)
+    p = asset_paths(assets)
     memorization = recipe["concept_type"] == "memorization"
     return EvaluateSettings(
         root=str(run_dir), filter=checkpoints, concept_type=recipe["concept_type"],
@@ -264,7 +263,7 @@ def summarize(name: str, recipe: dict, row: dict, assets: Path = ASSETS, folders
         from ablation.data import read_image_list
         from scoring.metrics import clip_accuracy
 
-        judge, clip = _scorers(assets)
+        judge, clip = scorers(assets)
         out["judge"] = {c: (judge_share(judge, b, c, a), judge_share(judge, f, c, a))
                         for c, (b, f) in folders.items()}
         out["anchor_level"] = clip_accuracy(clip, read_image_list(folders[a][0] / "images.txt"), t, a)
@@ -272,13 +271,14 @@ def summarize(name: str, recipe: dict, row: dict, assets: Path = ASSETS, folders
 
 
 @functools.lru_cache(maxsize=2)
-def _scorers(assets: Path):
-    """The judge and the toy CLIP, loaded once per mission run (every recipe is scored with them)."""
+def scorers(assets: Path):
+    """``(judge, clip)``: the ground-truth judge and the toy CLIP of ``assets``, loaded once per folder (every
+    recipe of a run is scored with them; cached, so callers share one copy and must not change it)."""
     from scoring.metrics import load_clip
 
     from .judge import load_judge
 
-    return load_judge(assets / "judge" / "judge.safetensors"), load_clip(str(_paths(assets)["clip"]), "cpu")
+    return load_judge(assets / "judge" / "judge.safetensors"), load_clip(str(asset_paths(assets)["clip"]), "cpu")
 
 
 def markdown(summaries: list[dict], after: str = "ablated") -> str:
@@ -327,7 +327,7 @@ def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_ex
     """The mission for ``recipes`` into ``out``. ``train_extra``: config overrides (``key.sub=value``) of every
     training run, after the recipe's; ``train_changes``: other TrainSettings fields of every training run (e.g.
     ``{"seed": 24}``)."""
-    from ablation import train  # train.py's job; train.run is looked up at each call (toyworld.anchor_study times it)
+    from ablation import train  # train.py's job; train.run is looked up at each call (experiments.anchor_study times it)
     from evaluation import protocol
 
     ablated_dir, base_dir = protocol.ablated_dir, protocol.base_dir

@@ -36,7 +36,7 @@ TEXTURES = ("stripes", "polka dots", "checkerboard")
 ANCHOR_STYLE = "painting"
 STYLES = (ANCHOR_STYLE,) + TEXTURES
 # Textures outside the shipped world: no shipped mixture, caption set, judge head or model knows them.
-# ``toyworld.ffn_concept`` teaches "waves" (wavy horizontal bands) to the shipped UNet through its
+# ``experiments.ffn`` teaches "waves" (wavy horizontal bands) to the shipped UNet through its
 # feed-forward weights only; a Scene accepts them, ``sample_scene`` never draws them.
 FFN_TEXTURES = ("waves",)
 

@@ -1,9 +1,9 @@
-"""toyworld.anchor_study: settings parsing and the table's means, standard errors and differences."""
+"""experiments.anchor_study: settings parsing and the table's means, standard errors and differences."""
 import math
 
 import pytest
 
-from toyworld.anchor_study import parse_setting, table
+from experiments.anchor_study import parse_setting, table
 
 
 def test_parse_setting():

@@ -5,16 +5,16 @@ Train the variant with the shipped recipe, autoencoder and CLIP, then measure it
 
     python -m toyworld.ldm --clip assets/toyworld/clip --vae_from assets/toyworld/ldm --transformer_depth 2 \\
         --out outputs/toyworld-wide/ldm --threads 1
-    python -m toyworld.wide --ldm outputs/toyworld-wide/ldm --out outputs/toyworld-wide/measure
+    python -m experiments.wide --ldm outputs/toyworld-wide/ldm --out outputs/toyworld-wide/measure
 
 Three measurements, all with the existing tools pointed at the wide UNet (``assets_view``):
 
 * ``quality``: ``toyworld.quality.measure`` (the shipped model's quality table);
-* ``zero``: every concept of ``toyworld.matrix`` (50 images each, the matrix's prompts, seeds and sampler) from
+* ``zero``: every concept of ``experiments.matrix`` (50 images each, the matrix's prompts, seeds and sampler) from
   the model with every ``ff.net.2`` weight zeroed (all, then each transformer block's alone where there are
   two), and, as the control, every cross-attention value weight (``attn2.to_v``), judged like the matrix; the
   base images are the matrix's own;
-* ``prune``: ``toyworld.matrix`` with ConceptPrune (unchanged ``conceptprune.py``, the toy settings) on
+* ``prune``: ``experiments.matrix`` with ConceptPrune (unchanged ``conceptprune.py``, the toy settings) on
   ``PRUNE_TARGETS``, the same paired images before and after.
 
 ``--ldm assets/toyworld/ldm --parts zero`` runs the zeroing on the shipped UNet, for the comparison.
@@ -28,7 +28,8 @@ import re
 import time
 from pathlib import Path
 
-from . import matrix, mission
+from experiments import matrix
+from toyworld import mission
 
 ASSETS = mission.ASSETS
 # name -> state-dict keys whose tensors are set to zero (weights only; biases stay, as ConceptPrune's masks). The
@@ -82,7 +83,7 @@ def unet_size(ckpt: Path) -> dict:
 
 def zeroed(view: Path, out: Path, numgen: int) -> dict:
     """The judge's share per concept for the base model and for each ``ZEROED`` variant (same prompts, seeds)."""
-    weights = mission._paths(view)["weights"]
+    weights = mission.asset_paths(view)["weights"]
     concepts = matrix.world_concepts()
     report = {"concepts": concepts, "base": {}, "variants": {}}
     for c in concepts:  # the matrix's base folders: made once, reused by the prune part and by reruns
@@ -151,13 +152,14 @@ def markdown(report: dict) -> str:
 
 
 def run(ldm_dir: Path, out: Path, parts=PARTS, numgen: int = 50, targets=PRUNE_TARGETS) -> dict:
-    from . import quality
+    from toyworld import quality
 
     out.mkdir(parents=True, exist_ok=True)
     view = assets_view(ldm_dir, out / "assets")
     path = out / "wide.json"
     report = json.loads(path.read_text()) if path.is_file() else {}
-    report.update({"ldm": matrix._shown(ldm_dir), "numgen": numgen, "size": unet_size(mission._paths(view)["weights"])})
+    weights = mission.asset_paths(view)["weights"]
+    report.update({"ldm": matrix.shown_path(ldm_dir), "numgen": numgen, "size": unet_size(weights)})
     report.setdefault("seconds", {})
     for part in parts:
         t0 = time.perf_counter()

@@ -1,5 +1,5 @@
 """Issue 21: a concept that lives in the FFNs (the texture "waves", taught to the shipped toy UNet through its
-transformer blocks' feed-forward weights only; toyworld/ffn_concept.py) and ConceptPrune on it. The effect is
+transformer blocks' feed-forward weights only; experiments/ffn/) and ConceptPrune on it. The effect is
 asserted on a short run with the shipped FFN delta: after pruning, the judge sees far fewer waves, and stripes
 stay."""
 import functools
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toyworld import ffn_concept as F
+from experiments import ffn as F
 from toyworld.dataset import DEFAULT_MIXTURE, sample_scene
 from toyworld.judge import JUDGE_MIXTURE
 from toyworld.render import FFN_TEXTURES, STYLES, TEXTURES, Scene, render
@@ -38,7 +38,7 @@ def test_the_detector_tells_waves_from_the_shipped_textures():
     waves = [render(F.texture_scene(rng), 32) for _ in range(40)]
     others = [render(Scene(shape=s, colour=c, size="large", style=st), 32)
               for s in ("circle", "star", "square") for c in ("red", "yellow", "blue") for st in STYLES]
-    assert all(F._detect(det, waves)) and not any(F._detect(det, others))
+    assert all(F.detect(det, waves)) and not any(F.detect(det, others))
 
 
 def test_the_shipped_deltas_hold_only_ffn_weights(tmp_path):
@@ -78,16 +78,18 @@ def _shown(out, ckpt, delta, name, concepts, n=24):
     """Judge shares of ``n`` images per concept (evaluation prompts spread over every colour; DDIM 25, the
     same seeds for every model)."""
     from ablation.data import load_image_captions
+    from ldm.util import load_model_config
     from runtime.loading import load_model
     from runtime.generate import generate_images
 
     prompts = [p for c in concepts for p in F.sweep_prompts(c, n, F.eval_prompt_dir(out, ASSETS))]
     folder = out / name
-    generate_images(functools.partial(load_model, F._model_config(ASSETS), str(ckpt), delta and str(delta)), prompts,
-                    folder, steps=25, eta=1.0, scale=6.0, batch_size=48, height=32, width=32, seed=42,
-                    precision="full", desc=name)
+    config = load_model_config(ASSETS / "ldm" / "ldm.yaml")
+    generate_images(functools.partial(load_model, config, str(ckpt), delta and str(delta)), prompts, folder,
+                    steps=25, eta=1.0, scale=6.0, batch_size=48, height=32, width=32, seed=42, precision="full",
+                    desc=name)
     images, texts = load_image_captions(folder / "images.txt", folder / "caption.txt")
-    scorers = F._scorers(ASSETS)
+    scorers = F.scorers(ASSETS)
     return {c: F.shares(*scorers, images[k * n:(k + 1) * n], texts[k * n:(k + 1) * n], c)["shown"]
             for k, c in enumerate(concepts)}
 

@@ -1,4 +1,4 @@
-"""toyworld.ldm --transformer_depth / --vae_from and toyworld/wide.py's helpers (the wider toy UNet, issue 21
+"""toyworld.ldm --transformer_depth / --vae_from and experiments/wide.py's helpers (the wider toy UNet, issue 21
 item 4; the real run and its numbers are in the README, "A wider toy UNet")."""
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from ldm.checkpoint import load_model_from_config, load_state_dict
 from ldm.modules.attention import FeedForward, SpatialTransformer
 from toyworld import ldm as tl
-from toyworld import wide
+from experiments import wide
 
 SHIPPED = wide.ASSETS / "ldm"
 

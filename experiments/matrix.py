@@ -8,15 +8,15 @@ the judge (``toyworld.judge``, trained on ground-truth renders) reads the base a
 EVERY concept: each texture on prompts of that texture, each cat variant on its prompts, and the two anchors
 (plain paintings and plain cats: the share that shows everything the prompt asks for)::
 
-    python -m toyworld.matrix --out outputs/toyworld-matrix                 # the whole matrix, CPU
-    python -m toyworld.matrix --methods ablation --targets checkerboard --quick
-    python -m toyworld.matrix --out outputs/toyworld-matrix-waves --ffn_base units   # on base + waves, 21 runs
+    python -m experiments.matrix --out outputs/toyworld-matrix                 # the whole matrix, CPU
+    python -m experiments.matrix --methods ablation --targets checkerboard --quick
+    python -m experiments.matrix --out outputs/toyworld-matrix-waves --ffn_base units   # on base + waves, 21 runs
 
 One recipe per concept type, never tuned per target: the target's run is ``toyworld.mission``'s tuned recipe
 ("style", "style-preserve", "instance", "instance-preserve"; ConceptPrune's "style" / "instance" settings)
 with the tuned target's name replaced by the new one (``recipe``); the prompt files a recipe needs are derived
 by the rules the shipped files follow (``eval_lines``, ``prune_pairs``, ``preserve_exclude``; for the tuned
-targets they reproduce the shipped files exactly, tests/test_toyworld_matrix.py) and written into
+targets they reproduce the shipped files exactly, tests/test_experiments_matrix.py) and written into
 ``{out}/prompts/``.
 
 Evaluation: ``numgen`` images per concept (50, ``--quick`` 10), image ``i`` from line ``i % n`` of the concept's
@@ -26,7 +26,7 @@ prompts and seeds (``{out}/logs/<run>/matrix_eval/``).
 
 Textures outside the shipped world (``render.FFN_TEXTURES``, e.g. "waves") join as targets and columns with
 ``--extra_textures`` (by default all of them when ``--ckpt`` names a base that learned them; none with the shipped
-base); where the judge's style head has no class for one, ``toyworld.ffn_concept.style_of`` (its detector) reads
+base); where the judge's style head has no class for one, ``experiments.ffn.style_of`` (its detector) reads
 the styles (``style_reader``).
 
 Output, rewritten after every run (a rerun with the same ``--out`` skips the runs already there):
@@ -43,8 +43,8 @@ import re
 import time
 from pathlib import Path
 
-from . import mission
-from .render import ANCHOR_CLASS, ANCHOR_STYLE, CAT_CLASSES, TEXTURES
+from toyworld import mission
+from toyworld.render import ANCHOR_CLASS, ANCHOR_STYLE, CAT_CLASSES, TEXTURES
 
 METHODS = ("ablation", "ablation-preserve", "conceptprune")
 CAT_TARGETS = tuple(c for c in CAT_CLASSES if c != ANCHOR_CLASS)
@@ -60,8 +60,7 @@ def slug(name: str) -> str:
 
 def extra_textures_default(ckpt) -> tuple[str, ...]:
     """``render.FFN_TEXTURES`` (textures outside the shipped world) when another base (``ckpt``) is given."""
-    # (``from . import render`` would give the package's re-exported render() function, not the module)
-    from .render import FFN_TEXTURES
+    from toyworld.render import FFN_TEXTURES
 
     return tuple(FFN_TEXTURES) if ckpt is not None else ()
 
@@ -69,24 +68,24 @@ def extra_textures_default(ckpt) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=4)
 def style_reader(assets: Path, extra_textures: tuple = ()):
     """``images -> [style]`` for the judge's style calls, or None where the shipped judge's style head knows every
-    texture. A texture it has no class for needs a reader of its own: ``toyworld.ffn_concept.style_of`` (its
+    texture. A texture it has no class for needs a reader of its own: ``experiments.ffn.style_of`` (its
     detector decides that texture, the judge's head the rest) for the textures that module teaches."""
-    from .judge import HEADS
+    from toyworld.judge import HEADS
 
     unknown = [t for t in extra_textures if t not in HEADS["style"]]
     if not unknown:
         return None
     try:
-        from . import ffn_concept
+        from experiments import ffn
     except ImportError:
-        ffn_concept = None
-    taught = getattr(ffn_concept, "FFN_TEXTURES", ()) if hasattr(ffn_concept, "style_of") else ()
+        ffn = None
+    taught = getattr(ffn, "FFN_TEXTURES", ()) if hasattr(ffn, "style_of") else ()
     if set(unknown) - set(taught):
         raise ValueError(f"the judge has no class for {', '.join(sorted(set(unknown) - set(taught)))} and no "
                          f"detector reads it")
-    judge, _ = mission._scorers(assets)
-    detector = ffn_concept.load_detector(assets / "ffn" / ffn_concept.DETECTOR_FILE)
-    return functools.partial(ffn_concept.style_of, judge, detector)
+    judge, _ = mission.scorers(assets)
+    detector = ffn.load_detector(assets / "ffn" / ffn.DETECTOR_FILE)
+    return functools.partial(ffn.style_of, judge, detector)
 
 
 def judge_share(folder: Path, concept: str, assets: Path, extra_textures=()) -> float:
@@ -95,10 +94,10 @@ def judge_share(folder: Path, concept: str, assets: Path, extra_textures=()) -> 
     ``style_reader`` where the shipped judge does not know every texture."""
     from ablation.data import load_image_captions
 
-    from .judge import classify
-    from .render import SUBJECTS
+    from toyworld.judge import classify
+    from toyworld.render import SUBJECTS
 
-    judge, _ = mission._scorers(assets)
+    judge, _ = mission.scorers(assets)
     images, prompts = load_image_captions(folder / "images.txt", folder / "caption.txt")
     seen = classify(judge, images)
     read = style_reader(assets, tuple(extra_textures))
@@ -204,8 +203,9 @@ def recipe(method: str, target: str, files: Path, assets: Path = mission.ASSETS,
 
 # ------------------------------------------------------------------------------------ generation and scoring
 @functools.lru_cache(maxsize=1)
-def _shown(path: Path) -> str:
-    """A path as the report shows it: relative to the repository when inside it (the report is shipped)."""
+def shown_path(path: Path) -> str:
+    """``path`` as a report shows it: relative to the repository when inside it, else as given (the reports
+    are shipped, so they must not carry this machine's absolute paths)."""
     try:
         return str(Path(path).resolve().relative_to(mission.REPO))
     except ValueError:
@@ -223,12 +223,11 @@ def sampling() -> dict:
 def generate(ckpt: Path, delta: Path | None, concept: str, n: int, folder: Path, assets: Path) -> Path:
     """``n`` images of ``concept`` (image ``i``: prompt line ``i % lines``, seed ``seed + i``) from base ``ckpt``
     plus ``delta``; an existing folder made with the same plan is reused."""
-    from omegaconf import OmegaConf
-
+    from ldm.util import load_model_config
     from runtime.loading import load_model
     from runtime.generate import generate_images
 
-    config = OmegaConf.to_container(OmegaConf.load(mission._paths(assets)["config"]).model, resolve=True)
+    config = load_model_config(mission.asset_paths(assets)["config"])
     lines = eval_lines(concept, assets)
     prompts = [lines[i % len(lines)] for i in range(n)]
     factory = functools.partial(load_model, config, str(ckpt), str(delta) if delta else None)
@@ -242,7 +241,7 @@ def score(folder: Path, concept: str, assets: Path, extra_textures=()) -> dict:
     from ablation.data import read_image_list
     from scoring.metrics import clip_accuracy
 
-    _, clip = mission._scorers(assets)
+    _, clip = mission.scorers(assets)
     out = {"judge": judge_share(folder, concept, assets, extra_textures)}
     if concept not in ANCHORS:
         out["clip_accuracy"] = clip_accuracy(clip, read_image_list(folder / "images.txt"), concept,
@@ -333,7 +332,7 @@ def run(methods, targets, out: Path, assets: Path = mission.ASSETS, quick: bool 
     """The matrix for ``methods`` x ``targets`` into ``out`` (see the module docstring). ``numgen`` and
     ``train_size`` override the sizes (evaluation images per concept, anchor images), ``train_extra`` are
     config overrides (``key.sub=value``) of every training run: both for short test runs. ``ffn_base`` ("units" or
-    "dense"): the base is the shipped model with ``toyworld.ffn_concept``'s FFN delta of that variant, built
+    "dense"): the base is the shipped model with ``experiments.ffn``'s FFN delta of that variant, built
     into ``out`` (instead of ``ckpt``)."""
     if ffn_base is not None and ckpt is not None:
         raise ValueError("ckpt and ffn_base name two base models; give one")
@@ -348,14 +347,14 @@ def run(methods, targets, out: Path, assets: Path = mission.ASSETS, quick: bool 
     sizes = dict(mission.SIZES["quick" if quick else "full"])
     sizes.update({k: v for k, v in (("numgen", numgen), ("train_size", train_size)) if v})
     if ffn_base is not None:
-        from .ffn_concept import build_checkpoint
+        from experiments.ffn import build_checkpoint
 
         ckpt = build_checkpoint(out, assets, ffn_base)  # after every check above: a bad call writes nothing
-    weights = Path(ckpt) if ckpt else mission._paths(assets)["weights"]
+    weights = Path(ckpt) if ckpt else mission.asset_paths(assets)["weights"]
     out.mkdir(parents=True, exist_ok=True)
     ctx = {"assets": assets, "out": out, "ckpt": ckpt, "weights": weights, "sizes": sizes, "extra": extra,
            "concepts": concepts, "train_extra": list(train_extra)}
-    settings = {"quick": quick, "sizes": sizes, "sampling": sampling(), "base_ckpt": _shown(weights),
+    settings = {"quick": quick, "sizes": sizes, "sampling": sampling(), "base_ckpt": shown_path(weights),
                 "train_extra": list(train_extra), "conceptprune": {"skill_ratio": mission.PRUNE_SKILL_RATIO,
                                                                    "tau": mission.PRUNE_TAU}}
     path = out / "matrix.json"
@@ -400,7 +399,7 @@ def main(argv=None) -> dict:
     p.add_argument("--numgen", type=int, default=None, help="evaluation images per concept (default: 50, quick 10)")
     p.add_argument("--ckpt", default=None, help="another base checkpoint (default: the shipped toy model)")
     p.add_argument("--ffn_base", choices=("units", "dense"), default=None,
-                   help="the base is the shipped model plus toyworld.ffn_concept's FFN delta of this variant "
+                   help="the base is the shipped model plus experiments.ffn's FFN delta of this variant "
                         "(it knows 'waves'), built into --out")
     p.add_argument("--extra_textures", nargs="*", default=None,
                    help="textures outside the shipped world (default: render.FFN_TEXTURES "

@@ -16,8 +16,8 @@ memorization  the memorized caption, seeds 0..9, its render as the    copy descr
 
 ::
 
-    python -m toyworld.benchmark --out outputs/toyworld-benchmark            # trains and prunes, then scores
-    python -m toyworld.benchmark --recipes style --methods conceptprune --limit 8 --steps 10   # a quick look
+    python -m experiments.toy_benchmark --out outputs/toyworld-benchmark            # trains and prunes, then scores
+    python -m experiments.toy_benchmark --recipes style --methods conceptprune --limit 8 --steps 10   # a quick look
 
 The deltas come from ``toyworld.mission``'s recipes (``train.py`` for Concept Ablation, ``conceptprune.py``
 discover + prune for ConceptPrune) and are scored by the unchanged ``benchmark.py`` (``evaluation.benchmark``);
@@ -31,9 +31,10 @@ import json
 import random
 from pathlib import Path
 
-from .captions import MEMORIZED_CAPTION, caption
-from .mission import ASSETS, QUICK_MEMORIZATION_TRAIN_SIZE, RECIPES, SIZES, _paths, prune_run, train_settings
-from .render import CAT_CLASSES, COLOUR_NAMES, SHAPES, SUBJECTS, TEXTURES
+from toyworld.captions import MEMORIZED_CAPTION, caption
+from toyworld.mission import (ASSETS, QUICK_MEMORIZATION_TRAIN_SIZE, RECIPES, SIZES, asset_paths, prune_run,
+                              train_settings)
+from toyworld.render import CAT_CLASSES, COLOUR_NAMES, SHAPES, SUBJECTS, TEXTURES
 
 SUITES = ("artist", "objects", "coco", "memorization")
 RECIPE_NAMES = ("style", "instance", "memorized")  # mission recipes whose deltas are benchmarked
@@ -45,12 +46,12 @@ class JudgeClassifier:
     """The objects suite's classifier protocol (``.classify(paths) -> names``) over the judge's subject head."""
 
     def __init__(self, path: Path):
-        from .judge import load_judge
+        from toyworld.judge import load_judge
 
         self.judge = load_judge(path)
 
     def classify(self, paths, batch_size: int = 64) -> list[str]:
-        from .judge import classify
+        from toyworld.judge import classify
 
         return [row["subject"].lower() for row in classify(self.judge, list(paths), batch_size)]
 
@@ -61,8 +62,8 @@ def write_prompt_sets(folder: Path, assets: Path = ASSETS, rows_per_class: int =
     object CSV, a captions file, and Wen et al.'s jsonl + gt_images layout."""
     import csv
 
-    from .dataset import sample_scene
-    from .render import render_memorized
+    from toyworld.dataset import sample_scene
+    from toyworld.render import render_memorized
 
     folder.mkdir(parents=True, exist_ok=True)
     artists = []
@@ -127,7 +128,7 @@ def benchmark_settings(out: Path, sets: dict, deltas, assets: Path = ASSETS, ste
     :func:`write_prompt_sets`), the deltas ``NAME=PATH``, output under ``{out}/benchmark``."""
     from evaluation.benchmark import BenchmarkSettings
 
-    p = _paths(assets)
+    p = asset_paths(assets)
     return BenchmarkSettings(
         suites=tuple(suites), base=str(p["weights"]), config=str(p["config"]), outdir=str(out / "benchmark"),
         H=32, W=32, steps=int(steps), batch_size=50, precision="full", clip_model=str(p["clip"]),
@@ -172,7 +173,7 @@ def run(out: Path, recipes=RECIPE_NAMES, methods=("ablation", "conceptprune"), a
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     sets = write_prompt_sets(out / "prompt_sets", assets)
-    judge = _paths(assets)["features"].parent / "judge.safetensors"
+    judge = asset_paths(assets)["features"].parent / "judge.safetensors"
     bench.check(benchmark_settings(out, sets, [], assets, steps, limit, suites), JudgeClassifier(judge))  # inputs first
     deltas = make_deltas(out, recipes, methods, assets, quick) + list(extra_deltas)
     results = bench.run(benchmark_settings(out, sets, deltas, assets, steps, limit, suites), JudgeClassifier(judge))

@@ -1,4 +1,4 @@
-"""toyworld.matrix: every concept as the target. One short Concept Ablation run on a target the recipes were never
+"""experiments.matrix: every concept as the target. One short Concept Ablation run on a target the recipes were never
 tuned for (checkerboard, with the style recipe), every concept measured by the judge on paired base / edited
 images; and the derived prompt files, which for the tuned targets must be the shipped ones."""
 import json
@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from toyworld import matrix, mission
+from experiments import matrix
+from toyworld import mission
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets/toyworld"
 CONCEPTS = ["stripes", "polka dots", "checkerboard", "painting", "grumpy cat", "sleepy cat", "happy cat", "cat"]

@@ -9,8 +9,8 @@ Seed ``s`` sets both ``generation.seed`` (42 + s) and the training ``--seed`` (2
 own run. The evaluation images are DDIM 50 from seed 42 for every run, and the base model's are made once and
 shared (``{out}/baseline``)::
 
-    OMP_NUM_THREADS=1 python -m toyworld.anchor_study --out outputs/anchor-study        # all runs, then the table
-    python -m toyworld.anchor_study --out outputs/anchor-study --report                 # the table from study.json
+    OMP_NUM_THREADS=1 python -m experiments.anchor_study --out outputs/anchor-study        # all runs, then the table
+    python -m experiments.anchor_study --out outputs/anchor-study --report                 # the table from study.json
 
 Runs are recorded one by one in ``{out}/study.json`` (a rerun skips those done); the table, mean and standard
 error over seeds per setting, goes to ``{out}/study.md``.
@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from . import mission
+from toyworld import mission
 
 SETTINGS = ["ddim-200", "dpmpp_2m-20", "dpmpp_2m-10"]
 RECIPES = ["style", "instance"]
