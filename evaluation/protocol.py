@@ -31,6 +31,10 @@ a pickle is never read back, since unpickling runs code), a table on stdout and 
 ``{outpkl stem}_{concept}.png`` of the ablated vs the baseline CLIP accuracy (memorization: rate) per
 concept. Every output location is checked before any generation.
 
+Both stages run on ``evaluation.runner`` (the benchmark's runner): each concept is a suite whose rows are its
+prompts, the base and every checkpoint are models, :class:`Folders` is the folder layout above, and the metrics
+are the suites' scoring step; the table, its merge and the chart are this module's.
+
 Differences from the reference, on purpose: FID is reported beside KID; KID is a
 float, not a one-element list; ``prompts.json`` goes into the folder it describes; the output folder
 is created; the base folder holds the same prompts and seeds as the ablated one (the CompVis code made
@@ -40,7 +44,6 @@ for the hard negatives); ``--filter`` matches delta checkpoints.
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import math
@@ -49,6 +52,8 @@ import sys
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+
+from evaluation.runner import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
@@ -474,10 +479,12 @@ def plan(settings: EvaluateSettings) -> Plan:
     devices = () if s.eval_stage else parse_devices(s.gpus)
     the_plan = Plan(s, target, anchor, concepts, checkpoints, base_config, devices, outpkl, clip, base_sets)
     if s.eval_stage:  # metrics only: every generation must be there now, not after CLIP has loaded
-        for c in concepts:
-            folder_images(base_dir(the_plan, c), len(base_prompts(the_plan, c)))
-            for ckpt in checkpoints:
-                folder_images(ablated_dir(ckpt, c), len(c.prompts))
+        from evaluation.runner import images_of
+
+        rp = runner_plan(the_plan)
+        for suite in rp.suites:
+            for spec in rp.models:
+                images_of(rp, suite.name, spec)
     else:
         from runtime.generate import validate_generation_args
 
@@ -587,118 +594,159 @@ def _check_base_identity(folder: Path, ident: dict) -> None:
                                f"config {old.get('model_config_sha256')}); use another --base_outpath or delete it")
 
 
-def _generate(factory, prompts: list[str], outdir: Path, plan: Plan, desc: str,
-              shard: tuple[int, int] | None) -> None:
-    from runtime.dist import local_devices
-    from runtime.generate import GenerationPlanError, generate_images
+# ---------------------------------------------------------------------------------------- on the runner
+def _rows(prompts: list[str], seed: int) -> list:
+    from evaluation.prompt_sets import Row
 
-    a = plan.settings
-    try:
-        generate_images(factory, prompts, outdir, steps=a.steps, eta=a.eta, scale=a.scale, batch_size=a.n_samples,
-                        height=a.H, width=a.W, seed=a.seed, devices=local_devices(plan.devices),
-                        precision=a.precision, desc=desc, shard=shard)
-    except GenerationPlanError as e:
-        raise GenerationPlanError(f"{e} (evaluation settings such as --numgen, --steps, --H/--W or the prompts "
-                                  f"changed since this folder was generated)") from e
-    _write_prompts_json(outdir, prompts)
+    return [Row(f"{i:05d}", p, seed + i) for i, p in enumerate(prompts)]  # image i: seed + i, as ever
 
 
-def generate_all(plan: Plan, shard: tuple[int, int] | None = None) -> None:
-    """Stage 1: the base model's images of every concept (cached across runs), then every checkpoint's.
-    ``shard``: this process's share under a launcher (``runtime.dist.init_from_launcher``), None for all."""
-    from runtime.loading import load_model
-
-    base_factory = functools.partial(load_model, plan.base_config, plan.settings.base_ckpt, None)
-    ident = _base_identity(plan)
-    for concept in plan.concepts:  # the baseline once per concept, cached across runs
-        folder = base_dir(plan, concept)
-        _check_base_identity(folder, ident)
-        folder.mkdir(parents=True, exist_ok=True)
-        from runtime.files import write_text_atomic
-
-        write_text_atomic(folder / BASE_META, json.dumps(ident, indent=1) + "\n")
-        _generate(base_factory, base_prompts(plan, concept), folder, plan, f"base {concept.name}", shard)
-    for ckpt in plan.checkpoints:
-        factory = functools.partial(load_model, ckpt.model_config, plan.settings.base_ckpt, str(ckpt.path))
-        for concept in plan.concepts:
-            _generate(factory, concept.prompts, ablated_dir(ckpt, concept), plan, f"{ckpt.expname} {concept.name}",
-                      shard)
-
-
-# ---------------------------------------------------------------------------------------- stage 2
-def folder_images(folder: Path, expected: int | None = None) -> list[Path]:
-    """The images listed in ``folder/images.txt`` (relative to the folder), all of which must exist."""
-    from runtime.files import read_text_lines
-
-    listing = folder / "images.txt"
-    if not listing.is_file():
-        raise FileNotFoundError(f"{listing} not found: generate first (run without --eval_stage)")
-    from runtime.files import image_is_complete
-
-    paths = [folder / line for line in read_text_lines(listing) if line.strip()]
-    missing = [p for p in paths if not p.is_file()]
-    if missing or not paths:
-        raise FileNotFoundError(f"{folder}: {len(missing)} of {len(paths)} listed images missing"
-                                + (f", e.g. {missing[0]}" if missing else ""))
-    damaged = [p for p in paths if not image_is_complete(p)]
-    if damaged:
-        raise ValueError(f"{folder}: {len(damaged)} image(s) are truncated or not images, e.g. {damaged[0]}; "
-                         f"delete them and run without --eval_stage to regenerate them")
-    if expected is not None and len(paths) != expected:
-        raise ValueError(f"{folder} holds {len(paths)} images, expected {expected} (other --numgen?)")
-    return paths
-
-
-
-
-def compute_metrics(plan: Plan) -> dict[str, dict[str, float]]:
-    """``{expname: {column: value}}`` for every checkpoint of the plan."""
-    import torch
-
-    from scoring.metrics import clip_metrics, clip_score, feature_extractor, fid, kid, load_clip
-    from scoring.sscd import sscd_memorization_rate
+def runner_plan(plan: Plan):
+    """The protocol as an ``evaluation.runner.Plan``: one suite per concept (its rows: the concept's prompts,
+    image ``i`` seeded ``seed + i``), the base and every checkpoint as models (base + delta, each on its run's
+    config), evaluate.py's folders as the layout (:class:`Folders`) and the protocol's metrics as the suites'
+    scoring step."""
+    from evaluation.models import ModelSpec
+    from evaluation.runner import Plan as RunnerPlan
+    from evaluation.settings import BenchmarkSettings
 
     s = plan.settings
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    clip = load_clip(plan.clip, device)
-    features = feature_extractor(s.feature_model, s.feature_size, device)
-    sscd = None
+    # the runner's settings: what it reads to generate (the paper's DDIM) and where it scores (cuda if available)
+    sampling = BenchmarkSettings(suites=tuple(c.name for c in plan.concepts), base=s.base_ckpt, sampler="ddim",
+                                 steps=s.steps, scale=s.scale, eta=s.eta, H=s.H, W=s.W, batch_size=s.n_samples,
+                                 precision=s.precision)
+    # runner names (any run folder name is an expname; a model name is letters, digits and ._+- only)
+    models = [ModelSpec("base", "base", None)]
+    models += [ModelSpec(f"checkpoint-{i}", "delta", str(k.path)) for i, k in enumerate(plan.checkpoints)]
+    layout = Folders(plan, {m.name: k for m, k in zip(models[1:], plan.checkpoints)})
+    suites = [_concept_suite(plan, c) for c in plan.concepts]
+    rows = {c.name: _rows(c.prompts, s.seed) for c in plan.concepts}
+    base_rows = {c.name: _rows(base_prompts(plan, c), s.seed) for c in plan.concepts
+                 if base_prompts(plan, c) is not c.prompts}
+    return RunnerPlan(sampling, suites, rows, models, plan.base_config, plan.devices, plan.outpkl.parent,
+                      layout=layout, configs={m.name: k.model_config for m, k in zip(models[1:], plan.checkpoints)},
+                      base_rows=base_rows)
+
+
+class Folders(Layout):
+    """evaluate.py's folders on the runner: the base model's images of a concept in ``{base_outpath}/base-{concept}/``
+    (``base{n}-`` for ``--baseline_set paper``; ``base_model.json`` names the base they were made with, checked
+    before a folder is reused), a checkpoint's in ``{run}/eval/{ckpt stem}-{concept}/``; ``prompts.json`` beside
+    the images; the folders' plans record ``--seed`` (image ``i``: ``seed + i``)."""
+
+    per_row_seeds = False
+    flag = "--eval_stage"
+
+    def __init__(self, plan: Plan, checkpoints: dict[str, Checkpoint]):
+        # plan: the protocol's; checkpoints: by runner model name
+        self.plan, self.checkpoints, self._ident = plan, checkpoints, None
+        self.concepts = {c.name: c for c in plan.concepts}
+
+    def folders(self, plan, suite, spec):
+        concept = self.concepts[suite]
+        s = self.plan.settings
+        if spec.kind == "base":
+            folder = base_dir(self.plan, concept)
+        else:
+            folder = ablated_dir(self.checkpoints[spec.name], concept)
+        return [(folder, {"scale": float(s.scale), "height": s.H, "width": s.W},
+                 list(range(len(plan.rows_of(suite, spec)))))]
+
+    def prepare(self, plan, suite, spec, folder, ident):
+        if spec.kind != "base":
+            return
+        from runtime.files import write_text_atomic
+
+        if self._ident is None:
+            self._ident = _base_identity(self.plan)
+        _check_base_identity(folder, self._ident)
+        write_text_atomic(folder / BASE_META, json.dumps(self._ident, indent=1) + "\n")
+
+    def finish(self, plan, suite, spec, folder, prompts):
+        _write_prompts_json(folder, prompts)
+
+    def desc(self, suite, spec):
+        return f"{'base' if spec.kind == 'base' else self.checkpoints[spec.name].expname} {suite}"
+
+    def stale(self, folder):
+        return ("evaluation settings such as --numgen, --steps, --H/--W or the prompts changed since this folder was "
+                "generated")
+
+
+def _concept_suite(plan: Plan, concept: Concept):
+    """The protocol's metrics of one concept ``t`` as a runner suite. Summary of a checkpoint: ``KID_{t}``,
+    ``FID_{t}`` (against the base's images), ``CLIP scores_{t}_{t}`` and ``CLIP accuracy_{t}_{anchor}`` with their
+    ``Baseline`` twins, and for memorization ``Memorization rate`` / ``Baseline memorization rate``; of the base:
+    its own statistics."""
+    from evaluation.suites import Suite
+
+    t, anchor, mem_impath = concept.name, plan.anchor, plan.settings.mem_impath
+
+    def stats(scorers, images):
+        from scoring.metrics import clip_metrics, clip_score
+
+        clip = scorers["clip"]
+        out = {"clip": (clip_score(clip, images, t), None) if anchor is None else clip_metrics(clip, images, t, anchor),
+               "feats": scorers["features"](images)}
+        if "sscd" in scorers:
+            from scoring.sscd import sscd_memorization_rate
+
+            out["mem"] = sscd_memorization_rate(scorers["sscd"], images, mem_impath)
+        return out
+
+    def score(ctx, rows, images, base_images):
+        from scoring.metrics import fid, kid
+
+        own = stats(ctx.scorers, images)
+        b = ctx.of_base("protocol", base_images, lambda: stats(ctx.scorers, base_images), own=own)
+        records = [{"id": r.id, "prompt": r.prompt, "seed": r.seed, "image": str(p)} for r, p in zip(rows, images)]
+        if ctx.is_base:  # scored first: its statistics are now the baseline of every checkpoint (of_base)
+            return records, {}
+        summary = {f"KID_{t}": kid(own["feats"], b["feats"]), f"FID_{t}": fid(own["feats"], b["feats"]),
+                   f"CLIP scores_{t}_{t}": own["clip"][0], f"Baseline CLIP scores_{t}_{t}": b["clip"][0]}
+        if anchor is not None:
+            summary[f"CLIP accuracy_{t}_{anchor}"] = own["clip"][1]
+            summary[f"Baseline CLIP accuracy_{t}_{anchor}"] = b["clip"][1]
+        if "mem" in own:
+            summary["Memorization rate"] = own["mem"]
+            summary["Baseline memorization rate"] = b["mem"]
+        return records, summary
+
+    return Suite(t, rows=lambda _: _rows(concept.prompts, plan.settings.seed), check=lambda settings: settings,
+                 load=lambda settings, device, preloaded: preloaded, score=score, metrics=(),
+                 doc=f"evaluate.py's protocol: concept {t!r}")
+
+
+def load_scorers(plan: Plan, device: str) -> dict:
+    """The protocol's metric models, loaded once for every concept: CLIP, the KID/FID feature extractor and, for
+    memorization, SSCD."""
+    from scoring.metrics import feature_extractor, load_clip
+
+    s = plan.settings
+    scorers = {"clip": load_clip(plan.clip, device),
+               "features": feature_extractor(s.feature_model, s.feature_size, device)}
     if plan.concept_type == "memorization":
         from scoring.sscd import load_sscd
 
-        sscd = load_sscd(s.sscd_ckpt, device)
+        scorers["sscd"] = load_sscd(s.sscd_ckpt, device)
+    return scorers
 
-    def clip_pair(images, t):
-        if plan.anchor is None:
-            return clip_score(clip, images, t), None
-        return clip_metrics(clip, images, t, plan.anchor)
 
-    def folder_stats(images, t):
-        stats = {"clip": clip_pair(images, t), "feats": features(images)}
-        if sscd is not None:
-            stats["mem"] = sscd_memorization_rate(sscd, images, s.mem_impath)
-        return stats
+def compute_metrics(plan: Plan, rp=None) -> dict[str, dict[str, float]]:
+    """Stage 2 on the runner's scoring step: ``{expname: {column: value}}`` for every checkpoint of the plan, the
+    columns concept by concept. ``rp``: :func:`runner_plan` of ``plan`` when the caller has it."""
+    import torch
 
-    base = {}
-    for c in plan.concepts:
-        base[c.name] = folder_stats(folder_images(base_dir(plan, c), len(base_prompts(plan, c))), c.name)
+    from evaluation.runner import score
+
+    rp = rp or runner_plan(plan)
+    rp.preloaded.update(load_scorers(plan, "cuda" if torch.cuda.is_available() else "cpu"))
+    summaries = score(rp, write=False)
     results = {}
-    for ckpt in plan.checkpoints:
+    for spec, ckpt in zip(rp.models[1:], plan.checkpoints):
         row = {}
         for c in plan.concepts:
-            t = c.name
-            abl = folder_stats(folder_images(ablated_dir(ckpt, c), len(c.prompts)), t)
-            b = base[t]
-            row[f"KID_{t}"] = kid(abl["feats"], b["feats"])
-            row[f"FID_{t}"] = fid(abl["feats"], b["feats"])
-            row[f"CLIP scores_{t}_{t}"] = abl["clip"][0]
-            row[f"Baseline CLIP scores_{t}_{t}"] = b["clip"][0]
-            if plan.anchor is not None:
-                row[f"CLIP accuracy_{t}_{plan.anchor}"] = abl["clip"][1]
-                row[f"Baseline CLIP accuracy_{t}_{plan.anchor}"] = b["clip"][1]
-            if sscd is not None:
-                row["Memorization rate"] = abl["mem"]
-                row["Baseline memorization rate"] = b["mem"]
+            row.update(summaries[c.name][spec.name])
         results[ckpt.expname] = row
     return results
 
@@ -813,15 +861,17 @@ def plot_chart(plan: Plan, results: dict[str, dict[str, float]]) -> Path:
 def execute(plan: Plan):
     """Stage 1 (unless ``--eval_stage``) and stage 2 of a checked :func:`plan`: the merged metrics table
     (a DataFrame), or None on a launcher rank other than 0 (it only generates)."""
+    rp = runner_plan(plan)
     if not plan.settings.eval_stage:
+        from evaluation.runner import generate
         from runtime.dist import init_from_launcher
 
         # torchrun & co.: every rank generates its share of each folder; rank 0 alone scores them
-        shard = init_from_launcher()
-        generate_all(plan, shard)
+        shard = rp.extras["shard"] = init_from_launcher()
+        generate(rp)  # the base's images of every concept (cached across runs), then every checkpoint's
         if shard is not None and shard[0] != 0:
             return None
-    results = compute_metrics(plan)
+    results = compute_metrics(plan, rp)
     bad = [(e, c) for e, row in results.items() for c, v in row.items() if not math.isfinite(v)]
     if bad:
         print(f"warning: non-finite metrics: {bad[:5]}", file=sys.stderr)

@@ -13,6 +13,10 @@ Layout under ``--outdir``::
 ``key`` hashes the model's identity (kind, files, their sizes and mtimes), the sampling settings and the rows'
 prompts and seeds, so changing any of them starts a new folder while an interrupted run resumes in its own: only
 missing images are made (``runtime.generate``'s rules).
+
+That layout is the benchmark's :class:`Layout`; a job that keeps its images elsewhere (``evaluation.protocol``:
+evaluate.py's ``base-{concept}`` and ``{run}/eval/`` folders) passes its own in ``Plan.layout`` and runs on the
+same generation, reading and scoring steps.
 """
 from __future__ import annotations
 
@@ -46,6 +50,18 @@ class Plan:
     outdir: Path
     preloaded: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
+    layout: Layout = field(default_factory=lambda: Layout())  # where the images live (the benchmark's folders)
+    configs: dict = field(default_factory=dict)  # model name -> its own model config (default: model_config)
+    base_rows: dict = field(default_factory=dict)  # suite -> the base model's rows where they differ from rows
+
+    def config_of(self, spec) -> dict:
+        return self.configs.get(spec.name, self.model_config)
+
+    def rows_of(self, suite: str, spec) -> list[Row]:
+        """The rows ``spec`` generates for ``suite``: the suite's rows, or the base's own where it has them."""
+        if spec.kind == "base" and suite in self.base_rows:
+            return self.base_rows[suite]
+        return self.rows[suite]
 
 
 # ---------------------------------------------------------------------------------------------------- settings
@@ -80,13 +96,39 @@ def folder_for(plan: Plan, suite: str, spec, group: tuple, rows: list[Row]) -> t
     return plan.outdir / "images" / suite / spec.name / name, ident
 
 
-def _image_rows(plan: Plan, suite: str, spec) -> list[tuple[Path, dict, list[int]]]:
-    rows = plan.rows[suite]
-    out = []
-    for group, idx in groups(rows, plan.settings).items():
-        folder, ident = folder_for(plan, suite, spec, group, [rows[i] for i in idx])
-        out.append((folder, ident, idx))
-    return out
+class Layout:
+    """Where a run keeps each model's images of a suite and what it writes beside them; this one is the benchmark's
+    (``images/{suite}/{model}/{key}/`` with ``cache.json``, each row drawn from its own seed). A job with other
+    folders (evaluate.py's) subclasses it and passes it in ``Plan.layout``; generation, reading and scoring stay
+    the runner's."""
+
+    per_row_seeds = True  # False: the rows' seeds run seed, seed + 1, ... and the folder's plan records ``seed``
+    flag = "--score_only"  # the flag that skips generation, named when an image is missing
+
+    def folders(self, plan: Plan, suite: str, spec) -> list[tuple[Path, dict, list[int]]]:
+        """``(folder, identity, row indices)`` of every generation folder of ``spec``'s images of ``suite``."""
+        rows = plan.rows_of(suite, spec)
+        out = []
+        for group, idx in groups(rows, plan.settings).items():
+            folder, ident = folder_for(plan, suite, spec, group, [rows[i] for i in idx])
+            out.append((folder, ident, idx))
+        return out
+
+    def prepare(self, plan: Plan, suite: str, spec, folder: Path, ident: dict) -> None:
+        """Before ``folder`` is generated (it exists): record what it holds."""
+        from runtime.files import write_text_atomic
+
+        write_text_atomic(folder / "cache.json", json.dumps(ident, indent=1, default=str) + "\n")
+
+    def finish(self, plan: Plan, suite: str, spec, folder: Path, prompts: list[str]) -> None:
+        """After every image of ``folder`` exists."""
+
+    def desc(self, suite: str, spec) -> str:
+        return f"{suite} {spec.name}"
+
+    def stale(self, folder: Path) -> str:
+        """Why a folder whose plan differs from the requested one is there, and what to do."""
+        return f"the benchmark cache {folder} does not match its own key: delete the folder"
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -114,52 +156,74 @@ class OnceFactory:
 def generate(plan: Plan) -> None:
     from runtime.dist import local_devices
     from runtime.generate import GenerationPlanError, generate_images
-    from runtime.files import write_text_atomic
 
     from .models import model_factory
 
     a = plan.settings
+    layout = plan.layout
     shard = plan.extras.get("shard")
     for spec in plan.models:
-        factory = OnceFactory(model_factory(spec, plan.model_config, a.base))
+        factory = OnceFactory(model_factory(spec, plan.config_of(spec), a.base))
         try:
             for suite in plan.suites:
-                rows = plan.rows[suite.name]
-                for folder, ident, idx in _image_rows(plan, suite.name, spec):
+                rows = plan.rows_of(suite.name, spec)
+                for folder, ident, idx in layout.folders(plan, suite.name, spec):
                     folder.mkdir(parents=True, exist_ok=True)
-                    write_text_atomic(folder / "cache.json", json.dumps(ident, indent=1, default=str) + "\n")
+                    layout.prepare(plan, suite.name, spec, folder, ident)
                     scale, h, w = ident["scale"], ident["height"], ident["width"]
+                    prompts, seeds = [rows[i].prompt for i in idx], [rows[i].seed for i in idx]
+                    noise = {"seeds": seeds} if layout.per_row_seeds else {"seed": _first_seed(seeds, folder)}
                     try:
-                        generate_images(factory, [rows[i].prompt for i in idx], folder, steps=a.steps,
+                        generate_images(factory, prompts, folder, steps=a.steps,
                                         eta=sampling(a)["eta"], scale=scale, batch_size=a.batch_size, height=h,
                                         width=w, devices=local_devices(plan.devices), precision=a.precision,
-                                        sampler=a.sampler, seeds=[rows[i].seed for i in idx],
-                                        desc=f"{suite.name} {spec.name}", shard=shard)
+                                        sampler=a.sampler, **noise,
+                                        desc=layout.desc(suite.name, spec), shard=shard)
                     except GenerationPlanError as e:
-                        raise GenerationPlanError(f"{e} (the benchmark cache {folder} does not match its own "
-                                                  f"key: delete the folder)") from e
+                        raise GenerationPlanError(f"{e} ({layout.stale(folder)})") from e
+                    layout.finish(plan, suite.name, spec, folder, prompts)
         finally:
             factory.clear()
 
 
+def _first_seed(seeds: list[int], folder: Path) -> int:
+    """``seeds[0]`` of rows seeded ``seed + index`` (a layout without per-row seeds in its folders' plans)."""
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"{folder}: its layout records one seed, but the rows' seeds do not run seed, seed + 1, ...")
+    return seeds[0]
+
+
 def images_of(plan: Plan, suite: str, spec) -> list[Path]:
     """Every row's image, in row order."""
-    from runtime.files import image_is_complete, read_text_lines
-
-    out: list[Path | None] = [None] * len(plan.rows[suite])
-    for folder, _, idx in _image_rows(plan, suite, spec):
-        listing = folder / "images.txt"
-        if not listing.is_file():
-            raise FileNotFoundError(f"{listing} not found: generate first (run without --score_only)")
-        names = read_text_lines(listing)
-        if len(names) != len(idx):
-            raise ValueError(f"{folder} lists {len(names)} images, expected {len(idx)}")
-        for i, name in zip(idx, names):
-            p = folder / name
-            if not image_is_complete(p):
-                raise FileNotFoundError(f"{p} is missing or damaged: run without --score_only to remake it")
+    out: list[Path | None] = [None] * len(plan.rows_of(suite, spec))
+    for folder, _, idx in plan.layout.folders(plan, suite, spec):
+        for i, p in zip(idx, folder_images(folder, len(idx), plan.layout.flag)):
             out[i] = p
     return out  # type: ignore[return-value]
+
+
+def folder_images(folder: Path, expected: int | None = None, flag: str = "--score_only") -> list[Path]:
+    """The images listed in ``folder/images.txt`` (relative to the folder), all of which must exist and be complete.
+    Raises FileNotFoundError (no listing, missing images) or ValueError (damaged images, another count), naming the
+    folder and ``flag`` (the command's flag that skips generation)."""
+    from runtime.files import image_is_complete, read_text_lines
+
+    listing = folder / "images.txt"
+    if not listing.is_file():
+        raise FileNotFoundError(f"{listing} not found: generate first (run without {flag})")
+    paths = [folder / line for line in read_text_lines(listing) if line.strip()]
+    missing = [p for p in paths if not p.is_file()]
+    if missing or not paths:
+        raise FileNotFoundError(f"{folder}: {len(missing)} of {len(paths)} listed images missing"
+                                + (f", e.g. {missing[0]}" if missing else ""))
+    damaged = [p for p in paths if not image_is_complete(p)]
+    if damaged:
+        raise ValueError(f"{folder}: {len(damaged)} image(s) are truncated or not images, e.g. {damaged[0]}; "
+                         f"delete them and run without {flag} to regenerate them")
+    if expected is not None and len(paths) != expected:
+        raise ValueError(f"{folder} holds {len(paths)} images, expected {expected} (made with other settings, e.g. "
+                         f"another --numgen or --limit?)")
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -175,8 +239,10 @@ def _json_safe(x):
     return x
 
 
-def score(plan: Plan) -> dict[str, dict[str, dict]]:
-    """``{suite: {model: summary}}``; writes every suite's records and summary files."""
+def score(plan: Plan, write: bool = True) -> dict[str, dict[str, dict]]:
+    """``{suite: {model: summary}}``; writes every suite's records and summary files and the results table.
+    ``write=False``: writes nothing and returns the summaries as the suites made them (a job with its own table,
+    evaluate.py's); else they are JSON-safe (non-finite numbers -> None)."""
     import torch
 
     from runtime.files import write_text_atomic
@@ -186,23 +252,27 @@ def score(plan: Plan) -> dict[str, dict[str, dict]]:
     for suite in plan.suites:
         scorers = suite.load(plan.settings, device, plan.preloaded)
         cache: dict = {}
-        rows = plan.rows[suite.name]
         base_images = images_of(plan, suite.name, plan.models[0])
         summaries = {}
         for spec in plan.models:
             ctx = Context(plan.settings, scorers, spec.name, spec.kind == "base", cache)
             images = base_images if ctx.is_base else images_of(plan, suite.name, spec)
-            records, summary = suite.score(ctx, rows, images, base_images)
+            records, summary = suite.score(ctx, plan.rows_of(suite.name, spec), images, base_images)
+            if not write:
+                summaries[spec.name] = summary
+                continue
             summaries[spec.name] = _json_safe(summary)
             lines = "".join(json.dumps(_json_safe(r), ensure_ascii=False) + "\n" for r in records)
             path = plan.outdir / suite.name / "records" / f"{spec.name}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, lines)
-        del scorers
+        del scorers, cache
         gc.collect()
-        write_suite(plan, suite, summaries)
+        if write:
+            write_suite(plan, suite, summaries)
         results[suite.name] = summaries
-    write_results(plan.outdir)
+    if write:
+        write_results(plan.outdir)
     return results
 
 

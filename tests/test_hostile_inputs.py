@@ -380,8 +380,10 @@ def test_truncated_image_in_eval_folder_is_named(tmp_path):
     (folder / "images.txt").write_text("samples/00000.png\nsamples/00001.png\n")
     data = (folder / "samples" / "00001.png").read_bytes()
     (folder / "samples" / "00001.png").write_bytes(data[: len(data) // 2])
+    from evaluation.runner import folder_images
+
     with pytest.raises(ValueError, match="00001.png"):
-        protocol.folder_images(folder, 2)
+        folder_images(folder, 2)
 
 
 # ------------------------------------------------------------------ 12. an anchor word no prompt contains
