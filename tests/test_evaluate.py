@@ -141,7 +141,8 @@ def test_end_to_end_object(env, monkeypatch, capsys):
     def no_model(*a, **k):
         raise AssertionError("regenerated")
 
-    monkeypatch.setattr("runtime.loading.load_model_from_config", no_model)
+    monkeypatch.setattr("runtime.loading.load_model_from_config", no_model)  # base + delta
+    monkeypatch.setattr("ldm.checkpoint.load_model_from_config", no_model)  # the base alone (evaluation.models)
     mtimes = {p: p.stat().st_mtime_ns for p in (d / "baseline").rglob("*.png")}
     table = json.loads((out / "evaluation.json").read_text())  # the JSON is the table, the pickle only a copy
     table["other_run"] = {"KID_cat": 1.0}
@@ -159,15 +160,15 @@ def test_end_to_end_object(env, monkeypatch, capsys):
     run2 = run.parent / "run2"
     shutil.copytree(run, run2, ignore=shutil.ignore_patterns("eval"))
     calls = []
-    from runtime import loading as delta_mod
+    from evaluation import models
     monkeypatch.undo()
-    real = delta_mod.load_model
+    real = models.load_model
 
-    def counting(config, ckpt, delta=None, device="cpu"):
-        calls.append(delta)
-        return real(config, ckpt, delta, device)
+    def counting(spec, model_config, base, device="cpu"):  # every model the protocol loads, base included
+        calls.append(None if spec.kind == "base" else spec.path)
+        return real(spec, model_config, base, device)
 
-    monkeypatch.setattr(delta_mod, "load_model", counting)
+    monkeypatch.setattr(models, "load_model", counting)
     _run(_argv(env, root=run2))
     assert calls and all(c is not None for c in calls)  # never the base model
     assert {p: p.stat().st_mtime_ns for p in (d / "baseline").rglob("*.png")} == mtimes
