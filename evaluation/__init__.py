@@ -1,4 +1,5 @@
-"""Evaluation shared by ``evaluate.py`` (the Concept Ablation protocol) and ``benchmark.py`` (ConceptPrune's
-erasure suites): metric code (``metrics``), the models a benchmark compares (``models``), prompt-set readers
-(``prompt_sets``), scorers (``nudity``, ``classifier``, ``scores``) and the suite runner (``suites``, ``runner``,
-``report``)."""
+"""Evaluation: the paper's Concept Ablation protocol (``protocol``, ``evaluate.py``'s job) and ConceptPrune's
+erasure suites (``suites``, ``benchmark``, ``benchmark.py``'s job) on one runner (``runner``: generation of
+every model's images from the same rows and seeds, caching, scoring, tables), with the models a benchmark
+compares (``models``), prompt-set readers (``prompt_sets``), the suites' metric rules (``scores``) and the
+benchmark's settings (``settings``). The scorers themselves are in :mod:`scoring`."""
