@@ -130,11 +130,10 @@ def generate(plan: Plan) -> None:
                     write_text_atomic(folder / "cache.json", json.dumps(ident, indent=1, default=str) + "\n")
                     scale, h, w = ident["scale"], ident["height"], ident["width"]
                     try:
-                        generate_images(factory, [rows[i].prompt for i in idx], folder, steps=a.steps,
-                                        eta=sampling(a)["eta"], scale=scale, batch_size=a.batch_size, height=h,
-                                        width=w, devices=local_devices(plan.devices), precision=a.precision,
-                                        sampler=a.sampler, seeds=[rows[i].seed for i in idx],
-                                        desc=f"{suite.name} {spec.name}", shard=shard)
+                        generate_images(factory, [rows[i].prompt for i in idx], folder,
+                                        a.sampling(scale=scale, height=h, width=w), seeds=[rows[i].seed for i in idx],
+                                        devices=local_devices(plan.devices), desc=f"{suite.name} {spec.name}",
+                                        shard=shard)
                     except GenerationPlanError as e:
                         raise GenerationPlanError(f"{e} (the benchmark cache {folder} does not match its own "
                                                   f"key: delete the folder)") from e

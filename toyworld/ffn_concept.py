@@ -883,7 +883,7 @@ def sweep(out: Path, assets: Path = ASSETS, textures=(TEXTURE, f"{TEXTURE}-dense
     import functools
 
     from runtime.loading import load_model
-    from runtime.generate import generate_images
+    from runtime.generate import Sampling, generate_images
 
     out = Path(out)
     prompt_dir = eval_prompt_dir(out, assets)
@@ -901,8 +901,8 @@ def sweep(out: Path, assets: Path = ASSETS, textures=(TEXTURE, f"{TEXTURE}-dense
         def measure(delta, name):
             folder = root / name
             generate_images(functools.partial(load_model, config, str(ckpt), delta and str(delta)), prompts, folder,
-                            steps=50, eta=1.0, scale=6.0, batch_size=50, height=32, width=32, seed=42,
-                            precision="full", desc=name)
+                            Sampling(steps=50, eta=1.0, scale=6.0, batch_size=50, height=32, width=32, seed=42,
+                                     precision="full"), desc=name)
             return _judge_images(folder, concepts, n, scorers)
 
         t = time.time()

@@ -226,14 +226,15 @@ def generate(ckpt: Path, delta: Path | None, concept: str, n: int, folder: Path,
     from omegaconf import OmegaConf
 
     from runtime.loading import load_model
-    from runtime.generate import generate_images
+    from runtime.generate import Sampling, generate_images
 
     config = OmegaConf.to_container(OmegaConf.load(mission._paths(assets)["config"]).model, resolve=True)
     lines = eval_lines(concept, assets)
     prompts = [lines[i % len(lines)] for i in range(n)]
     factory = functools.partial(load_model, config, str(ckpt), str(delta) if delta else None)
-    return generate_images(factory, prompts, folder, height=32, width=32, batch_size=50, precision="full",
-                           desc=f"{folder.parent.parent.name} {concept}", **sampling())
+    return generate_images(factory, prompts, folder,
+                           Sampling(**sampling(), height=32, width=32, batch_size=50, precision="full"),
+                           desc=f"{folder.parent.parent.name} {concept}")
 
 
 def score(folder: Path, concept: str, assets: Path, extra_textures=()) -> dict:
