@@ -28,13 +28,14 @@ import os
 import shutil
 import warnings
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from runtime.files import image_is_complete, read_text_lines, sha256_file, write_text_atomic
-from runtime.generate import generate_images, validate_generation_args
+from runtime.generate import Sampling, check_devices, check_prompts, generate_images
 from scoring.sscd import THRESHOLD, load_sscd, memorization_rate, similarities
 
 __all__ = ["select_prompts", "filter_images", "prepare_memorization_data", "MemorizationSettingsError"]
@@ -130,18 +131,18 @@ def _final_done(gen: Path) -> bool:
 def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathLike | None,
                               mem_image: str | os.PathLike, paraphrases: Sequence[str],
                               gen_folder: str | os.PathLike, caption_target: str, train_size: int, *,
-                              n_check: int = 5, check_steps: int = 100, anchor_steps: int = 200,
+                              sampling: Sampling = Sampling(), n_check: int = 5, check_steps: int = 100,
                               anchor_size: int = 10, target_size: int = 3, threshold: float = THRESHOLD,
-                              devices: Sequence[str] | str = ("cpu",), batch_size: int = 10, height: int = 512,
-                              width: int = 512, seed: int = 42, eta: float = 1.0, scale: float = 6.0,
-                              precision: str = "autocast", sscd_device: str | torch.device | None = None,
-                              sampler: str = "ddim") -> tuple[Path, Path, list[str]]:
+                              devices: Sequence[str] | str = ("cpu",),
+                              sscd_device: str | torch.device | None = None) -> tuple[Path, Path, list[str]]:
     """check set -> SSCD scoring -> anchor/target prompts -> anchor set -> filtering.
 
     Returns ``(gen/images.txt, gen/caption.txt, [caption_target, t1, ..., t_target_size])``; the
     trainer turns the caption list into ``*+X`` memorization concepts. Finished stages are reused.
-    ``sscd_device`` defaults to the first of ``devices``. ``sampler`` makes the anchor set (``generation.sampler``);
-    the check set that scores the paraphrases stays DDIM, as in the paper.
+    ``sampling`` makes the anchor set (the trainer's ``generation`` settings); the check set that scores the
+    paraphrases is the same with ``check_steps`` DDIM steps, as in the paper. ``sscd_device`` defaults to the
+    first of ``devices``. Raises ``ValueError``/``TypeError`` (arguments), ``FileNotFoundError`` (``mem_image``)
+    and ``MemorizationSettingsError`` (a folder prepared with other settings).
     """
     gen = Path(gen_folder)
     mem_image = Path(mem_image)
@@ -163,17 +164,18 @@ def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathL
                          f"each anchor prompt gets train_size // anchor_size images")
     if n_check < 1:
         raise ValueError(f"n_check must be >= 1, got {n_check}")
-    gen_kw = dict(eta=eta, scale=scale, batch_size=batch_size, height=height, width=width, seed=seed,
-                  devices=devices, precision=precision)
-    _, gen_kw["devices"] = validate_generation_args(distinct, steps=check_steps, **gen_kw)
-    validate_generation_args(distinct, steps=anchor_steps, **gen_kw, sampler=sampler)
-    devices = gen_kw["devices"]
+    check_sampling = replace(sampling, sampler="ddim", steps=check_steps)
+    check_prompts(distinct)
+    check_sampling.validate()
+    devices = check_devices(devices)
+    sampling.validate()
 
+    s = sampling
     settings = {"version": 1, "caption_target": caption_target, "mem_image_sha256": sha256_file(mem_image),
                 "paraphrases": distinct, "n_check": n_check, "check_steps": check_steps,
-                "anchor_steps": anchor_steps, "anchor_size": anchor_size, "target_size": target_size,
-                "threshold": float(threshold), "train_size": train_size, "seed": seed, "height": height,
-                "width": width, "eta": float(eta), "scale": float(scale)}
+                "anchor_steps": s.steps, "anchor_size": anchor_size, "target_size": target_size,
+                "threshold": float(threshold), "train_size": train_size, "seed": s.seed, "height": s.height,
+                "width": s.width, "eta": float(s.eta), "scale": float(s.scale)}
     settings_file = gen / "memorization.json"
     if settings_file.exists():
         old = json.loads(settings_file.read_text(encoding="utf-8"))
@@ -196,9 +198,9 @@ def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathL
                                             f"and target_size; delete them to redo the prompt selection")
         targets = lines[1:]  # the first line is the memorized caption itself: do not add it twice
     else:
-        check_prompts = [p for p in distinct for _ in range(n_check)]
-        generate_images(model_factory, check_prompts, gen / "check", steps=check_steps,
-                        desc="memorization check set", **gen_kw)
+        check_set = [p for p in distinct for _ in range(n_check)]
+        generate_images(model_factory, check_set, gen / "check", check_sampling, devices=devices,
+                        desc="memorization check set")
         _, captions, sims = _scored(lazy, gen / "check", mem_image)
         anchors, targets = select_prompts(captions, sims, anchor_size, target_size, threshold)
         print(f"check set: memorization rate {memorization_rate(sims, threshold):.3f}; "
@@ -209,8 +211,8 @@ def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathL
     # 3. anchor set
     per_anchor = train_size // anchor_size
     anchor_prompts = [a for a in anchors for _ in range(per_anchor)]
-    generate_images(model_factory, anchor_prompts, gen / "anchor", steps=anchor_steps,
-                    desc="memorization anchor set", sampler=sampler, **gen_kw)
+    generate_images(model_factory, anchor_prompts, gen / "anchor", sampling, devices=devices,
+                    desc="memorization anchor set")
 
     # 4. final filtering into gen/samples
     images_txt, caption_txt = gen / "images.txt", gen / "caption.txt"

@@ -25,7 +25,11 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from types import SimpleNamespace
+
+if TYPE_CHECKING:
+    from runtime.generate import Sampling
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,16 +270,10 @@ def _check_inputs(s: TrainSettings, config):
     from omegaconf import OmegaConf
 
     from runtime.loading import check_checkpoints
-    from runtime.generate import validate_generation_args
 
-    gen = config.generation
-    validate_generation_args(["x"], steps=gen.steps, eta=gen.eta, scale=gen.scale, batch_size=s.n_samples,
-                             height=config.data.size, width=config.data.size, seed=gen.seed,
-                             sampler=gen.get("sampler", "ddim"))
-    if s.concept_type == "memorization":
-        validate_generation_args(["x"], steps=gen.check_steps, eta=gen.eta, scale=gen.scale,
-                                 batch_size=s.n_samples, height=config.data.size, width=config.data.size,
-                                 seed=gen.seed)
+    anchors = anchor_sampling(s, config).validate()
+    if s.concept_type == "memorization":  # the paraphrase check set: DDIM, generation.check_steps
+        dataclasses.replace(anchors, sampler="ddim", steps=config.generation.check_steps).validate()
     from ldm.diffusers_format import checkpoint_exists
 
     if not checkpoint_exists(s.base_ckpt):
@@ -295,6 +293,16 @@ def latent_factor(model_config) -> int:
 
 
 # ----------------------------------------------------------------------------- data
+def anchor_sampling(s: TrainSettings, config) -> Sampling:
+    """How the anchor images are sampled: ``config.generation``'s sampler (DDIM when unset), steps, eta, scale
+    and seed, ``n_samples`` images per batch, ``data.size`` square."""
+    from runtime.generate import Sampling
+
+    gen, size = config.generation, config.data.size
+    return Sampling(sampler=gen.get("sampler", "ddim"), steps=gen.steps, eta=gen.eta, scale=gen.scale,
+                    height=size, width=size, batch_size=s.n_samples, seed=gen.seed)
+
+
 def prepare_data(s: TrainSettings, config, concepts, prompts, devices):
     """Generate (or reuse) the anchor images; returns (images_txt, caption_txt, concepts).
 
@@ -305,7 +313,7 @@ def prepare_data(s: TrainSettings, config, concepts, prompts, devices):
 
     from runtime.loading import load_model
     from runtime.dist import broadcast_from_zero, init_from_launcher, local_devices
-    from runtime.generate import generate_images
+    from runtime.generate import Sampling, generate_images
     from ablation.prompts import Concept
 
     gen = config.generation
@@ -321,20 +329,21 @@ def prepare_data(s: TrainSettings, config, concepts, prompts, devices):
             images_txt, caption_txt, targets = broadcast_from_zero(None)
             extra = [Concept("*", t) for t in targets if t not in {c.target for c in concepts}]
             return images_txt, caption_txt, concepts + extra
+        # as before, this path samples with Sampling's eta and scale: generation.eta/scale are not passed on
+        sampling = Sampling(sampler=gen.get("sampler", "ddim"), steps=gen.steps, height=size, width=size,
+                            batch_size=s.n_samples, seed=gen.seed)
         images_txt, caption_txt, targets = prepare_memorization_data(
             factory, s.sscd_ckpt, s.mem_impath, prompts, gen_folder, concepts[0].target, s.train_size,
-            n_check=gen.check_images_per_prompt, check_steps=gen.check_steps, anchor_steps=gen.steps,
+            sampling=sampling, n_check=gen.check_images_per_prompt, check_steps=gen.check_steps,
             anchor_size=gen.anchor_size, target_size=gen.target_size, threshold=gen.sscd_threshold,
-            devices=tuple(devices), batch_size=s.n_samples, height=size, width=size, seed=gen.seed,
-            sampler=gen.get("sampler", "ddim"))
+            devices=tuple(devices))
         if shard is not None:
             broadcast_from_zero((images_txt, caption_txt, targets))
         extra = [Concept("*", t) for t in targets if t not in {c.target for c in concepts}]
         return images_txt, caption_txt, concepts + extra
     per_image = [p for p in prompts for _ in range(s.train_size // len(prompts))]
-    generate_images(factory, per_image, gen_folder, steps=gen.steps, eta=gen.eta, scale=gen.scale,
-                    batch_size=s.n_samples, height=size, width=size, seed=gen.seed,
-                    devices=local_devices(tuple(devices)), sampler=gen.get("sampler", "ddim"), shard=shard)
+    generate_images(factory, per_image, gen_folder, anchor_sampling(s, config),
+                    devices=local_devices(tuple(devices)), shard=shard)
     return gen_folder / "images.txt", gen_folder / "caption.txt", concepts
 
 

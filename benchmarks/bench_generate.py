@@ -141,7 +141,7 @@ def main(argv=None):
         import diffusers
     except ImportError as e:
         sys.exit(f"diffusers is needed for the comparison (pip install -r requirements-dev.txt): {e}")
-    from runtime.generate import Runner, validate_generation_args
+    from runtime.generate import Runner, Sampling, validate_generation_args
 
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available")
@@ -151,10 +151,13 @@ def main(argv=None):
     base = PROMPTS[args.model]
     prompts = [base[i % len(base)] for i in range(args.batch)]
     indices = list(range(args.batch))
+    def sampling(name: str, steps: int) -> Sampling:
+        return Sampling(sampler=name, steps=steps, eta=args.eta if name == "ddim" else 0.0, scale=args.scale,
+                        height=args.size, width=args.size, batch_size=args.batch, seed=args.seed,
+                        precision="autocast" if args.dtype == "fp16" else "full")
+
     for name, steps in settings:
-        validate_generation_args(prompts, steps=steps, eta=args.eta if name == "ddim" else 0.0, scale=args.scale,
-                                 batch_size=args.batch, height=args.size, width=args.size, seed=args.seed,
-                                 sampler=name)
+        validate_generation_args(prompts, sampling(name, steps))
 
     t0 = time.perf_counter()
     model, cfg = build_model(args)
@@ -170,9 +173,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for name, steps in settings:
             eta = args.eta if name == "ddim" else 0.0
-            precision = "autocast" if args.dtype == "fp16" else "full"
-            ours = Runner(lambda d: model, args.device, prompts, Path(tmp), steps, eta, args.scale, args.size,
-                           args.size, args.seed, precision, sampler=name)
+            ours = Runner(lambda d: model, args.device, prompts, Path(tmp), sampling(name, steps))
             pipe = build_diffusers(model, cfg, name, device, torch.float16 if args.dtype == "fp16" else None)
 
             @torch.no_grad()

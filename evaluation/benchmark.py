@@ -181,10 +181,8 @@ def check(settings: BenchmarkSettings, classifier=None):
         check_models(models, model_config, s.base)
         for suite in suites:
             for (scale, h, w), idx in groups(rows[suite.name], s).items():
-                validate_generation_args([rows[suite.name][i].prompt for i in idx], steps=s.steps,
-                                         eta=s.eta if s.sampler == "ddim" else 0.0, scale=scale,
-                                         batch_size=s.batch_size, height=h, width=w, devices=devices,
-                                         precision=s.precision, sampler=s.sampler)
+                validate_generation_args([rows[suite.name][i].prompt for i in idx],
+                                         s.sampling(scale=scale, height=h, width=w), devices)
     check_output(s.outdir, "--outdir", kind="dir")
     # scorers: a model that cannot be loaded offline fails now, with what to download and where
     from scoring.metrics import resolve_clip

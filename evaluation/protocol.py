@@ -52,6 +52,10 @@ import sys
 import warnings
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.generate import Sampling
 
 from evaluation.runner import Layout
 
@@ -101,6 +105,13 @@ class EvaluateSettings:
     n_samples: int = 10
     precision: str = "autocast"
     baseline_set: str = "paired"
+
+    def sampling(self) -> Sampling:
+        """The sampler settings of every generated folder (DDIM, ``n_samples`` images per batch)."""
+        from runtime.generate import Sampling
+
+        return Sampling(steps=self.steps, eta=self.eta, scale=self.scale, height=self.H, width=self.W,
+                        batch_size=self.n_samples, seed=self.seed, precision=self.precision)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -489,9 +500,7 @@ def plan(settings: EvaluateSettings) -> Plan:
         from runtime.generate import validate_generation_args
 
         for c in concepts:
-            validate_generation_args(c.prompts, steps=s.steps, eta=s.eta, scale=s.scale,
-                                     batch_size=s.n_samples, height=s.H, width=s.W, seed=s.seed,
-                                     devices=devices, precision=s.precision)
+            validate_generation_args(c.prompts, s.sampling(), devices)
     return the_plan
 
 
@@ -514,7 +523,7 @@ def _check_folder_plans(settings: EvaluateSettings, concepts: list[Concept], che
             old = json.loads(plan_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # generate_images reports an unreadable plan with its own advice
-        diff = plan_diff(old, plan_dict(prompts, s.steps, s.eta, s.scale, s.H, s.W, s.seed))
+        diff = plan_diff(old, plan_dict(s.sampling(), prompts))
         if diff:
             raise ValueError(f"{folder} was generated with other settings (differs in: {', '.join(diff)}); delete it, "
                              f"or use another {where if where == '--base_outpath' else 'copy of the run'}")

@@ -21,6 +21,7 @@ same generation, reading and scoring steps.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import hashlib
 import io
@@ -172,13 +173,15 @@ def generate(plan: Plan) -> None:
                     layout.prepare(plan, suite.name, spec, folder, ident)
                     scale, h, w = ident["scale"], ident["height"], ident["width"]
                     prompts, seeds = [rows[i].prompt for i in idx], [rows[i].seed for i in idx]
-                    noise = {"seeds": seeds} if layout.per_row_seeds else {"seed": _first_seed(seeds, folder)}
+                    folder_sampling = a.sampling(scale=scale, height=h, width=w)
+                    if layout.per_row_seeds:
+                        per_row = {"seeds": seeds}
+                    else:  # the folder records one seed, image i is seed + i
+                        per_row = {}
+                        folder_sampling = dataclasses.replace(folder_sampling, seed=_first_seed(seeds, folder))
                     try:
-                        generate_images(factory, prompts, folder, steps=a.steps,
-                                        eta=sampling(a)["eta"], scale=scale, batch_size=a.batch_size, height=h,
-                                        width=w, devices=local_devices(plan.devices), precision=a.precision,
-                                        sampler=a.sampler, **noise,
-                                        desc=layout.desc(suite.name, spec), shard=shard)
+                        generate_images(factory, prompts, folder, folder_sampling, devices=local_devices(plan.devices),
+                                        desc=layout.desc(suite.name, spec), shard=shard, **per_row)
                     except GenerationPlanError as e:
                         raise GenerationPlanError(f"{e} ({layout.stale(folder)})") from e
                     layout.finish(plan, suite.name, spec, folder, prompts)

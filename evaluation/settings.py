@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.generate import Sampling
 from runtime.loading import DEFAULT_BASE_CKPT, DEFAULT_CONFIG
 
 
@@ -68,3 +69,12 @@ class BenchmarkSettings:
     # derived by check()
     clip_resolved: str | None = None
     mem_clip_resolved: str | None = None
+
+    def sampling(self, scale: float | None = None, height: int | None = None, width: int | None = None) -> Sampling:
+        """The sampler settings of one generation folder: ``scale``/``height``/``width`` are a row group's
+        (``evaluation.runner.groups``), the settings' own when None. ``eta`` applies to DDIM only (0 otherwise);
+        the rows carry their own seeds, so ``seed`` keeps its default."""
+        return Sampling(sampler=self.sampler, steps=self.steps, eta=self.eta if self.sampler == "ddim" else 0.0,
+                        scale=self.scale if scale is None else scale, height=self.H if height is None else height,
+                        width=self.W if width is None else width, batch_size=self.batch_size,
+                        precision=self.precision)

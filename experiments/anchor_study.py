@@ -60,11 +60,11 @@ class Meter:
             self.rows += x.shape[0]
             return apply(model, x, *a, **k)
 
-        def timed_generate(factory, prompts, outdir, **kw):
+        def timed_generate(factory, prompts, outdir, *a, **kw):
             anchors = self.data_root is not None and Path(outdir).resolve().is_relative_to(self.data_root)
             c, r, t = self.calls, self.rows, time.perf_counter()
             try:
-                return gen(factory, prompts, outdir, **kw)
+                return gen(factory, prompts, outdir, *a, **kw)
             finally:
                 if anchors:
                     self.log.update(anchor_unet_calls=self.calls - c, anchor_unet_rows=self.rows - r,

@@ -225,14 +225,15 @@ def generate(ckpt: Path, delta: Path | None, concept: str, n: int, folder: Path,
     plus ``delta``; an existing folder made with the same plan is reused."""
     from ldm.util import load_model_config
     from runtime.loading import load_model
-    from runtime.generate import generate_images
+    from runtime.generate import Sampling, generate_images
 
     config = load_model_config(mission.asset_paths(assets)["config"])
     lines = eval_lines(concept, assets)
     prompts = [lines[i % len(lines)] for i in range(n)]
     factory = functools.partial(load_model, config, str(ckpt), str(delta) if delta else None)
-    return generate_images(factory, prompts, folder, height=32, width=32, batch_size=50, precision="full",
-                           desc=f"{folder.parent.parent.name} {concept}", **sampling())
+    return generate_images(factory, prompts, folder,
+                           Sampling(**sampling(), height=32, width=32, batch_size=50, precision="full"),
+                           desc=f"{folder.parent.parent.name} {concept}")
 
 
 def score(folder: Path, concept: str, assets: Path, extra_textures=()) -> dict:

@@ -21,9 +21,12 @@ import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from runtime import cli
+
+if TYPE_CHECKING:
+    from runtime.generate import Sampling
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
@@ -93,6 +96,13 @@ class SamplingSettings(ModelSettings):
     precision: str = "autocast"
     batch_size: int = 4
     device: str | None = None
+
+    def sampling(self) -> Sampling:
+        """These settings as a :class:`runtime.generate.Sampling`: PLMS (deterministic, eta 0)."""
+        from runtime.generate import Sampling
+
+        return Sampling(sampler="plms", steps=self.steps, eta=0.0, scale=self.scale, height=self.H, width=self.W,
+                        batch_size=self.batch_size, seed=self.seed, precision=self.precision)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,17 +260,17 @@ def _model_config(s: ModelSettings) -> dict:
 
 
 def _check_sampling(s: SamplingSettings) -> str:
-    """The device the job samples on, once the sampling settings pass ``validate_generation_args``."""
+    """The device the job samples on, once the sampling settings pass ``Sampling.validate`` and the device
+    ``check_devices``."""
     import torch
 
-    from runtime.generate import validate_generation_args
+    from runtime.generate import check_devices
 
     if s.batch_size < 1:
         raise ValueError("--batch_size must be >= 1")
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    validate_generation_args(["x"], steps=s.steps, eta=0.0, scale=s.scale, batch_size=s.batch_size,
-                             height=s.H, width=s.W, seed=s.seed, devices=(device,),
-                             precision=s.precision)
+    s.sampling().validate()
+    check_devices((device,))
     return device
 
 

@@ -4,7 +4,7 @@
 anchors: at 20 steps a tenth of DDIM-200's UNet calls (the toy-world measurement, README "Cheaper anchor
 images"); the default stays the paper's DDIM 200 steps, eta 1.
 
-``generate_images(model_factory, prompts, outdir, ...)`` writes
+``generate_images(model_factory, prompts, outdir, sampling)`` (``sampling``: a :class:`Sampling`) writes
 
     outdir/samples/00000.png ...   8-bit PNG of clamp((decode(z) + 1) / 2, 0, 1)
     outdir/images.txt              one image path per line, RELATIVE TO ``outdir`` (``samples/00000.png``)
@@ -41,6 +41,7 @@ import json
 import os
 import pickle
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -53,8 +54,9 @@ from ldm.models.diffusion.dpmpp import DPMPP2MSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from runtime.files import image_is_complete, read_text_lines, save_png_atomic, write_text_atomic
 
-__all__ = ["generate_images", "validate_generation_args", "GenerationPlanError", "PLAN_FILE", "SAMPLERS",
-           "plan_dict", "plan_diff", "latent_shape", "Runner"]
+__all__ = ["Sampling", "generate_images", "validate_generation_args", "check_prompts", "check_devices",
+           "GenerationPlanError", "PLAN_FILE", "SAMPLERS", "PRECISIONS", "plan_dict", "plan_diff", "latent_shape",
+           "Runner"]
 
 PLAN_FILE = "plan.json"
 _PLAN_VERSION = 1  # bump if the noise layout or the pixel conversion changes
@@ -72,17 +74,74 @@ def _image_name(index: int) -> str:
     return f"{index:05d}.png"
 
 
-def validate_generation_args(prompts, *, steps: int = 200, eta: float = 1.0, scale: float = 6.0,
-                             batch_size: int = 10, height: int = 512, width: int = 512, seed: int = 42,
-                             devices=("cpu",), precision: str = "autocast", num_timesteps: int = 1000,
-                             sampler: str = "ddim") -> tuple[list[str], tuple[str, ...]]:
-    """Check the arguments of ``generate_images`` before any model is built.
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """How the images of one folder are sampled: every setting that ``generate_images`` shares across its images.
 
-    ``num_timesteps`` is the model's training T (1000 for SD v1): with ``ddim``/``plms``, ``steps`` must
-    fit its DDIM grid; with ``dpmpp_2m`` any ``steps`` < T does.
+    The defaults are the paper's anchor generation (DDIM 200 steps, eta 1, CFG 6, 512x512, seeds ``42 + i``).
+    ``sampler``: ``"ddim"``, ``"plms"`` (deterministic: needs ``eta=0``) or ``"dpmpp_2m"`` (DPM-Solver++(2M):
+    deterministic, ``eta`` does not apply; ``steps`` UNet calls). ``scale`` is the classifier-free guidance scale
+    (1 skips the unconditional half). ``batch_size`` is the images per sampler call; ``seed`` seeds image ``i``
+    with ``seed + i`` (unless ``generate_images`` gets per-image ``seeds``). ``precision="autocast"`` samples
+    under fp16 autocast on CUDA (nothing on CPU), ``"full"`` is fp32 everywhere. ``fixed_code`` starts every
+    image from one noise seeded ``seed``.
 
-    Returns ``(prompts as a list, devices as a tuple)``; raises ``ValueError``/``TypeError``.
+    Constructing one checks nothing (a job builds it from its settings and checks it when it checks those):
+    call :meth:`validate`. Grouped so that the jobs, the plan of a folder and the sampler loop read one value
+    instead of the same nine parameters at every call.
     """
+
+    sampler: str = "ddim"
+    steps: int = 200
+    eta: float = 1.0
+    scale: float = 6.0
+    height: int = 512
+    width: int = 512
+    batch_size: int = 10
+    seed: int = 42
+    precision: str = "autocast"
+    fixed_code: bool = False
+
+    def validate(self, num_timesteps: int = 1000) -> Sampling:
+        """Check the settings before any model is built; returns ``self``.
+
+        ``num_timesteps`` is the model's training T (1000 for SD v1): with ``ddim``/``plms``, ``steps`` must fit
+        its DDIM grid; with ``dpmpp_2m`` any ``steps`` < T does. Raises ``ValueError`` naming the setting.
+        """
+        batch_size, steps, sampler, eta = self.batch_size, self.steps, self.sampler, self.eta
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if sampler == "plms" and eta != 0:
+            raise ValueError(f"sampler 'plms' is deterministic: eta must be 0, got {eta}")
+        c = num_timesteps // steps if steps <= num_timesteps else 0
+        if sampler == "dpmpp_2m":
+            if steps >= num_timesteps:
+                raise ValueError(f"steps={steps}: dpmpp_2m steps on distinct training timesteps, at most "
+                                 f"{num_timesteps - 1}")
+        elif c < 1 or (num_timesteps - 1) // c * c + 1 >= num_timesteps:
+            ok = [s for s in (10, 20, 25, 50, 100, 200, 250, 500) if s <= num_timesteps]
+            raise ValueError(f"steps={steps} does not fit the uniform DDIM grid range(0, {num_timesteps}, "
+                             f"{num_timesteps}//steps) + 1 (the last timestep would be {num_timesteps}); "
+                             f"use e.g. one of {ok}")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+        for name, v in (("height", self.height), ("width", self.width)):
+            if not isinstance(v, int) or v < 8 or v % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8, got {v!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        return self
+
+
+def check_prompts(prompts) -> list[str]:
+    """``prompts`` as a list, once it is a non-empty list of single-line strings (one entry per image).
+    Raises ``TypeError`` (a single string, a non-string entry) or ``ValueError`` (empty, a line break)."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings (one entry per image), not a single string")
     prompts = list(prompts)
@@ -94,33 +153,12 @@ def validate_generation_args(prompts, *, steps: int = 200, eta: float = 1.0, sca
     multiline = [i for i, p in enumerate(prompts) if "\n" in p or "\r" in p]
     if multiline:
         raise ValueError(f"prompt {multiline[0]} contains a line break; caption.txt holds one prompt per line")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    if sampler == "plms" and eta != 0:
-        raise ValueError(f"sampler 'plms' is deterministic: eta must be 0, got {eta}")
-    c = num_timesteps // steps if steps <= num_timesteps else 0
-    if sampler == "dpmpp_2m":
-        if steps >= num_timesteps:
-            raise ValueError(f"steps={steps}: dpmpp_2m steps on distinct training timesteps, at most "
-                             f"{num_timesteps - 1}")
-    elif c < 1 or (num_timesteps - 1) // c * c + 1 >= num_timesteps:
-        ok = [s for s in (10, 20, 25, 50, 100, 200, 250, 500) if s <= num_timesteps]
-        raise ValueError(f"steps={steps} does not fit the uniform DDIM grid range(0, {num_timesteps}, "
-                         f"{num_timesteps}//steps) + 1 (the last timestep would be {num_timesteps}); "
-                         f"use e.g. one of {ok}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    for name, v in (("height", height), ("width", width)):
-        if not isinstance(v, int) or v < 8 or v % 8:
-            raise ValueError(f"{name} must be a positive multiple of 8, got {v!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return prompts
+
+
+def check_devices(devices) -> tuple[str, ...]:
+    """``devices`` (one device or a sequence of them) as a tuple of strings, once each parses and CUDA is
+    there when named. Raises ``ValueError`` (empty, CUDA missing) or ``RuntimeError`` (a nonsense name)."""
     if isinstance(devices, (str, torch.device)):
         devices = (devices,)
     devices = tuple(str(d) for d in devices)
@@ -130,14 +168,42 @@ def validate_generation_args(prompts, *, steps: int = 200, eta: float = 1.0, sca
         dev = torch.device(d)  # raises on nonsense
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {d!r} requested but CUDA is not available")
-    return prompts, devices
+    return devices
 
 
-def plan_dict(prompts: list[str], steps, eta, scale, height, width, seed) -> dict:
-    # keep the keys of version-1 folders: "sampler" and "fixed_code" are added only when not the default
-    return {"version": _PLAN_VERSION, "noise": "per-image CPU generator seeded seed+index",
-            "steps": steps, "eta": float(eta), "scale": float(scale), "height": height, "width": width,
-            "seed": seed, "n_images": len(prompts), "prompts": prompts}
+def validate_generation_args(prompts, sampling: Sampling, devices=("cpu",),
+                             num_timesteps: int = 1000) -> tuple[list[str], tuple[str, ...]]:
+    """Check the arguments of ``generate_images`` before any model is built: :func:`check_prompts`,
+    :meth:`Sampling.validate` (``num_timesteps``: the model's training T), :func:`check_devices`, in that order.
+
+    Returns ``(prompts as a list, devices as a tuple)``; raises ``ValueError``/``TypeError``.
+    """
+    prompts = check_prompts(prompts)
+    sampling.validate(num_timesteps)
+    return prompts, check_devices(devices)
+
+
+def plan_dict(sampling: Sampling, prompts: list[str], seeds: list[int] | None = None) -> dict:
+    """The ``plan.json`` of a folder of ``prompts`` sampled with ``sampling`` (and per-image ``seeds``).
+
+    Only the settings that choose the images are in it (not ``batch_size`` or ``precision``), with the keys and
+    their order of version-1 folders: ``sampler``, ``fixed_code`` and ``seeds`` are added only when not the
+    default, so that folders made before these settings existed still match their plan.
+    """
+    s = sampling
+    plan = {"version": _PLAN_VERSION, "noise": "per-image CPU generator seeded seed+index",
+            "steps": s.steps, "eta": float(s.eta), "scale": float(s.scale), "height": s.height, "width": s.width,
+            "seed": s.seed, "n_images": len(prompts), "prompts": prompts}
+    if s.sampler != "ddim":
+        plan["sampler"] = s.sampler
+    if s.sampler == "dpmpp_2m":  # deterministic: eta does not apply
+        plan["eta"] = None
+    if s.fixed_code:
+        plan["fixed_code"] = True
+    if seeds is not None:
+        plan["noise"] = "per-image CPU generator seeded seeds[index]"
+        plan["seeds"] = seeds
+    return plan
 
 
 def plan_diff(old: dict, new: dict) -> list[str]:
@@ -173,17 +239,14 @@ def latent_shape(model, height: int, width: int) -> tuple[int, int, int]:
 class Runner:
     """Everything a process needs to sample its batches (built once per process)."""
 
-    def __init__(self, model_factory, device: str, prompts, samples: Path, steps, eta, scale, height, width,
-                 seed, precision, sampler="ddim", fixed_code=False, seeds=None):
+    def __init__(self, model_factory, device: str, prompts, samples: Path, sampling: Sampling, seeds=None):
         self.device = torch.device(device)
         model = model_factory(self.device)
         self.model = model.to(self.device).eval()
-        self.prompts, self.samples = prompts, samples
-        self.steps, self.eta, self.scale, self.seed, self.sampler = steps, eta, scale, seed, sampler
-        self.fixed_code, self.seeds = fixed_code, seeds
-        self.size = (width, height)
-        self.shape = latent_shape(self.model, height, width)
-        use_amp = precision == "autocast" and self.device.type == "cuda"
+        self.prompts, self.samples, self.sampling, self.seeds = prompts, samples, sampling, seeds
+        self.size = (sampling.width, sampling.height)
+        self.shape = latent_shape(self.model, sampling.height, sampling.width)
+        use_amp = sampling.precision == "autocast" and self.device.type == "cuda"
         self.amp = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
         self._uc = {}
 
@@ -195,21 +258,22 @@ class Runner:
     @torch.no_grad()
     def sample_batch(self, indices: list[int]) -> np.ndarray:
         """The uint8 images [B, H, W, 3] of the whole batch ``indices`` (fixed noise per image)."""
-        gens = [torch.Generator().manual_seed(self.seed + i if self.seeds is None else self.seeds[i])
+        s = self.sampling
+        gens = [torch.Generator().manual_seed(s.seed + i if self.seeds is None else self.seeds[i])
                 for i in indices]
-        if self.fixed_code:  # one start code shared by every image (eta noise stays per image)
-            x_T = torch.randn(self.shape, generator=torch.Generator().manual_seed(self.seed))
+        if s.fixed_code:  # one start code shared by every image (eta noise stays per image)
+            x_T = torch.randn(self.shape, generator=torch.Generator().manual_seed(s.seed))
             x_T = x_T.expand(len(indices), *self.shape).to(self.device)
         else:
             x_T = torch.stack([torch.randn(self.shape, generator=g) for g in gens]).to(self.device)
         with self.amp():
             c = self.model.get_learned_conditioning([self.prompts[i] for i in indices])
-            uc = self._uncond(len(indices)) if self.scale != 1.0 else None
-            sampler = SAMPLERS[self.sampler](self.model)
+            uc = self._uncond(len(indices)) if s.scale != 1.0 else None
+            sampler = SAMPLERS[s.sampler](self.model)
             # the generators continue after x_T: each image's eta noise is its own stream
             z, _ = sampler.sample(
-                S=self.steps, batch_size=len(indices), shape=self.shape, conditioning=c,
-                unconditional_conditioning=uc, unconditional_guidance_scale=self.scale, eta=self.eta,
+                S=s.steps, batch_size=len(indices), shape=self.shape, conditioning=c,
+                unconditional_conditioning=uc, unconditional_guidance_scale=s.scale, eta=s.eta,
                 x_T=x_T, generator=gens, verbose=False, progress=False)
             x = self.model.decode_first_stage(z)  # the whole batch in one decoder call
         x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
@@ -259,23 +323,18 @@ def _worker(rank: int, devices, jobs_by_rank, runner_args, desc):
 
 # ---------------------------------------------------------------------------------------- public API
 def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], prompts: list[str],
-                    outdir: str | os.PathLike, *, steps: int = 200, eta: float = 1.0, scale: float = 6.0,
-                    batch_size: int = 10, height: int = 512, width: int = 512, seed: int = 42,
-                    devices: Sequence[str] | str = ("cpu",), precision: str = "autocast",
-                    sampler: str = "ddim", fixed_code: bool = False, desc: str = "generating",
-                    shard: tuple[int, int] | None = None, seeds: Sequence[int] | None = None) -> Path:
-    """Generate one image per entry of ``prompts`` into ``outdir``; returns ``outdir`` as a Path.
+                    outdir: str | os.PathLike, sampling: Sampling, *, seeds: Sequence[int] | None = None,
+                    devices: Sequence[str] | str = ("cpu",), desc: str = "generating",
+                    shard: tuple[int, int] | None = None) -> Path:
+    """Generate one image per entry of ``prompts`` into ``outdir`` with ``sampling``; returns ``outdir`` as a Path.
 
     ``prompts`` is the full per-image list (repeat a prompt n times for n images).
     ``model_factory(device) -> LatentDiffusion`` is called once per process that has work to do
     (never when everything already exists); with several ``devices`` it must be picklable (a
     module-level function or a ``functools.partial`` of one), since one process per device is
-    spawned and batch ``k`` goes to device ``k % len(devices)``. ``precision="autocast"`` samples
-    under fp16 autocast on CUDA (nothing on CPU); ``"full"`` is fp32 everywhere. ``sampler`` is
-    ``"ddim"``, ``"plms"`` (needs ``eta=0``) or ``"dpmpp_2m"`` (DPM-Solver++(2M): deterministic, ``eta``
-    does not apply and is left out of the plan; e.g. 20 steps, a tenth of the paper's DDIM-200 UNet calls);
-    ``fixed_code`` starts every image from the same noise (seeded ``seed``). See the module docstring for
-    the folder layout, seeding and resume rules.
+    spawned and batch ``k`` goes to device ``k % len(devices)``. ``sampling`` (a :class:`Sampling`, checked
+    here) holds the sampler and its settings; with ``dpmpp_2m`` its ``eta`` does not apply and is left out of
+    the plan. See the module docstring for the folder layout, seeding and resume rules.
 
     ``shard=(rank, world)``: one of ``world`` processes started by an external launcher (torchrun, a cluster's)
     that all call this with the same arguments, in a process group joined with
@@ -285,33 +344,25 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
 
     ``seeds``: one seed per image (same length as ``prompts``) instead of ``seed + index``, for benchmark
     prompt sets whose rows carry their own seed (image ``i`` then draws from a generator seeded ``seeds[i]``;
-    ``seed`` is not used). The list is part of the plan.
+    ``sampling.seed`` is not used). The list is part of the plan.
+
+    Raises ``ValueError``/``TypeError`` (arguments, before any model is built) and ``GenerationPlanError``.
     """
-    prompts, devices = validate_generation_args(prompts, steps=steps, eta=eta, scale=scale, batch_size=batch_size,
-                                                height=height, width=width, seed=seed, devices=devices,
-                                                precision=precision, sampler=sampler)
+    prompts, devices = validate_generation_args(prompts, sampling, devices)
     if seeds is not None:
         seeds = [int(x) for x in seeds]
         if len(seeds) != len(prompts) or any(x < 0 or x >= 2 ** 63 for x in seeds):
             raise ValueError(f"seeds must hold one integer in [0, 2**63) per prompt ({len(prompts)}), "
                              f"got {len(seeds)} values")
-        if fixed_code:
+        if sampling.fixed_code:
             raise ValueError("fixed_code shares one start code; it cannot be combined with per-image seeds")
-    if sampler == "dpmpp_2m":
-        eta = 0.0
+    if sampling.sampler == "dpmpp_2m":  # its sampler refuses an eta; the plan records none
+        sampling = replace(sampling, eta=0.0)
+    batch_size = sampling.batch_size
     outdir = Path(outdir)
     samples = outdir / "samples"
     names = [f"samples/{_image_name(i)}" for i in range(len(prompts))]
-    plan = plan_dict(prompts, steps, eta, scale, height, width, seed)
-    if sampler != "ddim":
-        plan["sampler"] = sampler
-    if sampler == "dpmpp_2m":
-        plan["eta"] = None
-    if fixed_code:
-        plan["fixed_code"] = True
-    if seeds is not None:
-        plan["noise"] = "per-image CPU generator seeded seeds[index]"
-        plan["seeds"] = seeds
+    plan = plan_dict(sampling, prompts, seeds)
     images_txt, caption_txt, plan_file = outdir / "images.txt", outdir / "caption.txt", outdir / PLAN_FILE
 
     # --- is this folder ours (same plan)?
@@ -334,7 +385,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
             f"{samples} holds images but {outdir} has neither {PLAN_FILE} nor caption.txt, so their prompts "
             f"are unknown. Refusing to mix: delete {outdir} or choose another outdir.")
 
-    size = (width, height)
+    size = (sampling.width, sampling.height)
     done_lists = (images_txt.exists() and caption_txt.exists() and read_text_lines(images_txt) == names)
     pending = _pending_batches(samples, len(prompts), batch_size, size)
     if done_lists and not pending and shard is None:  # (sharded: every rank still joins the barriers below)
@@ -366,9 +417,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
         all_batches = _batches(len(prompts), batch_size)
         # (k, indices of the whole batch, indices to write); batch k goes to rank k % n.
         jobs = [(k, all_batches[k], todo) for k, todo in pending]
-        kwargs = dict(prompts=prompts, samples=samples, steps=steps, eta=eta, scale=scale, height=height,
-                      width=width, seed=seed, precision=precision, sampler=sampler, fixed_code=fixed_code,
-                      seeds=seeds)
+        kwargs = dict(prompts=prompts, samples=samples, sampling=sampling, seeds=seeds)
         if len(devices) == 1:
             runner = Runner(model_factory, devices[0], **kwargs)
             try:

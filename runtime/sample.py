@@ -27,9 +27,13 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime import cli
 from runtime.loading import DEFAULT_CONFIG
+
+if TYPE_CHECKING:
+    from runtime.generate import Sampling
 
 __all__ = ["SampleSettings", "build_parser", "settings_from_argv", "check", "run", "main", "grid_name", "save_grid",
            "hand_over", "HANDOVER", "METADATA"]
@@ -70,6 +74,14 @@ class SampleSettings:
     # filled by check()
     prompts: tuple[str, ...] | None = None  # one per image, in order
     devices: tuple[str, ...] | None = None  # the parsed gpus
+
+    def sampling(self) -> Sampling:
+        """The sampler and its settings (PLMS with ``plms``, else DDIM; ``n_samples`` images per batch)."""
+        from runtime.generate import Sampling
+
+        return Sampling(sampler="plms" if self.plms else "ddim", steps=self.ddim_steps, eta=self.ddim_eta,
+                        scale=self.scale, height=self.H, width=self.W, batch_size=self.n_samples, seed=self.seed,
+                        precision=self.precision, fixed_code=self.fixed_code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,7 +129,6 @@ def check(settings: SampleSettings) -> SampleSettings:
     :class:`SampleSettings`). Raises FileNotFoundError, ValueError (UsageError) or CheckpointError."""
     from ldm.diffusers_format import checkpoint_exists
     from runtime.files import read_prompts
-    from runtime.generate import validate_generation_args
     from ldm.util import load_model_config
     from runtime.loading import check_checkpoints, resolve_model
 
@@ -128,8 +139,8 @@ def check(settings: SampleSettings) -> SampleSettings:
         raise FileNotFoundError(f"--ckpt not found: {ckpt} (a checkpoint file or a diffusers pipeline folder)")
     if s.delta_ckpt is not None and not Path(s.delta_ckpt).is_file():
         raise FileNotFoundError(f"--delta_ckpt not found: {s.delta_ckpt}")
-    validate_generation_args(["x"], steps=s.ddim_steps, eta=s.ddim_eta, scale=s.scale,
-                             batch_size=s.n_samples, height=s.H, width=s.W, seed=s.seed)
+    # checked on the DDIM grid that PLMS shares: the eta PLMS ignores is zeroed below, with a note
+    dataclasses.replace(s.sampling(), sampler="ddim").validate()
     model_config = load_model_config(source.config)
     check_checkpoints(model_config, ckpt, s.delta_ckpt)
     if s.outdir:
@@ -249,11 +260,8 @@ def _sample(s: SampleSettings) -> list[Path]:
     journal = staging / HANDOVER
     if not journal.is_file():  # else a killed call was moving these images already: finish that
         factory = functools.partial(load_model, load_model_config(s.config), s.ckpt, s.delta_ckpt)
-        generate_images(factory, prompts, staging, steps=s.ddim_steps, eta=s.ddim_eta, scale=s.scale,
-                        batch_size=s.n_samples, height=s.H, width=s.W, seed=s.seed,
-                        devices=local_devices(s.devices), precision=s.precision,
-                        sampler="plms" if s.plms else "ddim", fixed_code=s.fixed_code, desc="sampling",
-                        shard=shard)
+        generate_images(factory, prompts, staging, s.sampling(), devices=local_devices(s.devices),
+                        desc="sampling", shard=shard)
     if shard is not None and shard[0] != 0:
         return []
     staged = [staging / "samples" / f"{i:05}.png" for i in range(len(prompts))]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from runtime import cli
 from runtime.dist import external_shard, is_rank_zero
-from runtime.generate import generate_images
+from runtime.generate import Sampling, generate_images
 from conftest import TINY_CONFIG, tiny_factory
 from ldm.checkpoint import load_state_dict
 
@@ -151,13 +151,13 @@ def test_one_failing_rank_fails_the_run_quickly(runs, tmp_path):
 
 def test_resume_with_two_generation_processes_writes_only_the_missing(tmp_path):
     prompts = [f"a photo of a cat, take {i}" for i in range(6)]
-    kw = dict(steps=2, batch_size=2, height=16, width=16, seed=3)
-    out = generate_images(tiny_factory, prompts, tmp_path / "g", **kw, devices=("cpu", "cpu"))
+    sampling = Sampling(steps=2, batch_size=2, height=16, width=16, seed=3)
+    out = generate_images(tiny_factory, prompts, tmp_path / "g", sampling, devices=("cpu", "cpu"))
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
     for name in ("00001.png", "00004.png"):
         (out / "samples" / name).unlink()
     (out / "images.txt").unlink()
-    generate_images(tiny_factory, prompts, out, **kw, devices=("cpu", "cpu"))
+    generate_images(tiny_factory, prompts, out, sampling, devices=("cpu", "cpu"))
     now = {p.name: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
     assert sorted(now) == sorted(kept)
     # batches (0, 1) and (4, 5) are resampled whole, on either process, but only their missing images are written

@@ -1,12 +1,13 @@
 """DPM-Solver++(2M) (ldm/models/diffusion/dpmpp.py) against diffusers' scheduler, by hand, and in generate_images."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import tiny_factory, tiny_model
-from runtime.generate import GenerationPlanError, generate_images, validate_generation_args
+from runtime.generate import GenerationPlanError, Sampling, generate_images
 from ldm.models.diffusion.ddim import guided_eps
 from ldm.models.diffusion.dpmpp import DPMPP2MSampler, linspace_timesteps
 
@@ -85,16 +86,16 @@ def test_rejects_eta_and_bad_steps(setup):
             linspace_timesteps(bad)
 
 
-def test_validate_generation_args_sampler():
+def test_sampling_validate_sampler():
     with pytest.raises(ValueError, match="sampler must be one of ddim, plms, dpmpp_2m"):
-        validate_generation_args(["x"], sampler="euler")
+        Sampling(sampler="euler").validate()
     with pytest.raises(ValueError, match="plms"):
-        validate_generation_args(["x"], sampler="plms", eta=1.0)
+        Sampling(sampler="plms", eta=1.0).validate()
     with pytest.raises(ValueError, match="at most 999"):
-        validate_generation_args(["x"], sampler="dpmpp_2m", steps=1000)
+        Sampling(sampler="dpmpp_2m", steps=1000).validate()
     with pytest.raises(ValueError, match="uniform DDIM grid"):
-        validate_generation_args(["x"], sampler="ddim", steps=300)
-    validate_generation_args(["x"], sampler="dpmpp_2m", steps=300)  # any step count below T
+        Sampling(sampler="ddim", steps=300).validate()
+    Sampling(sampler="dpmpp_2m", steps=300).validate()  # any step count below T
 
 
 def test_config_rule_for_the_sampler():
@@ -106,7 +107,7 @@ def test_config_rule_for_the_sampler():
 
 
 PROMPTS = ["a photo of a cat", "a dog on a beach", "a red car", "a house", "a photo of a cat"]
-KW = dict(steps=4, batch_size=2, height=16, width=16, seed=7, sampler="dpmpp_2m")
+SAMPLING = Sampling(steps=4, batch_size=2, height=16, width=16, seed=7, sampler="dpmpp_2m")
 
 
 def _pixels(folder):
@@ -116,18 +117,18 @@ def _pixels(folder):
 
 
 def test_generate_images_plan_seeding_and_refusal(tmp_path):
-    out = generate_images(tiny_factory, PROMPTS, tmp_path / "a", **KW)
+    out = generate_images(tiny_factory, PROMPTS, tmp_path / "a", SAMPLING)
     plan = json.loads((out / "plan.json").read_text())
     assert plan["sampler"] == "dpmpp_2m" and plan["eta"] is None and plan["steps"] == 4
     # per-image seeds: another batch split gives the same images (up to one 1/255 step of BLAS rounding)
-    generate_images(tiny_factory, PROMPTS, tmp_path / "b", **{**KW, "batch_size": 3})
+    generate_images(tiny_factory, PROMPTS, tmp_path / "b", replace(SAMPLING, batch_size=3))
     for a, b in zip(_pixels(tmp_path / "a"), _pixels(tmp_path / "b")):
         assert np.abs(a - b).max() <= 1
     # eta does not apply to dpmpp_2m: another eta is the same plan (nothing to do)
-    generate_images(tiny_factory, PROMPTS, tmp_path / "a", **{**KW, "eta": 0.5})
+    generate_images(tiny_factory, PROMPTS, tmp_path / "a", replace(SAMPLING, eta=0.5))
     # a folder made with DDIM is refused, and the other way round
-    generate_images(tiny_factory, PROMPTS, tmp_path / "ddim", **{**KW, "sampler": "ddim", "steps": 2})
+    generate_images(tiny_factory, PROMPTS, tmp_path / "ddim", replace(SAMPLING, sampler="ddim", steps=2))
     with pytest.raises(GenerationPlanError, match="sampler"):
-        generate_images(tiny_factory, PROMPTS, tmp_path / "ddim", **{**KW, "steps": 2})
+        generate_images(tiny_factory, PROMPTS, tmp_path / "ddim", replace(SAMPLING, steps=2))
     with pytest.raises(GenerationPlanError, match="sampler"):
-        generate_images(tiny_factory, PROMPTS, tmp_path / "a", **{**KW, "sampler": "ddim"})
+        generate_images(tiny_factory, PROMPTS, tmp_path / "a", replace(SAMPLING, sampler="ddim"))

@@ -80,14 +80,14 @@ def _shown(out, ckpt, delta, name, concepts, n=24):
     from ablation.data import load_image_captions
     from ldm.util import load_model_config
     from runtime.loading import load_model
-    from runtime.generate import generate_images
+    from runtime.generate import Sampling, generate_images
 
     prompts = [p for c in concepts for p in F.sweep_prompts(c, n, F.eval_prompt_dir(out, ASSETS))]
     folder = out / name
     config = load_model_config(ASSETS / "ldm" / "ldm.yaml")
     generate_images(functools.partial(load_model, config, str(ckpt), delta and str(delta)), prompts, folder,
-                    steps=25, eta=1.0, scale=6.0, batch_size=48, height=32, width=32, seed=42, precision="full",
-                    desc=name)
+                    Sampling(steps=25, eta=1.0, scale=6.0, batch_size=48, height=32, width=32, seed=42,
+                             precision="full"), desc=name)
     images, texts = load_image_captions(folder / "images.txt", folder / "caption.txt")
     scorers = F.scorers(ASSETS)
     return {c: F.shares(*scorers, images[k * n:(k + 1) * n], texts[k * n:(k + 1) * n], c)["shown"]

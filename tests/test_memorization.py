@@ -13,7 +13,7 @@ from PIL import Image
 import ablation.memorization as mem
 import scoring.sscd as sscd
 from conftest import CountingFactory, tiny_factory
-from runtime.generate import generate_images
+from runtime.generate import Sampling, generate_images
 
 
 class TinySSCD(torch.nn.Module):
@@ -133,8 +133,8 @@ def test_filter_images_and_memorization_rate():
 
 PARAPHRASES = ["a photo of a house", "a painting of a galaxy", "an old phone case", "a city at night"]
 CAPTION = "New Orleans House Galaxy Case"
-GEN = dict(n_check=2, check_steps=2, anchor_steps=2, anchor_size=2, target_size=1, batch_size=3, height=16,
-           width=16, seed=3)
+GEN = dict(n_check=2, check_steps=2, anchor_size=2, target_size=1,
+           sampling=Sampling(steps=2, batch_size=3, height=16, width=16, seed=3))
 
 
 def _lines(path: Path) -> list[str]:
@@ -144,7 +144,7 @@ def _lines(path: Path) -> list[str]:
 def test_prepare_memorization_data(sscd_path, tmp_path, capsys):
     # the "memorized" image: a copy of the first check image (same prompt, seed and settings)
     pre = generate_images(tiny_factory, [PARAPHRASES[0]] * 2 + [PARAPHRASES[1]], tmp_path / "pre",
-                          steps=2, batch_size=3, height=16, width=16, seed=3)
+                          Sampling(steps=2, batch_size=3, height=16, width=16, seed=3))
     mem_image = tmp_path / "mem.png"
     shutil.copyfile(pre / "samples" / "00000.png", mem_image)
 

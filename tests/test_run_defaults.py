@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 from omegaconf import OmegaConf
@@ -60,7 +61,7 @@ def test_folder_made_with_other_settings_fails_in_setup(env, recorded_run, tmp_p
     from runtime.generate import PLAN_FILE, plan_dict
 
     a = plan.settings
-    old = plan_dict(plan.concepts[0].prompts, a.steps + 1, a.eta, a.scale, a.H, a.W, a.seed)
+    old = plan_dict(replace(a.sampling(), steps=a.steps + 1), plan.concepts[0].prompts)
     (folder / PLAN_FILE).write_text(json.dumps(old))
     with pytest.raises(ValueError, match=rf"{folder.name} was generated with other settings \(differs in: steps\)"):
         protocol.settings_from_argv(argv)

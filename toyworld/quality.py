@@ -115,7 +115,7 @@ def measure(assets: Path, out: Path, n_per_prompt: int = 2, n_memorized: int = 4
     from omegaconf import OmegaConf
 
     from runtime.loading import load_model
-    from runtime.generate import generate_images
+    from runtime.generate import Sampling, generate_images
     from scoring.sscd import load_sscd, similarities
 
     from .judge import classify, load_judge
@@ -124,19 +124,19 @@ def measure(assets: Path, out: Path, n_per_prompt: int = 2, n_memorized: int = 4
     config = OmegaConf.to_container(OmegaConf.load(assets / "ldm" / "ldm.yaml").model, resolve=True)
     factory = functools.partial(load_model, config, str(assets / "ldm" / "toyworld-ldm.safetensors"), None)
     size = int(config["params"]["first_stage_config"]["params"]["ddconfig"]["resolution"])
-    gen = dict(steps=steps, eta=1.0, scale=scale, batch_size=batch_size, height=size, width=size, seed=seed,
-               precision="full")
+    gen = Sampling(steps=steps, eta=1.0, scale=scale, batch_size=batch_size, height=size, width=size, seed=seed,
+                   precision="full")
     report: dict = {"settings": {"steps": steps, "eta": 1.0, "scale": scale, "seed": seed,
                                  "n_per_prompt": n_per_prompt, "n_memorized": n_memorized}}
 
     wanted = [w for w in quality_prompts() for _ in range(n_per_prompt)]
-    folder = generate_images(factory, [w["prompt"] for w in wanted], out / "attributes", desc="attributes", **gen)
+    folder = generate_images(factory, [w["prompt"] for w in wanted], out / "attributes", gen, desc="attributes")
     paths = [folder / line for line in (folder / "images.txt").read_text().splitlines()]
     judge = load_judge(assets / "judge")
     report["diffusion"] = score_samples(wanted, classify(judge, paths))
 
-    mem_folder = generate_images(factory, [MEMORIZED_CAPTION] * n_memorized, out / "memorized", desc="memorized",
-                                 **gen)
+    mem_folder = generate_images(factory, [MEMORIZED_CAPTION] * n_memorized, out / "memorized", gen,
+                                 desc="memorized")
     mem_paths = [mem_folder / line for line in (mem_folder / "images.txt").read_text().splitlines()]
     ref = out / "memorized_reference.png"
     render_memorized(size).save(ref)

@@ -257,7 +257,7 @@ def sweep(out: Path, assets: Path = ASSETS, textures=(TEXTURE, f"{TEXTURE}-dense
     import functools
 
     from ldm.util import load_model_config
-    from runtime.generate import generate_images
+    from runtime.generate import Sampling, generate_images
     from runtime.loading import load_model
 
     out = Path(out)
@@ -277,8 +277,8 @@ def sweep(out: Path, assets: Path = ASSETS, textures=(TEXTURE, f"{TEXTURE}-dense
         def measure(delta, name):
             folder = root / name
             generate_images(functools.partial(load_model, config, str(ckpt), delta and str(delta)), prompts, folder,
-                            steps=50, eta=1.0, scale=6.0, batch_size=50, height=32, width=32, seed=42,
-                            precision="full", desc=name)
+                            Sampling(steps=50, eta=1.0, scale=6.0, batch_size=50, height=32, width=32, seed=42,
+                                     precision="full"), desc=name)
             return _judge_images(folder, concepts, n, judges)
 
         t = time.time()
