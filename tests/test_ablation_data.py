@@ -454,8 +454,8 @@ def test_memorization_paraphrase_files(name):
     assert all(subject in line.lower() for line in lines), subject
     assert caption.lower() not in {line.lower() for line in lines}  # paraphrases, not the caption itself
     assert parse_caption_target("memorization", caption)[0].target == caption
-    # the README says which caption and which image each file needs
-    readme = (ROOT / "README.md").read_text()
-    row = next((r for r in readme.splitlines() if r.startswith("|") and f"`{name}`" in r), None)
+    # the ablation guide says which caption and which image each file needs
+    guide = (ROOT / "docs" / "guides" / "ablate-a-concept.md").read_text()
+    row = next((r for r in guide.splitlines() if r.startswith("|") and f"`{name}`" in r), None)
     assert row is not None and caption in row and f"`{image}`" in row, name
 

@@ -16,7 +16,7 @@ CONCEPTS = ["stripes", "polka dots", "checkerboard", "painting", "grumpy cat", "
 @pytest.fixture(scope="module")
 def checkerboard_run(tmp_path_factory):
     """The style recipe on checkerboard, shortened: 36 anchor images from DPM++ 2M 20 steps (a tenth of the anchor
-    UNet calls; the README's anchor study), the recipe's 100 training steps, 6 evaluation images per concept."""
+    UNet calls; docs/experiments/anchor-study.md), the recipe's 100 training steps, 6 evaluation images per concept."""
     out = tmp_path_factory.mktemp("matrix")
     report = matrix.run(["ablation"], ["checkerboard"], out, ASSETS, quick=True, numgen=6, train_size=36,
                         train_extra=["generation.sampler=dpmpp_2m", "generation.steps=20"])

@@ -1,5 +1,5 @@
 """toyworld.ldm --transformer_depth / --vae_from and experiments/wide.py's helpers (the wider toy UNet, issue 21
-item 4; the real run and its numbers are in the README, "A wider toy UNet")."""
+the real run and its numbers: docs/experiments/wide-unet.md)."""
 import pytest
 import torch
 

@@ -1,7 +1,7 @@
 """Every entry point at the real SD-v1 size (random weights, the real sd-v1-4.ckpt layout), end to end on CPU.
 
 The slowest test of the suite (several minutes): the driver is benchmarks/sd_size_e2e.py, which also
-prints each step's wall time and peak RSS (the README's table)."""
+prints each step's wall time and peak RSS (docs/guides/speed.md)."""
 import json
 import shutil
 import sys
