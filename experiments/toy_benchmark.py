@@ -22,7 +22,7 @@ memorization  the memorized caption, seeds 0..9, its render as the    copy descr
 The deltas come from ``toyworld.mission``'s recipes (``train.py`` for Concept Ablation, ``conceptprune.py``
 discover + prune for ConceptPrune) and are scored by the unchanged ``benchmark.py`` (``evaluation.benchmark``);
 ``--delta NAME=PATH`` adds any other delta. Output: ``{out}/benchmark/`` (benchmark.py's layout), ``{out}/benchmark.md`` and
-``{out}/benchmark.json`` (the README table).
+``{out}/benchmark.json`` (the table of docs/experiments/toy-benchmark.md).
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def benchmark_settings(out: Path, sets: dict, deltas, assets: Path = ASSETS, ste
 
 
 def table(results: dict) -> tuple[str, dict]:
-    """The README table: per model, each texture's share of prompts below the base (artist), the erased and kept
+    """The study's table: per model, each texture's share of prompts below the base (artist), the erased and kept
     classes' accuracy (objects), COCO CLIP score and FID vs base, and the share of copies (memorization)."""
     models = list(next(iter(results.values())))
     cols: list[tuple[str, callable]] = []

@@ -1,8 +1,8 @@
 """Training-image generation: DDIM, eta 1, CFG 6, one PNG per prompt entry.
 
 ``sampler="dpmpp_2m"`` (DPM-Solver++(2M), ``ldm/models/diffusion/dpmpp.py``) is our addition for cheaper
-anchors: at 20 steps a tenth of DDIM-200's UNet calls (the toy-world measurement, README "Cheaper anchor
-images"); the default stays the paper's DDIM 200 steps, eta 1.
+anchors: 20 steps are a tenth of DDIM-200's UNet calls (measured on the toy world:
+docs/guides/cheaper-anchors.md); the default stays the paper's DDIM 200 steps, eta 1.
 
 ``generate_images(model_factory, prompts, outdir, sampling)`` (``sampling``: a :class:`Sampling`) writes
 

@@ -41,7 +41,7 @@ Models trained on it (``tools/train_toyworld.sh`` retrains all of them; weights 
   descriptor (TorchScript, the SSCD stand-in);
 * ``toyworld.quality`` measures them; ``toyworld.mission`` runs the ablations (style, instance, memorized
   picture; the first two also with ``--preserve_prompts``) with ``train.py`` and ``evaluate.py`` and writes
-  the README's table and grid.
+  the mission's table and grid (docs/experiments/toyworld-mission.md).
 * ``experiments.matrix`` (a study beside the world, like the others in ``experiments/``) runs Concept Ablation
   (both recipes) and ConceptPrune on every texture and cat variant as the target in turn, and measures every
   concept each time (docs/experiments/every-concept-matrix.md).

@@ -1,4 +1,4 @@
-"""The README's first run: ablate a style, an instance and the memorized picture of the toy world with
+"""The toy world's first run (README, docs/getting-started/toyworld-quickstart.md): ablate a style, an instance and the memorized picture of the toy world with
 ``train.py``, score each with ``evaluate.py``, and write the before/after table and image grid.
 
 Everything runs through the same jobs a researcher uses with Stable Diffusion (``ablation.train`` and
@@ -246,7 +246,7 @@ def judge_share(judge, folder: Path, concept: str, anchor: str) -> float:
 
 
 def summarize(name: str, recipe: dict, row: dict, assets: Path = ASSETS, folders: dict | None = None) -> dict:
-    """The numbers of the README table from one evaluate.py row; with ``folders`` (concept -> (base folder,
+    """The numbers of the mission's table from one evaluate.py row; with ``folders`` (concept -> (base folder,
     ablated folder)) also the judge's shares and the target's CLIP accuracy on the anchor's base images."""
     if recipe["concept_type"] == "memorization":
         return {"recipe": name, "target": recipe["eval_target"],

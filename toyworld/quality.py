@@ -1,4 +1,4 @@
-"""Measure the toy world's models against the quality bars of the README.
+"""Measure the toy world's models against their quality bars (docs/experiments/toyworld-models.md).
 
 * CLIP: zero-shot accuracy on fresh renders (``toyworld.clip.zero_shot_accuracy``);
 * diffusion model: samples for prompts with known attributes (DDIM, eta 1, CFG 6, image ``i`` seeded

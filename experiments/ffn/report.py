@@ -25,7 +25,7 @@ ROLES = {TEXTURE: "target", ANCHOR_STYLE: "anchor"}
 
 
 def markdown(report: dict) -> str:
-    """The README table: the judge's share of images showing each concept, per model (in brackets, for the
+    """The study's table (docs/experiments/ffn-waves.md): the judge's share of images showing each concept, per model (in brackets, for the
     shipped textures: the shipped judge alone, without the waves detector)."""
     runs = report["runs"]
     cols = [("teach", "shipped → base + waves (FFN fine-tune)"),
