@@ -148,7 +148,7 @@ def check(settings: BenchmarkSettings, classifier=None):
     from runtime.cli import UsageError, check_output, parse_devices
     from runtime.generate import validate_generation_args
     from evaluation.models import check_models, parse_models
-    from evaluation.runner import Plan, groups
+    from evaluation.runner import Plan, check_folders, groups
     from evaluation.suites import SUITES
 
     s = settings
@@ -206,7 +206,10 @@ def check(settings: BenchmarkSettings, classifier=None):
 
         device = s.score_device or ("cuda" if torch.cuda.is_available() else "cpu")
         preloaded["classifier"] = load_classifier(s.classifier, device, labels=s.classifier_labels)
-    return Plan(s, suites, rows, models, model_config, devices, Path(s.outdir), preloaded=preloaded)
+    plan = Plan(s, suites, rows, models, model_config, devices, Path(s.outdir), preloaded=preloaded)
+    if not s.score_only:
+        check_folders(plan)  # a cache folder whose plan is not its key's fails now, not at its turn
+    return plan
 
 
 def _check_features(s: BenchmarkSettings) -> None:

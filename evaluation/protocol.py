@@ -473,51 +473,25 @@ def plan(settings: EvaluateSettings) -> Plan:
     clip = resolve_clip(s.clip_model)  # a missing model fails here, not after the generation
     check_feature_model(s.feature_model)
 
-    base_sets: dict[str, list[str]] = {}  # base_prompts' cache, shared with the plan
-    if not s.eval_stage:
-        _check_folder_plans(s, concepts, checkpoints, anchor, base_sets)
     devices = () if s.eval_stage else parse_devices(s.gpus)
-    the_plan = Plan(s, target, anchor, concepts, checkpoints, base_config, devices, outpkl, clip, base_sets)
+    the_plan = Plan(s, target, anchor, concepts, checkpoints, base_config, devices, outpkl, clip)
+    rp = runner_plan(the_plan)
     if s.eval_stage:  # metrics only: every generation must be there now, not after CLIP has loaded
         from evaluation.runner import images_of
 
-        rp = runner_plan(the_plan)
         for suite in rp.suites:
             for spec in rp.models:
                 images_of(rp, suite.name, spec)
     else:
+        from evaluation.runner import check_folders
         from runtime.generate import validate_generation_args
 
+        check_folders(rp)  # folders generated with other settings fail now, each named
         for c in concepts:
             validate_generation_args(c.prompts, steps=s.steps, eta=s.eta, scale=s.scale,
                                      batch_size=s.n_samples, height=s.H, width=s.W, seed=s.seed,
                                      devices=devices, precision=s.precision)
     return the_plan
-
-
-def _check_folder_plans(settings: EvaluateSettings, concepts: list[Concept], checkpoints: list[Checkpoint],
-                        anchor: str | None, base_sets: dict[str, list[str]]) -> None:
-    """Folders generated before with other settings fail now, each named, not hours into the generation."""
-    from runtime.generate import PLAN_FILE, plan_diff, plan_dict
-
-    s = settings
-    folders = []
-    for c in concepts:
-        prompts = _base_prompts(s, anchor, c, base_sets)
-        folders.append((baseline_dir(s.base_outpath, c, prompts), prompts, "--base_outpath"))
-    folders += [(ablated_dir(k, c), c.prompts, f"the eval folder of run {k.run}") for k in checkpoints for c in concepts]
-    for folder, prompts, where in folders:
-        plan_file = folder / PLAN_FILE
-        if not plan_file.is_file():
-            continue
-        try:
-            old = json.loads(plan_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # generate_images reports an unreadable plan with its own advice
-        diff = plan_diff(old, plan_dict(prompts, s.steps, s.eta, s.scale, s.H, s.W, s.seed))
-        if diff:
-            raise ValueError(f"{folder} was generated with other settings (differs in: {', '.join(diff)}); delete it, "
-                             f"or use another {where if where == '--base_outpath' else 'copy of the run'}")
 
 
 # ---------------------------------------------------------------------------------------- stage 1
@@ -544,16 +518,11 @@ def baseline_prompts(settings: EvaluateSettings, anchor: str | None, concept: Co
     return [lines[i * len(lines) // n] for i in range(n)]
 
 
-def _base_prompts(settings: EvaluateSettings, anchor: str | None, concept: Concept,
-                  cache: dict[str, list[str]]) -> list[str]:
-    if concept.name not in cache:
-        cache[concept.name] = baseline_prompts(settings, anchor, concept)
-    return cache[concept.name]
-
-
 def base_prompts(plan: Plan, concept: Concept) -> list[str]:
     """:func:`baseline_prompts` of the plan's settings, computed once per concept."""
-    return _base_prompts(plan.settings, plan.anchor, concept, plan.base_prompt_sets)
+    if concept.name not in plan.base_prompt_sets:
+        plan.base_prompt_sets[concept.name] = baseline_prompts(plan.settings, plan.anchor, concept)
+    return plan.base_prompt_sets[concept.name]
 
 
 def baseline_dir(base_outpath: str | Path, concept: Concept, prompts: list[str]) -> Path:
@@ -671,6 +640,9 @@ class Folders(Layout):
     def stale(self, folder):
         return ("evaluation settings such as --numgen, --steps, --H/--W or the prompts changed since this folder was "
                 "generated")
+
+    def remedy(self, spec):
+        return f"delete it, or use another {'--base_outpath' if spec.kind == 'base' else 'copy of the run'}"
 
 
 def _concept_suite(plan: Plan, concept: Concept):

@@ -130,6 +130,10 @@ class Layout:
         """Why a folder whose plan differs from the requested one is there, and what to do."""
         return f"the benchmark cache {folder} does not match its own key: delete the folder"
 
+    def remedy(self, spec) -> str:
+        """What to do about ``spec``'s folder made with other settings (:func:`check_folders`)."""
+        return "delete it"
+
 
 # ---------------------------------------------------------------------------------------------------- generation
 class OnceFactory:
@@ -153,6 +157,45 @@ class OnceFactory:
         return {"factory": self.factory, "models": {}}
 
 
+def _folders(plan: Plan, spec):
+    """``(suite, folder, identity, prompts, noise)`` of every generation folder of ``spec``; ``noise``: the
+    seeding keywords of ``generate_images`` (the rows' own seeds, or the first of ``seed + index``)."""
+    for suite in plan.suites:
+        rows = plan.rows_of(suite.name, spec)
+        for folder, ident, idx in plan.layout.folders(plan, suite.name, spec):
+            seeds = [rows[i].seed for i in idx]
+            noise = {"seeds": seeds} if plan.layout.per_row_seeds else {"seed": _first_seed(seeds, folder)}
+            yield suite.name, folder, ident, [rows[i].prompt for i in idx], noise
+
+
+def check_folders(plan: Plan) -> None:
+    """Refuse now, before any model is built, a generation folder whose ``plan.json`` records other settings than
+    this run asks of it (not hours into the generation). Raises ValueError naming the folder, the differing keys
+    and the layout's remedy; a folder without a readable plan is left to ``generate_images``' own checks."""
+    from runtime.generate import PLAN_FILE, plan_diff, plan_dict
+
+    a = plan.settings
+    for spec in plan.models:
+        for suite, folder, ident, prompts, noise in _folders(plan, spec):
+            try:
+                old = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            # generate_images' plan of this folder: plan_dict and the entries it adds for other samplers and seeds
+            new = plan_dict(prompts, a.steps, sampling(a)["eta"], ident["scale"], ident["height"], ident["width"],
+                            noise.get("seed", 42))  # 42: generate_images' default, recorded though unused
+            if a.sampler != "ddim":
+                new["sampler"] = a.sampler
+            if a.sampler == "dpmpp_2m":
+                new["eta"] = None
+            if "seeds" in noise:
+                new.update(noise="per-image CPU generator seeded seeds[index]", seeds=noise["seeds"])
+            diff = plan_diff(old, new)
+            if diff:
+                raise ValueError(f"{folder} was generated with other settings (differs in: {', '.join(diff)}); "
+                                 f"{plan.layout.remedy(spec)}")
+
+
 def generate(plan: Plan) -> None:
     from runtime.dist import local_devices
     from runtime.generate import GenerationPlanError, generate_images
@@ -165,23 +208,19 @@ def generate(plan: Plan) -> None:
     for spec in plan.models:
         factory = OnceFactory(model_factory(spec, plan.config_of(spec), a.base))
         try:
-            for suite in plan.suites:
-                rows = plan.rows_of(suite.name, spec)
-                for folder, ident, idx in layout.folders(plan, suite.name, spec):
-                    folder.mkdir(parents=True, exist_ok=True)
-                    layout.prepare(plan, suite.name, spec, folder, ident)
-                    scale, h, w = ident["scale"], ident["height"], ident["width"]
-                    prompts, seeds = [rows[i].prompt for i in idx], [rows[i].seed for i in idx]
-                    noise = {"seeds": seeds} if layout.per_row_seeds else {"seed": _first_seed(seeds, folder)}
-                    try:
-                        generate_images(factory, prompts, folder, steps=a.steps,
-                                        eta=sampling(a)["eta"], scale=scale, batch_size=a.batch_size, height=h,
-                                        width=w, devices=local_devices(plan.devices), precision=a.precision,
-                                        sampler=a.sampler, **noise,
-                                        desc=layout.desc(suite.name, spec), shard=shard)
-                    except GenerationPlanError as e:
-                        raise GenerationPlanError(f"{e} ({layout.stale(folder)})") from e
-                    layout.finish(plan, suite.name, spec, folder, prompts)
+            for suite, folder, ident, prompts, noise in _folders(plan, spec):
+                folder.mkdir(parents=True, exist_ok=True)
+                layout.prepare(plan, suite, spec, folder, ident)
+                scale, h, w = ident["scale"], ident["height"], ident["width"]
+                try:
+                    generate_images(factory, prompts, folder, steps=a.steps,
+                                    eta=sampling(a)["eta"], scale=scale, batch_size=a.batch_size, height=h,
+                                    width=w, devices=local_devices(plan.devices), precision=a.precision,
+                                    sampler=a.sampler, **noise,
+                                    desc=layout.desc(suite, spec), shard=shard)
+                except GenerationPlanError as e:
+                    raise GenerationPlanError(f"{e} ({layout.stale(folder)})") from e
+                layout.finish(plan, suite, spec, folder, prompts)
         finally:
             factory.clear()
 
