@@ -230,7 +230,7 @@ def run(settings: BenchmarkSettings, classifier=None, plan=None) -> dict | None:
     """Generate (unless ``score_only``), score and write the table; returns ``{suite: {model: summary}}`` (None on
     the torchrun ranks other than 0). ``classifier``: see :func:`check`; ``plan``: :func:`check`'s of these
     settings when the caller has it (else it is made here)."""
-    from evaluation.runner import generate, score, write_results
+    from evaluation.runner import generate, score
 
     plan = plan or check(settings, classifier=classifier)
     if not plan.settings.score_only:
@@ -240,8 +240,8 @@ def run(settings: BenchmarkSettings, classifier=None, plan=None) -> dict | None:
         generate(plan)
         if plan.extras["shard"] is not None and plan.extras["shard"][0] != 0:
             return None
-    results = score(plan)
-    md = write_results(plan.outdir)
+    results = score(plan)  # records, every suite's summary files and results.md/json
+    md = plan.outdir / "results.md"
     print(md.read_text(encoding="utf-8"))
     print(f"records, summaries and plots -> {plan.outdir}/<suite>/; table -> {md}")
     return results

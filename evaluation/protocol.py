@@ -32,8 +32,9 @@ a pickle is never read back, since unpickling runs code), a table on stdout and 
 concept. Every output location is checked before any generation.
 
 Both stages run on ``evaluation.runner`` (the benchmark's runner): each concept is a suite whose rows are its
-prompts, the base and every checkpoint are models, :class:`Folders` is the folder layout above, and the metrics
-are the suites' scoring step; the table, its merge and the chart are this module's.
+prompts, the base and every checkpoint are models, the metrics are the suites' scoring step, and
+:class:`Folders` is the runner's layout: the folders above, and the table, its merge and the chart as its table
+writer.
 
 Differences from the reference, on purpose: FID is reported beside KID; KID is a
 float, not a one-element list; ``prompts.json`` goes into the folder it describes; the output folder
@@ -601,7 +602,8 @@ class Folders(Layout):
     """evaluate.py's folders on the runner: the base model's images of a concept in ``{base_outpath}/base-{concept}/``
     (``base{n}-`` for ``--baseline_set paper``; ``base_model.json`` names the base they were made with, checked
     before a folder is reused), a checkpoint's in ``{run}/eval/{ckpt stem}-{concept}/``; ``prompts.json`` beside
-    the images; the folders' plans record ``--seed`` (image ``i``: ``seed + i``)."""
+    the images; the folders' plans record ``--seed`` (image ``i``: ``seed + i``); the table is evaluate.py's
+    (:meth:`table`)."""
 
     per_row_seeds = False
     flag = "--eval_stage"
@@ -643,6 +645,29 @@ class Folders(Layout):
 
     def remedy(self, spec):
         return f"delete it, or use another {'--base_outpath' if spec.kind == 'base' else 'copy of the run'}"
+
+    def records(self, plan, suite, spec):
+        return None
+
+    def table(self, rp, results):
+        """Every checkpoint's row (``{expname: {column: value}}``, its concepts' columns concept by concept) merged
+        into the table beside ``--outpkl`` (:func:`update_table`), the chart, the table on stdout; returns the
+        merged table (a DataFrame)."""
+        import pandas as pd
+
+        plan = self.plan
+        rows = {k.expname: {col: v for c in plan.concepts for col, v in results[c.name][name].items()}
+                for name, k in self.checkpoints.items()}
+        bad = [(e, c) for e, row in rows.items() for c, v in row.items() if not math.isfinite(v)]
+        if bad:
+            print(f"warning: non-finite metrics: {bad[:5]}", file=sys.stderr)
+        df = update_table(plan.outpkl, rows)
+        chart = plot_chart(plan, rows)
+        with pd.option_context("display.max_rows", None, "display.width", 200, "display.float_format",
+                               "{:.4f}".format):
+            print(df.loc[list(rows), plan_columns(plan)].T.to_string())
+        print(f"metrics -> {plan.outpkl} (+ .csv, .json); chart -> {chart}")
+        return df
 
 
 def _concept_suite(plan: Plan, concept: Concept):
@@ -702,25 +727,6 @@ def load_scorers(plan: Plan, device: str) -> dict:
 
         scorers["sscd"] = load_sscd(s.sscd_ckpt, device)
     return scorers
-
-
-def compute_metrics(plan: Plan, rp=None) -> dict[str, dict[str, float]]:
-    """Stage 2 on the runner's scoring step: ``{expname: {column: value}}`` for every checkpoint of the plan, the
-    columns concept by concept. ``rp``: :func:`runner_plan` of ``plan`` when the caller has it."""
-    import torch
-
-    from evaluation.runner import score
-
-    rp = rp or runner_plan(plan)
-    rp.preloaded.update(load_scorers(plan, "cuda" if torch.cuda.is_available() else "cpu"))
-    summaries = score(rp, write=False)
-    results = {}
-    for spec, ckpt in zip(rp.models[1:], plan.checkpoints):
-        row = {}
-        for c in plan.concepts:
-            row.update(summaries[c.name][spec.name])
-        results[ckpt.expname] = row
-    return results
 
 
 def plan_columns(plan: Plan) -> list[str]:
@@ -833,9 +839,12 @@ def plot_chart(plan: Plan, results: dict[str, dict[str, float]]) -> Path:
 def execute(plan: Plan):
     """Stage 1 (unless ``--eval_stage``) and stage 2 of a checked :func:`plan`: the merged metrics table
     (a DataFrame), or None on a launcher rank other than 0 (it only generates)."""
+    import torch
+
+    from evaluation.runner import generate, score
+
     rp = runner_plan(plan)
     if not plan.settings.eval_stage:
-        from evaluation.runner import generate
         from runtime.dist import init_from_launcher
 
         # torchrun & co.: every rank generates its share of each folder; rank 0 alone scores them
@@ -843,18 +852,8 @@ def execute(plan: Plan):
         generate(rp)  # the base's images of every concept (cached across runs), then every checkpoint's
         if shard is not None and shard[0] != 0:
             return None
-    results = compute_metrics(plan, rp)
-    bad = [(e, c) for e, row in results.items() for c, v in row.items() if not math.isfinite(v)]
-    if bad:
-        print(f"warning: non-finite metrics: {bad[:5]}", file=sys.stderr)
-    df = update_table(plan.outpkl, results)
-    chart = plot_chart(plan, results)
-    import pandas as pd
-
-    with pd.option_context("display.max_rows", None, "display.width", 200, "display.float_format", "{:.4f}".format):
-        print(df.loc[list(results), plan_columns(plan)].T.to_string())
-    print(f"metrics -> {plan.outpkl} (+ .csv, .json); chart -> {chart}")
-    return df
+    rp.preloaded.update(load_scorers(plan, "cuda" if torch.cuda.is_available() else "cpu"))
+    return score(rp)  # Folders.table: the merged table, the chart and the printout
 
 
 def run(settings: EvaluateSettings):

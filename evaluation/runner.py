@@ -97,10 +97,11 @@ def folder_for(plan: Plan, suite: str, spec, group: tuple, rows: list[Row]) -> t
 
 
 class Layout:
-    """Where a run keeps each model's images of a suite and what it writes beside them; this one is the benchmark's
-    (``images/{suite}/{model}/{key}/`` with ``cache.json``, each row drawn from its own seed). A job with other
-    folders (evaluate.py's) subclasses it and passes it in ``Plan.layout``; generation, reading and scoring stay
-    the runner's."""
+    """Where a run keeps each model's images of a suite, what it writes beside them, where the per-image records
+    go and how the summaries become a table; this one is the benchmark's (``images/{suite}/{model}/{key}/`` with
+    ``cache.json``, each row drawn from its own seed; the files of the module docstring). A job with other
+    folders and another table (evaluate.py's) subclasses it and passes it in ``Plan.layout``; generation, the
+    stale-folder check, reading, scoring and records stay the runner's."""
 
     per_row_seeds = True  # False: the rows' seeds run seed, seed + 1, ... and the folder's plan records ``seed``
     flag = "--score_only"  # the flag that skips generation, named when an image is missing
@@ -133,6 +134,19 @@ class Layout:
     def remedy(self, spec) -> str:
         """What to do about ``spec``'s folder made with other settings (:func:`check_folders`)."""
         return "delete it"
+
+    def records(self, plan: Plan, suite: str, spec) -> Path | None:
+        """The JSON-lines file of ``spec``'s per-image records of ``suite``; None: not written."""
+        return plan.outdir / suite / "records" / f"{spec.name}.jsonl"
+
+    def table(self, plan: Plan, results: dict[str, dict[str, dict]]):
+        """Write the run's summaries ``{suite: {model: summary}}``: every suite's summary files and the results
+        table. Returns what :func:`score` returns: here the summaries, JSON-safe (non-finite numbers -> None)."""
+        results = _json_safe(results)
+        for suite in plan.suites:
+            write_suite(plan, suite, results[suite.name])
+        write_results(plan.outdir)
+        return results
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -278,10 +292,10 @@ def _json_safe(x):
     return x
 
 
-def score(plan: Plan, write: bool = True) -> dict[str, dict[str, dict]]:
-    """``{suite: {model: summary}}``; writes every suite's records and summary files and the results table.
-    ``write=False``: writes nothing and returns the summaries as the suites made them (a job with its own table,
-    evaluate.py's); else they are JSON-safe (non-finite numbers -> None)."""
+def score(plan: Plan):
+    """Score every model's images of every suite, write each one's records where the layout keeps them, and hand
+    the summaries ``{suite: {model: summary}}`` to the layout's table writer (:meth:`Layout.table`); returns what
+    it returns."""
     import torch
 
     from runtime.files import write_text_atomic
@@ -292,27 +306,18 @@ def score(plan: Plan, write: bool = True) -> dict[str, dict[str, dict]]:
         scorers = suite.load(plan.settings, device, plan.preloaded)
         cache: dict = {}
         base_images = images_of(plan, suite.name, plan.models[0])
-        summaries = {}
+        summaries = results[suite.name] = {}
         for spec in plan.models:
             ctx = Context(plan.settings, scorers, spec.name, spec.kind == "base", cache)
             images = base_images if ctx.is_base else images_of(plan, suite.name, spec)
-            records, summary = suite.score(ctx, plan.rows_of(suite.name, spec), images, base_images)
-            if not write:
-                summaries[spec.name] = summary
-                continue
-            summaries[spec.name] = _json_safe(summary)
-            lines = "".join(json.dumps(_json_safe(r), ensure_ascii=False) + "\n" for r in records)
-            path = plan.outdir / suite.name / "records" / f"{spec.name}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, lines)
+            records, summaries[spec.name] = suite.score(ctx, plan.rows_of(suite.name, spec), images, base_images)
+            path = plan.layout.records(plan, suite.name, spec)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(path, "".join(json.dumps(_json_safe(r), ensure_ascii=False) + "\n" for r in records))
         del scorers, cache
         gc.collect()
-        if write:
-            write_suite(plan, suite, summaries)
-        results[suite.name] = summaries
-    if write:
-        write_results(plan.outdir)
-    return results
+    return plan.layout.table(plan, results)
 
 
 def _settings(plan: Plan) -> dict:
