@@ -29,7 +29,10 @@ memorization adds ``Memorization rate`` and ``Baseline memorization rate`` (SSCD
 with a CSV copy, the pandas DataFrame pickled to ``--outpkl`` for the original's readers (written only:
 a pickle is never read back, since unpickling runs code), a table on stdout and a bar chart
 ``{outpkl stem}_{concept}.png`` of the ablated vs the baseline CLIP accuracy (memorization: rate) per
-concept. Every output location is checked before any generation.
+concept. One JSON line per image in ``{outpkl stem}_records/{concept}/{expname}.jsonl`` (the base's:
+``base.jsonl``): id, prompt, seed, image, ``clip_score`` (vs the concept's text), ``anchor_clip_score`` (vs the
+anchor's; CLIP accuracy counts the images where the first is higher) and, for memorization,
+``sscd_similarity``. Every output location is checked before any generation.
 
 Both stages run on ``evaluation.runner`` (the benchmark's runner): each concept is a suite whose rows are its
 prompts, the base and every checkpoint are models, the metrics are the suites' scoring step, and
@@ -462,6 +465,7 @@ def plan(settings: EvaluateSettings) -> Plan:
     for what, path in outputs.items():
         check_output(path, what if what == "--outpkl" else f"{what} (from --outpkl)", inputs=inputs)
     check_distinct_outputs(outputs)
+    check_output(records_dir(outpkl), "the records folder (from --outpkl)", kind="dir")
     read_table(outpkl)  # an earlier table that cannot be merged fails now, not after the metrics
     if not s.eval_stage:
         check_output(s.base_outpath, "--base_outpath", kind="dir")
@@ -647,7 +651,8 @@ class Folders(Layout):
         return f"delete it, or use another {'--base_outpath' if spec.kind == 'base' else 'copy of the run'}"
 
     def records(self, plan, suite, spec):
-        return None
+        name = "base" if spec.kind == "base" else self.checkpoints[spec.name].expname
+        return records_dir(self.plan.outpkl) / folder_name(suite) / f"{name}.jsonl"
 
     def table(self, rp, results):
         """Every checkpoint's row (``{expname: {column: value}}``, its concepts' columns concept by concept) merged
@@ -680,15 +685,22 @@ def _concept_suite(plan: Plan, concept: Concept):
     t, anchor, mem_impath = concept.name, plan.anchor, plan.settings.mem_impath
 
     def stats(scorers, images):
-        from scoring.metrics import clip_metrics, clip_score
+        # scoring.metrics.clip_metrics / clip_score and scoring.sscd.sscd_memorization_rate step by step, to keep
+        # the per-image values for the records
+        from scoring.metrics import accuracy_from_scores, clip_scores, clip_text
 
-        clip = scorers["clip"]
-        out = {"clip": (clip_score(clip, images, t), None) if anchor is None else clip_metrics(clip, images, t, anchor),
-               "feats": scorers["features"](images)}
+        texts = [clip_text(t, anchor)] + ([] if anchor is None else [clip_text(anchor, anchor)])
+        per = clip_scores(scorers["clip"], images, texts)
+        accuracy = None if anchor is None else accuracy_from_scores(per[:, 0], per[:, 1])
+        out = {"clip": (float(per[:, 0].mean()), accuracy), "feats": scorers["features"](images),
+               "per": {"clip_score": per[:, 0].tolist()}}
+        if anchor is not None:
+            out["per"]["anchor_clip_score"] = per[:, 1].tolist()
         if "sscd" in scorers:
-            from scoring.sscd import sscd_memorization_rate
+            from scoring.sscd import memorization_rate, similarities
 
-            out["mem"] = sscd_memorization_rate(scorers["sscd"], images, mem_impath)
+            sims = similarities(scorers["sscd"], images, mem_impath)
+            out["mem"], out["per"]["sscd_similarity"] = memorization_rate(sims, 0.5), sims.tolist()
         return out
 
     def score(ctx, rows, images, base_images):
@@ -696,7 +708,8 @@ def _concept_suite(plan: Plan, concept: Concept):
 
         own = stats(ctx.scorers, images)
         b = ctx.of_base("protocol", base_images, lambda: stats(ctx.scorers, base_images), own=own)
-        records = [{"id": r.id, "prompt": r.prompt, "seed": r.seed, "image": str(p)} for r, p in zip(rows, images)]
+        records = [{"id": r.id, "prompt": r.prompt, "seed": r.seed, "image": str(p),
+                    **{k: v[i] for k, v in own["per"].items()}} for i, (r, p) in enumerate(zip(rows, images))]
         if ctx.is_base:  # scored first: its statistics are now the baseline of every checkpoint (of_base)
             return records, {}
         summary = {f"KID_{t}": kid(own["feats"], b["feats"]), f"FID_{t}": fid(own["feats"], b["feats"]),
@@ -787,6 +800,11 @@ def update_table(outpkl: Path, results: dict[str, dict[str, float]]):
     df.to_pickle(tmp)  # for the original's readers (pd.read_pickle); never read back here
     tmp.replace(outpkl)
     return df
+
+
+def records_dir(outpkl: Path) -> Path:
+    """The per-image records beside ``outpkl``: ``{stem}_records/{concept}/{expname or base}.jsonl``."""
+    return outpkl.with_name(f"{outpkl.stem}_records")
 
 
 def chart_file(outpkl: Path, caption_target: str) -> Path:
