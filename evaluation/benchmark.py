@@ -148,7 +148,7 @@ def check(settings: BenchmarkSettings, classifier=None):
     from runtime.cli import UsageError, check_output, parse_devices
     from runtime.generate import validate_generation_args
     from evaluation.models import check_models, parse_models
-    from evaluation.runner import Plan, groups
+    from evaluation.runner import Plan, check_folders, groups
     from evaluation.suites import SUITES
 
     s = settings
@@ -204,7 +204,10 @@ def check(settings: BenchmarkSettings, classifier=None):
 
         device = s.score_device or ("cuda" if torch.cuda.is_available() else "cpu")
         preloaded["classifier"] = load_classifier(s.classifier, device, labels=s.classifier_labels)
-    return Plan(s, suites, rows, models, model_config, devices, Path(s.outdir), preloaded=preloaded)
+    plan = Plan(s, suites, rows, models, model_config, devices, Path(s.outdir), preloaded=preloaded)
+    if not s.score_only:
+        check_folders(plan)  # a cache folder whose plan is not its key's fails now, not at its turn
+    return plan
 
 
 def _check_features(s: BenchmarkSettings) -> None:
@@ -225,7 +228,7 @@ def run(settings: BenchmarkSettings, classifier=None, plan=None) -> dict | None:
     """Generate (unless ``score_only``), score and write the table; returns ``{suite: {model: summary}}`` (None on
     the torchrun ranks other than 0). ``classifier``: see :func:`check`; ``plan``: :func:`check`'s of these
     settings when the caller has it (else it is made here)."""
-    from evaluation.runner import generate, score, write_results
+    from evaluation.runner import generate, score
 
     plan = plan or check(settings, classifier=classifier)
     if not plan.settings.score_only:
@@ -235,8 +238,8 @@ def run(settings: BenchmarkSettings, classifier=None, plan=None) -> dict | None:
         generate(plan)
         if plan.extras["shard"] is not None and plan.extras["shard"][0] != 0:
             return None
-    results = score(plan)
-    md = write_results(plan.outdir)
+    results = score(plan)  # records, every suite's summary files and results.md/json
+    md = plan.outdir / "results.md"
     print(md.read_text(encoding="utf-8"))
     print(f"records, summaries and plots -> {plan.outdir}/<suite>/; table -> {md}")
     return results

@@ -29,11 +29,15 @@ memorization adds ``Memorization rate`` and ``Baseline memorization rate`` (SSCD
 with a CSV copy, the pandas DataFrame pickled to ``--outpkl`` for the original's readers (written only:
 a pickle is never read back, since unpickling runs code), a table on stdout and a bar chart
 ``{outpkl stem}_{concept}.png`` of the ablated vs the baseline CLIP accuracy (memorization: rate) per
-concept. Every output location is checked before any generation.
+concept. One JSON line per image in ``{outpkl stem}_records/{concept}/{expname}.jsonl`` (the base's:
+``base.jsonl``): id, prompt, seed, image, ``clip_score`` (vs the concept's text), ``anchor_clip_score`` (vs the
+anchor's; CLIP accuracy counts the images where the first is higher) and, for memorization,
+``sscd_similarity``. Every output location is checked before any generation.
 
 Both stages run on ``evaluation.runner`` (the benchmark's runner): each concept is a suite whose rows are its
-prompts, the base and every checkpoint are models, :class:`Folders` is the folder layout above, and the metrics
-are the suites' scoring step; the table, its merge and the chart are this module's.
+prompts, the base and every checkpoint are models, the metrics are the suites' scoring step, and
+:class:`Folders` is the runner's layout: the folders above, and the table, its merge and the chart as its table
+writer.
 
 Differences from the reference, on purpose: FID is reported beside KID; KID is a
 float, not a one-element list; ``prompts.json`` goes into the folder it describes; the output folder
@@ -472,6 +476,7 @@ def plan(settings: EvaluateSettings) -> Plan:
     for what, path in outputs.items():
         check_output(path, what if what == "--outpkl" else f"{what} (from --outpkl)", inputs=inputs)
     check_distinct_outputs(outputs)
+    check_output(records_dir(outpkl), "the records folder (from --outpkl)", kind="dir")
     read_table(outpkl)  # an earlier table that cannot be merged fails now, not after the metrics
     if not s.eval_stage:
         check_output(s.base_outpath, "--base_outpath", kind="dir")
@@ -484,49 +489,23 @@ def plan(settings: EvaluateSettings) -> Plan:
     clip = resolve_clip(s.clip_model)  # a missing model fails here, not after the generation
     check_feature_model(s.feature_model)
 
-    base_sets: dict[str, list[str]] = {}  # base_prompts' cache, shared with the plan
-    if not s.eval_stage:
-        _check_folder_plans(s, concepts, checkpoints, anchor, base_sets)
     devices = () if s.eval_stage else parse_devices(s.gpus)
-    the_plan = Plan(s, target, anchor, concepts, checkpoints, base_config, devices, outpkl, clip, base_sets)
+    the_plan = Plan(s, target, anchor, concepts, checkpoints, base_config, devices, outpkl, clip)
+    rp = runner_plan(the_plan)
     if s.eval_stage:  # metrics only: every generation must be there now, not after CLIP has loaded
         from evaluation.runner import images_of
 
-        rp = runner_plan(the_plan)
         for suite in rp.suites:
             for spec in rp.models:
                 images_of(rp, suite.name, spec)
     else:
+        from evaluation.runner import check_folders
         from runtime.generate import validate_generation_args
 
+        check_folders(rp)  # folders generated with other settings fail now, each named
         for c in concepts:
             validate_generation_args(c.prompts, s.sampling(), devices)
     return the_plan
-
-
-def _check_folder_plans(settings: EvaluateSettings, concepts: list[Concept], checkpoints: list[Checkpoint],
-                        anchor: str | None, base_sets: dict[str, list[str]]) -> None:
-    """Folders generated before with other settings fail now, each named, not hours into the generation."""
-    from runtime.generate import PLAN_FILE, plan_diff, plan_dict
-
-    s = settings
-    folders = []
-    for c in concepts:
-        prompts = _base_prompts(s, anchor, c, base_sets)
-        folders.append((baseline_dir(s.base_outpath, c, prompts), prompts, "--base_outpath"))
-    folders += [(ablated_dir(k, c), c.prompts, f"the eval folder of run {k.run}") for k in checkpoints for c in concepts]
-    for folder, prompts, where in folders:
-        plan_file = folder / PLAN_FILE
-        if not plan_file.is_file():
-            continue
-        try:
-            old = json.loads(plan_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # generate_images reports an unreadable plan with its own advice
-        diff = plan_diff(old, plan_dict(s.sampling(), prompts))
-        if diff:
-            raise ValueError(f"{folder} was generated with other settings (differs in: {', '.join(diff)}); delete it, "
-                             f"or use another {where if where == '--base_outpath' else 'copy of the run'}")
 
 
 # ---------------------------------------------------------------------------------------- stage 1
@@ -553,16 +532,11 @@ def baseline_prompts(settings: EvaluateSettings, anchor: str | None, concept: Co
     return [lines[i * len(lines) // n] for i in range(n)]
 
 
-def _base_prompts(settings: EvaluateSettings, anchor: str | None, concept: Concept,
-                  cache: dict[str, list[str]]) -> list[str]:
-    if concept.name not in cache:
-        cache[concept.name] = baseline_prompts(settings, anchor, concept)
-    return cache[concept.name]
-
-
 def base_prompts(plan: Plan, concept: Concept) -> list[str]:
     """:func:`baseline_prompts` of the plan's settings, computed once per concept."""
-    return _base_prompts(plan.settings, plan.anchor, concept, plan.base_prompt_sets)
+    if concept.name not in plan.base_prompt_sets:
+        plan.base_prompt_sets[concept.name] = baseline_prompts(plan.settings, plan.anchor, concept)
+    return plan.base_prompt_sets[concept.name]
 
 
 def baseline_dir(base_outpath: str | Path, concept: Concept, prompts: list[str]) -> Path:
@@ -641,7 +615,8 @@ class Folders(Layout):
     """evaluate.py's folders on the runner: the base model's images of a concept in ``{base_outpath}/base-{concept}/``
     (``base{n}-`` for ``--baseline_set paper``; ``base_model.json`` names the base they were made with, checked
     before a folder is reused), a checkpoint's in ``{run}/eval/{ckpt stem}-{concept}/``; ``prompts.json`` beside
-    the images; the folders' plans record ``--seed`` (image ``i``: ``seed + i``)."""
+    the images; the folders' plans record ``--seed`` (image ``i``: ``seed + i``); the table is evaluate.py's
+    (:meth:`table`)."""
 
     per_row_seeds = False
     flag = "--eval_stage"
@@ -681,6 +656,33 @@ class Folders(Layout):
         return ("evaluation settings such as --numgen, --steps, --H/--W or the prompts changed since this folder was "
                 "generated")
 
+    def remedy(self, spec):
+        return f"delete it, or use another {'--base_outpath' if spec.kind == 'base' else 'copy of the run'}"
+
+    def records(self, plan, suite, spec):
+        name = "base" if spec.kind == "base" else self.checkpoints[spec.name].expname
+        return records_dir(self.plan.outpkl) / folder_name(suite) / f"{name}.jsonl"
+
+    def table(self, rp, results):
+        """Every checkpoint's row (``{expname: {column: value}}``, its concepts' columns concept by concept) merged
+        into the table beside ``--outpkl`` (:func:`update_table`), the chart, the table on stdout; returns the
+        merged table (a DataFrame)."""
+        import pandas as pd
+
+        plan = self.plan
+        rows = {k.expname: {col: v for c in plan.concepts for col, v in results[c.name][name].items()}
+                for name, k in self.checkpoints.items()}
+        bad = [(e, c) for e, row in rows.items() for c, v in row.items() if not math.isfinite(v)]
+        if bad:
+            print(f"warning: non-finite metrics: {bad[:5]}", file=sys.stderr)
+        df = update_table(plan.outpkl, rows)
+        chart = plot_chart(plan, rows)
+        with pd.option_context("display.max_rows", None, "display.width", 200, "display.float_format",
+                               "{:.4f}".format):
+            print(df.loc[list(rows), plan_columns(plan)].T.to_string())
+        print(f"metrics -> {plan.outpkl} (+ .csv, .json); chart -> {chart}")
+        return df
+
 
 def _concept_suite(plan: Plan, concept: Concept):
     """The protocol's metrics of one concept ``t`` as a runner suite. Summary of a checkpoint: ``KID_{t}``,
@@ -692,15 +694,22 @@ def _concept_suite(plan: Plan, concept: Concept):
     t, anchor, mem_impath = concept.name, plan.anchor, plan.settings.mem_impath
 
     def stats(scorers, images):
-        from scoring.metrics import clip_metrics, clip_score
+        # scoring.metrics.clip_metrics / clip_score and scoring.sscd.sscd_memorization_rate step by step, to keep
+        # the per-image values for the records
+        from scoring.metrics import accuracy_from_scores, clip_scores, clip_text
 
-        clip = scorers["clip"]
-        out = {"clip": (clip_score(clip, images, t), None) if anchor is None else clip_metrics(clip, images, t, anchor),
-               "feats": scorers["features"](images)}
+        texts = [clip_text(t, anchor)] + ([] if anchor is None else [clip_text(anchor, anchor)])
+        per = clip_scores(scorers["clip"], images, texts)
+        accuracy = None if anchor is None else accuracy_from_scores(per[:, 0], per[:, 1])
+        out = {"clip": (float(per[:, 0].mean()), accuracy), "feats": scorers["features"](images),
+               "per": {"clip_score": per[:, 0].tolist()}}
+        if anchor is not None:
+            out["per"]["anchor_clip_score"] = per[:, 1].tolist()
         if "sscd" in scorers:
-            from scoring.sscd import sscd_memorization_rate
+            from scoring.sscd import memorization_rate, similarities
 
-            out["mem"] = sscd_memorization_rate(scorers["sscd"], images, mem_impath)
+            sims = similarities(scorers["sscd"], images, mem_impath)
+            out["mem"], out["per"]["sscd_similarity"] = memorization_rate(sims, 0.5), sims.tolist()
         return out
 
     def score(ctx, rows, images, base_images):
@@ -708,7 +717,8 @@ def _concept_suite(plan: Plan, concept: Concept):
 
         own = stats(ctx.scorers, images)
         b = ctx.of_base("protocol", base_images, lambda: stats(ctx.scorers, base_images), own=own)
-        records = [{"id": r.id, "prompt": r.prompt, "seed": r.seed, "image": str(p)} for r, p in zip(rows, images)]
+        records = [{"id": r.id, "prompt": r.prompt, "seed": r.seed, "image": str(p),
+                    **{k: v[i] for k, v in own["per"].items()}} for i, (r, p) in enumerate(zip(rows, images))]
         if ctx.is_base:  # scored first: its statistics are now the baseline of every checkpoint (of_base)
             return records, {}
         summary = {f"KID_{t}": kid(own["feats"], b["feats"]), f"FID_{t}": fid(own["feats"], b["feats"]),
@@ -739,25 +749,6 @@ def load_scorers(plan: Plan, device: str) -> dict:
 
         scorers["sscd"] = load_sscd(s.sscd_ckpt, device)
     return scorers
-
-
-def compute_metrics(plan: Plan, rp=None) -> dict[str, dict[str, float]]:
-    """Stage 2 on the runner's scoring step: ``{expname: {column: value}}`` for every checkpoint of the plan, the
-    columns concept by concept. ``rp``: :func:`runner_plan` of ``plan`` when the caller has it."""
-    import torch
-
-    from evaluation.runner import score
-
-    rp = rp or runner_plan(plan)
-    rp.preloaded.update(load_scorers(plan, "cuda" if torch.cuda.is_available() else "cpu"))
-    summaries = score(rp, write=False)
-    results = {}
-    for spec, ckpt in zip(rp.models[1:], plan.checkpoints):
-        row = {}
-        for c in plan.concepts:
-            row.update(summaries[c.name][spec.name])
-        results[ckpt.expname] = row
-    return results
 
 
 def plan_columns(plan: Plan) -> list[str]:
@@ -820,6 +811,11 @@ def update_table(outpkl: Path, results: dict[str, dict[str, float]]):
     return df
 
 
+def records_dir(outpkl: Path) -> Path:
+    """The per-image records beside ``outpkl``: ``{stem}_records/{concept}/{expname or base}.jsonl``."""
+    return outpkl.with_name(f"{outpkl.stem}_records")
+
+
 def chart_file(outpkl: Path, caption_target: str) -> Path:
     return outpkl.with_name(f"{outpkl.stem}_{folder_name(caption_target)}.png")
 
@@ -870,9 +866,12 @@ def plot_chart(plan: Plan, results: dict[str, dict[str, float]]) -> Path:
 def execute(plan: Plan):
     """Stage 1 (unless ``--eval_stage``) and stage 2 of a checked :func:`plan`: the merged metrics table
     (a DataFrame), or None on a launcher rank other than 0 (it only generates)."""
+    import torch
+
+    from evaluation.runner import generate, score
+
     rp = runner_plan(plan)
     if not plan.settings.eval_stage:
-        from evaluation.runner import generate
         from runtime.dist import init_from_launcher
 
         # torchrun & co.: every rank generates its share of each folder; rank 0 alone scores them
@@ -880,18 +879,8 @@ def execute(plan: Plan):
         generate(rp)  # the base's images of every concept (cached across runs), then every checkpoint's
         if shard is not None and shard[0] != 0:
             return None
-    results = compute_metrics(plan, rp)
-    bad = [(e, c) for e, row in results.items() for c, v in row.items() if not math.isfinite(v)]
-    if bad:
-        print(f"warning: non-finite metrics: {bad[:5]}", file=sys.stderr)
-    df = update_table(plan.outpkl, results)
-    chart = plot_chart(plan, results)
-    import pandas as pd
-
-    with pd.option_context("display.max_rows", None, "display.width", 200, "display.float_format", "{:.4f}".format):
-        print(df.loc[list(results), plan_columns(plan)].T.to_string())
-    print(f"metrics -> {plan.outpkl} (+ .csv, .json); chart -> {chart}")
-    return df
+    rp.preloaded.update(load_scorers(plan, "cuda" if torch.cuda.is_available() else "cpu"))
+    return score(rp)  # Folders.table: the merged table, the chart and the printout
 
 
 def run(settings: EvaluateSettings):

@@ -98,10 +98,11 @@ def folder_for(plan: Plan, suite: str, spec, group: tuple, rows: list[Row]) -> t
 
 
 class Layout:
-    """Where a run keeps each model's images of a suite and what it writes beside them; this one is the benchmark's
-    (``images/{suite}/{model}/{key}/`` with ``cache.json``, each row drawn from its own seed). A job with other
-    folders (evaluate.py's) subclasses it and passes it in ``Plan.layout``; generation, reading and scoring stay
-    the runner's."""
+    """Where a run keeps each model's images of a suite, what it writes beside them, where the per-image records
+    go and how the summaries become a table; this one is the benchmark's (``images/{suite}/{model}/{key}/`` with
+    ``cache.json``, each row drawn from its own seed; the files of the module docstring). A job with other
+    folders and another table (evaluate.py's) subclasses it and passes it in ``Plan.layout``; generation, the
+    stale-folder check, reading, scoring and records stay the runner's."""
 
     per_row_seeds = True  # False: the rows' seeds run seed, seed + 1, ... and the folder's plan records ``seed``
     flag = "--score_only"  # the flag that skips generation, named when an image is missing
@@ -131,6 +132,23 @@ class Layout:
         """Why a folder whose plan differs from the requested one is there, and what to do."""
         return f"the benchmark cache {folder} does not match its own key: delete the folder"
 
+    def remedy(self, spec) -> str:
+        """What to do about ``spec``'s folder made with other settings (:func:`check_folders`)."""
+        return "delete it"
+
+    def records(self, plan: Plan, suite: str, spec) -> Path | None:
+        """The JSON-lines file of ``spec``'s per-image records of ``suite``; None: not written."""
+        return plan.outdir / suite / "records" / f"{spec.name}.jsonl"
+
+    def table(self, plan: Plan, results: dict[str, dict[str, dict]]):
+        """Write the run's summaries ``{suite: {model: summary}}``: every suite's summary files and the results
+        table. Returns what :func:`score` returns: here the summaries, JSON-safe (non-finite numbers -> None)."""
+        results = _json_safe(results)
+        for suite in plan.suites:
+            write_suite(plan, suite, results[suite.name])
+        write_results(plan.outdir)
+        return results
+
 
 # ---------------------------------------------------------------------------------------------------- generation
 class OnceFactory:
@@ -154,6 +172,38 @@ class OnceFactory:
         return {"factory": self.factory, "models": {}}
 
 
+def _folders(plan: Plan, spec):
+    """``(suite, folder, identity, prompts, sampling, seeds)`` of every generation folder of ``spec``: the
+    ``generate_images`` arguments of the folder, with the rows' own ``seeds``, or None where the layout records
+    one seed (``sampling.seed``, image i seeded ``seed + i``)."""
+    for suite in plan.suites:
+        rows = plan.rows_of(suite.name, spec)
+        for folder, ident, idx in plan.layout.folders(plan, suite.name, spec):
+            how = plan.settings.sampling(scale=ident["scale"], height=ident["height"], width=ident["width"])
+            seeds = [rows[i].seed for i in idx]
+            if not plan.layout.per_row_seeds:
+                how, seeds = dataclasses.replace(how, seed=_first_seed(seeds, folder)), None
+            yield suite.name, folder, ident, [rows[i].prompt for i in idx], how, seeds
+
+
+def check_folders(plan: Plan) -> None:
+    """Refuse now, before any model is built, a generation folder whose ``plan.json`` records other settings than
+    this run asks of it (not hours into the generation). Raises ValueError naming the folder, the differing keys
+    and the layout's remedy; a folder without a readable plan is left to ``generate_images``' own checks."""
+    from runtime.generate import PLAN_FILE, plan_diff, plan_dict
+
+    for spec in plan.models:
+        for suite, folder, ident, prompts, how, seeds in _folders(plan, spec):
+            try:
+                old = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            diff = plan_diff(old, plan_dict(how, prompts, seeds))
+            if diff:
+                raise ValueError(f"{folder} was generated with other settings (differs in: {', '.join(diff)}); "
+                                 f"{plan.layout.remedy(spec)}")
+
+
 def generate(plan: Plan) -> None:
     from runtime.dist import local_devices
     from runtime.generate import GenerationPlanError, generate_images
@@ -166,25 +216,15 @@ def generate(plan: Plan) -> None:
     for spec in plan.models:
         factory = OnceFactory(model_factory(spec, plan.config_of(spec), a.base))
         try:
-            for suite in plan.suites:
-                rows = plan.rows_of(suite.name, spec)
-                for folder, ident, idx in layout.folders(plan, suite.name, spec):
-                    folder.mkdir(parents=True, exist_ok=True)
-                    layout.prepare(plan, suite.name, spec, folder, ident)
-                    scale, h, w = ident["scale"], ident["height"], ident["width"]
-                    prompts, seeds = [rows[i].prompt for i in idx], [rows[i].seed for i in idx]
-                    folder_sampling = a.sampling(scale=scale, height=h, width=w)
-                    if layout.per_row_seeds:
-                        per_row = {"seeds": seeds}
-                    else:  # the folder records one seed, image i is seed + i
-                        per_row = {}
-                        folder_sampling = dataclasses.replace(folder_sampling, seed=_first_seed(seeds, folder))
-                    try:
-                        generate_images(factory, prompts, folder, folder_sampling, devices=local_devices(plan.devices),
-                                        desc=layout.desc(suite.name, spec), shard=shard, **per_row)
-                    except GenerationPlanError as e:
-                        raise GenerationPlanError(f"{e} ({layout.stale(folder)})") from e
-                    layout.finish(plan, suite.name, spec, folder, prompts)
+            for suite, folder, ident, prompts, how, seeds in _folders(plan, spec):
+                folder.mkdir(parents=True, exist_ok=True)
+                layout.prepare(plan, suite, spec, folder, ident)
+                try:
+                    generate_images(factory, prompts, folder, how, seeds=seeds, devices=local_devices(plan.devices),
+                                    desc=layout.desc(suite, spec), shard=shard)
+                except GenerationPlanError as e:
+                    raise GenerationPlanError(f"{e} ({layout.stale(folder)})") from e
+                layout.finish(plan, suite, spec, folder, prompts)
         finally:
             factory.clear()
 
@@ -242,10 +282,10 @@ def _json_safe(x):
     return x
 
 
-def score(plan: Plan, write: bool = True) -> dict[str, dict[str, dict]]:
-    """``{suite: {model: summary}}``; writes every suite's records and summary files and the results table.
-    ``write=False``: writes nothing and returns the summaries as the suites made them (a job with its own table,
-    evaluate.py's); else they are JSON-safe (non-finite numbers -> None)."""
+def score(plan: Plan):
+    """Score every model's images of every suite, write each one's records where the layout keeps them, and hand
+    the summaries ``{suite: {model: summary}}`` to the layout's table writer (:meth:`Layout.table`); returns what
+    it returns."""
     import torch
 
     from runtime.files import write_text_atomic
@@ -256,27 +296,18 @@ def score(plan: Plan, write: bool = True) -> dict[str, dict[str, dict]]:
         scorers = suite.load(plan.settings, device, plan.preloaded)
         cache: dict = {}
         base_images = images_of(plan, suite.name, plan.models[0])
-        summaries = {}
+        summaries = results[suite.name] = {}
         for spec in plan.models:
             ctx = Context(plan.settings, scorers, spec.name, spec.kind == "base", cache)
             images = base_images if ctx.is_base else images_of(plan, suite.name, spec)
-            records, summary = suite.score(ctx, plan.rows_of(suite.name, spec), images, base_images)
-            if not write:
-                summaries[spec.name] = summary
-                continue
-            summaries[spec.name] = _json_safe(summary)
-            lines = "".join(json.dumps(_json_safe(r), ensure_ascii=False) + "\n" for r in records)
-            path = plan.outdir / suite.name / "records" / f"{spec.name}.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(path, lines)
+            records, summaries[spec.name] = suite.score(ctx, plan.rows_of(suite.name, spec), images, base_images)
+            path = plan.layout.records(plan, suite.name, spec)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(path, "".join(json.dumps(_json_safe(r), ensure_ascii=False) + "\n" for r in records))
         del scorers, cache
         gc.collect()
-        if write:
-            write_suite(plan, suite, summaries)
-        results[suite.name] = summaries
-    if write:
-        write_results(plan.outdir)
-    return results
+    return plan.layout.table(plan, results)
 
 
 def _settings(plan: Plan) -> dict:

@@ -136,6 +136,18 @@ def test_end_to_end_object(env, monkeypatch, capsys):
     assert chart.is_file() and Image.open(chart).size[0] > 100
     printed = capsys.readouterr().out
     assert "CLIP accuracy_grumpy cat_cat" in printed and str(chart) in printed
+    # per-image records beside the table: the column values are their means
+    for model, folder in ((expname, run / "eval" / "delta_step_2-grumpy_cat"),
+                          ("base", d / "baseline" / "base-grumpy_cat")):
+        lines = (out / "evaluation_records" / "grumpy_cat" / f"{model}.jsonl").read_text().splitlines()
+        recs = [json.loads(x) for x in lines]
+        assert [r["image"] for r in recs] == [str(folder / "samples" / f"{i:05d}.png") for i in range(8)]
+        assert [r["seed"] for r in recs] == [42 + i for i in range(8)]
+        prefix = "" if model == expname else "Baseline "
+        assert df.loc[expname, f"{prefix}CLIP scores_grumpy cat_grumpy cat"] == pytest.approx(
+            sum(r["clip_score"] for r in recs) / 8, rel=1e-5)
+        assert df.loc[expname, f"{prefix}CLIP accuracy_grumpy cat_cat"] == sum(
+            r["clip_score"] > r["anchor_clip_score"] for r in recs) / 8
 
     # second run: everything cached, no model is built; the table is updated in place
     def no_model(*a, **k):
@@ -188,6 +200,9 @@ def test_memorization(env, tmp_path):
     folder = env["run"] / "eval" / "delta_step_2-a_memorized_caption"
     assert (folder / "caption.txt").read_text().splitlines() == ["A memorized caption"] * 4
     assert (tmp_path / "mem_a_memorized_caption.png").is_file()
+    recs = [json.loads(x) for x in (tmp_path / "mem_records/a_memorized_caption" / f"{df.index[0]}.jsonl")
+            .read_text().splitlines()]
+    assert row["Memorization rate"] == sum(r["sscd_similarity"] > 0.5 for r in recs) / len(recs) and len(recs) == 4
 
 
 @pytest.mark.parametrize("change, exc, match", [
