@@ -57,12 +57,14 @@ import random
 import time
 from pathlib import Path
 
+from runtime.resources import DATA_ROOT, asset_path
+
 from .captions import caption
 from .dataset import DEFAULT_MIXTURE, _placed, sample_scene
 from .render import ANCHOR_STYLE, BACKGROUNDS, COLOUR_NAMES, FFN_TEXTURES, SHAPES, TEXTURES, Scene
 
-REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "assets/toyworld"
+REPO = DATA_ROOT  # the clone (installed: the data package); reports show the paths inside it relative to it
+ASSETS = asset_path("toyworld")
 FFN_ASSETS = ASSETS / "ffn"
 TEXTURE = FFN_TEXTURES[0]  # "waves"
 DELTA_FILE = "ffn_delta.safetensors"
