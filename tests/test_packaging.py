@@ -127,6 +127,22 @@ def test_help_shows_defaults_and_no_outside_documents():
     assert not tracked, f"references to documents outside the repository in {tracked}"
 
 
+def test_every_package_is_in_the_wheel():
+    """pyproject.toml lists the packages (the data package's mapping rules out discovery): every folder of the
+    clone holding Python modules, outside tests/tools/benchmarks, is one of them."""
+    listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    skip = {"tests", "tools", "benchmarks", "docs", "assets", "configs", "build", "logs", "outputs", "demo",
+            "__pycache__"}
+    found = set()
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip and not d.startswith(".") and not d.endswith(".egg-info")]
+        if Path(folder) != ROOT and any(f.endswith(".py") for f in files):
+            found.add(str(Path(folder).relative_to(ROOT)).replace(os.sep, "."))
+    assert found == {p for p in listed if not p.startswith("concept_ablation_data")}
+    data = PYPROJECT["tool"]["setuptools"]["package-dir"]
+    assert data == {"concept_ablation_data.configs": "configs", "concept_ablation_data.assets": "assets"}
+
+
 # Run from the installed copy (PYTHONPATH=site, a folder outside the clone): every path below must be the wheel's.
 _INSTALLED_PROBE = r'''
 import json, sys
@@ -209,13 +225,15 @@ def test_wheel_install_runs_from_any_folder_on_its_package_data(tmp_path):
 
     probe = json.loads(run(sys.executable, "-c", _INSTALLED_PROBE, site).splitlines()[-1])
     assert probe["in_clone"] is False and probe["outside"] == [] and probe["missing"] == []
-    assert probe["weights_dir"] == "assets/pretrained_models" and probe["default_ckpt"] == "assets/pretrained_models/sd-v1-4.ckpt"
+    assert probe["weights_dir"] == "assets/pretrained_models"  # the user's weights: relative to the working folder
+    assert probe["default_ckpt"] == "assets/pretrained_models/sd-v1-4.ckpt"
     assert probe["unet_channels"] == 320 and probe["eval_anchor"] and probe["pairs"] > 0
 
     toy = site / "concept_ablation_data" / "assets" / "toyworld" / "ldm"
-    run(sys.executable, "-m", "runtime.sample", "--ckpt", toy / "toyworld-ldm.safetensors", "--config", toy / "ldm.yaml",
-        "--prompt", "a red circle on the grass", "--H", "32", "--W", "32", "--ddim_steps", "2", "--n_samples", "1",
-        "--precision", "full", "--outdir", elsewhere / "samples", "--skip_grid")
+    run(sys.executable, "-m", "runtime.sample", "--ckpt", toy / "toyworld-ldm.safetensors",
+        "--config", toy / "ldm.yaml", "--prompt", "a red circle on the grass", "--H", "32", "--W", "32",
+        "--ddim_steps", "2", "--n_samples", "1", "--precision", "full", "--outdir", elsewhere / "samples",
+        "--skip_grid")
     assert len(list((elsewhere / "samples" / "samples").glob("*.png"))) == 1
     assert not list(site.glob("concept_ablation_data/assets/pretrained_models/*"))  # the user's weights: never shipped
     assert not list(site.glob("concept_ablation_data/assets/toyworld/**/*.png"))
