@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from types import SimpleNamespace
 
+from runtime.resources import config_path, weights_path
+
 if TYPE_CHECKING:
     from runtime.generate import Sampling
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,12 @@ class TrainSettings:
     num_nodes: int = 1
     name: str = ""
     mem_impath: str | None = None
-    sscd_ckpt: str = str(REPO / "assets/pretrained_models/sscd_imagenet_mixup.torchscript.pt")
+    sscd_ckpt: str = str(weights_path("sscd_imagenet_mixup.torchscript.pt"))
     parameter_group: str | None = None
     loss_type_reverse: str | None = None
-    base_ckpt: str = str(REPO / "assets/pretrained_models/sd-v1-4.ckpt")
+    base_ckpt: str = str(weights_path("sd-v1-4.ckpt"))
     delta_ckpt: str | None = None
-    model_config: str = str(REPO / "configs/stable-diffusion/v1-inference.yaml")
+    model_config: str = str(config_path("stable-diffusion/v1-inference.yaml"))
     config: str | None = None
     regularization: bool = False
     preserve_prompts: str | None = None
@@ -195,11 +195,11 @@ def load_config(settings: TrainSettings):
     values given as settings (flags) on top."""
     from omegaconf import OmegaConf
 
-    config_path = Path(settings.config or REPO / f"configs/ablation/{settings.concept_type}.yaml")
-    for what, path in (("concept config", config_path), ("model config", Path(settings.model_config))):
+    concept_config = Path(settings.config or config_path(f"ablation/{settings.concept_type}.yaml"))
+    for what, path in (("concept config", concept_config), ("model config", Path(settings.model_config))):
         if not path.is_file():
             raise FileNotFoundError(f"{what} not found: {path}")
-    config = OmegaConf.merge(OmegaConf.load(config_path), {"model": OmegaConf.load(settings.model_config).model},
+    config = OmegaConf.merge(OmegaConf.load(concept_config), {"model": OmegaConf.load(settings.model_config).model},
                              OmegaConf.from_dotlist(list(settings.overrides)))
     tr = config.training
     for field, key in (("train_max_steps", "max_steps"), ("base_lr", "base_learning_rate"),

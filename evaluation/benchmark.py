@@ -252,3 +252,7 @@ def main(argv=None, classifier=None) -> int:
     plan = exit_on_usage_error(lambda: check(parse_argv(argv), classifier=classifier))
     run(plan.settings, plan=plan)
     return 0
+
+
+if __name__ == "__main__":  # python -m evaluation.benchmark (an installed copy without its bin/ on PATH)
+    raise SystemExit(main())

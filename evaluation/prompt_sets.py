@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from runtime.resources import asset_path
+
 
 class PromptSetError(ValueError):
     """A prompt file that cannot be read as the set it was given for (names the file and what is wrong)."""
@@ -54,8 +56,7 @@ class Row:
     meta: dict = field(default_factory=dict, hash=False, compare=True)
 
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "assets" / "benchmark"
+ASSETS = asset_path("benchmark")
 
 # --------------------------------------------------------------------------------------------------
 # facts of the original sets (verified in ruchikachavhan/concept-prune at 72927d9)

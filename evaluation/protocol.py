@@ -63,9 +63,10 @@ if TYPE_CHECKING:
 
 from evaluation.runner import Layout
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
-PROMPT_DIR = REPO / "assets/eval_prompts"
+from runtime.resources import asset_path, config_path, weights_path
+
+DEFAULT_CONFIG = config_path("stable-diffusion/v1-inference.yaml")
+PROMPT_DIR = asset_path("eval_prompts")
 CKPT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
 BASE_META = "base_model.json"
 CONCEPT_TYPES = ("style", "object", "memorization")
@@ -86,7 +87,7 @@ class EvaluateSettings:
     concept_type: str
     caption_target: str
     filter: str = "delta_step_*"
-    eval_json: str = str(REPO / "assets/eval.json")
+    eval_json: str = str(asset_path("eval.json"))
     eval_prompts: str = str(PROMPT_DIR)
     numgen: int = 50
     outpkl: str | None = None
@@ -455,7 +456,7 @@ def plan(settings: EvaluateSettings) -> Plan:
         if len(bases) > 1:
             raise ValueError(f"the runs under --root were trained on different bases ({', '.join(sorted(map(str, bases)))}); "
                              f"pass --base_ckpt, or evaluate them one by one")
-        base_ckpt = bases.pop() or str(REPO / "assets/pretrained_models/sd-v1-4.ckpt")
+        base_ckpt = bases.pop() or str(weights_path("sd-v1-4.ckpt"))
     outpkl_name = s.outpkl if s.outpkl is not None else str(Path(s.root) / "metrics" / "evaluation.pkl")
     s = replace(s, sscd_ckpt=sscd_ckpt, base_ckpt=base_ckpt, outpkl=outpkl_name)
     if not s.eval_stage:
@@ -895,3 +896,7 @@ def main(argv=None) -> int:
 
     execute(exit_on_usage_error(lambda: plan(parse_settings(argv))))
     return 0
+
+
+if __name__ == "__main__":  # python -m evaluation.protocol (an installed copy without its bin/ on PATH)
+    raise SystemExit(main())

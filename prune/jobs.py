@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from runtime import cli
+from runtime.resources import config_path, weights_path
 
 if TYPE_CHECKING:
     from runtime.generate import Sampling
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
-DEFAULT_CKPT = REPO / "assets/pretrained_models/sd-v1-4.ckpt"
-PAPER_CKPT = REPO / "assets/pretrained_models/v1-5-pruned-emaonly.safetensors"  # ConceptPrune's base: SD v1.5
+DEFAULT_CONFIG = config_path("stable-diffusion/v1-inference.yaml")
+DEFAULT_CKPT = weights_path("sd-v1-4.ckpt")
+PAPER_CKPT = weights_path("v1-5-pruned-emaonly.safetensors")  # ConceptPrune's base: SD v1.5
 NORMS_VERSION = 1  # bump if the recorded statistic changes
 
 PathLike = Union[str, os.PathLike]
@@ -571,3 +571,7 @@ def main(argv=None) -> int:
     plan = cli.exit_on_usage_error(lambda: check(parse_argv(argv)))  # CheckpointError/MaskError included
     run(plan.settings, plan)
     return 0
+
+
+if __name__ == "__main__":  # python -m prune.jobs (an installed copy without its bin/ on PATH)
+    raise SystemExit(main())

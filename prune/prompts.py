@@ -33,8 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.files import read_prompts
+from runtime.resources import asset_path
 
-PROMPT_DIR = Path(__file__).resolve().parent.parent / "assets" / "prune_prompts"
+PROMPT_DIR = asset_path("prune_prompts")
 
 ARTISTS = ("Van Gogh", "Monet", "Pablo Picasso", "Salvador Dali", "Leonardo Da Vinci")
 OBJECTS = ("parachute", "cassette player", "golf ball", "gas pump", "english springer", "tench",

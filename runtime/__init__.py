@@ -6,7 +6,9 @@
 * :mod:`runtime.files`    -- atomic writes, text and prompt files, image checks, hashes;
 * :mod:`runtime.delta`    -- the delta checkpoint format (only the trained tensors, CompVis keys);
 * :mod:`runtime.loading`  -- base (+ delta) model loading and the cheap checkpoint checks run before any work;
+* :mod:`runtime.resources` -- where the shipped configs and assets are (the clone's, else the installed data package);
 * :mod:`runtime.sample`, :mod:`runtime.export` -- the jobs of ``sample.py`` and ``tools/export.py``.
 
+A regular package (not a namespace one), so an installed copy never merges with another copy's modules.
 Nothing here knows a method (``ablation``, ``prune``) or a benchmark (``evaluation``).
 """

@@ -353,3 +353,7 @@ def main(argv=None) -> int:
     """``python tools/export.py ...``: a bad input is one ``error:`` line and exit status 2, before any work."""
     _export(cli.exit_on_usage_error(lambda: settings_from_argv(argv)))
     return 0
+
+
+if __name__ == "__main__":  # python -m runtime.export (an installed copy without its bin/ on PATH)
+    raise SystemExit(main())

@@ -15,10 +15,10 @@ import torch.nn as nn
 
 from ldm.checkpoint import CheckpointError, load_into, load_model_from_config, load_state_dict, state_dict_shapes
 from runtime.delta import apply_delta, delta_misfits, raise_delta_misfits
+from runtime.resources import config_path, weights_path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs/stable-diffusion/v1-inference.yaml"
-DEFAULT_BASE_CKPT = REPO / "assets/pretrained_models/sd-v1-4.ckpt"
+DEFAULT_CONFIG = config_path("stable-diffusion/v1-inference.yaml")
+DEFAULT_BASE_CKPT = weights_path("sd-v1-4.ckpt")
 
 
 def meta_model(model_config: Mapping) -> nn.Module:

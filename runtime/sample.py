@@ -277,3 +277,7 @@ def main(argv=None) -> int:
     """``python sample.py ...``: a bad input is one ``error:`` line and exit status 2, before any work."""
     _sample(cli.exit_on_usage_error(lambda: settings_from_argv(argv)))
     return 0
+
+
+if __name__ == "__main__":  # python -m runtime.sample (an installed copy without its bin/ on PATH)
+    raise SystemExit(main())

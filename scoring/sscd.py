@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from runtime.resources import weights_path
+
 SSCD_FILE = "sscd_imagenet_mixup.torchscript.pt"
 SSCD_URL = f"https://dl.fbaipublicfiles.com/sscd-copy-detection/{SSCD_FILE}"
-DEFAULT_SSCD_PATH = Path(__file__).resolve().parents[1] / "assets" / "pretrained_models" / SSCD_FILE
+DEFAULT_SSCD_PATH = weights_path(SSCD_FILE)
 SSCD_SIZE = 288
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

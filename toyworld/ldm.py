@@ -34,11 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.resources import config_path
+
 from .dataset import DEFAULT_MIXTURE, Mixture, iter_samples
 from .training import lr_at, save_curve
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs/toyworld/ldm.yaml"
+DEFAULT_CONFIG = config_path("toyworld/ldm.yaml")
 WEIGHTS_NAME = "toyworld-ldm.safetensors"
 PREVIEW_PROMPTS = (
     "a red circle on the grass", "a blue star against a blue sky", "a yellow triangle on a plain background",

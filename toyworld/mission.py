@@ -37,11 +37,13 @@ import random
 import re
 from pathlib import Path
 
+from runtime.resources import DATA_ROOT, asset_path, config_path
+
 from .captions import MEMORIZED_CAPTION, caption
 from .render import ANCHOR_STYLE, COLOUR_NAMES, SUBJECTS, TEXTURES
 
-REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO / "assets/toyworld"
+REPO = DATA_ROOT  # the clone (installed: the data package); reports show the paths inside it relative to it
+ASSETS = asset_path("toyworld")
 
 # The paper's recipe plus --preserve_prompts (train.py; not in the paper): other world captions keep the base
 # model's prediction (training.preservation_weight of the concept config: 8), with 4x the steps because the
@@ -151,7 +153,7 @@ def train_settings(name: str, recipe: dict, assets: Path, out: Path, train_size:
     fields = dict(
         train=True, concept_type=recipe["concept_type"], caption_target=recipe["caption_target"],
         prompts=str(assets / recipe["prompts"]), name=f"toy_{name}", train_size=train_size,
-        model_config=str(p["config"]), config=str(REPO / f"configs/toyworld/{recipe['concept_type']}.yaml"),
+        model_config=str(p["config"]), config=str(config_path(f"toyworld/{recipe['concept_type']}.yaml")),
         base_ckpt=str(p["weights"]), logdir=str(out / "logs"), root=str(out / "data"), n_samples=36,
         ckpt_format="safetensors", image_logging_freq=0, regularization=recipe.get("regularization", False),
         overrides=(*recipe.get("overrides", []), *overrides))

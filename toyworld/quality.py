@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from runtime.resources import asset_path
+
 from .captions import MEMORIZED_CAPTION
 from .render import ANCHOR_STYLE, CAT_CLASSES, COLOUR_NAMES, SHAPES, SUBJECTS, TEXTURES
 
@@ -178,7 +180,7 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Measure the toy world's CLIP and diffusion model (quality bars).")
-    p.add_argument("--assets", default="assets/toyworld", help="folder with clip/, ldm/, judge/, copydetect/")
+    p.add_argument("--assets", default=str(asset_path("toyworld")), help="folder with clip/, ldm/, judge/, copydetect/")
     p.add_argument("--out", default="outputs/toyworld-quality")
     p.add_argument("--n_per_prompt", type=int, default=2)
     p.add_argument("--n_memorized", type=int, default=40)

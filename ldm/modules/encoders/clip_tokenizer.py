@@ -57,8 +57,10 @@ def _env_or_repo_candidates() -> Iterable[Path]:
 def find_bpe_file() -> Path:
     """Locate ``bpe_simple_vocab_16e6.txt.gz``.
 
-    Order: ``$LDM_CLIP_BPE``; ``<repo>/assets/clip/``; the copy inside an installed ``open_clip`` package
-    (located without importing it).
+    Order: ``$LDM_CLIP_BPE``; ``<repo>/assets/clip/`` (a clone; ``tools/fetch_clip_bpe.py`` puts it there);
+    the copy inside an installed ``open_clip`` package (located without importing it). The file is OpenAI's
+    data, never part of this package, so an installed copy (``pip install .``) finds it in open_clip or
+    ``$LDM_CLIP_BPE``. Raises FileNotFoundError naming the places tried and how to get the file.
     """
     tried = []
     for p in _env_or_repo_candidates():
@@ -76,7 +78,9 @@ def find_bpe_file() -> Path:
             return p
     raise FileNotFoundError(
         f"CLIP BPE file {BPE_FILENAME} not found (looked at: {', '.join(tried)}). "
-        "Run `python tools/fetch_clip_bpe.py` to fetch it, or point $LDM_CLIP_BPE at a copy."
+        "Run `python tools/fetch_clip_bpe.py` to fetch it into a clone, install open_clip_torch (its package "
+        "holds the file: `pip install open_clip_torch==3.3.0`, or the package's `eval` extra), "
+        "or point $LDM_CLIP_BPE at a copy."
     )
 
 
