@@ -8,7 +8,7 @@ import pytest
 
 from evaluation import protocol
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write(folder: Path, name: str, lines: list[str]) -> Path:

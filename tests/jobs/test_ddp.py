@@ -16,7 +16,9 @@ from runtime.generate import Sampling, generate_images
 from conftest import TINY_CONFIG, tiny_factory
 from ldm.checkpoint import load_state_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # several processes (gloo DDP, torchrun): minutes
+
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["training.max_steps=2", "training.save_freq=0", "data.size=16", "generation.steps=2", "logging.image_every=0",
         "training.num_workers=0", "--ckpt_format", "safetensors"]
 

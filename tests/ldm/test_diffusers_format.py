@@ -22,7 +22,7 @@ from runtime.sample import SampleSettings
 from runtime.sample import run as run_sample
 
 pytest.importorskip("diffusers")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SD_CONFIG = ROOT / "configs/stable-diffusion/v1-inference.yaml"
 
 

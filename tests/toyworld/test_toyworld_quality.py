@@ -48,7 +48,7 @@ def test_colour_by_seed_on_the_shipped_model():
     from toyworld.judge import load_judge
     from toyworld.quality import colour_by_seed, start_noise
 
-    assets = Path(__file__).resolve().parents[1] / "assets/toyworld"
+    assets = Path(__file__).resolve().parents[2] / "assets/toyworld"
     config = OmegaConf.to_container(OmegaConf.load(assets / "ldm/ldm.yaml").model, resolve=True)
     model, judge = load_model(config, assets / "ldm/toyworld-ldm.safetensors").eval(), load_judge(assets / "judge")
     plain = colour_by_seed(model, judge, seeds=range(2), shapes=("circle",), steps=10)

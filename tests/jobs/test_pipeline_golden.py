@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECORD = ROOT / "tests" / "data" / "pipeline_golden.json"
 TOY = "assets/toyworld"  # relative to ROOT (the subprocesses' working directory)
 LDM_CONFIG = f"{TOY}/ldm/ldm.yaml"

@@ -14,7 +14,7 @@ from toyworld.dataset import DEFAULT_MIXTURE, sample_scene
 from toyworld.judge import JUDGE_MIXTURE
 from toyworld.render import FFN_TEXTURES, STYLES, TEXTURES, Scene, render
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets/toyworld"
+ASSETS = Path(__file__).resolve().parents[2] / "assets/toyworld"
 
 
 def test_waves_render_but_are_not_part_of_the_shipped_world():

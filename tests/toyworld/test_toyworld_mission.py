@@ -9,7 +9,9 @@ import torch
 
 from toyworld import mission
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets/toyworld"
+pytestmark = pytest.mark.slow  # trains and evaluates the toy world's recipes: minutes
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets/toyworld"
 
 
 @pytest.fixture(scope="module")

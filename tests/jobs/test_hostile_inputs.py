@@ -30,7 +30,7 @@ from runtime.delta import save_delta
 from conftest import TINY_CONFIG, tiny_model
 from ldm.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint, load_state_dict, save_state_dict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
 UNWRITABLE = "/proc/no-such-dir/out"  # not creatable, for root too
 

@@ -18,7 +18,7 @@ from scoring.metrics import (CLIP_MEAN, CLIP_STD, accuracy_from_scores, clean_re
 from scoring.sscd import sscd_memorization_rate
 from ldm.modules.encoders.clip_tokenizer import default_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------- fixtures

@@ -4,7 +4,11 @@ import json
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the whole GPU check script in its CPU mode: minutes
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_gpu_check_dry_run(tmp_path):

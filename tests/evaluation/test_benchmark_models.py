@@ -23,7 +23,7 @@ from evaluation.models import ModelSpec, ModelSpecError
 from ldm.checkpoint import save_state_dict
 from ldm.diffusers_format import UNET_PREFIX, convert_unet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 
 

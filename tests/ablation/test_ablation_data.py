@@ -13,7 +13,7 @@ from ablation.prompts import (CONCEPT_TYPES, Concept, object_prompt, parse_capti
                               target_prompt, zoom_prefix)
 from runtime.files import read_prompts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ROOT / "assets" / "finetune_prompts"
 
 

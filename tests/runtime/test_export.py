@@ -20,7 +20,7 @@ from ldm.util import instantiate_from_config
 from runtime import export
 from runtime.export import ExportSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = ROOT / "configs/tiny/v1-tiny.yaml"
 PROMPTS = ["a painting in the style of van gogh", "A photo of a Grumpy cat!", "r2d2, 3 robots & a   dog's toy"]

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from evaluation import benchmark as bench
 from experiments import toy_benchmark as toy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets/toyworld"
 FAST_STEPS = 10
 

@@ -9,7 +9,9 @@ import pytest
 from experiments import matrix
 from toyworld import mission
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets/toyworld"
+pytestmark = pytest.mark.slow  # trains and judges a short matrix run
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets/toyworld"
 CONCEPTS = ["stripes", "polka dots", "checkerboard", "painting", "grumpy cat", "sleepy cat", "happy cat", "cat"]
 
 
