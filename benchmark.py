@@ -18,7 +18,7 @@ from the same rows and seeds (base image i and edited image i share prompt and s
 Generation follows the original benchmark scripts (diffusers' default PNDM ~ our PLMS, 50 steps, guidance 7.5,
 512 px); every input, model file and scorer (CLIP, NudeNet, ResNet-50, SSCD, Inception) is checked before
 the first image is made.
-"""
+"""  # noqa: E501 (the --help text of evaluation/benchmark.py, kept identical)
 from evaluation.benchmark import main
 
 if __name__ == "__main__":

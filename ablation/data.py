@@ -124,7 +124,8 @@ def read_captions(caption_txt: str | PathLike, expected: int | None = None) -> l
         raise ValueError(f"caption file is empty: {path}")
     for lineno, line in enumerate(lines, 1):
         if not line:
-            raise ValueError(f"{path}, line {lineno}: empty caption (captions must align one per line with the images)")
+            raise ValueError(f"{path}, line {lineno}: empty caption "
+                             "(captions must align one per line with the images)")
     if expected is not None and len(lines) != expected:
         raise ValueError(f"{path} has {len(lines)} captions but there are {expected} images; "
                          f"images.txt and caption.txt must have one line per image")
@@ -175,7 +176,8 @@ def _to_float(image: Image.Image) -> np.ndarray:
 
 def transform_image(image: Image.Image, size: int, rng: random.Random, aug: bool = False, flip_p: float = 0.5,
                     latent_factor: int = 8) -> tuple[np.ndarray, np.ndarray, str]:
-    """The image pipeline of the original's finetune_data.py. Returns ``(image HWC float32 in [-1,1], mask [size/f, size/f] float32, prefix)``.
+    """The image pipeline of the original's finetune_data.py. Returns
+    ``(image HWC float32 in [-1,1], mask [size/f, size/f] float32, prefix)``.
 
     RGB, centre crop to a square, horizontal flip with probability ``flip_p``. With ``aug`` a scale is
     drawn (:func:`draw_zoom_scale`) and, as in the original, one of three branches taken

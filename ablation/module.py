@@ -6,14 +6,14 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.callbacks import TQDMProgressBar
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from PIL import Image
 
-from runtime.delta import delta_state_dict, save_delta
 from ablation.losses import ablation_loss, anchor_noise_loss, preservation_loss
 from ablation.params import install_sot_detach, optimizer_groups, select_trainable
 from ablation.prompts import check_preserve_prompts
+from runtime.delta import delta_state_dict, save_delta
 
 
 def _item_generators(seeds, stream: int) -> list[torch.Generator]:

@@ -17,12 +17,14 @@ def _unet_names(model: nn.Module, group: str) -> list[str]:
         elif "transformer_blocks" in name:
             if group == "cross-attn" and ("attn2.to_k" in name or "attn2.to_v" in name):
                 names.append(full)
-            elif group == "attn" and any(f"{a}.{p}" in name for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v")):
+            elif group == "attn" and any(f"{a}.{p}" in name
+                                         for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v")):
                 names.append(full)
     return names
 
 
-def select_trainable(model: nn.Module, group: str, embedding_ids: torch.Tensor | None = None) -> dict[str, nn.Parameter]:
+def select_trainable(model: nn.Module, group: str,
+                     embedding_ids: torch.Tensor | None = None) -> dict[str, nn.Parameter]:
     """Freeze everything, then unfreeze ``group``; returns ``{CompVis key: parameter}`` of what trains.
 
     - ``cross-attn``: ``attn2.to_k`` / ``attn2.to_v`` of every transformer block (the paper's default).

@@ -25,8 +25,8 @@ import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from runtime.resources import config_path, weights_path
 
@@ -222,8 +222,8 @@ def check(settings: TrainSettings) -> TrainSettings:
 
 def _check_inputs(s: TrainSettings, config):
     """The checks of :func:`check` on the merged config; returns (concepts, prompts, devices)."""
-    from runtime.cli import check_config_values, check_output
     from ablation.prompts import check_anchor_words, check_preserve_prompts, parse_caption_target
+    from runtime.cli import check_config_values, check_output
     from runtime.files import read_prompts
 
     check_config_values(config)  # overrides such as training.max_steps=abc or data.size=12
@@ -240,12 +240,14 @@ def _check_inputs(s: TrainSettings, config):
         if not Path(s.sscd_ckpt).is_file():
             raise FileNotFoundError(
                 f"SSCD model not found: {s.sscd_ckpt}. Memorization needs the copy-detection model "
-                "sscd_imagenet_mixup.torchscript.pt (github.com/facebookresearch/sscd-copy-detection); pass --sscd_ckpt")
+                "sscd_imagenet_mixup.torchscript.pt (github.com/facebookresearch/sscd-copy-detection); "
+                "pass --sscd_ckpt")
         if s.train_size % config.generation.anchor_size:
             raise ValueError(f"--train_size ({s.train_size}) must be divisible by the number of anchor prompts "
                              f"({config.generation.anchor_size})")
         if tr.parameter_group == "embedding":
-            raise ValueError("the embedding parameter group cannot ablate memorized images (use full-weight or cross-attn)")
+            raise ValueError("the embedding parameter group cannot ablate memorized images "
+                             "(use full-weight or cross-attn)")
     elif s.train_size % len(prompts):
         raise ValueError(f"--train_size ({s.train_size}) must be a multiple of the number of prompts in "
                          f"{s.prompts} ({len(prompts)}): each prompt gets the same number of images")
@@ -311,10 +313,10 @@ def prepare_data(s: TrainSettings, config, concepts, prompts, devices):
     others wait for its result."""
     from omegaconf import OmegaConf
 
-    from runtime.loading import load_model
+    from ablation.prompts import Concept
     from runtime.dist import broadcast_from_zero, init_from_launcher, local_devices
     from runtime.generate import Sampling, generate_images
-    from ablation.prompts import Concept
+    from runtime.loading import load_model
 
     gen = config.generation
     gen_folder = Path(s.root) / f"{Path(s.prompts).stem}_gen"
@@ -441,9 +443,9 @@ def run(settings: TrainSettings) -> Path | None:
     import torch
     from omegaconf import OmegaConf
 
-    from runtime.loading import load_model
     from ablation.module import ConceptAblation, DeltaCheckpoint, ImageLogger, PeakMemory, StepProgressBar
     from ablation.prompts import target_prompt
+    from runtime.loading import load_model
 
     # the frozen VAE and text encoder are in eval mode on purpose
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")

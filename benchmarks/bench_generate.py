@@ -79,7 +79,8 @@ def build_model(args):
         with skip_init():
             model = instantiate_from_config(cfg)
         g = torch.Generator().manual_seed(0)
-        with torch.no_grad():  # random weights: timing does not depend on values, the side-by-side check does not either
+        # random weights: timing does not depend on values, the side-by-side check does not either
+        with torch.no_grad():
             for t in model.parameters():
                 t.copy_(torch.randn(t.shape, generator=g) * 0.02)
     return model.eval(), OmegaConf.to_container(cfg, resolve=True)
@@ -177,13 +178,13 @@ def main(argv=None):
             pipe = build_diffusers(model, cfg, name, device, torch.float16 if args.dtype == "fp16" else None)
 
             @torch.no_grad()
-            def theirs():
+            def theirs(pipe=pipe, steps=steps, eta=eta):
                 gens = [torch.Generator().manual_seed(args.seed + i) for i in indices]
                 out = pipe(prompt=prompts, height=args.size, width=args.size, num_inference_steps=steps,
                            guidance_scale=args.scale, eta=eta, generator=gens, output_type="np")
                 return (255.0 * out.images).astype(np.uint8)
 
-            run = {"ours": lambda: ours.sample_batch(indices), "diffusers": theirs}
+            run = {"ours": lambda ours=ours: ours.sample_batch(indices), "diffusers": theirs}
             times, images = {"ours": [], "diffusers": []}, {}
             for impl in run:  # warm-up (and the images compared)
                 images[impl] = run[impl]()
@@ -202,7 +203,7 @@ def main(argv=None):
             rows.append(row)
             print(f"  {name}-{steps}: ours {row['ours']['images_per_s']:.3f} img/s, diffusers "
                   f"{row['diffusers']['images_per_s']:.3f} img/s, max|Δpix| {diff}", flush=True)
-            del pipe, ours
+            del pipe, ours, theirs, run  # the defaults of run's functions hold the pipelines too
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 

@@ -44,7 +44,7 @@ Run (from the repository root, with the dev requirements installed):
   python benchmarks/bench_unet.py --configs tiny --repeats 20
   python benchmarks/bench_unet.py --skip-backward-full --json out.json
   python benchmarks/bench_unet.py --device cuda                    # fp16 autocast, batch 8
-"""
+"""  # noqa: E501 (--help text, kept as printed)
 from __future__ import annotations
 
 import argparse
@@ -88,7 +88,8 @@ def diffusers_config(p: dict) -> dict:
     attn = [2 ** i in set(p["attention_resolutions"]) for i in range(n)]
     assert all(attn[:-1]), "only attention at all levels or at all but the deepest level is mapped here"
     chans = [p["model_channels"] * m for m in p["channel_mult"]]
-    heads = [p["num_heads"]] * n if p.get("num_head_channels", -1) == -1 else [c // p["num_head_channels"] for c in chans]
+    heads = ([p["num_heads"]] * n if p.get("num_head_channels", -1) == -1
+             else [c // p["num_head_channels"] for c in chans])
     return dict(sample_size=p["image_size"], in_channels=p["in_channels"], out_channels=p["out_channels"],
                 down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
                 mid_block_type="UNetMidBlock2DCrossAttn",
@@ -140,6 +141,7 @@ class CpuPeak:
 # ----------------------------------------------------------------------------- worker
 def build(impl: str, p: dict, device):
     import torch
+
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     torch.manual_seed(0)

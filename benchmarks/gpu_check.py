@@ -73,9 +73,10 @@ def ddp_worker(device: str, tiny: bool, out: Path) -> None:
         w = Path(tmp)
         if tiny:
             sys.path.insert(0, str(REPO))
+            from omegaconf import OmegaConf
+
             from ldm.checkpoint import save_state_dict
             from ldm.util import instantiate_from_config
-            from omegaconf import OmegaConf
 
             config, size = REPO / "configs/tiny/v1-tiny.yaml", 16
             save_state_dict(instantiate_from_config(OmegaConf.load(config).model).state_dict(), w / "base.ckpt")
@@ -123,7 +124,8 @@ def summary(name: str, data: dict) -> str:
         return (f"{data['pairs']} pairs, {data['unet_calls']} UNet calls: {data['discover_s']:.1f} s "
                 f"(recording overhead {data['record_overhead_pct']:.0f}%), peak {data['peak_mib']:.0f} MiB")
     if name == "ddp":
-        return f"train.py --gpus {data['gpus']}: {data['wall_s']} s, {data['run_folders']} run folder, {data['deltas']}"
+        return (f"train.py --gpus {data['gpus']}: {data['wall_s']} s, {data['run_folders']} run folder, "
+                f"{data['deltas']}")
     return ", ".join(f"{k} {v}" for k, v in data.items() if isinstance(v, (int, float, str)))[:300]
 
 

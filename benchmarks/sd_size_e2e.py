@@ -17,7 +17,7 @@ runs, each as its own process, as a user would:
 Images are ``--size`` square (256 by default; evaluate.py's ``--eval-size``, 128) with 2 sampling steps:
 the point is the code path at full model size, not the pictures. Peak RSS is each process's own (``wait4``), including the processes it
 waited for. Prints a markdown table; ``--json`` writes the numbers. No download, CPU or GPU.
-"""
+"""  # noqa: E501 (--help text, kept as printed)
 from __future__ import annotations
 
 import argparse

@@ -35,7 +35,7 @@ from the same rows and seeds (base image i and edited image i share prompt and s
 Generation follows the original benchmark scripts (diffusers' default PNDM ~ our PLMS, 50 steps, guidance 7.5,
 512 px); every input, model file and scorer (CLIP, NudeNet, ResNet-50, SSCD, Inception) is checked before
 the first image is made.
-"""
+"""  # noqa: E501 (--help text, kept as printed)
 
 
 def _comma_list(v: str) -> list[str]:
@@ -43,8 +43,8 @@ def _comma_list(v: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from runtime import cli
     from evaluation.suites import NUDITY_SETS, SUITES
+    from runtime import cli
 
     p = cli.ArgumentParser(description=DESCRIPTION)
     p.add_argument("suites", nargs="+", metavar="SUITE", choices=list(SUITES),
@@ -145,11 +145,11 @@ def check(settings: BenchmarkSettings, classifier=None):
     loads (the classifier) is kept in ``plan.preloaded`` for the suites' ``load`` step."""
     from omegaconf import OmegaConf
 
-    from runtime.cli import UsageError, check_output, parse_devices
-    from runtime.generate import validate_generation_args
     from evaluation.models import check_models, parse_models
     from evaluation.runner import Plan, check_folders, groups
     from evaluation.suites import SUITES
+    from runtime.cli import UsageError, check_output, parse_devices
+    from runtime.generate import validate_generation_args
 
     s = settings
     if isinstance(s.suites, str):
@@ -198,9 +198,9 @@ def check(settings: BenchmarkSettings, classifier=None):
 
         load_detector()
     if any(x.name == "objects" for x in suites) and classifier is None:
-        from scoring.classifier import load_classifier
-
         import torch
+
+        from scoring.classifier import load_classifier
 
         device = s.score_device or ("cuda" if torch.cuda.is_available() else "cpu")
         preloaded["classifier"] = load_classifier(s.classifier, device, labels=s.classifier_labels)

@@ -333,9 +333,9 @@ def check_models(specs: Iterable[ModelSpec], model_config: Mapping, base: str) -
     """Vet every model before any generation, from file headers and a meta-device model (no weights read, but
     a delta's few tensors, checked for NaN/inf). Raises one :class:`ModelSpecError` listing every model that
     cannot be loaded, one line each."""
-    from runtime.loading import meta_model
     from ldm.checkpoint import CheckpointError
     from ldm.diffusers_format import DiffusersFormatError, checkpoint_exists
+    from runtime.loading import meta_model
 
     specs = list(specs)
     if any(s.kind in ("base", "delta", "unet") for s in specs) and not checkpoint_exists(base):
@@ -380,8 +380,8 @@ def load_model(spec: ModelSpec, model_config: Mapping, base: str, device: str | 
     """The ``LatentDiffusion`` of ``spec`` in eval mode on ``device`` (``base``: the base checkpoint path).
 
     Weights are loaded by assignment (memory-mapped where the format allows), so one copy is held."""
-    from runtime import loading
     from ldm.checkpoint import load_model_from_config
+    from runtime import loading
 
     if spec.kind == "base":
         model = load_model_from_config(model_config, base, device="cpu", verbose=False)

@@ -62,7 +62,6 @@ if TYPE_CHECKING:
     from runtime.generate import Sampling
 
 from evaluation.runner import Layout
-
 from runtime.resources import asset_path, config_path, weights_path
 
 DEFAULT_CONFIG = config_path("stable-diffusion/v1-inference.yaml")
@@ -454,7 +453,8 @@ def plan(settings: EvaluateSettings) -> Plan:
 
         bases = {run_base_ckpt(c.path) for c in checkpoints}
         if len(bases) > 1:
-            raise ValueError(f"the runs under --root were trained on different bases ({', '.join(sorted(map(str, bases)))}); "
+            raise ValueError("the runs under --root were trained on different bases "
+                             f"({', '.join(sorted(map(str, bases)))}); "
                              f"pass --base_ckpt, or evaluate them one by one")
         base_ckpt = bases.pop() or str(weights_path("sd-v1-4.ckpt"))
     outpkl_name = s.outpkl if s.outpkl is not None else str(Path(s.root) / "metrics" / "evaluation.pkl")

@@ -190,7 +190,7 @@ def check_folders(plan: Plan) -> None:
     """Refuse now, before any model is built, a generation folder whose ``plan.json`` records other settings than
     this run asks of it (not hours into the generation). Raises ValueError naming the folder, the differing keys
     and the layout's remedy; a folder without a readable plan is left to ``generate_images``' own checks."""
-    from runtime.generate import PLAN_FILE, plan_diff, plan_dict
+    from runtime.generate import PLAN_FILE, plan_dict, plan_diff
 
     for spec in plan.models:
         for suite, folder, ident, prompts, how, seeds in _folders(plan, spec):
@@ -393,7 +393,8 @@ def results_table(outdir: Path) -> tuple[str, dict]:
     cols = [(d, m) for d in docs for m in d["metrics"]]
     table = {model: {f"{d['suite']}: {m['label']}": (d["models"].get(model) or {}).get(m["key"]) for d, m in cols}
              for model in models}
-    lines = ["| model | " + " | ".join(f"{d['suite']}: {m['label']}" + {"lower": " ↓", "higher": " ↑"}.get(m["better"], "")
+    arrows = {"lower": " ↓", "higher": " ↑"}
+    lines = ["| model | " + " | ".join(f"{d['suite']}: {m['label']}" + arrows.get(m["better"], "")
                                        for d, m in cols) + " |",
              "|---|" + "---|" * len(cols)]
     for model in models:

@@ -57,7 +57,8 @@ def _vector(x, name: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- CLIP
-def clip_similarities(clip, image_paths: Sequence[PathLike], texts: Sequence[str], batch_size: int = 32) -> list[float]:
+def clip_similarities(clip, image_paths: Sequence[PathLike], texts: Sequence[str],
+                      batch_size: int = 32) -> list[float]:
     """Raw CLIP cosine ``cos(image_i, text_i)`` of each (image, text) pair, in order (``clip`` from
     :func:`scoring.metrics.load_clip`). Raw cosine in [-1, 1], as the originals (not CLIPScore's
     ``2.5 * max(cos, 0)`` of :func:`scoring.metrics.clip_scores`, not ``100 * cos``)."""

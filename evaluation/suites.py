@@ -125,6 +125,7 @@ def _artist_load(settings, device, preloaded):
 
 def _artist_score(ctx: Context, rows, images, base_images):
     from scoring.metrics import clip_accuracy
+
     from .scores import artist_summary, clip_similarities
 
     clip = ctx.scorers["clip"]
@@ -311,6 +312,7 @@ def _coco_load(settings, device, preloaded):
 
 def _coco_score(ctx: Context, rows, images, base_images):
     from scoring.metrics import fid, kid
+
     from .scores import clip_score_mean, clip_similarities
 
     sims = clip_similarities(ctx.scorers["clip"], images, [r.prompt for r in rows])
@@ -354,9 +356,8 @@ def _mem_check(settings):
 
 
 def _mem_load(settings, device, preloaded):
-    from scoring.sscd import load_sscd
-
     from scoring.metrics import load_clip
+    from scoring.sscd import load_sscd
 
     return {"sscd": load_sscd(settings.sscd_ckpt, device), "clip": load_clip(settings.mem_clip_resolved, device)}
 

@@ -188,7 +188,8 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
     p.add_argument("--recipes", nargs="+", choices=[r for r in mission.RECIPES if r != "memorized"],
                    default=RECIPES)
-    p.add_argument("--quick", action="store_true", help="the mission's --quick sizes (a smoke test, not a measurement)")
+    p.add_argument("--quick", action="store_true",
+                   help="the mission's --quick sizes (a smoke test, not a measurement)")
     p.add_argument("--report", action="store_true", help="only rewrite the table from {out}/study.json")
     args = p.parse_args(argv)
     for s in args.settings:

@@ -93,7 +93,6 @@ def judge_share(folder: Path, concept: str, assets: Path, extra_textures=()) -> 
     texture or cat variant), or, for an anchor column, everything its prompt asks for; styles from
     ``style_reader`` where the shipped judge does not know every texture."""
     from ablation.data import load_image_captions
-
     from toyworld.judge import classify
     from toyworld.render import SUBJECTS
 
@@ -224,8 +223,8 @@ def generate(ckpt: Path, delta: Path | None, concept: str, n: int, folder: Path,
     """``n`` images of ``concept`` (image ``i``: prompt line ``i % lines``, seed ``seed + i``) from base ``ckpt``
     plus ``delta``; an existing folder made with the same plan is reused."""
     from ldm.util import load_model_config
-    from runtime.loading import load_model
     from runtime.generate import Sampling, generate_images
+    from runtime.loading import load_model
 
     config = load_model_config(mission.asset_paths(assets)["config"])
     lines = eval_lines(concept, assets)
@@ -377,7 +376,8 @@ def run(methods, targets, out: Path, assets: Path = mission.ASSETS, quick: bool 
                 continue
             cell = run_cell(method, target, ctx, base)
             report["cells"].append(cell)
-            order = {(m, t): i for i, (m, t) in enumerate((m, t) for m in report["methods"] for t in report["targets"])}
+            order = {(m, t): i for i, (m, t) in enumerate((m, t) for m in report["methods"]
+                                                          for t in report["targets"])}
             report["cells"].sort(key=lambda c: order[c["method"], c["target"]])
             path.write_text(json.dumps(report, indent=1) + "\n")
             (out / "matrix.md").write_text(markdown(report))

@@ -23,7 +23,7 @@ The deltas come from ``toyworld.mission``'s recipes (``train.py`` for Concept Ab
 discover + prune for ConceptPrune) and are scored by the unchanged ``benchmark.py`` (``evaluation.benchmark``);
 ``--delta NAME=PATH`` adds any other delta. Output: ``{out}/benchmark/`` (benchmark.py's layout), ``{out}/benchmark.md`` and
 ``{out}/benchmark.json`` (the table of docs/experiments/toy-benchmark.md).
-"""
+"""  # noqa: E501 (--help text, kept as printed)
 from __future__ import annotations
 
 import argparse
@@ -32,8 +32,15 @@ import random
 from pathlib import Path
 
 from toyworld.captions import MEMORIZED_CAPTION, caption
-from toyworld.mission import (ASSETS, QUICK_MEMORIZATION_TRAIN_SIZE, RECIPES, SIZES, asset_paths, prune_run,
-                              train_settings)
+from toyworld.mission import (
+    ASSETS,
+    QUICK_MEMORIZATION_TRAIN_SIZE,
+    RECIPES,
+    SIZES,
+    asset_paths,
+    prune_run,
+    train_settings,
+)
 from toyworld.render import CAT_CLASSES, COLOUR_NAMES, SHAPES, SUBJECTS, TEXTURES
 
 SUITES = ("artist", "objects", "coco", "memorization")
@@ -146,7 +153,8 @@ def table(results: dict) -> tuple[str, dict]:
     cols: list[tuple[str, callable]] = []
     if "artist" in results:
         for t in TEXTURES:
-            cols.append((f"artist: {t} CLIP sim", lambda m, t=t: results["artist"][m]["per_artist"][t]["avg_similarity"]))
+            cols.append((f"artist: {t} CLIP sim",
+                         lambda m, t=t: results["artist"][m]["per_artist"][t]["avg_similarity"]))
             cols.append((f"artist: {t} below base",
                          lambda m, t=t: results["artist"][m]["per_artist"][t]["avg_score"]))
     if "objects" in results:
@@ -174,7 +182,8 @@ def run(out: Path, recipes=RECIPE_NAMES, methods=("ablation", "conceptprune"), a
     out.mkdir(parents=True, exist_ok=True)
     sets = write_prompt_sets(out / "prompt_sets", assets)
     judge = asset_paths(assets)["features"].parent / "judge.safetensors"
-    bench.check(benchmark_settings(out, sets, [], assets, steps, limit, suites), JudgeClassifier(judge))  # inputs first
+    # inputs first
+    bench.check(benchmark_settings(out, sets, [], assets, steps, limit, suites), JudgeClassifier(judge))
     deltas = make_deltas(out, recipes, methods, assets, quick) + list(extra_deltas)
     results = bench.run(benchmark_settings(out, sets, deltas, assets, steps, limit, suites), JudgeClassifier(judge))
     md, data = table(results)

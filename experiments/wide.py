@@ -61,8 +61,8 @@ def zero_delta(ckpt: Path, pattern: str, path: Path) -> dict:
     """A delta that sets every tensor of ``ckpt`` whose key matches ``pattern`` to zero; returns its size."""
     import torch
 
-    from runtime.delta import save_delta
     from ldm.checkpoint import load_state_dict
+    from runtime.delta import save_delta
 
     sd = {k: torch.zeros_like(v.float()) for k, v in load_state_dict(ckpt).items() if re.search(pattern, k)}
     if not sd:
@@ -102,7 +102,8 @@ def zeroed(view: Path, out: Path, numgen: int) -> dict:
         delta = out / "zero" / f"{matrix.slug(name)}.safetensors"
         entry = {"zeroed": zero_delta(weights, pattern, delta), "shares": {}}
         for c in concepts:
-            folder = matrix.generate(weights, delta, c, numgen, out / "zero" / matrix.slug(name) / matrix.slug(c), view)
+            folder = matrix.generate(weights, delta, c, numgen, out / "zero" / matrix.slug(name) / matrix.slug(c),
+                                     view)
             entry["shares"][c] = matrix.judge_share(folder, c, view)
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         report["variants"][name] = entry
@@ -116,13 +117,15 @@ def write_grid(out: Path, report: dict) -> Path:
     rows = []
     for c in GRID_CONCEPTS:
         rows.append((f"{c}: base", pick(out / "matrix" / "baseline" / matrix.slug(c))))
-        rows += [(f"{name} = 0", pick(out / "zero" / matrix.slug(name) / matrix.slug(c))) for name in report["variants"]]
+        rows += [(f"{name} = 0", pick(out / "zero" / matrix.slug(name) / matrix.slug(c)))
+                 for name in report["variants"]]
     return mission.image_grid(rows, out / "zero" / "grid.png", scale=2)
 
 
 def markdown(report: dict) -> str:
     out = [f"UNet: {report['ldm']} ({report['size']['unet'] / 1e6:.2f} M parameters, "
-           f"{report['size']['ff_net_2'] / 1e3:.0f} k of them in ff.net.2); {report['numgen']} images per concept.", ""]
+           f"{report['size']['ff_net_2'] / 1e3:.0f} k of them in ff.net.2); "
+           f"{report['numgen']} images per concept.", ""]
     if "quality" in report:
         d = report["quality"]["diffusion"]
         m = report["quality"]["memorization"]
@@ -180,7 +183,8 @@ def run(ldm_dir: Path, out: Path, parts=PARTS, numgen: int = 50, targets=PRUNE_T
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ldm", default="outputs/toyworld-wide/ldm", help="folder with ldm.yaml + toyworld-ldm.safetensors")
+    p.add_argument("--ldm", default="outputs/toyworld-wide/ldm",
+                   help="folder with ldm.yaml + toyworld-ldm.safetensors")
     p.add_argument("--out", default="outputs/toyworld-wide/measure")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--numgen", type=int, default=50, help="images per concept (zero and prune parts)")

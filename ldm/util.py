@@ -32,7 +32,8 @@ def instantiate_from_config(config: Mapping) -> Any:
     if "target" not in config:
         if config in ("__is_first_stage__", "__is_unconditional__"):
             return None
-        raise KeyError(f"expected key 'target' to instantiate, got {dict(config) if hasattr(config, 'keys') else config!r}")
+        raise KeyError("expected key 'target' to instantiate, "
+                       f"got {dict(config) if hasattr(config, 'keys') else config!r}")
     params = config.get("params", None) or {}
     return get_obj_from_str(config["target"])(**params)
 

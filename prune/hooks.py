@@ -180,7 +180,8 @@ class ActivationRecorder(_Hooks):
 
 
 class MaskApplier(_Hooks):
-    """During sampling, replaces each ``ff.net.2`` output with ``F.linear(x, W ⊙ (1 − M[t][l]), b)``. ``masks(t, l)`` returns a bool mask ``[out, in]`` (True = prune) or None (no change).
+    """During sampling, replaces each ``ff.net.2`` output with ``F.linear(x, W ⊙ (1 − M[t][l]), b)``.
+    ``masks(t, l)`` returns a bool mask ``[out, in]`` (True = prune) or None (no change).
     ``n_calls`` (optional) bounds t: a generation with more UNet calls raises ``RuntimeError``.
     """
 

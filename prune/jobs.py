@@ -394,8 +394,8 @@ def sample_prompts(model, prompts, settings: SamplingSettings, hooks=None, decod
     import numpy as np
     import torch
 
-    from runtime.generate import latent_shape
     from ldm.models.diffusion.plms import PLMSSampler
+    from runtime.generate import latent_shape
 
     s = settings
     shape = latent_shape(model, s.H, s.W)
@@ -521,9 +521,9 @@ def run_check(settings: CheckSettings, plan: CheckPlan | None = None) -> list[Pa
 
 def run_prune(settings: PruneSettings, plan: PrunePlan | None = None) -> Path:
     """Zero the union of the masks over the first tau calls; returns the delta's path."""
-    from runtime.delta import save_delta
     from ldm.checkpoint import load_state_dict
     from prune.wanda import check_fit, pruned_weights, union_of, union_over_calls
+    from runtime.delta import save_delta
 
     plan = plan or check(settings)
     s, loaded, out = plan.settings, plan.loaded, Path(plan.settings.out)

@@ -170,7 +170,8 @@ def load_masks(path: str | Path) -> tuple[dict[tuple[int, int], torch.Tensor], d
                 raise MaskError(f"{path}: missing {key}")
             idx = tensors[key]
             if idx.numel() and int(idx.max()) >= layer["out_features"] * layer["in_features"]:
-                raise MaskError(f"{path}: {key} indexes beyond the layer's {layer['out_features']}x{layer['in_features']}")
+                raise MaskError(f"{path}: {key} indexes beyond the layer's "
+                                f"{layer['out_features']}x{layer['in_features']}")
             masks[(t, l)] = idx
     return masks, meta
 

@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-__all__ = ["ArgumentParser", "UsageError", "parse_devices", "GPUS_HELP", "positive_int", "nonnegative_int", "finite_float", "nonnegative_float",
-           "positive_float", "image_side", "check_output", "check_distinct_outputs",
-           "check_config_values", "exit_on_usage_error"]
+__all__ = ["ArgumentParser", "UsageError", "parse_devices", "GPUS_HELP", "positive_int", "nonnegative_int",
+           "finite_float", "nonnegative_float", "positive_float", "image_side", "check_output",
+           "check_distinct_outputs", "check_config_values", "exit_on_usage_error"]
 
 
 class UsageError(ValueError):

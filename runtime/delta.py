@@ -74,6 +74,7 @@ def apply_delta(model: nn.Module, path: str | Path) -> list[str]:
         if embed is not None:
             weight = own[TOKEN_EMBEDDING]
             embed = embed.reshape(-1, weight.shape[1])
-            ids = embed_ids.long() if embed_ids is not None else torch.arange(weight.shape[0] - embed.shape[0], weight.shape[0])
+            ids = (embed_ids.long() if embed_ids is not None
+                   else torch.arange(weight.shape[0] - embed.shape[0], weight.shape[0]))
             weight[ids.to(weight.device)] = embed.to(weight)
     return list(delta) + (["embed"] if embed is not None else [])

@@ -243,8 +243,11 @@ def build_pipeline(model: torch.nn.Module, model_config: Mapping, scheduler: str
     """A diffusers ``StableDiffusionPipeline`` holding copies of ``model``'s weights (CPU, float32)."""
     try:
         import diffusers
-        from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                         convert_ldm_vae_checkpoint)
+        from diffusers.loaders.single_file_utils import (
+            convert_ldm_clip_checkpoint,
+            convert_ldm_unet_checkpoint,
+            convert_ldm_vae_checkpoint,
+        )
         from transformers import CLIPTextConfig, CLIPTextModel
     except ImportError as e:
         raise ExportError(f"--diffusers needs the 'diffusers' package, which could not be imported ({e})") from e

@@ -128,8 +128,8 @@ def check(settings: SampleSettings) -> SampleSettings:
     the output folder); returns the settings with the values that follow from them filled in (see
     :class:`SampleSettings`). Raises FileNotFoundError, ValueError (UsageError) or CheckpointError."""
     from ldm.diffusers_format import checkpoint_exists
-    from runtime.files import read_prompts
     from ldm.util import load_model_config
+    from runtime.files import read_prompts
     from runtime.loading import check_checkpoints, resolve_model
 
     s = settings
@@ -242,9 +242,9 @@ def run(settings: SampleSettings) -> list[Path]:
 
 def _sample(s: SampleSettings) -> list[Path]:
     """:func:`run` for settings that :func:`check` returned."""
+    from ldm.util import load_model_config
     from runtime.dist import init_from_launcher, local_devices
     from runtime.generate import generate_images
-    from ldm.util import load_model_config
     from runtime.loading import load_model
 
     prompts, outdir = list(s.prompts), Path(s.outdir)

@@ -80,7 +80,8 @@ def _load_state_dict(path: Path) -> dict:
 
 
 class TopOneClassifier:
-    """``model`` (logits ``[B, C]``) with the IMAGENET1K_V2 preprocessing; ``classify`` gives lowercased top-1 names."""
+    """``model`` (logits ``[B, C]``) with the IMAGENET1K_V2 preprocessing; ``classify`` gives lowercased top-1
+    names."""
 
     def __init__(self, model, categories: Sequence[str], device: str | torch.device = "cpu", name: str = ""):
         self.model, self.categories, self.device, self.name = model, list(categories), torch.device(device), name

@@ -121,4 +121,5 @@ def toy_clip_dir(tmp_path_factory):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long end-to-end runs (minutes); `pytest -m \"not slow\"` is the fast tier")
+    config.addinivalue_line("markers",
+                            "slow: long end-to-end runs (minutes); `pytest -m \"not slow\"` is the fast tier")

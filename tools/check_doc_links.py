@@ -43,9 +43,11 @@ def main() -> int:
             dest = (page.parent / path).resolve() if path else page
             where = f"{page.relative_to(REPO)}: {target}"
             if not dest.exists():
-                print(f"missing: {where}"); bad += 1
+                print(f"missing: {where}")
+                bad += 1
             elif frag and dest.suffix == ".md" and frag not in anchors(dest):
-                print(f"no heading #{frag}: {where}"); bad += 1
+                print(f"no heading #{frag}: {where}")
+                bad += 1
     print(f"{len(pages)} pages checked, {bad} broken link(s)")
     return 1 if bad else 0
 

@@ -46,12 +46,27 @@ Models trained on it (``tools/train_toyworld.sh`` retrains all of them; weights 
   (both recipes) and ConceptPrune on every texture and cat variant as the target in turn, and measures every
   concept each time (docs/experiments/every-concept-matrix.md).
 """
-from .captions import MEMORIZED_CAPTION, TEMPLATES, STYLE_TEMPLATES, anchor_caption, caption
-from .dataset import (DEFAULT_MIXTURE, Mixture, ToyWorldDataset, iter_samples, make_dataset, make_item,
-                      sample_scene)
-from .render import (ANCHOR_CLASS, ANCHOR_STYLE, BACKGROUNDS, CAT_CLASSES, CAT_VARIANTS, COLOUR_NAMES, COLOURS,
-                     HARD_NEGATIVES, INSTANCE, SHAPES, SIZE_NAMES, STYLES, SUBJECTS, TEXTURES, Scene, render,
-                     render_memorized)
+from .captions import MEMORIZED_CAPTION, STYLE_TEMPLATES, TEMPLATES, anchor_caption, caption
+from .dataset import DEFAULT_MIXTURE, Mixture, ToyWorldDataset, iter_samples, make_dataset, make_item, sample_scene
+from .render import (
+    ANCHOR_CLASS,
+    ANCHOR_STYLE,
+    BACKGROUNDS,
+    CAT_CLASSES,
+    CAT_VARIANTS,
+    COLOUR_NAMES,
+    COLOURS,
+    HARD_NEGATIVES,
+    INSTANCE,
+    SHAPES,
+    SIZE_NAMES,
+    STYLES,
+    SUBJECTS,
+    TEXTURES,
+    Scene,
+    render,
+    render_memorized,
+)
 
 # Target concept -> anchor concept, per ablation type (prompt fragments for the ablation recipes).
 CONCEPTS = {

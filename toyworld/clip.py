@@ -236,7 +236,8 @@ def train_clip(outdir, steps: int = 1000, batch_size: int = 128, lr: float = 5e-
             model.logit_scale.clamp_(0, math.log(100))
         if step % log_every == 0 or step == steps - 1:
             history.append({"step": step, "loss": loss.item(), "lr": cur,
-                            "logit_scale": model.logit_scale.detach().exp().item(), "time_s": round(time.time() - t0, 2)})
+                            "logit_scale": model.logit_scale.detach().exp().item(),
+                            "time_s": round(time.time() - t0, 2)})
             bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     model.eval()
     with torch.no_grad():  # the saved file is fp16: make the returned model (and its evaluation) match it

@@ -25,8 +25,7 @@ from typing import Iterator
 from PIL import Image
 
 from .captions import caption
-from .render import (ANCHOR_CLASS, ANCHOR_STYLE, BACKGROUNDS, COLOUR_NAMES, SHAPES, SIZES, TEXTURES, Scene,
-                     render)
+from .render import ANCHOR_CLASS, ANCHOR_STYLE, BACKGROUNDS, COLOUR_NAMES, SHAPES, SIZES, TEXTURES, Scene, render
 
 
 @dataclass(frozen=True)

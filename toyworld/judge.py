@@ -50,11 +50,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .dataset import DEFAULT_MIXTURE, Mixture, iter_samples
-from .training import adamw, lr_at, save_curve
 from .render import COLOUR_NAMES, STYLES, SUBJECTS, render_memorized
+from .training import adamw, lr_at, save_curve
 
 __all__ = ["EVAL_SEED", "HEADS", "ToyJudge", "train_judge", "load_judge", "judge_accuracy", "classify",
-           "export_features", "CopyDescriptor", "train_copy_descriptor", "copy_detection_rates", "perturb", "render_pool"]
+           "export_features", "CopyDescriptor", "train_copy_descriptor", "copy_detection_rates", "perturb",
+           "render_pool"]
 
 EVAL_SEED = 20_011  # fresh renders for evaluation; never a training seed
 JUDGE_FILE = "judge.safetensors"

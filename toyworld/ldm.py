@@ -408,7 +408,8 @@ def _shipped_vae(ldm_dir) -> tuple[dict, float]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Train the toy world's VAE and UNet (configs/toyworld/ldm.yaml).")
-    p.add_argument("--clip", default=None, help="toy CLIP folder written by python -m toyworld.clip (needed for the UNet)")
+    p.add_argument("--clip", default=None,
+                   help="toy CLIP folder written by python -m toyworld.clip (needed for the UNet)")
     p.add_argument("--out", default="assets/toyworld/ldm")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--stage", choices=("vae", "all"), default="all",
@@ -424,7 +425,8 @@ def main(argv=None) -> dict:
     p.add_argument("--min_snr_gamma", type=float, default=5.0,
                    help="Min-SNR loss weighting min(SNR, gamma) / SNR of the UNet's eps loss (0: off)")
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--vae_crop", type=int, default=16, help="VAE crops for the first --vae_crop_frac of its steps (0: whole)")
+    p.add_argument("--vae_crop", type=int, default=16,
+                   help="VAE crops for the first --vae_crop_frac of its steps (0: whole)")
     p.add_argument("--vae_crop_frac", type=float, default=0.85)
     p.add_argument("--preview_steps", type=int, default=50, help="DDIM steps of samples.png")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")

@@ -26,7 +26,7 @@ Output: ``{out}/logs/<run>/`` (training runs, their delta checkpoints and eval i
 ``{out}/metrics/evaluation.{pkl,csv,json}``, ``{out}/mission.md`` (the table), ``{out}/mission.json``
 and ``{out}/grid.png`` (rows: base model, then ablated, for each recipe's target prompts); ConceptPrune
 writes ``mission-conceptprune.{md,json}`` and ``grid-conceptprune.png`` beside them.
-"""
+"""  # noqa: E501 (--help text, kept as printed)
 from __future__ import annotations
 
 import argparse
@@ -329,7 +329,8 @@ def run(recipes, out: Path, assets: Path = ASSETS, quick: bool = False, train_ex
     """The mission for ``recipes`` into ``out``. ``train_extra``: config overrides (``key.sub=value``) of every
     training run, after the recipe's; ``train_changes``: other TrainSettings fields of every training run (e.g.
     ``{"seed": 24}``)."""
-    from ablation import train  # train.py's job; train.run is looked up at each call (experiments.anchor_study times it)
+    # train.py's job; train.run is looked up at each call (experiments.anchor_study times it)
+    from ablation import train
     from evaluation import protocol
 
     ablated_dir, base_dir = protocol.ablated_dir, protocol.base_dir

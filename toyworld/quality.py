@@ -116,8 +116,8 @@ def measure(assets: Path, out: Path, n_per_prompt: int = 2, n_memorized: int = 4
             scale: float = 6.0, seed: int = 0, batch_size: int = 32, clip_n: int = 1000) -> dict:
     from omegaconf import OmegaConf
 
-    from runtime.loading import load_model
     from runtime.generate import Sampling, generate_images
+    from runtime.loading import load_model
     from scoring.sscd import load_sscd, similarities
 
     from .judge import classify, load_judge
@@ -147,7 +147,8 @@ def measure(assets: Path, out: Path, n_per_prompt: int = 2, n_memorized: int = 4
     ctl_sims = similarities(sscd, paths, ref)
     report["memorization"] = {"copy_rate_memorized_caption": float((mem_sims > 0.5).float().mean()),
                               "copy_rate_other_prompts": float((ctl_sims > 0.5).float().mean()),
-                              "judge_memorized_rate": sum(p["memorized"] for p in classify(judge, mem_paths)) / len(mem_paths)}
+                              "judge_memorized_rate":
+                                  sum(p["memorized"] for p in classify(judge, mem_paths)) / len(mem_paths)}
 
     model = factory().eval()
     report["colour_by_seed"] = {"start_noise": colour_by_seed(model, judge),
@@ -180,7 +181,8 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Measure the toy world's CLIP and diffusion model (quality bars).")
-    p.add_argument("--assets", default=str(asset_path("toyworld")), help="folder with clip/, ldm/, judge/, copydetect/")
+    p.add_argument("--assets", default=str(asset_path("toyworld")),
+                   help="folder with clip/, ldm/, judge/, copydetect/")
     p.add_argument("--out", default="outputs/toyworld-quality")
     p.add_argument("--n_per_prompt", type=int, default=2)
     p.add_argument("--n_memorized", type=int, default=40)

@@ -34,15 +34,57 @@ is built at run time in the output folder (ConceptPrune and Concept Ablation nee
 from toyworld.render import FFN_TEXTURES
 
 from .data import ASSETS, FFN_ASSETS, TEXTURE, chw, ffn_item, ffn_pool, load_base, texture_scene
-from .detector import (DETECTOR_FILE, DETECTOR_SETTINGS, EVAL_SEED, detect, detector_accuracy, detector_pool,
-                       load_detector, reconstruction_accuracy, style_of, train_detector)
-from .experiment import (EVAL_JSON, PRUNE_FILES, SIZES, SWEEP_N, SWEEP_SKILL_RATIOS, SWEEP_TAUS, ablation_recipe,
-                         eval_prompt_dir, evaluate_run, evaluate_settings, main, prompt_files, prune_run,
-                         pruned_fraction, run, scorers, shares, sweep, sweep_prompts, taught_share, teach_run,
-                         texture_share)
+from .detector import (
+    DETECTOR_FILE,
+    DETECTOR_SETTINGS,
+    EVAL_SEED,
+    detect,
+    detector_accuracy,
+    detector_pool,
+    load_detector,
+    reconstruction_accuracy,
+    style_of,
+    train_detector,
+)
+from .experiment import (
+    EVAL_JSON,
+    PRUNE_FILES,
+    SIZES,
+    SWEEP_N,
+    SWEEP_SKILL_RATIOS,
+    SWEEP_TAUS,
+    ablation_recipe,
+    eval_prompt_dir,
+    evaluate_run,
+    evaluate_settings,
+    main,
+    prompt_files,
+    prune_run,
+    pruned_fraction,
+    run,
+    scorers,
+    shares,
+    sweep,
+    sweep_prompts,
+    taught_share,
+    teach_run,
+    texture_share,
+)
 from .report import markdown, report_json, sweep_markdown, write_grid
-from .teach import (DELTA_FILE, DELTA_FILES, DELTA_SETTINGS, FFN_PATTERN, VARIANTS, build_checkpoint,
-                    fine_tune_ffn, is_ffn, suffix, train_delta, unit_masks, unit_usage)
+from .teach import (
+    DELTA_FILE,
+    DELTA_FILES,
+    DELTA_SETTINGS,
+    FFN_PATTERN,
+    VARIANTS,
+    build_checkpoint,
+    fine_tune_ffn,
+    is_ffn,
+    suffix,
+    train_delta,
+    unit_masks,
+    unit_usage,
+)
 
 __all__ = [
     "ASSETS", "DELTA_FILE", "DELTA_FILES", "DELTA_SETTINGS", "DETECTOR_FILE", "DETECTOR_SETTINGS", "EVAL_JSON",

@@ -5,9 +5,8 @@ import json
 from pathlib import Path
 
 from toyworld import mission
-from toyworld.render import ANCHOR_STYLE
-
 from toyworld.mission import REPO
+from toyworld.render import ANCHOR_STYLE
 
 from .data import TEXTURE
 
@@ -25,8 +24,8 @@ ROLES = {TEXTURE: "target", ANCHOR_STYLE: "anchor"}
 
 
 def markdown(report: dict) -> str:
-    """The study's table (docs/experiments/ffn-waves.md): the judge's share of images showing each concept, per model (in brackets, for the
-    shipped textures: the shipped judge alone, without the waves detector)."""
+    """The study's table (docs/experiments/ffn-waves.md): the judge's share of images showing each concept, per
+    model (in brackets, for the shipped textures: the shipped judge alone, without the waves detector)."""
     runs = report["runs"]
     cols = [("teach", "shipped → base + waves (FFN fine-tune)"),
             ("conceptprune", "ConceptPrune: base + waves → pruned"),
@@ -45,7 +44,8 @@ def markdown(report: dict) -> str:
         lines.append(f"| {c} ({role}) | " + " | ".join(cells) + " |")
     kid = [f"{k}: " + ", ".join(f"{c} {v['kid']:.3f}" for c, v in runs[k]["concepts"].items() if v["kid"] is not None)
            for k, _ in cols]
-    notes = [f"Pruned: {report['pruned_fraction']:.3f} of the ff.net.2 weights (skill_ratio {report['skill_ratio']:g}, "
+    notes = [f"Pruned: {report['pruned_fraction']:.3f} of the ff.net.2 weights "
+             f"(skill_ratio {report['skill_ratio']:g}, "
              f"tau {report['tau']})." if "pruned_fraction" in report else "",
              "KID (judge features) of each edited model against its base: " + "; ".join(kid) + "."]
     return "\n".join(lines) + "\n\n" + "\n".join(n for n in notes if n) + "\n"

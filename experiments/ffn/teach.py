@@ -165,7 +165,6 @@ def train_delta(outdir=FFN_ASSETS, assets: Path = ASSETS, progress: bool = True,
     import torch
 
     from runtime.delta import save_delta
-
     from toyworld.ldm import latent_moments
 
     s = {**DELTA_SETTINGS, **overrides}

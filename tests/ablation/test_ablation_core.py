@@ -1,15 +1,14 @@
 """Losses, parameter groups, start-token detach and delta checkpoints of the ablation method."""
 import pytest
 import torch
+from conftest import ROOT, tiny_model
 from omegaconf import OmegaConf
 
-from runtime.delta import apply_delta, delta_state_dict, save_delta
 from ablation.losses import ablation_loss, anchor_noise_loss, masked_error, preservation_loss
 from ablation.params import install_sot_detach, optimizer_groups, select_trainable
-from conftest import ROOT, tiny_model
 from ldm.checkpoint import CheckpointError
 from ldm.util import instantiate_from_config
-
+from runtime.delta import apply_delta, delta_state_dict, save_delta
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,8 @@ def test_losses_match_direct_computation():
     c_t, c_a = torch.randn(2, 77, 32), torch.randn(2, 77, 32)
     mask = torch.ones(2, 1, 8, 8)
     mask[0, :, :2] = 0
-    x_t = model.sqrt_alphas_cumprod[t].view(2, 1, 1, 1) * x0 + model.sqrt_one_minus_alphas_cumprod[t].view(2, 1, 1, 1) * noise
+    x_t = (model.sqrt_alphas_cumprod[t].view(2, 1, 1, 1) * x0
+           + model.sqrt_one_minus_alphas_cumprod[t].view(2, 1, 1, 1) * noise)
     with torch.no_grad():
         e_t, e_a = model.apply_model(x_t, t, c_t), model.apply_model(x_t, t, c_a)
 

@@ -9,8 +9,15 @@ import torch
 from PIL import Image
 
 from ablation import data as D
-from ablation.prompts import (CONCEPT_TYPES, Concept, object_prompt, parse_caption_target, styled_prompt,
-                              target_prompt, zoom_prefix)
+from ablation.prompts import (
+    CONCEPT_TYPES,
+    Concept,
+    object_prompt,
+    parse_caption_target,
+    styled_prompt,
+    target_prompt,
+    zoom_prefix,
+)
 from runtime.files import read_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +41,8 @@ def test_parse_multi_concepts():
         Concept(None, "van gogh"), Concept(None, "monet"), Concept(None, "salvador dali")]
     assert parse_caption_target("object", "cat+grumpy cat;dog+snoopy") == [
         Concept("cat", "grumpy cat"), Concept("dog", "snoopy")]
-    assert parse_caption_target("memorization", "*+a;*+b;c") == [Concept("*", "a"), Concept("*", "b"), Concept("*", "c")]
+    assert parse_caption_target("memorization", "*+a;*+b;c") == [Concept("*", "a"), Concept("*", "b"),
+                                                                 Concept("*", "c")]
 
 
 @pytest.mark.parametrize("ctype,text,match", [
@@ -329,7 +337,10 @@ def test_determinism(tmp_path):
         return [ds[i % 3] for i in range(12)]
 
     a, b, c = run(7), run(7), run(8)
-    key = lambda items: [(it["caption"], it["image"].sum().item(), it["mask"].sum().item()) for it in items]
+
+    def key(items):
+        return [(it["caption"], it["image"].sum().item(), it["mask"].sum().item()) for it in items]
+
     assert key(a) == key(b)
     assert key(a) != key(c)
     assert len(set(key(a))) > 3  # re-reading an index draws a new augmentation

@@ -1,4 +1,5 @@
-"""scoring.sscd and ablation.memorization: SSCD preprocessing and scoring (TorchScript stand-in), prompt selection, pipeline."""
+"""scoring.sscd and ablation.memorization: SSCD preprocessing and scoring (TorchScript stand-in), prompt selection,
+pipeline."""
 import importlib
 import shutil
 import warnings
@@ -8,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CountingFactory, tiny_factory
 from PIL import Image
 
 import ablation.memorization as mem
 import scoring.sscd as sscd
-from conftest import CountingFactory, tiny_factory
 from runtime.generate import Sampling, generate_images
 
 

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CONFIG as TINY
 from omegaconf import OmegaConf
 from PIL import Image
 
-from runtime.delta import TOKEN_EMBEDDING, apply_delta
-from conftest import TINY_CONFIG as TINY
-from ldm.checkpoint import load_model_from_config, load_state_dict
 from ablation.train import TrainSettings, run, settings_from_argv
+from ldm.checkpoint import load_model_from_config, load_state_dict
+from runtime.delta import TOKEN_EMBEDDING, apply_delta
+
 FAST = ["training.max_steps=3", "training.save_freq=2", "data.size=16", "generation.steps=2",
         "generation.check_steps=2", "logging.image_every=2", "logging.image_steps=2", "training.num_workers=0",
         "training.batch_size=2"]
@@ -73,7 +74,8 @@ def test_object_with_regularization(workdir, capsys):
     assert re.search(r"step: +100%.* 3/3 ", capsys.readouterr().out)  # one bar over the steps, not per epoch
     check_run(workdir, run_dir, kv)
     gen = workdir / "data" / "cat_gen"
-    assert (gen / "caption.txt").read_text().splitlines() == ["a cat on a sofa"] * 2 + ["a photo of a cat in the garden"] * 2
+    assert (gen / "caption.txt").read_text().splitlines() == (["a cat on a sofa"] * 2
+                                                               + ["a photo of a cat in the garden"] * 2)
 
 
 def test_style_safetensors_resumes_interrupted_generation(workdir):

@@ -3,7 +3,6 @@
 import csv
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -68,7 +67,8 @@ def test_every_toy_suite_end_to_end(toy_run):
         rows = list(csv.DictReader((b / suite / "summary.csv").open()))
         assert [r["model"] for r in rows] == ["base", "zero-ffn"]
         for model in by_model:
-            records = [json.loads(line) for line in (b / suite / "records" / f"{model}.jsonl").read_text().splitlines()]
+            records = [json.loads(line)
+                       for line in (b / suite / "records" / f"{model}.jsonl").read_text().splitlines()]
             assert len(records) == doc["n_rows"] and all({"id", "prompt", "seed", "image"} <= set(r) for r in records)
             assert all(Path(r["image"]).is_file() for r in records)
     md = (b / "results.md").read_text()
@@ -154,7 +154,8 @@ def test_nudity_and_gender_suites_on_the_toy_model(world, tmp_path):
     assert {r["prompt"] for r in g} == {"a headshot of a doctor", "a headshot of a nurse"}
     base_men = [r for r in g if r["base_gender"] == "man"]
     if base_men:
-        assert gen["zero-ffn"]["m_to_f"] == pytest.approx(sum(r["gender"] == "woman" for r in base_men) / len(base_men))
+        assert gen["zero-ffn"]["m_to_f"] == pytest.approx(sum(r["gender"] == "woman" for r in base_men)
+                                                          / len(base_men))
     # --row_settings: each row's own seed and guidance (two folders: guidance 9 and 7)
     bench.run(dataclasses.replace(settings, suites=("nudity",), row_settings=True))
     folders = sorted(d.name.split("-")[0] for d in (tmp_path / "b/images/nudity/base").iterdir())

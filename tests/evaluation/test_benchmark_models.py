@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CONFIG, tiny_model
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from runtime.delta import save_delta
-from conftest import TINY_CONFIG, tiny_model
 from evaluation import models as M
 from evaluation.models import ModelSpec, ModelSpecError
 from ldm.checkpoint import save_state_dict
 from ldm.diffusers_format import UNET_PREFIX, convert_unet
+from runtime.delta import save_delta
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None

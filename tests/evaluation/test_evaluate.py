@@ -1,5 +1,5 @@
-"""evaluate.py (evaluation.protocol) end to end on tiny local models: a fake run with one delta, a tiny eval.json and prompt files,
-a tiny CLIPModel, a tiny TorchScript feature extractor and a tiny SSCD stand-in."""
+"""evaluate.py (evaluation.protocol) end to end on tiny local models: a fake run with one delta, a tiny eval.json and
+prompt files, a tiny CLIPModel, a tiny TorchScript feature extractor and a tiny SSCD stand-in."""
 import json
 import math
 import shutil
@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_CONFIG, tiny_model
 from PIL import Image
 
 from evaluation import protocol
 from runtime.delta import save_delta
-from conftest import TINY_CONFIG, tiny_model
 
 KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
 GEN = ["--numgen", "2", "--steps", "2", "--H", "16", "--W", "16", "--n_samples", "4"]
@@ -33,7 +33,8 @@ class _TinySSCD(torch.nn.Module):
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 8, 5, stride=4, bias=False)
         with torch.no_grad():
-            self.conv.weight.copy_(0.1 * torch.randn(self.conv.weight.shape, generator=torch.Generator().manual_seed(0)))
+            self.conv.weight.copy_(0.1 * torch.randn(self.conv.weight.shape,
+                                                     generator=torch.Generator().manual_seed(0)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.adaptive_avg_pool2d(self.conv(x), 2).flatten(1)

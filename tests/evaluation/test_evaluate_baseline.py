@@ -3,13 +3,13 @@ concept (``paper``), on the tiny models of test_evaluate.py."""
 import json
 
 import pytest
+from test_evaluate import _argv, _run, env  # noqa: F401  (env is the module fixture)
 
 from evaluation import protocol
 from scoring.metrics import feature_extractor, kid
-from test_evaluate import _argv, _run, env  # noqa: F401  (env is the module fixture)
 
 
-def _paths(env, tmp_path, *extra):
+def _paths(env, tmp_path, *extra):  # noqa: F811
     argv = _argv(env, *extra)
     argv[argv.index("--outpkl") + 1] = str(tmp_path / "metrics" / "evaluation.pkl")
     argv[argv.index("--base_outpath") + 1] = str(tmp_path / "baseline")

@@ -50,7 +50,8 @@ def i2p_row(prompt, cats, seed, guidance=7, w=512, h=512, nud=0.0):
 def i2p_file(tmp_path):
     return write_i2p(tmp_path / "i2p_benchmark.csv", [
         i2p_row("a gloomy portrait of a woman", "hate, harassment", 123),
-        i2p_row("a painting, with commas,\nover two lines\n  and a third", "sexual, violence", 456, 12, 512, 768, 65.3),
+        i2p_row("a painting, with commas,\nover two lines\n  and a third", "sexual, violence",
+                456, 12, 512, 768, 65.3),
         i2p_row("a burning city at night", "violence", 789, 5.5, 640, 512),
         i2p_row("a nude statue", "sexual", 4294967295),
     ])

@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import pytest
 from omegaconf import OmegaConf
+from test_evaluate import GEN, _argv, env  # noqa: F401 (fixture)
 
 from evaluation import protocol
 from runtime.sample import SampleSettings, check
-from test_evaluate import GEN, _argv, env  # noqa: F401 (fixture)
 
 
 @pytest.fixture()

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from scoring import classifier as clf_mod
 from evaluation import scores
+from scoring import classifier as clf_mod
 from scoring.classifier import load_classifier
 from scoring.metrics import clip_image_features, clip_scores, clip_text_features, load_clip
 

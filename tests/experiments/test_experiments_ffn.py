@@ -79,8 +79,8 @@ def _shown(out, ckpt, delta, name, concepts, n=24):
     same seeds for every model)."""
     from ablation.data import load_image_captions
     from ldm.util import load_model_config
-    from runtime.loading import load_model
     from runtime.generate import Sampling, generate_images
+    from runtime.loading import load_model
 
     prompts = [p for c in concepts for p in F.sweep_prompts(c, n, F.eval_prompt_dir(out, ASSETS))]
     folder = out / name

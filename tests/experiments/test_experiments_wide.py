@@ -3,10 +3,10 @@ the real run and its numbers: docs/experiments/wide-unet.md)."""
 import pytest
 import torch
 
+from experiments import wide
 from ldm.checkpoint import load_model_from_config, load_state_dict
 from ldm.modules.attention import FeedForward, SpatialTransformer
 from toyworld import ldm as tl
-from experiments import wide
 
 SHIPPED = wide.ASSETS / "ldm"
 
@@ -46,8 +46,9 @@ def test_depth_2_unet_trains_on_the_shipped_autoencoder(tmp_path, toy_clip_dir, 
 
 
 def test_zero_delta_zeroes_exactly_the_ff_net_2_weights(tiny_ckpt, tmp_path):
-    from runtime.delta import apply_delta
     from conftest import tiny_model
+
+    from runtime.delta import apply_delta
 
     path = tmp_path / "zero.safetensors"
     size = wide.zero_delta(tiny_ckpt, wide.ZEROED["ff.net.2"], path)

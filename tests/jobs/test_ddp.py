@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIG, tiny_factory
 from PIL import Image
 
+from ldm.checkpoint import load_state_dict
 from runtime import cli
 from runtime.dist import external_shard, is_rank_zero
 from runtime.generate import Sampling, generate_images
-from conftest import TINY_CONFIG, tiny_factory
-from ldm.checkpoint import load_state_dict
 
 pytestmark = pytest.mark.slow  # several processes (gloo DDP, torchrun): minutes
 

@@ -8,27 +8,24 @@ import pickle
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIG, tiny_model
 from omegaconf import OmegaConf
 from PIL import Image
 
 from ablation import train
 from evaluation import protocol
-from prune import jobs as conceptprune
-from runtime import cli
-from runtime import export
-from runtime import sample
-from runtime.export import ExportSettings
-from runtime.sample import SampleSettings
-from runtime.loading import check_delta
-from runtime.delta import save_delta
-from conftest import TINY_CONFIG, tiny_model
 from ldm.checkpoint import CheckpointError, UnsafeCheckpointError, load_checkpoint, load_state_dict, save_state_dict
+from prune import jobs as conceptprune
+from runtime import cli, export, sample
+from runtime.delta import save_delta
+from runtime.export import ExportSettings
+from runtime.loading import check_delta
+from runtime.sample import SampleSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"

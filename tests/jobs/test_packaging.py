@@ -11,10 +11,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -51,8 +51,10 @@ def test_requirement_files_parse_as_plain_requirements():
 
 # console command -> (root script, the job module both call)
 JOBS = {"ablate-train": ("train.py", "ablation.train"), "ablate-sample": ("sample.py", "runtime.sample"),
-        "ablate-evaluate": ("evaluate.py", "evaluation.protocol"), "ablate-export": ("tools/export.py", "runtime.export"),
-        "conceptprune": ("conceptprune.py", "prune.jobs"), "ablate-benchmark": ("benchmark.py", "evaluation.benchmark")}
+        "ablate-evaluate": ("evaluate.py", "evaluation.protocol"),
+        "ablate-export": ("tools/export.py", "runtime.export"),
+        "conceptprune": ("conceptprune.py", "prune.jobs"),
+        "ablate-benchmark": ("benchmark.py", "evaluation.benchmark")}
 
 
 def test_entry_points_resolve():
@@ -104,12 +106,14 @@ def test_entry_point_help_exits_zero(monkeypatch, capsys):
 
 @pytest.mark.skipif(not _installed(), reason=f"{DIST} is not installed in this environment (pip install -e .)")
 def test_installed_package_works_outside_the_repo(tmp_path):
-    code = "import ldm, runtime, scoring, ablation, prune, evaluation, toyworld, ablation.train; print(ablation.train.__file__)"
+    code = ("import ldm, runtime, scoring, ablation, prune, evaluation, toyworld, ablation.train; "
+            "print(ablation.train.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()) == ROOT / "ablation" / "train.py"
     bindir = Path(sys.executable).parent
-    for cmd in (["ablate-train", "--help"], ["conceptprune", "--help"], [sys.executable, "-m", "toyworld.mission", "--help"]):
+    for cmd in (["ablate-train", "--help"], ["conceptprune", "--help"],
+                [sys.executable, "-m", "toyworld.mission", "--help"]):
         exe = cmd if cmd[0] == sys.executable else [str(bindir / cmd[0]), *cmd[1:]]
         out = subprocess.run(exe, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and "usage:" in out.stdout, (cmd, out.stderr[-2000:])

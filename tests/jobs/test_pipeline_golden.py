@@ -249,8 +249,8 @@ def collect(out: Path) -> dict:
     assert len(rows) == 1, list(rows)  # one checkpoint; its key (the run name) carries a timestamp
     _flatten("evaluate", next(iter(rows.values())), metrics)
     for suite in ("artist", "coco"):
-        _flatten(f"benchmark/{suite}/summary", json.loads((out / "bench" / suite / "summary.json").read_text())["models"],
-                 metrics)
+        _flatten(f"benchmark/{suite}/summary",
+                 json.loads((out / "bench" / suite / "summary.json").read_text())["models"], metrics)
         for model in ("base", "ca", "cp"):
             for line in (out / "bench" / suite / "records" / f"{model}.jsonl").read_text().splitlines():
                 rec = json.loads(line)

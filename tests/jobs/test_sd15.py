@@ -3,12 +3,12 @@ with the EMA bookkeeping scalars) has the v1.4 layout and works everywhere; conc
 (ConceptPrune's paper used SD v1.5)."""
 import pytest
 import torch
+from conftest import TINY_CONFIG, tiny_model
 from safetensors.torch import save_file
 
+from ldm.checkpoint import load_model_from_config, load_state_dict
 from prune import jobs as conceptprune
 from runtime.loading import check_checkpoints
-from conftest import TINY_CONFIG, tiny_model
-from ldm.checkpoint import load_model_from_config, load_state_dict
 
 TINY = ["--config", str(TINY_CONFIG), "--H", "16", "--W", "16", "--steps", "2", "--precision", "full",
         "--device", "cpu"]

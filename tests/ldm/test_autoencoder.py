@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from conftest import REF, ref_case, tol, weights
 
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.modules.diffusionmodules.model import (AttnBlock, Decoder, Downsample, Encoder, ResnetBlock,
-                                                Upsample)
+from ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Downsample, Encoder, ResnetBlock, Upsample
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
@@ -265,7 +264,8 @@ def test_diagonal_gaussian_sampling():
     s1 = d.sample(generator=torch.Generator().manual_seed(7))
     s2 = d.sample(generator=torch.Generator().manual_seed(7))
     assert torch.equal(s1, s2) and s1.shape == d.mean.shape and s1.dtype == params.dtype
-    torch.testing.assert_close(s1, d.mean + d.std * torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(7)))
+    torch.testing.assert_close(s1, d.mean + d.std * torch.randn(1, 4, 4, 4,
+                                                                generator=torch.Generator().manual_seed(7)))
     assert not torch.equal(d.sample(), d.sample())
 
     dd = DiagonalGaussianDistribution(params, deterministic=True)

@@ -9,8 +9,15 @@ import torch
 from torch import nn
 
 import ldm.checkpoint as ckpt
-from ldm.checkpoint import (CheckpointError, LoadReport, UnsafeCheckpointError, load_checkpoint, load_into,
-                            load_state_dict, save_state_dict)
+from ldm.checkpoint import (
+    CheckpointError,
+    LoadReport,
+    UnsafeCheckpointError,
+    load_checkpoint,
+    load_into,
+    load_state_dict,
+    save_state_dict,
+)
 
 
 def _safe_globals_now():
@@ -303,9 +310,9 @@ def test_atomic_save_keeps_previous_file(tmp_path, monkeypatch):
 
 def test_load_model_from_config_full_and_incomplete(tmp_path):
     """A full tiny LatentDiffusion checkpoint round-trips; one missing a weight is refused."""
+    from conftest import ROOT
     from omegaconf import OmegaConf
 
-    from conftest import ROOT
     from ldm.checkpoint import load_model_from_config
     from ldm.util import instantiate_from_config
 

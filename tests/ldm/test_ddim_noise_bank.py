@@ -1,7 +1,7 @@
 """DDIM with per-image CPU generators draws every step's noise up front: the same values as step by step."""
 import torch
-
 from conftest import tiny_model
+
 from ldm.models.diffusion.ddim import DDIMSampler, ddim_step, guided_eps
 
 

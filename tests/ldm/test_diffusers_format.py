@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CONFIG as TINY
+from conftest import tiny_model
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_CONFIG as TINY
-from conftest import tiny_model
 from ldm import diffusers_format as dfmt
 from ldm.checkpoint import CheckpointError, load_model_from_config, load_state_dict, state_dict_shapes
-
 from runtime import export
 from runtime.sample import SampleSettings
 from runtime.sample import run as run_sample

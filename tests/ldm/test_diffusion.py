@@ -4,9 +4,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import REF, ROOT, ref_case, tol, weights
 from omegaconf import OmegaConf
 
-from conftest import REF, ROOT, ref_case, tol, weights
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.diffusionmodules.util import make_ddim_sampling_parameters, make_ddim_timesteps
@@ -21,7 +21,8 @@ SCHEDULE_BUFFERS = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
 def build_tiny_ld(meta):
     """The fixtures' tiny LatentDiffusion with the unet/vae/text-encoder fixture weights loaded."""
     cfg = json.loads(json.dumps(meta["config"]))
-    cfg["params"]["cond_stage_config"]["params"] = {"text_config": meta["cond_stage_text_config_used_instead_of_download"]}
+    cfg["params"]["cond_stage_config"]["params"] = {
+        "text_config": meta["cond_stage_text_config_used_instead_of_download"]}
     ld = instantiate_from_config(cfg)
     _, unet = ref_case("unet_tiny")
     _, vae = ref_case("autoencoder_tiny")
@@ -40,7 +41,8 @@ def build_tiny_ld(meta):
 def test_schedule_function_matches_reference_and_converter():
     """The plain schedule function is the reference schedule, and the diffusers converter uses it."""
     from ldm.diffusers_format import schedule_buffers as converted
-    from ldm.modules.diffusionmodules.util import SCHEDULE_BUFFERS as NAMES, schedule_buffers
+    from ldm.modules.diffusionmodules.util import SCHEDULE_BUFFERS as NAMES
+    from ldm.modules.diffusionmodules.util import schedule_buffers
 
     meta, t = ref_case("schedule")
     c = meta["config"]

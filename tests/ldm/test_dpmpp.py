@@ -5,11 +5,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_factory, tiny_model
-from runtime.generate import GenerationPlanError, Sampling, generate_images
+
 from ldm.models.diffusion.ddim import guided_eps
 from ldm.models.diffusion.dpmpp import DPMPP2MSampler, linspace_timesteps
+from runtime.generate import GenerationPlanError, Sampling, generate_images
 
 B, SHAPE, SCALE = 3, (4, 8, 8), 6.0
 
@@ -25,8 +25,9 @@ def setup():
 
 
 def _ours(model, x_T, c, uc, steps):
-    z, _ = DPMPP2MSampler(model).sample(S=steps, batch_size=B, shape=SHAPE, conditioning=c, unconditional_conditioning=uc,
-                                        unconditional_guidance_scale=SCALE, x_T=x_T, verbose=False)
+    z, _ = DPMPP2MSampler(model).sample(S=steps, batch_size=B, shape=SHAPE, conditioning=c,
+                                        unconditional_conditioning=uc, unconditional_guidance_scale=SCALE, x_T=x_T,
+                                        verbose=False)
     return z
 
 
@@ -56,7 +57,8 @@ def test_one_step_is_the_x0_prediction(setup, monkeypatch):
     model, x_T, c, uc = setup
     seen = []
     apply = type(model).apply_model
-    monkeypatch.setattr(type(model), "apply_model", lambda self, x, t, *a, **k: seen.append((x, t)) or apply(self, x, t, *a, **k))
+    monkeypatch.setattr(type(model), "apply_model",
+                        lambda self, x, t, *a, **k: seen.append((x, t)) or apply(self, x, t, *a, **k))
     z = _ours(model, x_T, c, uc, 1)
     (x_in, t), = seen
     assert t.tolist() == [999] * 2 * B
@@ -72,7 +74,8 @@ def test_one_unet_call_per_step_with_both_cfg_halves(setup, monkeypatch):
     model, x_T, c, uc = setup
     rows = []
     apply = type(model).apply_model
-    monkeypatch.setattr(type(model), "apply_model", lambda self, x, *a, **k: rows.append(x.shape[0]) or apply(self, x, *a, **k))
+    monkeypatch.setattr(type(model), "apply_model",
+                        lambda self, x, *a, **k: rows.append(x.shape[0]) or apply(self, x, *a, **k))
     _ours(model, x_T, c, uc, 7)
     assert rows == [2 * B] * 7
 

@@ -3,13 +3,13 @@ import pickle
 
 import pytest
 import torch
+from conftest import ROOT
 from omegaconf import OmegaConf
 
-from conftest import ROOT
 from ldm.util import ModelConfigError, load_model_config
 
-MODEL_CONFIGS = ["configs/stable-diffusion/v1-inference.yaml", "configs/tiny/v1-tiny.yaml", "configs/toyworld/ldm.yaml",
-                 "assets/toyworld/ldm/ldm.yaml"]
+MODEL_CONFIGS = ["configs/stable-diffusion/v1-inference.yaml", "configs/tiny/v1-tiny.yaml",
+                 "configs/toyworld/ldm.yaml", "assets/toyworld/ldm/ldm.yaml"]
 
 
 @pytest.mark.parametrize("name", MODEL_CONFIGS)

@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import REF, ref_case, tol, weights
+
 from ldm.modules.encoders.clip_tokenizer import default_tokenizer
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.util import instantiate_from_config

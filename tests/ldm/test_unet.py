@@ -3,8 +3,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import REF, ref_case, tol, weights
+
 from ldm.modules.attention import CrossAttention
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.modules.diffusionmodules.util import timestep_embedding
@@ -81,7 +81,8 @@ def test_cross_attention_equals_formula(heads, dim_head, ctx):
 @pytest.mark.parametrize("params", [
     dict(num_heads=2, transformer_depth=2, channel_mult=[1, 1, 2], attention_resolutions=[1, 4], num_res_blocks=2),
     dict(num_head_channels=8, channel_mult=[2, 3], attention_resolutions=[2], num_res_blocks=1, legacy=False),
-    dict(num_heads=4, num_head_channels=16, legacy=True, channel_mult=[1, 2], attention_resolutions=[1, 2], num_res_blocks=1),
+    dict(num_heads=4, num_head_channels=16, legacy=True, channel_mult=[1, 2], attention_resolutions=[1, 2],
+         num_res_blocks=1),
 ])
 def test_unet_other_configs_shapes_and_grad(params):
     base = dict(image_size=16, in_channels=4, out_channels=4, model_channels=32, use_spatial_transformer=True,

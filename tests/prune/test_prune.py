@@ -2,13 +2,23 @@
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY_CONFIG, tiny_model
+
 from ldm.checkpoint import load_state_dict
 from prune.hooks import ActivationRecorder, MaskApplier, ff2_layers
 from prune.prompts import DEFAULTS, build_pairs
-from prune.wanda import (MaskError, compute_masks, load_masks, save_masks, skilled_mask, to_dense, to_indices,
-                         union_of, union_over_calls, wanda_scores)
+from prune.wanda import (
+    MaskError,
+    compute_masks,
+    load_masks,
+    save_masks,
+    skilled_mask,
+    to_dense,
+    to_indices,
+    union_of,
+    union_over_calls,
+    wanda_scores,
+)
 
 
 def _cli():
@@ -53,8 +63,8 @@ def test_hook_order_sd_v1_sixteen_blocks():
 
     from ldm.util import instantiate_from_config
 
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/stable-diffusion/v1-inference.yaml").model.params.unet_config,
-                                 resolve=True)
+    config = OmegaConf.load(ROOT / "configs/stable-diffusion/v1-inference.yaml")
+    cfg = OmegaConf.to_container(config.model.params.unet_config, resolve=True)
     with torch.device("meta"):
         unet = instantiate_from_config(cfg)
     names = [x.name for x in ff2_layers(unet)]

@@ -12,13 +12,12 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from runtime.loading import load_model
-from runtime.delta import save_delta
 from ldm.checkpoint import CheckpointError, load_model_from_config, load_state_dict, save_state_dict
 from ldm.util import instantiate_from_config
-
 from runtime import export
+from runtime.delta import save_delta
 from runtime.export import ExportSettings
+from runtime.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -168,7 +167,8 @@ def test_diffusers_folder_loads_offline(pipe, exported):
     s = pipe.scheduler
     assert isinstance(s, DDIMScheduler)
     c = s.config
-    assert (c.beta_start, c.beta_end, c.beta_schedule, c.num_train_timesteps) == (0.00085, 0.012, "scaled_linear", 1000)
+    assert (c.beta_start, c.beta_end, c.beta_schedule, c.num_train_timesteps) == (0.00085, 0.012, "scaled_linear",
+                                                                                  1000)
     assert (c.steps_offset, c.clip_sample, c.set_alpha_to_one, c.prediction_type) == (1, False, False, "epsilon")
     assert pipe.vae.config.scaling_factor == pytest.approx(0.18215)
 
@@ -191,7 +191,8 @@ def test_exported_files_have_normal_permissions(exported):
     os.umask(umask)
     assert (exported / "pipe").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (exported / "merged.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
-    assert (exported / "pipe" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+    unet_file = exported / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert unet_file.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_diffusers_scheduler_matches_our_schedule(pipe, reference):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CountingFactory, tiny_factory
 from PIL import Image
 
-from conftest import CountingFactory, tiny_factory
-from runtime.generate import GenerationPlanError, Sampling, generate_images, plan_dict, validate_generation_args
 from runtime.files import image_is_complete
+from runtime.generate import GenerationPlanError, Sampling, generate_images, plan_dict, validate_generation_args
 
 PROMPTS = ["a photo of a cat", "a dog on a beach", "a photo of a cat", "a red car", "a house"]
 SAMPLING = Sampling(steps=2, batch_size=2, height=16, width=16, seed=7)

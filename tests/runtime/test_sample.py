@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
-from runtime.sample import SampleSettings, check, run
-from runtime.delta import save_delta
 from conftest import TINY_CONFIG as TINY
 from conftest import tiny_model
+from omegaconf import OmegaConf
+
 from ldm.checkpoint import CheckpointError
+from runtime.delta import save_delta
+from runtime.sample import SampleSettings, check, run
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,27 @@ import pytest
 import torch
 from PIL import Image
 
-from scoring import metrics
-from scoring.metrics import (CLIP_MEAN, CLIP_STD, accuracy_from_scores, clean_resize, clip_accuracy, clip_metrics,
-                             clip_score, clip_scores, clip_text, clip_text_features, fid, kid, load_clip,
-                             preprocess_clip, style, torchscript_features)
-from scoring.sscd import sscd_memorization_rate
 from ldm.modules.encoders.clip_tokenizer import default_tokenizer
+from scoring import metrics
+from scoring.metrics import (
+    CLIP_MEAN,
+    CLIP_STD,
+    accuracy_from_scores,
+    clean_resize,
+    clip_accuracy,
+    clip_metrics,
+    clip_score,
+    clip_scores,
+    clip_text,
+    clip_text_features,
+    fid,
+    kid,
+    load_clip,
+    preprocess_clip,
+    style,
+    torchscript_features,
+)
+from scoring.sscd import sscd_memorization_rate
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,6 @@ get_files_features, on a TorchScript stand-in with the real file's interface) an
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest

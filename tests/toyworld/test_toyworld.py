@@ -10,10 +10,31 @@ import pytest
 from PIL import Image
 
 import toyworld
-from toyworld import (BACKGROUNDS, CAT_CLASSES, CAT_VARIANTS, COLOUR_NAMES, COLOURS, CONCEPTS, HARD_NEGATIVES,
-                      INSTANCE, MEMORIZED_CAPTION, SHAPES, STYLE_TEMPLATES, STYLES, TEMPLATES, TEXTURES, Mixture,
-                      Scene, ToyWorldDataset, caption, iter_samples, make_dataset, render, render_memorized,
-                      sample_scene)
+from toyworld import (
+    BACKGROUNDS,
+    CAT_CLASSES,
+    CAT_VARIANTS,
+    COLOUR_NAMES,
+    COLOURS,
+    CONCEPTS,
+    HARD_NEGATIVES,
+    INSTANCE,
+    MEMORIZED_CAPTION,
+    SHAPES,
+    STYLE_TEMPLATES,
+    STYLES,
+    TEMPLATES,
+    TEXTURES,
+    Mixture,
+    Scene,
+    ToyWorldDataset,
+    caption,
+    iter_samples,
+    make_dataset,
+    render,
+    render_memorized,
+    sample_scene,
+)
 
 PLAIN_BG = np.array((236, 234, 228), np.float32)
 

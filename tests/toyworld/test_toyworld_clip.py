@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from toyworld.clip import (EVAL_SEED, ldm_text_config, text_features, text_state_dict_for_ldm, tiny_clip_config,
-                           train_clip, zero_shot_accuracy, zero_shot_prompts)
+from toyworld.clip import (
+    EVAL_SEED,
+    ldm_text_config,
+    text_features,
+    text_state_dict_for_ldm,
+    tiny_clip_config,
+    train_clip,
+    zero_shot_accuracy,
+    zero_shot_prompts,
+)
 
 
 @pytest.fixture(scope="module")

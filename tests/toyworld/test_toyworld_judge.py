@@ -6,9 +6,22 @@ import torch
 from PIL import Image
 
 from toyworld import COLOUR_NAMES, STYLES, SUBJECTS, iter_samples, render_memorized
-from toyworld.judge import (EVAL_SEED, HEADS, ToyJudge, _judge_loss, _to_tensor, classify, copy_detection_rates,
-                            judge_accuracy, load_judge, main, perturb, render_pool, train_copy_descriptor,
-                            train_judge)
+from toyworld.judge import (
+    EVAL_SEED,
+    HEADS,
+    ToyJudge,
+    _judge_loss,
+    _to_tensor,
+    classify,
+    copy_detection_rates,
+    judge_accuracy,
+    load_judge,
+    main,
+    perturb,
+    render_pool,
+    train_copy_descriptor,
+    train_judge,
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +75,8 @@ def test_judge_shapes_any_size():
 
 def test_train_judge_files_and_roundtrip(judge_dir):
     out, model, history = judge_dir
-    assert {"judge.safetensors", "judge.json", "loss.png", "features.torchscript.pt"} <= {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir()}
+    assert {"judge.safetensors", "judge.json", "loss.png", "features.torchscript.pt"} <= names
     meta = json.loads((out / "judge.json").read_text())
     assert meta["steps"] == 6 and meta["eval_seed"] == EVAL_SEED
     assert set(meta["accuracy"]) >= set(HEADS) and all(0 <= meta["accuracy"][k] <= 1 for k in HEADS)

@@ -13,8 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.diffusionmodules.util import (avg_pool_nd, checkpoint, conv_nd, normalization,
-                                               timestep_embedding, zero_module)
+from ldm.modules.diffusionmodules.util import (
+    avg_pool_nd,
+    checkpoint,
+    conv_nd,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
 
 
 class TimestepBlock(nn.Module):
@@ -132,11 +138,13 @@ class UNetModel(nn.Module):
                  n_embed=None, legacy: bool = True):
         super().__init__()
         if use_fp16:
-            raise NotImplementedError("use_fp16 is not supported: run under torch.autocast or call .half() on the model")
+            raise NotImplementedError("use_fp16 is not supported: "
+                                      "run under torch.autocast or call .half() on the model")
         if num_classes is not None or n_embed is not None:
             raise NotImplementedError("class-conditional / codebook-predicting UNets are not part of SD v1")
         if not use_spatial_transformer:
-            raise NotImplementedError("only the spatial-transformer UNet (use_spatial_transformer: True) is implemented")
+            raise NotImplementedError("only the spatial-transformer UNet (use_spatial_transformer: True) "
+                                      "is implemented")
         if context_dim is None:
             raise ValueError("use_spatial_transformer needs context_dim (the text embedding width)")
         if num_heads == -1 and num_head_channels == -1:
@@ -174,7 +182,8 @@ class UNetModel(nn.Module):
             return SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, dropout=dropout,
                                       context_dim=context_dim, use_checkpoint=use_checkpoint)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
         skip_chans = [model_channels]
         ch, ds = model_channels, 1
         for level, mult in enumerate(channel_mult):
@@ -186,7 +195,8 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch, conv_resample, dims=dims, out_channels=ch)))
+                self.input_blocks.append(
+                    TimestepEmbedSequential(Downsample(ch, conv_resample, dims=dims, out_channels=ch)))
                 skip_chans.append(ch)
                 ds *= 2
 
