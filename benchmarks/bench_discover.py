@@ -34,11 +34,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_unet import _status_kb  # noqa: E402  (the /proc/self/status reader of the UNet benchmark)
+from bench_unet import status_kb  # noqa: E402  (the /proc/self/status reader of the UNet benchmark)
 
 
 def _hwm_mib() -> float | None:
-    kb = _status_kb("VmHWM")
+    kb = status_kb("VmHWM")
     return None if kb is None else round(kb / 1024, 1)
 
 

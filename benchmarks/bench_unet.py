@@ -102,7 +102,7 @@ def diffusers_config(p: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- memory helpers
-def _status_kb(field: str) -> int | None:
+def status_kb(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -124,17 +124,17 @@ class CpuPeak:
         gc.collect()
         self.method = "ru_maxrss"
         self.base = _maxrss_kb()
-        rss = _status_kb("VmRSS")
+        rss = status_kb("VmRSS")
         if rss is not None:
             try:
                 Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-                if _status_kb("VmHWM") <= rss + 1024:
+                if status_kb("VmHWM") <= rss + 1024:
                     self.method, self.base = "VmHWM", rss
             except OSError:
                 pass
 
     def stop(self) -> float:
-        peak = _status_kb("VmHWM") if self.method == "VmHWM" else _maxrss_kb()
+        peak = status_kb("VmHWM") if self.method == "VmHWM" else _maxrss_kb()
         return max(peak - self.base, 0) / 1024
 
 

@@ -143,11 +143,10 @@ def check(settings: BenchmarkSettings, classifier=None):
     ``classifier``: an object with ``.classify(paths) -> list[str]`` for the objects suite instead of
     ``--classifier`` (the toy world passes its ground-truth classifier). A scorer loaded here to prove that it
     loads (the classifier) is kept in ``plan.preloaded`` for the suites' ``load`` step."""
-    from omegaconf import OmegaConf
-
     from evaluation.models import check_models, parse_models
     from evaluation.runner import Plan, check_folders, groups
     from evaluation.suites import SUITES
+    from ldm.util import load_model_config
     from runtime.cli import UsageError, check_output, parse_devices
     from runtime.generate import validate_generation_args
 
@@ -164,10 +163,7 @@ def check(settings: BenchmarkSettings, classifier=None):
     config_path = Path(s.config)
     if not config_path.is_file():
         raise FileNotFoundError(f"--config not found: {config_path}")
-    config = OmegaConf.load(config_path)
-    if "model" not in config:
-        raise ValueError(f"{config_path} has no 'model:' section")
-    model_config = OmegaConf.to_container(config.model, resolve=True)
+    model_config = load_model_config(config_path)
     models = parse_models(s.base, s.delta, s.compvis, s.diffusers, s.unet)
 
     rows = {}

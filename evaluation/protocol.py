@@ -352,14 +352,11 @@ def find_checkpoints(root: Path, pattern: str) -> list[Path]:
 
 
 def _model_config(path: Path) -> dict:
-    from omegaconf import OmegaConf
+    from ldm.util import load_model_config
 
     if not path.is_file():
         raise FileNotFoundError(f"config not found: {path}")
-    config = OmegaConf.load(path)
-    if "model" not in config:
-        raise ValueError(f"{path} has no 'model:' section")
-    return OmegaConf.to_container(config.model, resolve=True)
+    return load_model_config(path)
 
 
 

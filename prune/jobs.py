@@ -240,19 +240,15 @@ def _str(path: PathLike | None) -> str | None:
 
 
 def _model_config(s: ModelSettings) -> dict:
-    from omegaconf import OmegaConf
-
     from ldm.diffusers_format import checkpoint_exists
+    from ldm.util import load_model_config
 
     if not checkpoint_exists(s.ckpt):
         raise FileNotFoundError(f"--ckpt not found: {s.ckpt} (a checkpoint file or a diffusers pipeline folder)")
     for what, path in (("--delta_ckpt", s.delta_ckpt), ("--config", s.config)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{what} not found: {path}")
-    config = OmegaConf.load(s.config)
-    if "model" not in config:
-        raise ValueError(f"{s.config} has no 'model:' section")
-    model_config = OmegaConf.to_container(config.model, resolve=True)
+    model_config = load_model_config(s.config)
     from runtime.loading import check_checkpoints
 
     check_checkpoints(model_config, s.ckpt, s.delta_ckpt)

@@ -69,7 +69,8 @@ JUDGE_MIXTURE = Mixture(style_frac=0.30, cat_frac=0.40, memorized_frac=0.03)
 
 
 # ---------------------------------------------------------------------------------------- data
-def _to_tensor(image: Image.Image) -> torch.Tensor:
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """An image as a uint8 CHW tensor (RGB), the judge's input before its own scaling."""
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
 
 
@@ -79,7 +80,7 @@ def render_pool(seed: int, n: int, size: int = 32, mixture: Mixture = DEFAULT_MI
     images = torch.empty(n, 3, size, size, dtype=torch.uint8)
     targets = torch.full((n, 4), -1, dtype=torch.long)
     for k, (image, _, label) in enumerate(iter_samples(seed, size, mixture, start, n)):
-        images[k] = _to_tensor(image)
+        images[k] = to_tensor(image)
         if label["memorized"]:
             targets[k, 3] = 1
         else:
@@ -206,7 +207,9 @@ def export_features(model: ToyJudge, path) -> Path:
     return path
 
 
-def _judge_loss(logits: dict, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def judge_loss(logits: dict, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The judge's training loss: the sum over its heads of the cross-entropy (unlabelled rows ignored); returns
+    (loss, {head: its loss})."""
     parts = {}
     for j, k in enumerate(HEADS):
         # ignore_index masks subject/colour/style of the memorized picture; mean over the valid rows
@@ -256,7 +259,7 @@ def train_judge(outdir, steps: int = 600, batch_size: int = 128, lr: float = 3e-
         # Light photometric noise so that slightly off generated images are still read correctly.
         x = (x * (1 + (torch.rand(batch_size, 1, 1, 1, generator=gen) - 0.5) * 0.1)
              + torch.randn(x.shape, generator=gen) * 0.02).clamp(0, 1)
-        loss, parts = _judge_loss(model(x), targets[idx])
+        loss, parts = judge_loss(model(x), targets[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -338,10 +341,10 @@ def classify(model: ToyJudge, images: Sequence, batch_size: int = 64) -> list[di
         chunk = []
         for im in images[s:s + batch_size]:
             if isinstance(im, Image.Image):
-                chunk.append(_to_tensor(im).float() / 255)
+                chunk.append(to_tensor(im).float() / 255)
             else:
                 with Image.open(im) as f:
-                    chunk.append(_to_tensor(f).float() / 255)
+                    chunk.append(to_tensor(f).float() / 255)
         # Images of different sizes: bring them to the judge's size before stacking.
         x = torch.stack([t if t.shape[-2:] == (model.size, model.size) else
                          F.interpolate(t[None], size=(model.size, model.size), mode="bilinear", antialias=True,
@@ -420,7 +423,7 @@ def train_copy_descriptor(outdir, steps: int = 600, batch_size: int = 128, lr: f
     t0 = time.time()
     images, targets = render_pool(seed, pool, size, mixture)
     images = images[targets[:, 3] == 0]  # ordinary renders only; the memorized picture is added below
-    memorized = _to_tensor(render_memorized(size)).float()[None] / 255
+    memorized = to_tensor(render_memorized(size)).float()[None] / 255
     render_s = time.time() - t0
     model = CopyDescriptor(dim=dim, size=size, width=width).train()
     opt = adamw(model, lr, weight_decay)
@@ -494,10 +497,10 @@ def copy_detection_rates(path, n: int = 1000, seed: int = EVAL_SEED, size: int =
         ref = render_memorized(size)
         ref_path = tmp / "memorized.png"
         ref.save(ref_path)
-        mem = _to_tensor(ref).float()[None].repeat(n, 1, 1, 1) / 255
+        mem = to_tensor(ref).float()[None].repeat(n, 1, 1, 1) / 255
         copies = [_save_png(t, tmp / f"copy{i:05d}.png") for i, t in enumerate(perturb(mem, gen, strength))]
         big = render_memorized(2 * size)
-        big_t = _to_tensor(big).float()[None].repeat(max(1, n // 10), 1, 1, 1) / 255
+        big_t = to_tensor(big).float()[None].repeat(max(1, n // 10), 1, 1, 1) / 255
         copies64 = [_save_png(t, tmp / f"copy64_{i:05d}.png") for i, t in enumerate(perturb(big_t, gen, strength))]
         ordinary, labels = render_pool(seed, n, size, DEFAULT_MIXTURE)
         ordinary = ordinary[labels[:, 3] == 0].float() / 255

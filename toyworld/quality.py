@@ -114,8 +114,7 @@ def colour_by_seed(model, judge, seeds=range(8), shapes=("circle", "star"), step
 
 def measure(assets: Path, out: Path, n_per_prompt: int = 2, n_memorized: int = 40, steps: int = 50,
             scale: float = 6.0, seed: int = 0, batch_size: int = 32, clip_n: int = 1000) -> dict:
-    from omegaconf import OmegaConf
-
+    from ldm.util import load_model_config
     from runtime.generate import Sampling, generate_images
     from runtime.loading import load_model
     from scoring.sscd import load_sscd, similarities
@@ -123,7 +122,7 @@ def measure(assets: Path, out: Path, n_per_prompt: int = 2, n_memorized: int = 4
     from .judge import classify, load_judge
     from .render import render_memorized
 
-    config = OmegaConf.to_container(OmegaConf.load(assets / "ldm" / "ldm.yaml").model, resolve=True)
+    config = load_model_config(assets / "ldm" / "ldm.yaml")
     factory = functools.partial(load_model, config, str(assets / "ldm" / "toyworld-ldm.safetensors"), None)
     size = int(config["params"]["first_stage_config"]["params"]["ddconfig"]["resolution"])
     gen = Sampling(steps=steps, eta=1.0, scale=scale, batch_size=batch_size, height=size, width=size, seed=seed,

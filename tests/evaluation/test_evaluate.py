@@ -84,7 +84,7 @@ def env(tmp_path_factory):
             "sscd": _script(_TinySSCD(), d / "sscd.pt"), "mem": mem}
 
 
-def _argv(env, *extra, root=None, caption="grumpy cat", concept_type="object"):
+def evaluate_argv(env, *extra, root=None, caption="grumpy cat", concept_type="object"):
     d = env["dir"]
     return ["--root", str(root or env["run"]), "--concept_type", concept_type, "--caption_target", caption,
             "--eval_json", str(env["eval_json"]), "--eval_prompts", str(env["prompts"]),
@@ -93,7 +93,7 @@ def _argv(env, *extra, root=None, caption="grumpy cat", concept_type="object"):
             "--feature_model", str(env["features"]), *GEN, *extra]
 
 
-def _run(argv):
+def run_evaluate(argv):
     """What ``python evaluate.py argv`` computes: the metrics table (errors raise instead of exiting 2)."""
     return protocol.run(protocol.parse_settings(argv))
 
@@ -107,7 +107,7 @@ def test_prompts_and_names():
 
 
 def test_end_to_end_object(env, monkeypatch, capsys):
-    df = _run(_argv(env))
+    df = run_evaluate(evaluate_argv(env))
     run, d = env["run"], env["dir"]
     expname = f"{run.name}_delta_step_2"
     # folders and their contents: 4*numgen for target and anchor, numgen for the hard negative
@@ -160,13 +160,13 @@ def test_end_to_end_object(env, monkeypatch, capsys):
     table = json.loads((out / "evaluation.json").read_text())  # the JSON is the table, the pickle only a copy
     table["other_run"] = {"KID_cat": 1.0}
     (out / "evaluation.json").write_text(json.dumps(table))
-    df2 = _run(_argv(env))
+    df2 = run_evaluate(evaluate_argv(env))
     assert {p: p.stat().st_mtime_ns for p in (d / "baseline").rglob("*.png")} == mtimes
     assert set(df2.index) == {expname, "other_run"}
     assert df2.loc[expname, "KID_cat"] == pytest.approx(df.loc[expname, "KID_cat"])
 
     # metrics only, from a folder of runs
-    df3 = _run(_argv(env, "--eval_stage", root=run.parent))
+    df3 = run_evaluate(evaluate_argv(env, "--eval_stage", root=run.parent))
     assert df3.loc[expname, "FID_cat"] == pytest.approx(df.loc[expname, "FID_cat"])
 
     # a second run reuses the baseline cache (a fresh run with the same delta: only ablated images are made)
@@ -182,17 +182,17 @@ def test_end_to_end_object(env, monkeypatch, capsys):
         return real(spec, model_config, base, device)
 
     monkeypatch.setattr(models, "load_model", counting)
-    _run(_argv(env, root=run2))
+    run_evaluate(evaluate_argv(env, root=run2))
     assert calls and all(c is not None for c in calls)  # never the base model
     assert {p: p.stat().st_mtime_ns for p in (d / "baseline").rglob("*.png")} == mtimes
 
 
 def test_memorization(env, tmp_path):
-    argv = _argv(env, "--mem_impath", str(env["mem"]), "--sscd_ckpt", str(env["sscd"]), "--numgen", "1",
+    argv = evaluate_argv(env, "--mem_impath", str(env["mem"]), "--sscd_ckpt", str(env["sscd"]), "--numgen", "1",
                  caption="A memorized caption", concept_type="memorization")
     argv[argv.index("--outpkl") + 1] = str(tmp_path / "mem.pkl")
     argv[argv.index("--base_outpath") + 1] = str(tmp_path / "baseline")
-    df = _run(argv)
+    df = run_evaluate(argv)
     row = df.iloc[0]
     for col in ("Memorization rate", "Baseline memorization rate", "KID_a memorized caption",
                 "FID_a memorized caption", "CLIP scores_a memorized caption_a memorized caption"):
@@ -220,7 +220,7 @@ def test_memorization(env, tmp_path):
     ({"--base_outpath": "/proc/no-such-dir/base"}, ValueError, "--base_outpath.*cannot write"),
 ])
 def test_clear_errors(env, change, exc, match):
-    argv = _argv(env)
+    argv = evaluate_argv(env)
     for k, v in change.items():
         v = str(env["dir"] / v) if v == "MISSING" else v
         if k in argv:
@@ -235,19 +235,19 @@ def test_empty_prompt_file_and_missing_sscd(env, tmp_path):
     (env["prompts"] / "van_gogh_eval.txt").write_text("a starry night by van gogh\n")
     try:
         with pytest.raises(ValueError, match="painting_eval.txt"):
-            protocol.settings_from_argv(_argv(env, concept_type="style", caption="van gogh"))
+            protocol.settings_from_argv(evaluate_argv(env, concept_type="style", caption="van gogh"))
     finally:
         (env["prompts"] / "van_gogh_eval.txt").unlink()
     with pytest.raises(FileNotFoundError, match="SSCD"):
-        protocol.settings_from_argv(_argv(env, "--mem_impath", str(env["mem"]), "--sscd_ckpt", str(tmp_path / "no.pt"),
-                             concept_type="memorization", caption="x"))
+        protocol.settings_from_argv(evaluate_argv(env, "--mem_impath", str(env["mem"]), "--sscd_ckpt",
+                                                  str(tmp_path / "no.pt"), concept_type="memorization", caption="x"))
 
 
 def test_eval_stage_without_generations(env, tmp_path):
-    argv = _argv(env, "--eval_stage")
+    argv = evaluate_argv(env, "--eval_stage")
     argv[argv.index("--base_outpath") + 1] = str(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="images.txt"):
-        _run(argv)
+        run_evaluate(argv)
 
 
 def test_conceptprune_delta_is_evaluated_like_an_ablation_run(env, tmp_path):
@@ -270,9 +270,9 @@ def test_conceptprune_delta_is_evaluated_like_an_ablation_run(env, tmp_path):
     assert zeroed and all(k.endswith("ff.net.2.weight") for k in zeroed)
 
     out = tmp_path / "metrics" / "evaluation.pkl"
-    argv = _argv(env, "--filter", "delta_pruned*", root=run)
+    argv = evaluate_argv(env, "--filter", "delta_pruned*", root=run)
     argv[argv.index("--outpkl") + 1] = str(out)
-    df = _run(argv)
+    df = run_evaluate(argv)
     expname = f"{run.name}_delta_pruned"
     assert list(df.index) == [expname]
     assert all(math.isfinite(float(v)) for v in df.loc[expname].values)
@@ -292,15 +292,15 @@ def test_baseline_cache_notices_rewritten_base_weights(env, tmp_path):
 
     base = tmp_path / "base.ckpt"
     shutil.copy(env["base"], base)
-    argv = _argv(env)
+    argv = evaluate_argv(env)
     for flag, value in (("--base_ckpt", base), ("--base_outpath", tmp_path / "baseline"),
                         ("--outpkl", tmp_path / "m" / "evaluation.pkl")):
         argv[argv.index(flag) + 1] = str(value)
-    _run(argv)
+    run_evaluate(argv)
     st = base.stat()
     os.utime(base, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, rewritten later
     with pytest.raises(RuntimeError, match="another base model"):
-        _run(argv)
+        run_evaluate(argv)
 
 
 @pytest.mark.parametrize("change, flag", [({"numgen": 0}, "--numgen"), ({"H": 12}, "--H"),
@@ -311,6 +311,6 @@ def test_settings_built_in_python_are_checked_like_the_command_line(env, change,
 
     from runtime.cli import UsageError
 
-    settings = protocol.parse_settings(_argv(env))
+    settings = protocol.parse_settings(evaluate_argv(env))
     with pytest.raises(UsageError, match=flag):
         protocol.run(dataclasses.replace(settings, **change))

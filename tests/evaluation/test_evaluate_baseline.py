@@ -3,22 +3,22 @@ concept (``paper``), on the tiny models of test_evaluate.py."""
 import json
 
 import pytest
-from test_evaluate import _argv, _run, env  # noqa: F401  (env is the module fixture)
+from test_evaluate import env, evaluate_argv, run_evaluate  # noqa: F401  (env is the module fixture)
 
 from evaluation import protocol
 from scoring.metrics import feature_extractor, kid
 
 
 def _paths(env, tmp_path, *extra):  # noqa: F811
-    argv = _argv(env, *extra)
+    argv = evaluate_argv(env, *extra)
     argv[argv.index("--outpkl") + 1] = str(tmp_path / "metrics" / "evaluation.pkl")
     argv[argv.index("--base_outpath") + 1] = str(tmp_path / "baseline")
     return argv
 
 
 def test_paper_baseline_set(env, tmp_path):  # noqa: F811
-    paired = _run(_paths(env, tmp_path))
-    paper = _run(_paths(env, tmp_path, "--baseline_set", "paper"))
+    paired = run_evaluate(_paths(env, tmp_path))
+    paper = run_evaluate(_paths(env, tmp_path, "--baseline_set", "paper"))
     base = tmp_path / "baseline"
     # numgen 2: the hard negative gets 4 * 2 = 8 base images in its own folder, each line repeated consecutively
     lines = ["a photo of a persian cat", "a persian cat on a sofa"]
@@ -42,11 +42,11 @@ def test_paper_baseline_set(env, tmp_path):  # noqa: F811
     assert row_paired["KID_persian cat"] == pytest.approx(kid(features(ablated), features(small)))
     assert row_paper["KID_persian cat"] != row_paired["KID_persian cat"]
     # metrics only, from the existing folders; a missing paper set is named
-    again = _run(_paths(env, tmp_path, "--baseline_set", "paper", "--eval_stage"))
+    again = run_evaluate(_paths(env, tmp_path, "--baseline_set", "paper", "--eval_stage"))
     assert again.iloc[-1]["KID_persian cat"] == pytest.approx(row_paper["KID_persian cat"])
     json.loads((base / "base8-persian_cat" / "prompts.json").read_text())
     for f in (base / "base8-persian_cat").iterdir():
         if f.is_file():
             f.unlink()
     with pytest.raises(FileNotFoundError, match="base8-persian_cat"):
-        _run(_paths(env, tmp_path, "--baseline_set", "paper", "--eval_stage"))
+        run_evaluate(_paths(env, tmp_path, "--baseline_set", "paper", "--eval_stage"))

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 from omegaconf import OmegaConf
-from test_evaluate import GEN, _argv, env  # noqa: F401 (fixture)
+from test_evaluate import GEN, env, evaluate_argv  # noqa: F401 (fixture)
 
 from evaluation import protocol
 from runtime.sample import SampleSettings, check
@@ -36,7 +36,7 @@ def _without(argv, *flags):
 
 
 def test_evaluate_defaults_follow_the_run(env, recorded_run):  # noqa: F811
-    argv = _without(_argv(env, root=recorded_run), "--base_ckpt", "--outpkl")
+    argv = _without(evaluate_argv(env, root=recorded_run), "--base_ckpt", "--outpkl")
     plan = protocol.plan(protocol.parse_settings(argv))
     assert plan.settings.base_ckpt == str(env["base"])
     assert plan.outpkl == recorded_run / "metrics" / "evaluation.pkl"
@@ -53,7 +53,7 @@ def test_sample_takes_the_runs_base(env, recorded_run, tmp_path):  # noqa: F811
 
 def test_folder_made_with_other_settings_fails_in_setup(env, recorded_run, tmp_path):  # noqa: F811
     base = tmp_path / "baseline"
-    argv = _argv(env, root=recorded_run)
+    argv = evaluate_argv(env, root=recorded_run)
     argv[argv.index("--base_outpath") + 1] = str(base)
     plan = protocol.plan(protocol.parse_settings(argv))
     folder = protocol.base_dir(plan, plan.concepts[0])

@@ -10,15 +10,15 @@ from toyworld.judge import (
     EVAL_SEED,
     HEADS,
     ToyJudge,
-    _judge_loss,
-    _to_tensor,
     classify,
     copy_detection_rates,
     judge_accuracy,
+    judge_loss,
     load_judge,
     main,
     perturb,
     render_pool,
+    to_tensor,
     train_copy_descriptor,
     train_judge,
 )
@@ -58,7 +58,7 @@ def test_loss_masks_memorized_heads():
     for v in logits.values():
         v.retain_grad()
     targets = torch.tensor([[-1, -1, -1, 1]] * 3)
-    loss, parts = _judge_loss(logits, targets)
+    loss, parts = judge_loss(logits, targets)
     assert torch.isfinite(loss) and parts["subject"] == parts["colour"] == parts["style"] == 0
     loss.backward()
     assert logits["subject"].grad.abs().sum() == 0 and logits["memorized"].grad.abs().sum() > 0
@@ -100,7 +100,7 @@ def test_feature_model_is_the_judges_embedding(judge_dir, tmp_path):
     for i, (im, _, _) in enumerate(iter_samples(4, 32, n=3)):
         paths.append(tmp_path / f"{i}.png")
         im.save(paths[-1])
-    x = torch.stack([_to_tensor(Image.open(p)).float() / 255 for p in paths])
+    x = torch.stack([to_tensor(Image.open(p)).float() / 255 for p in paths])
     with torch.no_grad():
         want = model.embed(x).double()
     got = torchscript_features(out / "features.torchscript.pt", size=32)(paths)
@@ -136,7 +136,7 @@ def test_training_refuses_eval_seed(tmp_path):
 
 
 def test_perturb_is_light_and_seeded():
-    x = _to_tensor(render_memorized(32)).float()[None].repeat(4, 1, 1, 1) / 255
+    x = to_tensor(render_memorized(32)).float()[None].repeat(4, 1, 1, 1) / 255
     a = perturb(x, torch.Generator().manual_seed(1), 0.5)
     b = perturb(x, torch.Generator().manual_seed(1), 0.5)
     assert torch.equal(a, b) and a.shape == x.shape and 0 <= a.min() and a.max() <= 1
@@ -170,7 +170,7 @@ def test_copy_descriptor_separates_copies(copy_dir, tmp_path):
     ref = tmp_path / "ref.png"
     render_memorized(32).save(ref)
     gen = torch.Generator().manual_seed(3)
-    mem = _to_tensor(render_memorized(32)).float()[None].repeat(8, 1, 1, 1) / 255
+    mem = to_tensor(render_memorized(32)).float()[None].repeat(8, 1, 1, 1) / 255
     copies = []
     for i, t in enumerate(perturb(mem, gen, 0.5)):
         copies.append(tmp_path / f"c{i}.png")
