@@ -195,11 +195,13 @@ def load_config(settings: TrainSettings):
     values given as settings (flags) on top."""
     from omegaconf import OmegaConf
 
+    from ldm.util import load_model_config
+
     concept_config = Path(settings.config or config_path(f"ablation/{settings.concept_type}.yaml"))
     for what, path in (("concept config", concept_config), ("model config", Path(settings.model_config))):
         if not path.is_file():
             raise FileNotFoundError(f"{what} not found: {path}")
-    config = OmegaConf.merge(OmegaConf.load(concept_config), {"model": OmegaConf.load(settings.model_config).model},
+    config = OmegaConf.merge(OmegaConf.load(concept_config), {"model": load_model_config(settings.model_config)},
                              OmegaConf.from_dotlist(list(settings.overrides)))
     tr = config.training
     for field, key in (("train_max_steps", "max_steps"), ("base_lr", "base_learning_rate"),

@@ -398,3 +398,34 @@ def test_object_anchor_missing_from_prompts(files, tmp_path):
     with pytest.warns(UserWarning, match="only 1 of 2 prompts"):
         train.settings_from_argv(argv)
     assert _listing(tmp_path) == ["mixed.txt"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (b"\x7fELF\x02\x01\x01\x00\xff\xfe\x00binary", "not a text file"),
+    (b"training: {lr: 1}\n", "no 'model:' section"),
+])
+def test_a_bad_model_config_is_one_line_for_every_command(files, tmp_path, capsys, bad, message):
+    """A binary model config or one without ``model:`` is refused by every command in one line that names the
+    file (the one loader, ldm.util.load_model_config), exit 2, before anything is written."""
+    from evaluation import benchmark
+
+    config = tmp_path / "model.yaml"
+    config.write_bytes(bad)
+    out = tmp_path / "out"
+    base = str(files / "base.ckpt")
+    commands = [
+        (train.main, _train_argv(files, out, "--model_config", str(config))),
+        (sample.main, ["--ckpt", base, "--config", str(config), "--outdir", str(out)]),
+        (export.main, ["--ckpt", base, "--delta_ckpt", str(files / "delta.safetensors"), "--config", str(config),
+                       "--out", str(out / "merged.safetensors")]),
+        (conceptprune.main, ["discover", "--concept", "Van Gogh", "--ckpt", base, "--config", str(config),
+                             "--outdir", str(out), "--device", "cpu"]),
+        (benchmark.main, ["artist", "--base", base, "--config", str(config), "--outdir", str(out)]),
+    ]
+    for main, argv in commands:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1, (main.__module__, err)
+        assert str(config) in err[0] and message in err[0], (main.__module__, err)
+        assert not out.exists(), main.__module__
