@@ -12,8 +12,8 @@ import dataclasses
 from pathlib import Path
 
 from evaluation.settings import BenchmarkSettings
-from runtime.loading import DEFAULT_BASE_CKPT as DEFAULT_BASE
-from runtime.loading import DEFAULT_CONFIG
+from runtime.resources import DEFAULT_BASE_CKPT as DEFAULT_BASE
+from runtime.resources import DEFAULT_CONFIG
 
 DESCRIPTION = """\
 ConceptPrune's erasure benchmarks for any model: the base, base + a delta (ours: ablation or pruned), a full

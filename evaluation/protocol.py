@@ -62,9 +62,8 @@ if TYPE_CHECKING:
     from runtime.generate import Sampling
 
 from evaluation.runner import Layout
-from runtime.resources import asset_path, config_path, weights_path
+from runtime.resources import DEFAULT_BASE_CKPT, asset_path
 
-DEFAULT_CONFIG = config_path("stable-diffusion/v1-inference.yaml")
 PROMPT_DIR = asset_path("eval_prompts")
 CKPT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
 BASE_META = "base_model.json"
@@ -396,7 +395,7 @@ def plan(settings: EvaluateSettings) -> Plan:
     Raises :class:`runtime.cli.UsageError` and other ValueError / OSError / RuntimeError / ImportError with
     one-line messages (``main`` prints them and exits with status 2)."""
     from runtime.cli import check_distinct_outputs, check_output, parse_devices
-    from runtime.loading import check_checkpoints, check_delta, find_run_config
+    from runtime.loading import check_checkpoints, check_delta, resolve_model
 
     s = settings
     _check_values(s)
@@ -438,7 +437,7 @@ def plan(settings: EvaluateSettings) -> Plan:
     ckpt_paths = find_checkpoints(Path(s.root), s.filter)
     checkpoints = []
     for path in ckpt_paths:
-        config_path = Path(s.config) if s.config else (find_run_config(path) or DEFAULT_CONFIG)
+        config_path = resolve_model(s.config, path).config  # the run's own config, else SD v1's
         model_config = _model_config(config_path)
         if not s.eval_stage:
             check_delta(model_config, path)
@@ -453,7 +452,7 @@ def plan(settings: EvaluateSettings) -> Plan:
             raise ValueError("the runs under --root were trained on different bases "
                              f"({', '.join(sorted(map(str, bases)))}); "
                              f"pass --base_ckpt, or evaluate them one by one")
-        base_ckpt = bases.pop() or str(weights_path("sd-v1-4.ckpt"))
+        base_ckpt = bases.pop() or str(DEFAULT_BASE_CKPT)
     outpkl_name = s.outpkl if s.outpkl is not None else str(Path(s.root) / "metrics" / "evaluation.pkl")
     s = replace(s, sscd_ckpt=sscd_ckpt, base_ckpt=base_ckpt, outpkl=outpkl_name)
     if not s.eval_stage:

@@ -67,9 +67,9 @@ class Plan:
 
 # ---------------------------------------------------------------------------------------------------- settings
 def sampling(settings: BenchmarkSettings) -> dict:
-    s = settings
-    return {"sampler": s.sampler, "steps": s.steps, "eta": s.eta if s.sampler == "ddim" else 0.0,
-            "precision": s.precision}
+    """The sampler settings shared by every folder of a run, for its cache identity (``Sampling``'s rules)."""
+    s = settings.sampling()
+    return {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "precision": s.precision}
 
 
 def groups(rows: list[Row], settings: BenchmarkSettings) -> dict[tuple[float, int, int], list[int]]:

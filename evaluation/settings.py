@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.generate import Sampling
-from runtime.loading import DEFAULT_BASE_CKPT, DEFAULT_CONFIG
+from runtime.resources import DEFAULT_BASE_CKPT, DEFAULT_CONFIG
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from runtime import cli
-from runtime.resources import config_path, weights_path
+from runtime.resources import DEFAULT_BASE_CKPT, DEFAULT_CONFIG, weights_path
 
 if TYPE_CHECKING:
     from runtime.generate import Sampling
 
-DEFAULT_CONFIG = config_path("stable-diffusion/v1-inference.yaml")
-DEFAULT_CKPT = weights_path("sd-v1-4.ckpt")
+DEFAULT_CKPT = DEFAULT_BASE_CKPT
 PAPER_CKPT = weights_path("v1-5-pruned-emaonly.safetensors")  # ConceptPrune's base: SD v1.5
 NORMS_VERSION = 1  # bump if the recorded statistic changes
 

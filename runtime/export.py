@@ -39,7 +39,7 @@ from typing import Mapping
 import torch
 
 from runtime import cli
-from runtime.loading import DEFAULT_CONFIG
+from runtime.resources import DEFAULT_CONFIG
 
 __all__ = ["ExportSettings", "ExportError", "build_parser", "settings_from_argv", "check", "run", "main",
            "merged_state_dict", "diffusers_configs", "build_pipeline", "save_pipeline", "SUFFIXES"]

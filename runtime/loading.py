@@ -15,10 +15,7 @@ import torch.nn as nn
 
 from ldm.checkpoint import CheckpointError, load_into, load_model_from_config, load_state_dict, state_dict_shapes
 from runtime.delta import apply_delta, delta_misfits, raise_delta_misfits
-from runtime.resources import config_path, weights_path
-
-DEFAULT_CONFIG = config_path("stable-diffusion/v1-inference.yaml")
-DEFAULT_BASE_CKPT = weights_path("sd-v1-4.ckpt")
+from runtime.resources import DEFAULT_BASE_CKPT, DEFAULT_CONFIG
 
 
 def meta_model(model_config: Mapping) -> nn.Module:

@@ -51,3 +51,8 @@ def weights_path(name: str) -> Path:
     ``assets/pretrained_models/{name}``; installed, ``assets/pretrained_models/{name}`` relative to the working
     directory. Weights are never package data (they are the user's downloads)."""
     return WEIGHTS_DIR / name
+
+
+# The defaults every command shows: SD v1's model config and base weights.
+DEFAULT_CONFIG = config_path("stable-diffusion/v1-inference.yaml")
+DEFAULT_BASE_CKPT = weights_path("sd-v1-4.ckpt")

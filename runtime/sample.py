@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runtime import cli
-from runtime.loading import DEFAULT_CONFIG
+from runtime.resources import DEFAULT_CONFIG
 
 if TYPE_CHECKING:
     from runtime.generate import Sampling

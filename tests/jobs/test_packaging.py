@@ -155,7 +155,7 @@ from pathlib import Path
 site = Path(sys.argv[1]).resolve()
 import ablation, evaluation, ldm, prune, runtime, scoring, toyworld
 from runtime import resources
-from runtime.loading import DEFAULT_CONFIG
+from runtime.resources import DEFAULT_CONFIG
 from ablation.train import TrainSettings, load_config
 from evaluation import prompt_sets, protocol
 from prune import prompts as prune_prompts
