@@ -389,6 +389,13 @@ def results_table(outdir: Path) -> tuple[str, dict]:
         f = outdir / name / "summary.json"
         if f.is_file():
             docs.append(json.loads(f.read_text(encoding="utf-8")))
+    return markdown_table(docs)
+
+
+def markdown_table(docs: list[dict]) -> tuple[str, dict]:
+    """The results table of summary documents (``write_suite``'s ``summary.json``: ``suite``, ``metrics`` with
+    ``key``/``label``/``better``, ``models`` -> flat summaries) as markdown and as JSON: rows the models, columns
+    every document's metrics. Shared with jobs that write their own documents (the attack job)."""
     models = list(dict.fromkeys(m for d in docs for m in d["models"]))
     cols = [(d, m) for d in docs for m in d["metrics"]]
     table = {model: {f"{d['suite']}: {m['label']}": (d["models"].get(model) or {}).get(m["key"]) for d, m in cols}

@@ -56,7 +56,7 @@ from runtime.files import image_is_complete, read_text_lines, save_png_atomic, w
 
 __all__ = ["Sampling", "generate_images", "validate_generation_args", "check_prompts", "check_devices",
            "GenerationPlanError", "PLAN_FILE", "SAMPLERS", "PRECISIONS", "plan_dict", "plan_diff", "latent_shape",
-           "Runner"]
+           "Runner", "sample_conditioned"]
 
 PLAN_FILE = "plan.json"
 _PLAN_VERSION = 1  # bump if the noise layout or the pixel conversion changes
@@ -236,6 +236,25 @@ def latent_shape(model, height: int, width: int) -> tuple[int, int, int]:
     return (model.channels, height // f, width // f)
 
 
+@torch.no_grad()
+def sample_conditioned(model, sampling: Sampling, c: torch.Tensor, uc: torch.Tensor | None, x_T: torch.Tensor,
+                       generators: list[torch.Generator]) -> np.ndarray:
+    """The uint8 images [B, H, W, 3] that ``sampling``'s sampler makes from the text conditionings ``c``
+    ([B, 77, D]; ``uc`` the unconditional ones, None when ``sampling.scale`` is 1) and start codes ``x_T``
+    ([B, *latent_shape]); ``generators`` (one per image, already past ``x_T``) draw each image's eta noise.
+    The sampling step of :class:`Runner`, shared with callers that make their own conditionings (the attack
+    job's checks); runs under whatever autocast context the caller holds."""
+    sampler = SAMPLERS[sampling.sampler](model)
+    # the generators continue after x_T: each image's eta noise is its own stream
+    z, _ = sampler.sample(
+        S=sampling.steps, batch_size=c.shape[0], shape=tuple(x_T.shape[1:]), conditioning=c,
+        unconditional_conditioning=uc, unconditional_guidance_scale=sampling.scale, eta=sampling.eta,
+        x_T=x_T, generator=generators, verbose=False, progress=False)
+    x = model.decode_first_stage(z)  # the whole batch in one decoder call
+    x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    return (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
+
+
 class Runner:
     """Everything a process needs to sample its batches (built once per process)."""
 
@@ -269,15 +288,7 @@ class Runner:
         with self.amp():
             c = self.model.get_learned_conditioning([self.prompts[i] for i in indices])
             uc = self._uncond(len(indices)) if s.scale != 1.0 else None
-            sampler = SAMPLERS[s.sampler](self.model)
-            # the generators continue after x_T: each image's eta noise is its own stream
-            z, _ = sampler.sample(
-                S=s.steps, batch_size=len(indices), shape=self.shape, conditioning=c,
-                unconditional_conditioning=uc, unconditional_guidance_scale=s.scale, eta=s.eta,
-                x_T=x_T, generator=gens, verbose=False, progress=False)
-            x = self.model.decode_first_stage(z)  # the whole batch in one decoder call
-        x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-        return (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
+            return sample_conditioned(self.model, s, c, uc, x_T, gens)
 
     def run_batch(self, indices: list[int], todo: list[int]) -> None:
         """Sample the whole batch ``indices`` and write the images in ``todo``."""
