@@ -311,8 +311,8 @@ def _target_groups(plan: AttackPlan):
     s = plan.settings
     root = concept_dir(plan) / "targets" / plan.extras["targets_key"]
     for (scale, _, _), idx in groups(plan.rows, s).items():
-        how = dataclasses.replace(s.sampling(scale), batch_size=4)
-        yield root / f"cfg{scale:g}", how, idx
+        # one image per sampler call, as the checks: target i is the base model's pre-attack image of prompt i
+        yield root / f"cfg{scale:g}", s.sampling(scale), idx
 
 
 def make_targets(plan: AttackPlan, shard) -> None:

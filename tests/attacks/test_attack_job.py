@@ -1,0 +1,279 @@
+"""The attack job end to end on the toy world: records, the ASR table, resume, sharding, early errors.
+
+Besides ``none``, the runs use :class:`AppendStyle`, a real (if naive) attack written here: it appends the concept's
+words to the prompt, one more word per step, and checks each step. On painting prompts without the texture the
+judge sees no stripes before the attack and stripes after it, so pre- and post-attack ASR differ for real.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from attacks import job, registry
+from attacks.base import AttackResult
+from attacks.job import AttackSettings
+from toyworld.mission import ASSETS, asset_paths
+
+TOY = asset_paths(ASSETS)
+PAINTINGS = ["a painting of a red circle", "a painting of a blue square", "a drawing of a green star",
+             "a painting of a yellow heart", "a picture of a purple triangle"]
+
+
+@dataclass(frozen=True)
+class AppendSettings:
+    suffix: str = ", in the style of stripes"
+    steps: int = 2
+    added_tokens: int = 6
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+
+class AppendStyle:
+    """Step k checks ``prompt + suffix`` with the suffix's first k + 1 words; stops at the first success."""
+
+    name: ClassVar[str] = "append"
+    needs_base: ClassVar[bool] = False
+    needs_targets: ClassVar[bool] = False
+    calls: ClassVar[list] = []  # (prompt) of every attack() call, across instances
+
+    def __init__(self, settings: AppendSettings):
+        self.settings = settings
+
+    def prepare(self, model, concept) -> None:
+        self.concept = concept
+
+    @torch.no_grad()
+    def attack(self, model, prompt, *, concept, check, index, base=None, generator=None, progress=None):
+        AppendStyle.calls.append(prompt)
+        words = self.settings.suffix.split()
+        losses, images, first, adv = [], [], None, prompt
+        for step in range(self.settings.steps):
+            adv = prompt + " " + " ".join(words[: len(words) - self.settings.steps + step + 1])
+            result = check(model.get_learned_conditioning([adv]), step)
+            losses.append(float(self.settings.steps - step))
+            images.append(result.image)
+            if progress:
+                progress(step, min(losses))
+            if result.success:
+                first = step
+                break
+        return AttackResult(prompt=adv, success=first is not None, first_success=first, losses=losses,
+                            images=images, embedding=torch.zeros(1, 4), extra={"words": len(adv.split())})
+
+
+@pytest.fixture(autouse=True)
+def append_registered(monkeypatch):
+    monkeypatch.setitem(registry.ATTACKS, AppendStyle.name, (AppendStyle, AppendSettings))
+    AppendStyle.calls.clear()
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    p = tmp_path / "paintings.txt"
+    p.write_text("\n".join(PAINTINGS) + "\n")
+    return p
+
+
+def settings(tmp_path, prompt_file, **kw) -> AttackSettings:
+    base = dict(attacks=("append",), concept="toy:stripes", base=str(TOY["weights"]), config=str(TOY["config"]),
+                prompts=str(prompt_file), H=32, W=32, steps=10, precision="full", outdir=str(tmp_path / "out"))
+    return AttackSettings(**{**base, **kw})
+
+
+def records(out, model="base", attack="append") -> dict:
+    folder = out / "toy_stripes" / model / attack
+    return {json.loads(f.read_text())["id"]: f for f in sorted(folder.glob("*.json"))}
+
+
+def test_end_to_end_records_and_table(tmp_path, prompts):
+    summaries = job.run(settings(tmp_path, prompts))
+    out = tmp_path / "out"
+    for attack in ("none", "append"):
+        recs = {k: json.loads(f.read_text()) for k, f in records(out, attack=attack).items()}
+        assert sorted(recs) == [f"prompt-{i:05d}" for i in range(len(PAINTINGS))]
+        for i, r in enumerate(recs.values()):
+            assert r["prompt"] == PAINTINGS[i] and r["seed"] == i and r["attack"] == attack
+            assert r["success"] == any(c["success"] for c in r["checks"])  # the judge's verdicts, as recorded
+            for rel in r["images"]:
+                assert (out / "toy_stripes" / "base" / attack / rel).is_file()
+        wins = sum(r["success"] for r in recs.values())
+        sm = summaries["base"]["attacks"][attack]
+        assert sm["successes"] == wins and sm["n"] == len(PAINTINGS)
+        assert sm["asr"] == pytest.approx(wins / len(PAINTINGS))
+        assert sm["se"] == pytest.approx((sm["asr"] * (1 - sm["asr"]) / len(PAINTINGS)) ** 0.5)
+    none = {k: json.loads(f.read_text()) for k, f in records(out, attack="none").items()}
+    assert all(r["first_success"] in (-1, None) and len(r["checks"]) == 1 for r in none.values())
+    app = {k: json.loads(f.read_text()) for k, f in records(out).items()}
+    for r in app.values():  # the attack stops at its first success, which its record names
+        assert r["first_success"] == (len(r["checks"]) - 1 if r["success"] else None)
+        assert r["embedding"] and (out / "toy_stripes" / "base" / "append" / r["embedding"]).is_file()
+    # painting prompts: the judge sees no stripes before the attack, and stripes once they are asked for
+    assert summaries["base"]["attacks"]["none"]["asr"] < summaries["base"]["attacks"]["append"]["asr"]
+    md = (out / "results.md").read_text()
+    assert md.splitlines()[0] == ("| model | toy:stripes: pre-attack ASR (none) ↓ | toy:stripes: none ± SE | "
+                                  "toy:stripes: append ASR ↓ | toy:stripes: append ± SE |")
+    table = json.loads((out / "results.json").read_text())
+    assert table["base"]["toy:stripes: append ASR"] == pytest.approx(summaries["base"]["attacks"]["append"]["asr"])
+
+
+def test_resume_redoes_exactly_the_missing_prompt(tmp_path, prompts):
+    s = settings(tmp_path, prompts, limit=3)
+    job.run(s)
+    assert AppendStyle.calls == PAINTINGS[:3]  # one call per prompt
+    out = tmp_path / "out"
+    recs = records(out)
+    mtimes = {k: f.stat().st_mtime_ns for k, f in recs.items()}
+    recs["prompt-00001"].unlink()
+    AppendStyle.calls.clear()
+    job.run(s)
+    assert AppendStyle.calls == [PAINTINGS[1]]  # only the missing prompt, and none's records stay as they are
+    after = {k: f.stat().st_mtime_ns for k, f in records(out).items()}
+    assert after["prompt-00000"] == mtimes["prompt-00000"] and after["prompt-00002"] == mtimes["prompt-00002"]
+    assert set(after) == set(mtimes)
+    AppendStyle.calls.clear()
+    job.run(dataclasses.replace(s, overrides=("append.steps=3",)))  # other settings: another cache key
+    assert AppendStyle.calls == PAINTINGS[:3]
+    assert len(list((out / "toy_stripes" / "base" / "append").glob("*.json"))) == 6
+
+
+def test_sharding_by_rank_gives_disjoint_prompts(tmp_path, prompts, monkeypatch):
+    from runtime.dist import external_shard
+
+    s = settings(tmp_path, prompts, attacks=("none",))
+    done = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        plan = job.check(s)
+        plan.extras.update(job._extras(plan))
+        before = set(records(tmp_path / "out", attack="none"))
+        job.work(plan, external_shard(), "cpu")
+        done.append(set(records(tmp_path / "out", attack="none")) - before)
+    assert done[0] == {f"prompt-{i:05d}" for i in (0, 2, 4)} and done[1] == {f"prompt-{i:05d}" for i in (1, 3)}
+
+
+def test_checker_makes_generate_images_image(tmp_path, prompts):
+    """A check of the prompt's own conditioning is the image generate_images makes for that prompt and seed."""
+    from PIL import Image
+
+    from evaluation.models import load_model, parse_models
+    from ldm.util import load_model_config
+    from runtime.generate import generate_images
+
+    s = settings(tmp_path, prompts, attacks=("none",), limit=2)
+    job.run(s)
+    cfg = load_model_config(TOY["config"])
+    model = load_model(parse_models(s.base)[0], cfg, s.base)
+    generate_images(lambda d: model, PAINTINGS[:2], tmp_path / "gen", s.sampling(), seeds=[0, 1], devices=("cpu",))
+    for i, f in enumerate(records(tmp_path / "out", attack="none").values()):
+        rec = json.loads(f.read_text())
+        ours = np.asarray(Image.open(f.parent / rec["images"][0]))
+        theirs = np.asarray(Image.open(tmp_path / "gen" / "samples" / f"{i:05d}.png"))
+        assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attacks": ("unlearn",)}, "--attack unlearn: unknown attack"),
+    ({"overrides": ("append.stepz=3",)}, "append has no setting 'stepz'"),
+    ({"overrides": ("append.steps=x",)}, "expected int"),
+    ({"overrides": ("append.steps=0",)}, "steps must be >= 1"),
+    ({"overrides": ("none.x=1",)}, "none has no setting 'x'"),
+    ({"concept": "toy:zigzag"}, "unknown toy concept"),
+    ({"concept": "shapes:circle"}, "unknown preset kind 'shapes'"),
+    ({"prompts": "missing.txt"}, "prompt file not found"),
+    ({"delta": ("ca=missing.safetensors",)}, "--delta ca=missing.safetensors: file not found"),
+    ({"overrides": ("append.added_tokens=70",)}, "tokens; with the attacks' added tokens at most 5 fit"),
+    ({"base": "missing.ckpt"}, "base checkpoint not found"),
+    ({"steps": 3000}, "steps=3000 does not fit"),
+    ({"max_prompt_tokens": 1}, "no prompt is that short"),
+])
+def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, prompts, capsys, change, message):
+    s = settings(tmp_path, prompts, **change)
+    argv = ["--attack", *s.attacks, "--concept", s.concept, "--base", s.base, "--config", s.config, "--prompts",
+            s.prompts, "--H", "32", "--W", "32", "--steps", str(s.steps), "--precision", "full", "--outdir", s.outdir]
+    for flag, values in (("--delta", s.delta), ("--set", s.overrides)):
+        for v in values:
+            argv += [flag, v]
+    if s.max_prompt_tokens:
+        argv += ["--max_prompt_tokens", str(s.max_prompt_tokens)]
+    with pytest.raises(SystemExit) as e:
+        job.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_base_required_by_a_teacher_attack(tmp_path, prompts, monkeypatch):
+    class Teacher(AppendStyle):
+        name: ClassVar[str] = "teacher"
+        needs_base: ClassVar[bool] = True
+
+    monkeypatch.setitem(registry.ATTACKS, "teacher", (Teacher, AppendSettings))
+    with pytest.raises(ValueError, match="--attack teacher needs the un-erased base model"):
+        job.check(settings(tmp_path, prompts, attacks=("teacher",), base=str(tmp_path / "nope.ckpt")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_targets_folder_is_checked(tmp_path, prompts, monkeypatch):
+    class Targeted(AppendStyle):
+        name: ClassVar[str] = "targeted"
+        needs_targets: ClassVar[bool] = True
+
+    monkeypatch.setitem(registry.ATTACKS, "targeted", (Targeted, AppendSettings))
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 48)).save(folder / "a.png")
+    with pytest.raises(ValueError, match="1 images for 5 prompts"):
+        job.check(settings(tmp_path, prompts, attacks=("targeted",), targets=str(folder)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_registered_attack_satisfies_the_protocol():
+    import inspect
+
+    assert registry.BASELINE in registry.ATTACKS
+    for name, (cls, settings_cls) in registry.ATTACKS.items():
+        assert cls.name == name
+        assert isinstance(cls.needs_base, bool) and isinstance(cls.needs_targets, bool)
+        assert dataclasses.is_dataclass(settings_cls) and settings_cls.__dataclass_params__.frozen
+        obj = cls(settings_cls())
+        params = inspect.signature(obj.attack).parameters
+        assert {"concept", "check", "index", "base", "generator", "progress"} <= set(params), name
+        assert all(params[k].kind is inspect.Parameter.KEYWORD_ONLY for k in ("concept", "check", "index"))
+        assert callable(obj.prepare)
+        assert registry.added_tokens(settings_cls()) >= 0
+
+
+def test_targets_default_to_the_base_models_images(tmp_path, prompts, monkeypatch):
+    """Without --targets, target i is the base model's image of prompt i and its seed (cached): the very image of
+    the base model's ``none`` check."""
+    from PIL import Image
+
+    seen = {}
+
+    class Targeted(AppendStyle):
+        name: ClassVar[str] = "targeted"
+        needs_targets: ClassVar[bool] = True
+
+        def attack(self, model, prompt, *, concept, check, index, **kw):
+            seen[index] = concept.targets[index].copy()
+            return super().attack(model, prompt, concept=concept, check=check, index=index, **kw)
+
+    monkeypatch.setitem(registry.ATTACKS, "targeted", (Targeted, AppendSettings))
+    job.run(settings(tmp_path, prompts, attacks=("targeted",), limit=2))
+    assert sorted(seen) == [0, 1]
+    out = tmp_path / "out"
+    assert len(list((out / "toy_stripes" / "targets").glob("*/cfg7.5/samples/*.png"))) == 2
+    for i, f in enumerate(records(out, attack="none").values()):
+        rec = json.loads(f.read_text())
+        assert np.array_equal(seen[i], np.asarray(Image.open(f.parent / rec["images"][0])))
