@@ -76,7 +76,39 @@ def build(spec: str, settings) -> Preset:
     preset = fn(arg, settings)
     if not preset.rows:
         raise ValueError(f"--concept {spec}: no prompts")
+    if getattr(settings, "pairs", None):
+        from evaluation.prompt_sets import resolve_prompt_file
+
+        path = resolve_prompt_file(settings.pairs)
+        preset = replace(preset, concept=replace(preset.concept, pairs=read_pairs(path)),
+                         info={**preset.info, "pairs": _file_ident(path)})
     return preset
+
+
+def read_pairs(path) -> tuple[tuple[str, str], ...]:
+    """Prompt pairs with and without the concept from a CSV in Ring-A-Bell's format (its
+    ``Prompts_For_ConceptVector`` files): column ``prompt`` holds the concept, ``prompt1`` the same without it."""
+    from evaluation.prompt_sets import clean_prompt, resolve_prompt_file
+
+    path = resolve_prompt_file(path)
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            records = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise PromptSetError(f"--pairs {path}: not a readable CSV ({e})") from None
+    if not records or not {"prompt", "prompt1"} <= set(records[0]):
+        raise PromptSetError(f"--pairs {path}: needs columns 'prompt' (with the concept) and 'prompt1' (without) "
+                             f"and at least one row")
+    pairs = tuple((clean_prompt(r["prompt"] or ""), clean_prompt(r["prompt1"] or "")) for r in records)
+    empty = [i for i, (a, b) in enumerate(pairs) if not a or not b]
+    if empty:
+        raise PromptSetError(f"--pairs {path}: row {empty[0] + 1} has an empty prompt")
+    return pairs
+
+
+def _file_ident(path) -> dict:
+    p = Path(path).resolve()
+    return {"path": str(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns}
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

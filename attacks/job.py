@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--targets", default=None,
                    help="target images of the white-box attacks, one per prompt in name order (default: the base "
                         "model's image of each prompt and seed, generated once and cached)")
+    c.add_argument("--pairs", default=None,
+                   help="prompt pairs with and without the concept (Ring-A-Bell's concept vector): a CSV with columns "
+                        "prompt (with) and prompt1 (without), instead of the concept's own")
     m = p.add_argument_group("models (the base is always attacked; the others by NAME=PATH, or PATH)")
     m.add_argument("--base", default=str(DEFAULT_BASE),
                    help="base checkpoint (CompVis .ckpt/.safetensors, or a diffusers pipeline folder)")

@@ -30,6 +30,7 @@ class AttackSettings:
     limit: int | None = None
     max_prompt_tokens: int | None = None
     targets: str | None = None
+    pairs: str | None = None
     overrides: tuple[str, ...] = ()  # --set NAME.FIELD=VALUE
     attack_seed: int = 0
     # checking generations

@@ -116,3 +116,14 @@ def test_toy_presets():
         assert all(name in r.prompt for r in preset.rows) and preset.concept.pairs
         if pair:
             assert pair in preset.concept.pairs
+
+
+def test_pairs_file_replaces_the_presets_pairs(tmp_path):
+    f = tmp_path / "pairs.csv"
+    f.write_text("prompt,prompt1\nzebra stripes on a red circle,a red circle\n")
+    preset = concepts.build("toy:stripes", settings(concept="toy:stripes", pairs=str(f)))
+    assert preset.concept.pairs == (("zebra stripes on a red circle", "a red circle"),)
+    assert preset.info["pairs"]["size"] == f.stat().st_size  # part of the records' cache key
+    f.write_text("with,without\na,b\n")
+    with pytest.raises(ValueError, match="needs columns 'prompt' .* and 'prompt1'"):
+        concepts.build("toy:stripes", settings(concept="toy:stripes", pairs=str(f)))
