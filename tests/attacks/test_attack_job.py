@@ -277,3 +277,8 @@ def test_targets_default_to_the_base_models_images(tmp_path, prompts, monkeypatc
     for i, f in enumerate(records(out, attack="none").values()):
         rec = json.loads(f.read_text())
         assert np.array_equal(seen[i], np.asarray(Image.open(f.parent / rec["images"][0])))
+
+
+def test_command_line_defaults_are_the_settings_defaults():
+    assert job.parse_argv(["--attack", "none", "--concept", "toy:stripes"]) == \
+        AttackSettings(attacks=("none",), concept="toy:stripes")

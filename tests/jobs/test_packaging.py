@@ -54,7 +54,8 @@ JOBS = {"ablate-train": ("train.py", "ablation.train"), "ablate-sample": ("sampl
         "ablate-evaluate": ("evaluate.py", "evaluation.protocol"),
         "ablate-export": ("tools/export.py", "runtime.export"),
         "conceptprune": ("conceptprune.py", "prune.jobs"),
-        "ablate-benchmark": ("benchmark.py", "evaluation.benchmark")}
+        "ablate-benchmark": ("benchmark.py", "evaluation.benchmark"),
+        "ablate-attack": ("attack.py", "attacks.job")}
 
 
 def test_entry_points_resolve():
