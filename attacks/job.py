@@ -247,7 +247,9 @@ def check(settings: AttackSettings) -> AttackPlan:
         if bad:
             raise ValueError(f"--targets {s.targets}: {bad[0].name} is not a readable image")
     check_output(s.outdir, "--outdir", kind="dir")
-    return AttackPlan(s, preset, models, model_config, attacks, devices, Path(s.outdir))
+    plan = AttackPlan(s, preset, models, model_config, attacks, devices, Path(s.outdir))
+    plan.extras.update(_extras(plan))
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------------- layout
@@ -475,12 +477,11 @@ def _worker(rank: int, settings: AttackSettings, devices: tuple[str, ...]) -> No
         torch.cuda.set_device(torch.device(devices[rank]))
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // len(devices)))
-    plan = check(settings)
-    plan.extras.update(_extras(plan))
-    work(plan, (rank, len(devices)), devices[rank])
+    work(check(settings), (rank, len(devices)), devices[rank])
 
 
 def _extras(plan: AttackPlan) -> dict:
+    """The targets' identity (part of the record keys of attacks that use targets) and their folder's key."""
     ident = _targets_ident(plan)
     return {"targets_ident": ident, "targets_key": _digest(ident) if ident else None}
 
@@ -559,7 +560,6 @@ def run(settings: AttackSettings, plan: AttackPlan | None = None) -> dict | None
     from runtime.dist import barrier, init_from_launcher, local_devices
 
     plan = plan or check(settings)
-    plan.extras.update(_extras(plan))
     shard = init_from_launcher()
     if plan.needs_targets() and not plan.settings.targets:
         make_targets(plan, shard)
