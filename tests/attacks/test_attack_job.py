@@ -281,3 +281,18 @@ def test_targets_default_to_the_base_models_images(tmp_path, prompts, monkeypatc
 def test_command_line_defaults_are_the_settings_defaults():
     assert job.parse_argv(["--attack", "none", "--concept", "toy:stripes"]) == \
         AttackSettings(attacks=("none",), concept="toy:stripes")
+
+
+@pytest.mark.slow  # two spawned processes, each loading the toy model and the judge (~1 min on 2 shared cores)
+def test_gpus_cpu_2_makes_the_single_process_records(tmp_path, prompts):
+    one = settings(tmp_path, prompts, attacks=("none",), limit=3, outdir=str(tmp_path / "one"))
+    two = dataclasses.replace(one, outdir=str(tmp_path / "two"), gpus="cpu:2")
+    job.run(one)
+    job.run(two)
+    drop = ("seconds",)
+    a = {k: {x: v for x, v in json.loads(f.read_text()).items() if x not in drop}
+         for k, f in records(tmp_path / "one", attack="none").items()}
+    b = {k: {x: v for x, v in json.loads(f.read_text()).items() if x not in drop}
+         for k, f in records(tmp_path / "two", attack="none").items()}
+    assert a == b and len(a) == 3
+    assert (tmp_path / "two" / "results.md").read_text() == (tmp_path / "one" / "results.md").read_text()
