@@ -276,6 +276,9 @@ def test_targets_default_to_the_base_models_images(tmp_path, prompts, monkeypatc
     for i, f in enumerate(records(out, attack="none").values()):
         rec = json.loads(f.read_text())
         assert np.array_equal(seen[i], np.asarray(Image.open(f.parent / rec["images"][0])))
+    AppendStyle.calls.clear()
+    job.run(settings(tmp_path, prompts, attacks=("targeted",), limit=3))  # more prompts: only the new one is attacked
+    assert AppendStyle.calls == [PAINTINGS[2]] and sorted(seen) == [0, 1, 2]
 
 
 def test_command_line_defaults_are_the_settings_defaults():
@@ -296,3 +299,33 @@ def test_gpus_cpu_2_makes_the_single_process_records(tmp_path, prompts):
          for k, f in records(tmp_path / "two", attack="none").items()}
     assert a == b and len(a) == 3
     assert (tmp_path / "two" / "results.md").read_text() == (tmp_path / "one" / "results.md").read_text()
+
+
+def test_targets_folder_images_in_name_order(tmp_path, prompts, monkeypatch):
+    """--targets: image i (name order) is prompt i's target, short side resized and centre-cropped to H x W."""
+    from PIL import Image
+
+    seen = {}
+
+    class Targeted(AppendStyle):
+        name: ClassVar[str] = "targeted"
+        needs_targets: ClassVar[bool] = True
+
+        def attack(self, model, prompt, *, concept, check, index, **kw):
+            seen[index] = concept.targets[index].copy()
+            return super().attack(model, prompt, concept=concept, check=check, index=index, **kw)
+
+    monkeypatch.setitem(registry.ATTACKS, "targeted", (Targeted, AppendSettings))
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    colours = [(200, 10, 10), (10, 200, 10)]
+    for name, c in zip(("b.png", "a.png"), colours):  # a.png is the first target
+        im = Image.new("RGB", (64, 48), c)
+        im.paste((0, 0, 255), (0, 0, 4, 48))  # a blue band the centre crop cuts away
+        im.save(folder / name)
+    job.run(settings(tmp_path, prompts, attacks=("targeted",), limit=2, targets=str(folder)))
+    assert seen[0].shape == (32, 32, 3)
+    # (the resize's kernel reaches 3 px into the crop from the band's edge)
+    assert (seen[0][:, 3:] == colours[1]).all() and (seen[1][:, 3:] == colours[0]).all()
+    assert (seen[0][:, 0, 2] < 255).all()  # the band itself is cropped away
+    assert not (tmp_path / "out" / "toy_stripes" / "targets").exists()  # nothing generated
