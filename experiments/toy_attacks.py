@@ -15,9 +15,16 @@ waves                         the FFN experiment's waves prompts (36)          t
 
 ``Concept.pairs`` (for Ring-A-Bell's concept direction) pair each concept prompt with the same prompt without
 the concept: the anchor's evaluation prompt (textures), "cat" (cat variants), ConceptPrune's waves base prompts.
-"""
+
+:func:`run` (``python -m experiments.toy_attacks``) runs the attack job on the toy model for several concepts into
+one folder, so ``{out}/results.md`` is one table over concepts and attacks::
+
+    python -m experiments.toy_attacks --attack none --concepts stripes "grumpy cat" \
+        --delta ca-style=outputs/toyworld-benchmark/logs/<run>/checkpoints/delta_step_100.ckpt --out outputs/toy-attacks
+"""  # noqa: E501 (--help text, kept as printed)
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -97,3 +104,48 @@ def preset(arg: str, settings):
         f"the ground-truth judge's {'subject' if concept in CATS else 'style'} head"
     return Preset(f"toy:{concept}", rows, Concept(concept, tuple(pairs)), judge_for(concept),
                   f"{what} sees {concept!r}", {"judge": "toyworld", "concept": concept})
+
+
+def settings_for(concept: str, attacks, out: Path, assets: Path = ASSETS, **changes):
+    """The attack job's settings for ``toy:{concept}`` on the toy model (32 px, fp32; ``changes``: any other
+    :class:`attacks.settings.AttackSettings` field, e.g. ``delta``, ``steps``, ``limit``, ``base``)."""
+    from attacks.settings import AttackSettings
+    from toyworld.mission import asset_paths
+
+    p = asset_paths(assets)
+    base = dict(attacks=tuple(attacks), concept=f"toy:{concept}", base=str(p["weights"]), config=str(p["config"]),
+                H=32, W=32, precision="full", score_device="cpu", outdir=str(out))
+    return AttackSettings(**{**base, **changes})
+
+
+def run(out: Path, concepts, attacks, assets: Path = ASSETS, **changes) -> dict:
+    """Attack every concept (all inputs checked first); ``{concept: {model: summary}}``. One table in
+    ``{out}/results.md``."""
+    from attacks.job import check
+    from attacks.job import run as attack
+
+    plans = [check(settings_for(c, attacks, out, assets, **changes)) for c in concepts]
+    return {c: attack(p.settings, plan=p) for c, p in zip(concepts, plans)}
+
+
+def main(argv=None) -> dict:
+    from runtime.cli import exit_on_usage_error
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--attack", nargs="+", default=["none"], help="attacks (attack.py's names)")
+    p.add_argument("--concepts", nargs="+", default=["stripes", "grumpy cat"], choices=CONCEPTS)
+    p.add_argument("--delta", action="append", default=[], help="an erased model, NAME=PATH (a delta of the toy LDM)")
+    p.add_argument("--base", default=None, help="another base checkpoint (e.g. the waves-taught model)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of the checks (PLMS)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts per concept")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="ATTACK.FIELD=VALUE")
+    p.add_argument("--out", default="outputs/toy-attacks")
+    a = p.parse_args(argv)
+    changes = {"delta": tuple(a.delta), "steps": a.steps, "limit": a.limit, "overrides": tuple(a.overrides)}
+    if a.base:
+        changes["base"] = a.base
+    return exit_on_usage_error(lambda: run(Path(a.out), a.concepts, a.attack, **changes))
+
+
+if __name__ == "__main__":
+    main()
