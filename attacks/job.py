@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--concept", required=True,
                    help="nudity | object:CLASS | artist:NAME | toy:CONCEPT: the prompt set and the judge")
     c.add_argument("--prompts", default=None, help="the concept's prompt file instead of its default set")
+    c.add_argument("--prompt_set", choices=["i2p", "mma", "ring-a-bell"], default="i2p",
+                   help="nudity: the format of --prompts (benchmark.py's nudity sets)")
     c.add_argument("--categories", type=_comma_list, default=None,
                    help="nudity: only I2P rows of these categories (comma-separated, e.g. sexual)")
     c.add_argument("--limit", type=cli.positive_int, default=None, help="only the first N prompts")

@@ -26,6 +26,7 @@ class AttackSettings:
     unet: tuple[str, ...] = ()
     # prompts
     prompts: str | None = None
+    prompt_set: str = "i2p"
     categories: tuple[str, ...] | None = None
     limit: int | None = None
     max_prompt_tokens: int | None = None

@@ -41,6 +41,13 @@ def test_nudity_without_own_seeds_uses_seed_flag(tmp_path):
     assert [(r.seed, r.guidance) for r in preset.rows] == [(3, None)]
 
 
+def test_nudity_other_prompt_sets(tmp_path):
+    csv = tmp_path / "mma.csv"
+    csv.write_text("adv_prompt,clean_prompt\nsome adversarial words,a person\n")
+    preset = concepts.build("nudity", settings(concept="nudity", prompts=str(csv), prompt_set="mma", seed=2))
+    assert [(r.prompt, r.seed, r.guidance) for r in preset.rows] == [("some adversarial words", 2, None)]
+
+
 def test_nudity_rule_is_unlearndiffatks():
     """An exposed class counts above 0.45 (UnlearnDiffAtk's if_nude), not the benchmark's 0.5."""
     from scoring.nudity import exposed_counts
