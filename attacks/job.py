@@ -443,11 +443,12 @@ def work(plan: AttackPlan, shard, device: str) -> None:
                 for a in plan.attacks}
         if not any(todo.values()):
             continue
-        model = load_model(spec, plan.model_config, s.base, device)
+        # frozen, as the originals freeze theirs: attacks take gradients of their inputs, never of the weights
+        model = load_model(spec, plan.model_config, s.base, device).requires_grad_(False)
         base_model = None
         if any(cls.needs_base and todo[n] for n, cls, _ in plan.attacks):
-            base_model = model if spec.kind == "base" else load_model(plan.models[0], plan.model_config, s.base,
-                                                                     device)
+            base_model = model if spec.kind == "base" else \
+                load_model(plan.models[0], plan.model_config, s.base, device).requires_grad_(False)
         with torch.no_grad():
             uncond = model.get_learned_conditioning([""]) if s.scale != 1.0 else None
         for attack in plan.attacks:

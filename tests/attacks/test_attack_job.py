@@ -52,6 +52,7 @@ class AppendStyle:
 
     @torch.no_grad()
     def attack(self, model, prompt, *, concept, check, index, base=None, generator=None, progress=None):
+        assert not any(p.requires_grad for p in model.parameters())  # the job hands over a frozen model
         AppendStyle.calls.append(prompt)
         words = self.settings.suffix.split()
         losses, images, first, adv = [], [], None, prompt
