@@ -38,12 +38,8 @@ the first image is made.
 """  # noqa: E501 (--help text, kept as printed)
 
 
-def _comma_list(v: str) -> list[str]:
-    return [c.strip() for c in v.split(",") if c.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from evaluation.suites import NUDITY_SETS, SUITES
+    from evaluation.suites import COCO_ORDERS, EMPTY_PROMPTS, NUDITY_SETS, SUITES
     from runtime import cli
 
     p = cli.ArgumentParser(description=DESCRIPTION)
@@ -64,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=["plms", "ddim", "dpmpp_2m"], default="plms",
                    help="plms: the deterministic PNDM-like sampler of the originals' diffusers pipelines")
     g.add_argument("--steps", type=cli.positive_int, default=50)
-    g.add_argument("--scale", type=cli.finite_float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--scale", type=cli.guidance_scale, default=7.5, help="classifier-free guidance scale")
     g.add_argument("--eta", type=cli.nonnegative_float, default=0.0, help="DDIM eta (ddim only)")
     g.add_argument("--H", type=cli.image_side, default=512)
     g.add_argument("--W", type=cli.image_side, default=512)
@@ -94,10 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     n = p.add_argument_group("nudity")
     n.add_argument("--prompt_set", choices=NUDITY_SETS, default="i2p")
     n.add_argument("--prompts", default=None, help="the prompt set's CSV (or hf:OWNER/NAME[:FILE] when online)")
-    n.add_argument("--categories", type=_comma_list, default=None,
+    n.add_argument("--categories", type=cli.comma_list, default=None,
                    help="I2P: only rows of these categories (comma-separated, e.g. sexual); default: all rows")
     n.add_argument("--row_settings", action="store_true",
                    help="I2P: each row's evaluation_seed/guidance/size instead of the original's seed 0 and defaults")
+    n.add_argument("--empty_prompts", choices=EMPTY_PROMPTS, default="error",
+                   help="a row whose prompt is empty or only whitespace: error (refused, naming its line) or skip "
+                        "(left out; the count is in the summary as skipped_empty_prompts)")
     o = p.add_argument_group("objects")
     o.add_argument("--target_class", default=None, help="the erased Imagenette class (e.g. 'garbage truck')")
     o.add_argument("--removal_mode", choices=["erase", "keep", "both"], default="both",
@@ -107,12 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another object prompt set, in the original's imagenette.csv format (class, prompt, "
                         "evaluation_seed)")
     gg = p.add_argument_group("gender")
-    gg.add_argument("--professions", type=_comma_list, default=None,
+    gg.add_argument("--professions", type=cli.comma_list, default=None,
                     help="comma-separated (default: the original's 36)")
     gg.add_argument("--gender_seeds", type=cli.positive_int, default=250, help="seeds 0..N-1 per profession")
     c = p.add_argument_group("coco")
     c.add_argument("--captions", default=None, help="captions: one per line, or COCO's captions JSON")
     c.add_argument("--n_captions", type=cli.positive_int, default=None, help="the first N captions (original: 480)")
+    c.add_argument("--coco_order", choices=COCO_ORDERS, default="shuffled",
+                   help="COCO's captions JSON: shuffled = the original's selection (all annotations shuffled by "
+                        "numpy's legacy generator seeded 0, then the first N); file = annotation order. A text "
+                        "file is always read in its order")
     mm = p.add_argument_group("memorization")
     mm.add_argument("--mem_jsonl", default=None, help="Wen et al.'s sdv1_500_mem_groundtruth.jsonl")
     mm.add_argument("--gt_dir", default=None, help="its gt_images folder (default: beside the jsonl)")

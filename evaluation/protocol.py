@@ -155,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mem_impath", default=d["mem_impath"], help="the memorized image (memorization)")
     p.add_argument("--steps", type=cli.positive_int, default=d["steps"], help="DDIM steps")
     p.add_argument("--eta", type=cli.nonnegative_float, default=d["eta"])
-    p.add_argument("--scale", type=cli.finite_float, default=d["scale"], help="classifier-free guidance scale")
-    p.add_argument("--seed", type=cli.nonnegative_int, default=d["seed"])
+    p.add_argument("--scale", type=cli.guidance_scale, default=d["scale"], help="classifier-free guidance scale")
+    p.add_argument("--seed", type=cli.seed_int, default=d["seed"])
     p.add_argument("--H", type=cli.image_side, default=d["H"])
     p.add_argument("--W", type=cli.image_side, default=d["W"])
     p.add_argument("--n_samples", type=cli.positive_int, default=d["n_samples"], help="generation batch size")
@@ -366,11 +366,11 @@ def _check_values(settings: EvaluateSettings) -> None:
     from runtime import cli
 
     rules = {"numgen": cli.positive_int, "feature_size": cli.positive_int, "steps": cli.positive_int,
-             "eta": cli.nonnegative_float, "scale": cli.finite_float, "seed": cli.nonnegative_int,
+             "eta": cli.nonnegative_float, "scale": cli.guidance_scale, "seed": cli.seed_int,
              "H": cli.image_side, "W": cli.image_side, "n_samples": cli.positive_int}
     for name, rule in rules.items():
         value = getattr(settings, name)
-        if isinstance(value, bool) or (rule in (cli.positive_int, cli.nonnegative_int, cli.image_side)
+        if isinstance(value, bool) or (rule in (cli.positive_int, cli.nonnegative_int, cli.image_side, cli.seed_int)
                                        and not isinstance(value, int)):
             raise cli.UsageError(f"argument --{name}: expected an integer, got {value!r}")
         try:

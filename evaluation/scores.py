@@ -112,19 +112,52 @@ def gender_predictions(clip, paths: Sequence[PathLike], batch_size: int = 32) ->
     return [GENDERS[i] for i in cos.argmax(dim=1).tolist()]
 
 
-def reversal_rates(base_pred: Sequence[str], edited_pred: Sequence[str]) -> dict:
-    """Gender-reversal rates of pairs (base image i, edited image i with the same prompt and seed):
+def reversal_rates(base_pred: Sequence[str], edited_pred: Sequence[str],
+                   professions: Sequence[str] | None = None) -> dict:
+    """Gender-reversal rates of pairs (base image i, edited image i with the same prompt and seed), pooled over
+    every pair:
 
     ``m_to_f``          share of base-``"man"`` images whose edited image is ``"woman"``
     ``f_to_m``          share of base-``"woman"`` images whose edited image is ``"man"``
     ``n_base_man``, ``n_base_woman``   the base counts (the denominators)
     ``base_share_man``  n_base_man / N, the base model's share of men
 
+    With ``professions`` (pair i's profession), also per profession as the development repository's
+    ``benchmarks/ratio-gender.py`` computes them, and their means:
+
+    ``per_profession``  {profession: {m_to_f, f_to_m, n_base_man, n_base_woman}} (the rates of its pairs only)
+    ``m_to_f_mean``, ``f_to_m_mean``   the mean of the per-profession rates over the professions where the rate
+                        is defined (the profession has base images of that gender); ``m_to_f_professions``,
+                        ``f_to_m_professions``: how many professions that mean covers
+    ``m_to_f_mean_zero_filled``, ``f_to_m_mean_zero_filled``   ``ratio-gender.py``'s own number: the mean over
+                        every profession, one without base images of that gender counting 0.0
+
     A rate with no base image of that gender is None (``ratio-gender.py`` divides by 1 then and reports
-    0.0, indistinguishable from a failed reversal). The development script scores two edited models, an
-    m->f one against base men and an f->m one against base women: call this once per edited model and read
-    the key of its direction.
+    0.0, indistinguishable from a failed reversal; the ``_zero_filled`` means keep that rule). The development
+    script scores two edited models, an m->f one against base men and an f->m one against base women: call
+    this once per edited model and read the keys of its direction.
     """
+    out = _pooled_reversal(base_pred, edited_pred)
+    if professions is None:
+        return out
+    base, edited, profs = list(base_pred), list(edited_pred), list(professions)
+    if len(profs) != len(base):
+        raise ValueError(f"{len(base)} predictions but {len(profs)} professions")
+    per = {}
+    for p in dict.fromkeys(profs):
+        idx = [i for i, q in enumerate(profs) if q == p]
+        r = _pooled_reversal([base[i] for i in idx], [edited[i] for i in idx])
+        per[p] = {k: r[k] for k in ("m_to_f", "f_to_m", "n_base_man", "n_base_woman")}
+    out["per_profession"] = per
+    for key in ("m_to_f", "f_to_m"):
+        defined = [v[key] for v in per.values() if v[key] is not None]
+        out[f"{key}_mean"] = sum(defined) / len(defined) if defined else None
+        out[f"{key}_professions"] = len(defined)
+        out[f"{key}_mean_zero_filled"] = sum(v[key] or 0.0 for v in per.values()) / len(per)
+    return out
+
+
+def _pooled_reversal(base_pred: Sequence[str], edited_pred: Sequence[str]) -> dict:
     base, edited = list(base_pred), list(edited_pred)
     if len(base) != len(edited):
         raise ValueError(f"{len(base)} base predictions but {len(edited)} edited ones")

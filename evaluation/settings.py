@@ -13,7 +13,8 @@ class BenchmarkSettings:
     """``benchmark.py``: one field per flag, with its default. After :func:`check`: ``n_captions`` is ``limit`` when
     only ``--limit`` was given for coco, ``sscd_ckpt`` names the SSCD file memorization uses, and ``clip_resolved``
     / ``mem_clip_resolved`` are what ``scoring.metrics.resolve_clip`` made of ``clip_model`` / ``mem_clip_model``
-    (for the suites that use them)."""
+    (for the suites that use them); ``skipped_empty_prompts`` is how many empty prompts the nudity suite left out
+    under ``empty_prompts="skip"``."""
     suites: tuple[str, ...]
     # models
     base: str = str(DEFAULT_BASE_CKPT)
@@ -51,6 +52,7 @@ class BenchmarkSettings:
     prompts: str | None = None
     categories: tuple[str, ...] | None = None
     row_settings: bool = False
+    empty_prompts: str = "error"
     # objects
     target_class: str | None = None
     removal_mode: str = "both"
@@ -62,6 +64,7 @@ class BenchmarkSettings:
     # coco
     captions: str | None = None
     n_captions: int | None = None
+    coco_order: str = "shuffled"
     # memorization
     mem_jsonl: str | None = None
     gt_dir: str | None = None
@@ -69,6 +72,7 @@ class BenchmarkSettings:
     # derived by check()
     clip_resolved: str | None = None
     mem_clip_resolved: str | None = None
+    skipped_empty_prompts: int | None = None
 
     def sampling(self, scale: float | None = None, height: int | None = None, width: int | None = None) -> Sampling:
         """The sampler settings of one generation folder: ``scale``/``height``/``width`` are a row group's

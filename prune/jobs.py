@@ -181,8 +181,8 @@ def _common(p: argparse.ArgumentParser, model: bool = True, sampling: bool = Tru
         p.add_argument("--W", type=cli.image_side, default=512)
         p.add_argument("--steps", type=cli.positive_int, default=50,
                        help="PLMS steps (S steps make S + 1 UNet calls)")
-        p.add_argument("--scale", type=cli.finite_float, default=7.5, help="classifier-free guidance scale")
-        p.add_argument("--seed", type=cli.nonnegative_int, default=0,
+        p.add_argument("--scale", type=cli.guidance_scale, default=7.5, help="classifier-free guidance scale")
+        p.add_argument("--seed", type=cli.seed_int, default=0,
                        help="seed of the start noise of every generation (gender: of the per-pair seeds)")
         p.add_argument("--precision", choices=["autocast", "full"], default="autocast",
                        help="autocast: fp16 on CUDA (norms are accumulated in fp32 either way)")

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpmpp import DPMPP2MSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from runtime.cli import guidance_problem, image_side_problem, seed_problem
 from runtime.files import image_is_complete, read_text_lines, save_png_atomic, write_text_atomic
 
 __all__ = ["Sampling", "generate_images", "validate_generation_args", "check_prompts", "check_devices",
@@ -129,11 +130,14 @@ class Sampling:
                              f"use e.g. one of {ok}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
+        # the limits of runtime.cli, shared with the flags and the per-row settings of prompt files
         for name, v in (("height", self.height), ("width", self.width)):
-            if not isinstance(v, int) or v < 8 or v % 8:
-                raise ValueError(f"{name} must be a positive multiple of 8, got {v!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            if image_side_problem(v):
+                raise ValueError(f"{name} must be {image_side_problem(v)}, got {v!r}")
+        if guidance_problem(self.scale):
+            raise ValueError(f"scale must be {guidance_problem(self.scale)}, got {self.scale!r}")
+        if seed_problem(self.seed):
+            raise ValueError(f"seed must be {seed_problem(self.seed)}, got {self.seed!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         return self
