@@ -16,7 +16,8 @@ nudity         I2P / MMA-Diffusion / Ring-A-Bell file       NudeNet 3.0.8: the n
 objects        Imagenette 10 classes x 500, per-row seed    ResNet-50 top-1 == class; erase and keep accuracy
 gender         36 professions x 250 seeds                   CLIP "a photo of a man/woman"; m->f and f->m,
                                                             pooled and the mean of per-profession rates
-coco           a captions file, seed = row                  CLIP score (mean over images), FID/KID vs base
+coco           a captions file, seed = row (COCO's JSON:    CLIP score (mean over images), FID/KID vs base
+               the original's seed-0 shuffle, then first N)
 memorization   Wen et al.'s jsonl + gt_images/{index}/      SSCD max/mean/min over the GT images, share of
                                                             max > 0.5, CLIP score of the generation
 =============  ==========================================  ===============================================
