@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--W", type=cli.image_side, default=512)
     g.add_argument("--batch_size", type=cli.positive_int, default=4)
     g.add_argument("--precision", choices=["autocast", "full"], default="autocast", help="autocast: fp16 on CUDA")
+    g.add_argument("--noise", choices=["ours", "original"], default="ours",
+                   help="start noise of each row: ours (a CPU fp32 generator seeded with the row's seed, any device) "
+                        "or original (the original scripts' draw: fp16 randn on the CUDA device after "
+                        "torch.manual_seed(seed); CUDA only)")
+    g.add_argument("--pixels", choices=["round", "truncate"], default="round",
+                   help="float to 8-bit: round (the originals' diffusers numpy_to_pil) or truncate (the CompVis "
+                        "scripts', and this command's before the option existed)")
     g.add_argument("--gpus", default=None, help=cli.GPUS_HELP)
     g.add_argument("--limit", type=cli.positive_int, default=None,
                    help="only the first N rows of each prompt set (per artist for artist) - a quick run")
@@ -84,9 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classifier_labels", default=None, help="class names of a TorchScript classifier, one per line")
     s.add_argument("--sscd_ckpt", default=None, help="SSCD TorchScript model (memorization)")
     s.add_argument("--score_device", default=None, help="device of the scorers (default: cuda if available)")
+    s.add_argument("--clip_precision", choices=["full", "autocast"], default="full",
+                   help="CLIP in fp32 (full: the originals') or under fp16 autocast on CUDA")
     a = p.add_argument_group("artist")
     a.add_argument("--artist", action="append", default=[],
                    help="an artist of ConceptPrune (default: all five) or a prompt file (.txt / the original's CSV)")
+    a.add_argument("--artist_jpeg", action="store_true",
+                   help="score JPEG re-reads of the images (PIL's default quality 75), as the original's "
+                        "artist_erasure.py scores the .jpg files it saved")
     n = p.add_argument_group("nudity")
     n.add_argument("--prompt_set", choices=NUDITY_SETS, default="i2p")
     n.add_argument("--prompts", default=None, help="the prompt set's CSV (or hf:OWNER/NAME[:FILE] when online)")

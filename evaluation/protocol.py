@@ -594,7 +594,7 @@ def runner_plan(plan: Plan):
     # the runner's settings: what it reads to generate (the paper's DDIM) and where it scores (cuda if available)
     sampling = BenchmarkSettings(suites=tuple(c.name for c in plan.concepts), base=s.base_ckpt, sampler="ddim",
                                  steps=s.steps, scale=s.scale, eta=s.eta, H=s.H, W=s.W, batch_size=s.n_samples,
-                                 precision=s.precision)
+                                 precision=s.precision, pixels="truncate")  # the CompVis scripts' pixels
     # runner names (any run folder name is an expname; a model name is letters, digits and ._+- only)
     models = [ModelSpec("base", "base", None)]
     models += [ModelSpec(f"checkpoint-{i}", "delta", str(k.path)) for i, k in enumerate(plan.checkpoints)]
@@ -739,7 +739,8 @@ def load_scorers(plan: Plan, device: str) -> dict:
     from scoring.metrics import feature_extractor, load_clip
 
     s = plan.settings
-    scorers = {"clip": load_clip(plan.clip, device),
+    # Concept Ablation's evaluate.py runs OpenAI CLIP with fp16 weights on CUDA: autocast is the nearest we have
+    scorers = {"clip": load_clip(plan.clip, device, precision="autocast"),
                "features": feature_extractor(s.feature_model, s.feature_size, device)}
     if plan.concept_type == "memorization":
         from scoring.sscd import load_sscd

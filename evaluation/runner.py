@@ -69,7 +69,11 @@ class Plan:
 def sampling(settings: BenchmarkSettings) -> dict:
     """The sampler settings shared by every folder of a run, for its cache identity (``Sampling``'s rules)."""
     s = settings.sampling()
-    return {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "precision": s.precision}
+    out = {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "precision": s.precision}
+    # only when not Sampling's default: the keys (folders) of runs that set neither stay what they were
+    out.update({k: getattr(s, k) for k, default in (("noise", "ours"), ("pixels", "truncate"))
+                if getattr(s, k) != default})
+    return out
 
 
 def groups(rows: list[Row], settings: BenchmarkSettings) -> dict[tuple[float, int, int], list[int]]:
@@ -313,6 +317,7 @@ def score(plan: Plan):
 def _settings(plan: Plan) -> dict:
     a = plan.settings
     return {**sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base,
+            "clip_precision": a.clip_precision, **({"artist_jpeg": True} if a.artist_jpeg else {}),
             "models": {m.name: {"kind": m.kind, "path": m.path} for m in plan.models}}
 
 
