@@ -81,6 +81,19 @@ def test_a_full_disk_leaves_no_temporary_file_and_one_line(tmp_path, monkeypatch
     assert ex.value.code == 1
 
 
+def test_a_delta_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import torch
+
+    from runtime.delta import save_delta
+
+    _disk_full(monkeypatch)
+    for name in ("delta.safetensors", "delta.ckpt"):
+        with pytest.raises(WriteError) as e:
+            save_delta(tmp_path / name, {"w": torch.ones(4)})
+        assert str(e.value) == f"cannot write the delta to {tmp_path}: No space left on device (errno 28)"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_error_inside_the_writer_removes_the_temporary_file(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with files.atomic_target(tmp_path / "chart.png") as tmp:
