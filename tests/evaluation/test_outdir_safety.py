@@ -76,26 +76,40 @@ def _holder(outdir: Path):
 
 
 def test_second_run_on_a_folder_in_use_is_refused_before_any_work(world, tmp_path, capsys):
+    """Two real runs: benchmark.py in a child process is paused (SIGSTOP) once it holds the folder, so the second
+    run (here, in-process) meets it mid-run every time; then the first goes on and finishes with its table."""
+    import signal
+    import time
+
     outdir = tmp_path / "bench"
-    holder = _holder(outdir)
+    first = subprocess.Popen([sys.executable, "benchmark.py", *_argv(world, outdir, {"zero-attn": "attn"})],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        deadline = time.monotonic() + 300
+        while f'"pid": {first.pid}' not in ((outdir / ".lock").read_text() if (outdir / ".lock").exists() else ""):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
         before = _tree(outdir)
         with pytest.raises(SystemExit) as e:
             bench.main(_argv(world, outdir, {"zero-ffn": "ffn"}))
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and "in use by another run" in err[0], err
-        assert f"pid {holder.pid} on {socket.gethostname()}" in err[0] and "benchmark.py artist --outdir X" in err[0]
-        assert _tree(outdir) == before  # nothing generated, nothing written, the holder's lock untouched
+        assert f"pid {first.pid} on {socket.gethostname()}" in err[0] and "benchmark.py artist --base" in err[0]
+        assert _tree(outdir) == before  # nothing generated, nothing written, the first run's lock untouched
         # the API refuses the same way (run() takes the lock itself)
         from runtime.files import FolderLocked
 
-        with pytest.raises(FolderLocked, match=f"pid {holder.pid}"):
+        with pytest.raises(FolderLocked, match=f"pid {first.pid}"):
             bench.run(_settings(world, outdir, {"zero-ffn": "ffn"}))
         assert _tree(outdir) == before
     finally:
-        holder.communicate("")
-    assert not (outdir / ".lock").exists()  # released by its holder
+        first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert "| zero-attn |" in (outdir / "results.md").read_text() and not (outdir / ".lock").exists()
+    assert not list((outdir / "images/artist").glob("zero-ffn"))  # the refused run made nothing
 
 
 def test_a_lock_left_by_a_dead_process_is_taken_over(world, tmp_path, capsys):
