@@ -231,3 +231,23 @@ def test_evaluate_refuses_a_table_folder_in_use(env, tmp_path, capsys):  # noqa:
         assert [p.name for p in (tmp_path / "metrics").iterdir()] == [".lock"]
     finally:
         holder.communicate("")
+
+
+def test_under_a_launcher_only_rank_zero_takes_the_lock(tmp_path, monkeypatch):
+    """torchrun's ranks are one run: rank 0 holds the folder, the others work in it without the lock."""
+    from types import SimpleNamespace
+
+    from runtime.files import FolderLocked
+
+    outdir = tmp_path / "bench"
+    holder = _holder(outdir)  # stands in for rank 0
+    try:
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        with bench.lock_outdir(SimpleNamespace(outdir=outdir)):
+            pass
+        monkeypatch.setenv("RANK", "0")
+        with pytest.raises(FolderLocked, match=f"pid {holder.pid}"):
+            bench.lock_outdir(SimpleNamespace(outdir=outdir))
+    finally:
+        holder.communicate("")
