@@ -159,7 +159,7 @@ def check(settings: BenchmarkSettings, classifier=None):
     ``--classifier`` (the toy world passes its ground-truth classifier). A scorer loaded here to prove that it
     loads (the classifier) is kept in ``plan.preloaded`` for the suites' ``load`` step."""
     from evaluation.models import check_models, parse_models
-    from evaluation.runner import Plan, check_folders, groups
+    from evaluation.runner import Plan, check_folders, check_table_inputs, groups
     from evaluation.suites import SUITES
     from ldm.util import load_model_config
     from runtime.cli import UsageError, check_output, parse_devices
@@ -195,6 +195,7 @@ def check(settings: BenchmarkSettings, classifier=None):
                 validate_generation_args([rows[suite.name][i].prompt for i in idx],
                                          s.sampling(scale=scale, height=h, width=w), devices)
     check_output(s.outdir, "--outdir", kind="dir")
+    check_table_inputs(Path(s.outdir))  # a damaged summary of another suite: a warning now, not a crash at the end
     # scorers: a model that cannot be loaded offline fails now, with what to download and where
     from scoring.metrics import resolve_clip
 
@@ -242,26 +243,40 @@ def run(settings: BenchmarkSettings, classifier=None, plan=None) -> dict | None:
     from evaluation.runner import generate, score
 
     plan = plan or check(settings, classifier=classifier)
-    if not plan.settings.score_only:
-        from runtime.dist import init_from_launcher
+    with lock_outdir(plan):
+        if not plan.settings.score_only:
+            from runtime.dist import init_from_launcher
 
-        plan.extras["shard"] = init_from_launcher()  # torchrun: each rank makes its share, rank 0 scores
-        generate(plan)
-        if plan.extras["shard"] is not None and plan.extras["shard"][0] != 0:
-            return None
-    results = score(plan)  # records, every suite's summary files and results.md/json
+            plan.extras["shard"] = init_from_launcher()  # torchrun: each rank makes its share, rank 0 scores
+            generate(plan)
+            if plan.extras["shard"] is not None and plan.extras["shard"][0] != 0:
+                return None
+        results = score(plan)  # records, every suite's summary files and results.md/json
     md = plan.outdir / "results.md"
     print(md.read_text(encoding="utf-8"))
     print(f"records, summaries and plots -> {plan.outdir}/<suite>/; table -> {md}")
     return results
 
 
+def lock_outdir(plan):
+    """``--outdir``'s lock (``runtime.files.lock_folder``) for this run: a second run on the folder is refused
+    before any work. Under a launcher only rank 0 holds it (its other ranks are the same run)."""
+    import contextlib
+
+    from runtime.dist import is_rank_zero
+    from runtime.files import lock_folder
+
+    return lock_folder(plan.outdir) if is_rank_zero() else contextlib.nullcontext()
+
+
 def main(argv=None, classifier=None) -> int:
-    """``benchmark.py``: a bad input is one ``error:`` line and exit status 2, before any model is built."""
-    from runtime.cli import exit_on_usage_error
+    """``benchmark.py``: a bad input, or an ``--outdir`` another run is using, is one ``error:`` line and exit
+    status 2, before any model is built; a file that cannot be written (disk full) is one line and status 1."""
+    from runtime.cli import exit_on_usage_error, exit_on_write_error
 
     plan = exit_on_usage_error(lambda: check(parse_argv(argv), classifier=classifier))
-    run(plan.settings, plan=plan)
+    with exit_on_usage_error(lambda: lock_outdir(plan)):
+        exit_on_write_error(lambda: run(plan.settings, plan=plan))
     return 0
 
 

@@ -660,6 +660,9 @@ class Folders(Layout):
         name = "base" if spec.kind == "base" else self.checkpoints[spec.name].expname
         return records_dir(self.plan.outpkl) / folder_name(suite) / f"{name}.jsonl"
 
+    def save_summary(self, plan, suite, spec, summary):
+        """Nothing: evaluate.py's table (:meth:`table`) merges its rows into the JSON beside ``--outpkl``."""
+
     def table(self, rp, results):
         """Every checkpoint's row (``{expname: {column: value}}``, its concepts' columns concept by concept) merged
         into the table beside ``--outpkl`` (:func:`update_table`), the chart, the table on stdout; returns the
@@ -799,13 +802,12 @@ def update_table(outpkl: Path, results: dict[str, dict[str, float]]):
                 df[col] = pd.Series(dtype="float64")
             df.loc[expname, col] = float(value)
     df.index.name = "expname"
-    from runtime.files import write_text_atomic
+    from runtime.files import atomic_target, write_text_atomic
 
     write_text_atomic(outpkl.with_suffix(".json"), df.to_json(orient="index", indent=1) + "\n")
     write_text_atomic(outpkl.with_suffix(".csv"), df.to_csv())
-    tmp = outpkl.with_name(f".{outpkl.name}.tmp")
-    df.to_pickle(tmp)  # for the original's readers (pd.read_pickle); never read back here
-    tmp.replace(outpkl)
+    with atomic_target(outpkl) as tmp:
+        df.to_pickle(tmp, compression=None)  # for the original's readers (pd.read_pickle); never read back here
     return df
 
 
@@ -856,8 +858,12 @@ def plot_chart(plan: Plan, results: dict[str, dict[str, float]]) -> Path:
     fig.tight_layout()
     out = chart_path(plan)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    from runtime.files import save_figure_atomic
+
+    try:
+        save_figure_atomic(fig, out, dpi=100)
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -869,16 +875,29 @@ def execute(plan: Plan):
     from evaluation.runner import generate, score
 
     rp = runner_plan(plan)
-    if not plan.settings.eval_stage:
-        from runtime.dist import init_from_launcher
+    with lock_outputs(plan):
+        if not plan.settings.eval_stage:
+            from runtime.dist import init_from_launcher
 
-        # torchrun & co.: every rank generates its share of each folder; rank 0 alone scores them
-        shard = rp.extras["shard"] = init_from_launcher()
-        generate(rp)  # the base's images of every concept (cached across runs), then every checkpoint's
-        if shard is not None and shard[0] != 0:
-            return None
-    rp.preloaded.update(load_scorers(plan, "cuda" if torch.cuda.is_available() else "cpu"))
-    return score(rp)  # Folders.table: the merged table, the chart and the printout
+            # torchrun & co.: every rank generates its share of each folder; rank 0 alone scores them
+            shard = rp.extras["shard"] = init_from_launcher()
+            generate(rp)  # the base's images of every concept (cached across runs), then every checkpoint's
+            if shard is not None and shard[0] != 0:
+                return None
+        rp.preloaded.update(load_scorers(plan, "cuda" if torch.cuda.is_available() else "cpu"))
+        return score(rp)  # Folders.table: the merged table, the chart and the printout
+
+
+def lock_outputs(plan: Plan):
+    """The lock of ``--outpkl``'s folder (``runtime.files.lock_folder``): its table is read, merged and written
+    back, so a second evaluation writing there at the same time would lose the first one's rows; it is refused
+    before any work instead. Under a launcher only rank 0 holds it."""
+    import contextlib
+
+    from runtime.dist import is_rank_zero
+    from runtime.files import lock_folder
+
+    return lock_folder(plan.outpkl.parent) if is_rank_zero() else contextlib.nullcontext()
 
 
 def run(settings: EvaluateSettings):
@@ -888,10 +907,13 @@ def run(settings: EvaluateSettings):
 
 
 def main(argv=None) -> int:
-    """``evaluate.py``: a bad input is one ``error:`` line and exit status 2, before any work."""
-    from runtime.cli import exit_on_usage_error
+    """``evaluate.py``: a bad input, or an output folder another evaluation is using, is one ``error:`` line and
+    exit status 2, before any work; a file that cannot be written (disk full) is one line and status 1."""
+    from runtime.cli import exit_on_usage_error, exit_on_write_error
 
-    execute(exit_on_usage_error(lambda: plan(parse_settings(argv))))
+    the_plan = exit_on_usage_error(lambda: plan(parse_settings(argv)))
+    with exit_on_usage_error(lambda: lock_outputs(the_plan)):
+        exit_on_write_error(lambda: execute(the_plan))
     return 0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from runtime import cli
+from runtime.files import write_text_atomic
 from runtime.resources import DEFAULT_BASE_CKPT, DEFAULT_CONFIG, weights_path
 
 if TYPE_CHECKING:
@@ -436,10 +437,10 @@ def sample_prompts(model, prompts, settings: SamplingSettings, hooks=None, decod
 
 
 def _save_png(array, path: Path):
-    from PIL import Image
+    from runtime.files import save_png_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    save_png_atomic(array, path)
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -500,7 +501,7 @@ def run_discover(settings: DiscoverSettings, plan: DiscoverPlan | None = None) -
                "masked_per_call": [sum(c) for c in counts], "n_pairs": len(pairs.base)}
     if s.arithmetic != "ours":
         summary["arithmetic"] = s.arithmetic
-    (outdir / "discover.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(outdir / "discover.json", json.dumps(summary, indent=1))
     print(f"masks ({n_calls} calls x {len(layers)} layers, skill_ratio {sr:g}) -> {masks_path}")
     return summary
 
@@ -530,7 +531,7 @@ def run_check(settings: CheckSettings, plan: CheckPlan | None = None) -> list[Pa
         path = outdir / "check" / f"{i:03d}.png"
         _save_png(np.concatenate([a, gap, b], axis=1), path)
         written.append(path)
-    (outdir / "check" / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    write_text_atomic(outdir / "check" / "prompts.txt", "".join(p + "\n" for p in prompts))
     print(f"{len(written)} original|pruned pairs -> {outdir / 'check'}")
     return written
 
@@ -560,7 +561,8 @@ def run_prune(settings: PruneSettings, plan: PrunePlan | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_delta(out, out_sd, metadata={"conceptprune": json.dumps(info)})
     per_layer = {x["name"]: round(int(u.sum()) / u.numel(), 6) for x, u in zip(layers, unions)}
-    out.with_name(out.stem + ".json").write_text(json.dumps({**info, "density_per_layer": per_layer}, indent=1))
+    write_text_atomic(out.with_name(out.stem + ".json"),
+                      json.dumps({**info, "density_per_layer": per_layer}, indent=1))
     if out.parent.name == "checkpoints":  # a run folder: evaluate.py --root finds the model config there
         from omegaconf import OmegaConf
 
@@ -585,7 +587,7 @@ def run(settings: Settings, plan: Plan | None = None):
 def main(argv=None) -> int:
     """``conceptprune.py``: a bad input is one ``error:`` line and exit status 2, before any work."""
     plan = cli.exit_on_usage_error(lambda: check(parse_argv(argv)))  # CheckpointError/MaskError included
-    run(plan.settings, plan)
+    cli.exit_on_write_error(lambda: run(plan.settings, plan))  # a full disk: one line naming the folder, status 1
     return 0
 
 

@@ -31,7 +31,8 @@ from typing import Any, Callable, Iterable, Mapping
 __all__ = ["ArgumentParser", "UsageError", "parse_devices", "GPUS_HELP", "positive_int", "nonnegative_int",
            "finite_float", "nonnegative_float", "positive_float", "image_side", "guidance_scale", "seed_int",
            "comma_list", "MAX_IMAGE_SIDE", "MAX_GUIDANCE", "SEED_LIMIT", "image_side_problem", "guidance_problem",
-           "seed_problem", "check_output", "check_distinct_outputs", "check_config_values", "exit_on_usage_error"]
+           "seed_problem", "check_output", "check_distinct_outputs", "check_config_values", "exit_on_usage_error",
+           "exit_on_write_error"]
 
 
 class UsageError(ValueError):
@@ -321,6 +322,18 @@ def _select(d: Mapping, key: str):
 
 
 # ---------------------------------------------------------------------------------------- scripts
+def exit_on_write_error(fn: Callable[[], Any]) -> Any:
+    """Run a script's work ``fn``; a file it cannot write (``runtime.files.WriteError``: disk full, no permission)
+    becomes its one ``error:`` line, naming the folder, and exit status 1 (no traceback)."""
+    from runtime.files import WriteError
+
+    try:
+        return fn()
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 def exit_on_usage_error(fn: Callable[[], Any]) -> Any:
     """Run a script's cheap setup ``fn``; a bad input becomes one ``error:`` line and exit status 2."""
     # UsageError is a ValueError, CheckpointError a RuntimeError, a missing file an OSError

@@ -58,7 +58,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpmpp import DPMPP2MSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from runtime.cli import guidance_problem, image_side_problem, seed_problem
-from runtime.files import image_is_complete, read_text_lines, save_png_atomic, write_text_atomic
+from runtime.files import image_is_complete, read_text_lines, save_png_atomic, temp_in_use, write_text_atomic
 
 __all__ = ["Sampling", "generate_images", "validate_generation_args", "check_prompts", "check_devices",
            "GenerationPlanError", "PLAN_FILE", "SAMPLERS", "PRECISIONS", "plan_dict", "plan_diff", "latent_shape",
@@ -476,6 +476,8 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     samples.mkdir(parents=True, exist_ok=True)
     write_text_atomic(plan_file, json.dumps(plan, indent=1) + "\n")
     for stale in samples.glob(".*.tmp"):  # leftovers of a killed run (never a finished image)
+        if temp_in_use(stale):  # another process writing in this folder right now
+            continue
         owner = int(stale.name[1:6]) // batch_size % shard[1] if shard and stale.name[1:6].isdigit() else None
         if shard is None or owner == shard[0]:  # other ranks may be writing theirs right now
             stale.unlink(missing_ok=True)

@@ -189,7 +189,10 @@ def save_grid(paths: list[Path], columns: int, out: Path) -> None:
     grid = Image.new("RGB", (columns * w, rows * h))
     for i, p in enumerate(paths):
         grid.paste(Image.open(p).convert("RGB"), ((i % columns) * w, (i // columns) * h))
-    grid.save(out, quality=70)
+    from runtime.files import write_bytes_atomic
+
+    fmt = Image.registered_extensions().get(Path(out).suffix.lower(), "JPEG")  # grid_name: .jpg
+    write_bytes_atomic(out, lambda f: grid.save(f, format=fmt, quality=70), "the grid", sync=False)
 
 
 HANDOVER = "handover.json"
@@ -275,7 +278,8 @@ def _sample(s: SampleSettings) -> list[Path]:
 
 def main(argv=None) -> int:
     """``python sample.py ...``: a bad input is one ``error:`` line and exit status 2, before any work."""
-    _sample(cli.exit_on_usage_error(lambda: settings_from_argv(argv)))
+    settings = cli.exit_on_usage_error(lambda: settings_from_argv(argv))
+    cli.exit_on_write_error(lambda: _sample(settings))  # a full disk: one line naming the folder, status 1
     return 0
 
 
