@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from runtime.files import image_is_complete, read_text_lines, sha256_file, write_text_atomic
+from runtime.files import atomic_target, image_is_complete, read_text_lines, sha256_file, write_text_atomic
 from runtime.generate import Sampling, check_devices, check_prompts, generate_images
 from scoring.sscd import THRESHOLD, load_sscd, memorization_rate, similarities
 
@@ -233,9 +233,8 @@ def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathL
         for p, _ in kept:
             dst = samples / p.name
             if not image_is_complete(dst):
-                tmp = samples / f".{p.name}.{os.getpid()}.tmp"
-                shutil.copyfile(p, tmp)
-                os.replace(tmp, dst)
+                with atomic_target(dst, "images") as tmp:
+                    shutil.copyfile(p, tmp)
         write_text_atomic(caption_txt, "".join(c + "\n" for _, c in kept))
         write_text_atomic(images_txt, "".join(f"samples/{p.name}\n" for p, _ in kept))
         print(f"{gen}: kept {len(kept)} of {len(paths)} anchor images "

@@ -520,10 +520,10 @@ def run(settings: TrainSettings) -> Path | None:
 
 def main(argv=None) -> int:
     """train.py: bad input is one ``error:`` line and exit status 2, before any work; then :func:`run`."""
-    from runtime.cli import exit_on_usage_error
+    from runtime.cli import exit_on_usage_error, exit_on_write_error
 
     settings = exit_on_usage_error(lambda: settings_from_argv(argv))
-    run(settings)
+    exit_on_write_error(lambda: run(settings))  # a full disk (anchor images, records): one line, status 1
     return 0
 
 

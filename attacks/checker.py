@@ -10,7 +10,7 @@ from contextlib import nullcontext
 
 import torch
 
-from runtime.generate import Sampling, latent_shape, sample_conditioned
+from runtime.generate import Sampling, latent_shape, sample_conditioned, start_noise
 
 from .base import Check
 
@@ -37,8 +37,11 @@ class GenerationChecker:
         cond = cond.detach().to(self.device)
         if cond.ndim != 3 or cond.shape[0] != 1:
             raise ValueError(f"a check takes one conditioning [1, 77, D], got {tuple(cond.shape)}")
-        gen = torch.Generator().manual_seed(self.seed)
-        x_T = torch.randn(self.shape, generator=gen)[None].to(self.device)
+        gen = torch.Generator().manual_seed(self.seed)  # then each check's eta noise, as Runner's
+        if self.sampling.noise == "original":
+            x_T = start_noise(self.shape, self.seed, self.device, "original")[None]
+        else:  # drawn from gen itself, as Runner does: gen continues after it
+            x_T = torch.randn(self.shape, generator=gen)[None].to(self.device)
         with self.amp():
             image = sample_conditioned(self.model, self.sampling, cond, self.uncond, x_T, [gen])[0]
         verdict = dict(self.judge([image])[0])

@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--H", type=cli.image_side, default=512)
     g.add_argument("--W", type=cli.image_side, default=512)
     g.add_argument("--precision", choices=["autocast", "full"], default="autocast", help="autocast: fp16 on CUDA")
+    g.add_argument("--noise", choices=["ours", "original"], default="ours",
+                   help="start noise: ours, a CPU generator seeded with the row's seed (UnlearnDiffAtk's draw); "
+                        "original: ConceptPrune's CUDA fp16 draw")
+    g.add_argument("--pixels", choices=["round", "truncate"], default="round",
+                   help="8-bit conversion of the checked images: round (UnlearnDiffAtk's and diffusers') or truncate")
     g.add_argument("--outdir", default="outputs/attack")
     g.add_argument("--gpus", default=None, help=cli.GPUS_HELP + "; the prompts are shared out (or run under torchrun)")
     s = p.add_argument_group("judges")
@@ -218,7 +223,7 @@ def check(settings: AttackSettings) -> AttackPlan:
     from ldm.util import load_model_config
     from runtime.cli import check_output, parse_devices
     from runtime.files import image_is_complete
-    from runtime.generate import validate_generation_args
+    from runtime.generate import check_noise, validate_generation_args
 
     s = settings
     if isinstance(s.attacks, str):
@@ -237,6 +242,7 @@ def check(settings: AttackSettings) -> AttackPlan:
     rows = _fit_tokens(rows, s, attacks)
     preset = dataclasses.replace(preset, rows=rows)
     devices = parse_devices(s.gpus)
+    check_noise(s.noise, devices)
     for scale in sorted({float(r.guidance if r.guidance is not None else s.scale) for r in rows}):
         validate_generation_args([r.prompt for r in rows], s.sampling(scale), devices)
     check_models(models, model_config, s.base)
@@ -567,34 +573,48 @@ def run(settings: AttackSettings, plan: AttackPlan | None = None) -> dict | None
     from runtime.dist import barrier, init_from_launcher, local_devices
 
     plan = plan or check(settings)
-    shard = init_from_launcher()
-    if plan.needs_targets() and not plan.settings.targets:
-        make_targets(plan, shard)
-    if shard is not None:
-        work(plan, shard, local_devices(plan.devices)[0])
-        barrier()
-        if shard[0] != 0:
-            return None
-    elif len(plan.devices) > 1:
-        import torch.multiprocessing as mp
+    with lock_outdir(plan):
+        shard = init_from_launcher()
+        if plan.needs_targets() and not plan.settings.targets:
+            make_targets(plan, shard)
+        if shard is not None:
+            work(plan, shard, local_devices(plan.devices)[0])
+            barrier()
+            if shard[0] != 0:
+                return None
+        elif len(plan.devices) > 1:
+            import torch.multiprocessing as mp
 
-        mp.start_processes(_worker, args=(plan.settings, plan.devices), nprocs=len(plan.devices), join=True,
-                           start_method="spawn")
-    else:
-        work(plan, None, plan.devices[0])
-    summaries = write_results(plan)
+            mp.start_processes(_worker, args=(plan.settings, plan.devices), nprocs=len(plan.devices), join=True,
+                               start_method="spawn")
+        else:
+            work(plan, None, plan.devices[0])
+        summaries = write_results(plan)
     md = plan.outdir / "results.md"
     print(md.read_text(encoding="utf-8"))
     print(f"records -> {concept_dir(plan)}/<model>/<attack>/; table -> {md}")
     return summaries
 
 
+def lock_outdir(plan: AttackPlan):
+    """``--outdir``'s lock (``runtime.files.lock_folder``, as benchmark.py's): a second run on the folder is refused
+    before any work; under a launcher only rank 0 holds it (the other ranks are the same run)."""
+    import contextlib
+
+    from runtime.dist import is_rank_zero
+    from runtime.files import lock_folder
+
+    return lock_folder(plan.outdir) if is_rank_zero() else contextlib.nullcontext()
+
+
 def main(argv=None) -> int:
-    """``attack.py``: a bad input is one ``error:`` line and exit status 2, before any model is built."""
-    from runtime.cli import exit_on_usage_error
+    """``attack.py``: a bad input, or an ``--outdir`` another run is using, is one ``error:`` line and exit status 2,
+    before any model is built; a file that cannot be written (disk full) is one line and status 1."""
+    from runtime.cli import exit_on_usage_error, exit_on_write_error
 
     plan = exit_on_usage_error(lambda: check(parse_argv(argv)))
-    run(plan.settings, plan=plan)
+    with exit_on_usage_error(lambda: lock_outdir(plan)):
+        exit_on_write_error(lambda: run(plan.settings, plan=plan))
     return 0
 
 

@@ -11,10 +11,11 @@ from runtime.resources import DEFAULT_BASE_CKPT, DEFAULT_CONFIG
 class AttackSettings:
     """``attack.py``: one field per flag, with its default.
 
-    The checking generations default to UnlearnDiffAtk's checker (``ClassifierTask.sampling``): 50 steps,
-    guidance 7.5 (or the row's ``evaluation_guidance``), seed 0 (or the row's ``evaluation_seed``), 512 px; its
-    LMS scheduler has no sampler here, so the default is PLMS, the benchmark's deterministic stand-in for
-    diffusers' schedulers (docs/explanation/differences-from-original.md)."""
+    The checking generations default to UnlearnDiffAtk's checker (``ClassifierTask.sampling``): 50 steps, guidance
+    7.5 (or the row's ``evaluation_guidance``), seed 0 (or the row's ``evaluation_seed``), 512 px, start noise from
+    a CPU generator seeded with it (``noise="ours"`` draws the same), pixels rounded. Its LMS scheduler has no
+    sampler here, so the default is PLMS, the benchmark's deterministic stand-in for diffusers' schedulers
+    (docs/explanation/differences-from-original.md)."""
     attacks: tuple[str, ...]
     concept: str
     # models (benchmark.py's flags)
@@ -43,6 +44,8 @@ class AttackSettings:
     W: int = 512
     seed: int = 0
     precision: str = "autocast"
+    noise: str = "ours"
+    pixels: str = "round"
     # outputs and devices
     outdir: str = "outputs/attack"
     gpus: str | None = None
@@ -57,4 +60,5 @@ class AttackSettings:
         """The checks' sampler settings (``scale``: a row's own guidance; one image per call)."""
         return Sampling(sampler=self.sampler, steps=self.steps, eta=self.eta if self.sampler == "ddim" else 0.0,
                         scale=self.scale if scale is None else float(scale), height=self.H, width=self.W,
-                        batch_size=1, seed=self.seed, precision=self.precision)
+                        batch_size=1, seed=self.seed, precision=self.precision, noise=self.noise,
+                        pixels=self.pixels)

@@ -38,12 +38,8 @@ the first image is made.
 """  # noqa: E501 (--help text, kept as printed)
 
 
-def _comma_list(v: str) -> list[str]:
-    return [c.strip() for c in v.split(",") if c.strip()]
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from evaluation.suites import NUDITY_SETS, SUITES
+    from evaluation.suites import COCO_ORDERS, EMPTY_PROMPTS, NUDITY_SETS, SUITES
     from runtime import cli
 
     p = cli.ArgumentParser(description=DESCRIPTION)
@@ -64,12 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=["plms", "ddim", "dpmpp_2m"], default="plms",
                    help="plms: the deterministic PNDM-like sampler of the originals' diffusers pipelines")
     g.add_argument("--steps", type=cli.positive_int, default=50)
-    g.add_argument("--scale", type=cli.finite_float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument("--scale", type=cli.guidance_scale, default=7.5, help="classifier-free guidance scale")
     g.add_argument("--eta", type=cli.nonnegative_float, default=0.0, help="DDIM eta (ddim only)")
     g.add_argument("--H", type=cli.image_side, default=512)
     g.add_argument("--W", type=cli.image_side, default=512)
     g.add_argument("--batch_size", type=cli.positive_int, default=4)
     g.add_argument("--precision", choices=["autocast", "full"], default="autocast", help="autocast: fp16 on CUDA")
+    g.add_argument("--noise", choices=["ours", "original"], default="ours",
+                   help="start noise of each row: ours (a CPU fp32 generator seeded with the row's seed, any device) "
+                        "or original (the original scripts' draw: fp16 randn on the CUDA device after "
+                        "torch.manual_seed(seed); CUDA only)")
+    g.add_argument("--pixels", choices=["round", "truncate"], default="round",
+                   help="float to 8-bit: round (the originals' diffusers numpy_to_pil) or truncate (the CompVis "
+                        "scripts', and this command's before the option existed)")
     g.add_argument("--gpus", default=None, help=cli.GPUS_HELP)
     g.add_argument("--limit", type=cli.positive_int, default=None,
                    help="only the first N rows of each prompt set (per artist for artist) - a quick run")
@@ -88,16 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classifier_labels", default=None, help="class names of a TorchScript classifier, one per line")
     s.add_argument("--sscd_ckpt", default=None, help="SSCD TorchScript model (memorization)")
     s.add_argument("--score_device", default=None, help="device of the scorers (default: cuda if available)")
+    s.add_argument("--clip_precision", choices=["full", "autocast"], default="full",
+                   help="CLIP in fp32 (full: the originals') or under fp16 autocast on CUDA")
     a = p.add_argument_group("artist")
     a.add_argument("--artist", action="append", default=[],
                    help="an artist of ConceptPrune (default: all five) or a prompt file (.txt / the original's CSV)")
+    a.add_argument("--artist_jpeg", action="store_true",
+                   help="score JPEG re-reads of the images (PIL's default quality 75), as the original's "
+                        "artist_erasure.py scores the .jpg files it saved")
     n = p.add_argument_group("nudity")
     n.add_argument("--prompt_set", choices=NUDITY_SETS, default="i2p")
     n.add_argument("--prompts", default=None, help="the prompt set's CSV (or hf:OWNER/NAME[:FILE] when online)")
-    n.add_argument("--categories", type=_comma_list, default=None,
+    n.add_argument("--categories", type=cli.comma_list, default=None,
                    help="I2P: only rows of these categories (comma-separated, e.g. sexual); default: all rows")
     n.add_argument("--row_settings", action="store_true",
                    help="I2P: each row's evaluation_seed/guidance/size instead of the original's seed 0 and defaults")
+    n.add_argument("--empty_prompts", choices=EMPTY_PROMPTS, default="error",
+                   help="a row whose prompt is empty or only whitespace: error (refused, naming its line) or skip "
+                        "(left out; the count is in the summary as skipped_empty_prompts)")
     o = p.add_argument_group("objects")
     o.add_argument("--target_class", default=None, help="the erased Imagenette class (e.g. 'garbage truck')")
     o.add_argument("--removal_mode", choices=["erase", "keep", "both"], default="both",
@@ -107,12 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="another object prompt set, in the original's imagenette.csv format (class, prompt, "
                         "evaluation_seed)")
     gg = p.add_argument_group("gender")
-    gg.add_argument("--professions", type=_comma_list, default=None,
+    gg.add_argument("--professions", type=cli.comma_list, default=None,
                     help="comma-separated (default: the original's 36)")
     gg.add_argument("--gender_seeds", type=cli.positive_int, default=250, help="seeds 0..N-1 per profession")
     c = p.add_argument_group("coco")
     c.add_argument("--captions", default=None, help="captions: one per line, or COCO's captions JSON")
     c.add_argument("--n_captions", type=cli.positive_int, default=None, help="the first N captions (original: 480)")
+    c.add_argument("--coco_order", choices=COCO_ORDERS, default="shuffled",
+                   help="COCO's captions JSON: shuffled = the original's selection (all annotations shuffled by "
+                        "numpy's legacy generator seeded 0, then the first N); file = annotation order. A text "
+                        "file is always read in its order")
     mm = p.add_argument_group("memorization")
     mm.add_argument("--mem_jsonl", default=None, help="Wen et al.'s sdv1_500_mem_groundtruth.jsonl")
     mm.add_argument("--gt_dir", default=None, help="its gt_images folder (default: beside the jsonl)")
@@ -144,7 +159,7 @@ def check(settings: BenchmarkSettings, classifier=None):
     ``--classifier`` (the toy world passes its ground-truth classifier). A scorer loaded here to prove that it
     loads (the classifier) is kept in ``plan.preloaded`` for the suites' ``load`` step."""
     from evaluation.models import check_models, parse_models
-    from evaluation.runner import Plan, check_folders, groups
+    from evaluation.runner import Plan, check_folders, check_table_inputs, groups
     from evaluation.suites import SUITES
     from ldm.util import load_model_config
     from runtime.cli import UsageError, check_output, parse_devices
@@ -180,6 +195,7 @@ def check(settings: BenchmarkSettings, classifier=None):
                 validate_generation_args([rows[suite.name][i].prompt for i in idx],
                                          s.sampling(scale=scale, height=h, width=w), devices)
     check_output(s.outdir, "--outdir", kind="dir")
+    check_table_inputs(Path(s.outdir))  # a damaged summary of another suite: a warning now, not a crash at the end
     # scorers: a model that cannot be loaded offline fails now, with what to download and where
     from scoring.metrics import resolve_clip
 
@@ -227,26 +243,40 @@ def run(settings: BenchmarkSettings, classifier=None, plan=None) -> dict | None:
     from evaluation.runner import generate, score
 
     plan = plan or check(settings, classifier=classifier)
-    if not plan.settings.score_only:
-        from runtime.dist import init_from_launcher
+    with lock_outdir(plan):
+        if not plan.settings.score_only:
+            from runtime.dist import init_from_launcher
 
-        plan.extras["shard"] = init_from_launcher()  # torchrun: each rank makes its share, rank 0 scores
-        generate(plan)
-        if plan.extras["shard"] is not None and plan.extras["shard"][0] != 0:
-            return None
-    results = score(plan)  # records, every suite's summary files and results.md/json
+            plan.extras["shard"] = init_from_launcher()  # torchrun: each rank makes its share, rank 0 scores
+            generate(plan)
+            if plan.extras["shard"] is not None and plan.extras["shard"][0] != 0:
+                return None
+        results = score(plan)  # records, every suite's summary files and results.md/json
     md = plan.outdir / "results.md"
     print(md.read_text(encoding="utf-8"))
     print(f"records, summaries and plots -> {plan.outdir}/<suite>/; table -> {md}")
     return results
 
 
+def lock_outdir(plan):
+    """``--outdir``'s lock (``runtime.files.lock_folder``) for this run: a second run on the folder is refused
+    before any work. Under a launcher only rank 0 holds it (its other ranks are the same run)."""
+    import contextlib
+
+    from runtime.dist import is_rank_zero
+    from runtime.files import lock_folder
+
+    return lock_folder(plan.outdir) if is_rank_zero() else contextlib.nullcontext()
+
+
 def main(argv=None, classifier=None) -> int:
-    """``benchmark.py``: a bad input is one ``error:`` line and exit status 2, before any model is built."""
-    from runtime.cli import exit_on_usage_error
+    """``benchmark.py``: a bad input, or an ``--outdir`` another run is using, is one ``error:`` line and exit
+    status 2, before any model is built; a file that cannot be written (disk full) is one line and status 1."""
+    from runtime.cli import exit_on_usage_error, exit_on_write_error
 
     plan = exit_on_usage_error(lambda: check(parse_argv(argv), classifier=classifier))
-    run(plan.settings, plan=plan)
+    with exit_on_usage_error(lambda: lock_outdir(plan)):
+        exit_on_write_error(lambda: run(plan.settings, plan=plan))
     return 0
 
 

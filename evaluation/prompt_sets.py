@@ -19,7 +19,15 @@ reader                    data                                                se
 Every prompt has its whitespace collapsed to single spaces (``" ".join(prompt.split())``): the image
 generator writes one prompt per line, and SD v1's CLIP tokenizer collapses whitespace itself
 (``whitespace_clean``), so the conditioning is unchanged. Every reader fails early with
-``PromptSetError`` naming the file and what is wrong.
+``PromptSetError`` naming the file and what is wrong, the line (or row) included where there is one:
+
+* a CSV with a quoted field that is never closed (it would swallow the rest of the file into one prompt; pandas,
+  the originals' reader, refuses it too);
+* an empty or whitespace-only prompt (it would be generated as an unconditional image and scored); the nudity
+  readers take ``skipped=[]`` to leave such rows out instead, collecting their lines;
+* a per-row seed, guidance or size outside the limits of :mod:`runtime.cli` (seeds in [0, 2**63), guidance finite
+  with ``|g| <= 100``, sides multiples of 8 up to 4096), so a bad row fails when the set is read, not when
+  generation reaches it.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from runtime.cli import guidance_problem, image_side_problem, seed_problem
 from runtime.resources import asset_path
 
 
@@ -152,9 +161,47 @@ def _as_path(path: str | os.PathLike) -> Path:
     return Path(path).expanduser()
 
 
+def _unclosed_quote_line(text: str) -> int | None:
+    """The line where a quoted CSV field opens and never closes, else None.
+
+    Python's csv reader (non-strict, as used here so that ``"abc"def`` reads like pandas reads it) silently takes
+    everything up to the end of the file into such a field. The scan follows its rules: a quote opens a quoted
+    field only at the start of a field, ``""`` inside one is a literal quote, and a quote elsewhere is text."""
+    line, start, state = 1, None, "start"
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if state == "quoted":
+            if c == '"':
+                if i + 1 < n and text[i + 1] == '"':
+                    i += 2
+                    continue
+                state = "field"
+            elif c == "\n":
+                line += 1
+        elif c == '"' and state == "start":
+            state, start = "quoted", line
+        elif c in ",\n":
+            line += c == "\n"
+            state = "start"
+        else:
+            state = "field"
+        i += 1
+    return start if state == "quoted" else None
+
+
+def _csv_reader(path: Path, text: str):
+    """A csv reader over ``text``, once no quoted field of it runs to the end of the file."""
+    line = _unclosed_quote_line(text)
+    if line is not None:
+        raise PromptSetError(f"{path}: line {line}: a quoted field opens here and is never closed (unterminated "
+                             f"quote: it would take the rest of the file as one prompt)")
+    return csv.reader(io.StringIO(text, newline=""))
+
+
 def _csv_records(path: Path, text: str, what: str):
     """``(header, [(line, {column: value}), ...])`` of a CSV with a header; ``line`` is where the record starts."""
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = _csv_reader(path, text)
     try:
         header = next(reader)
         while not any(h.strip() for h in header):
@@ -212,12 +259,36 @@ def _check_seeds(seeds: Iterable[int], where: str) -> list[int]:
         if isinstance(s, bool) or not hasattr(s, "__index__"):
             raise PromptSetError(f"{where}: seed {s!r} is not an integer")
         s = int(s)
-        if s < 0:
-            raise PromptSetError(f"{where}: seed {s} is negative")
+        if seed_problem(s):
+            raise PromptSetError(f"{where}: seed {s} is out of range (must be {seed_problem(s)})")
         out.append(s)
     if not out:
         raise PromptSetError(f"{where}: no seeds given")
     return out
+
+
+def _row_value(path: Path, line: int, column: str, value, problem, text: str) -> None:
+    """Refuse a per-row setting that ``problem`` (a limit of :mod:`runtime.cli`) rejects, naming file, line, column
+    and the value as ``text`` writes it."""
+    want = problem(value)
+    if want:
+        raise PromptSetError(f"{path}: line {line}: bad {column} value {text.strip()!r} (must be {want})")
+
+
+def _prompt(path: Path, line: int, column: str, value: str, skipped: list | None = None,
+            skippable: bool = False) -> str | None:
+    """The cleaned prompt of a row; an empty one raises naming the line, or (``skipped`` a list) is recorded there
+    and gives None: an empty prompt would be generated as an unconditional image and scored as if it were one.
+    ``skippable``: the message names the benchmark's ``--empty_prompts skip`` (the readers that take it)."""
+    prompt = clean_prompt(value)
+    if prompt:
+        return prompt
+    if skipped is None:
+        hint = "; fix the row, or leave such rows out with --empty_prompts skip" if skippable else ""
+        raise PromptSetError(f"{path}: line {line}: empty {column} (an empty prompt would make an unconditional "
+                             f"image){hint}")
+    skipped.append(line)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +347,7 @@ def _split_categories(value: str) -> list[str]:
 
 
 def read_i2p(path: str | os.PathLike, categories: str | Iterable[str] | None = None,
-             row_settings: bool = False) -> list[Row]:
+             row_settings: bool = False, skipped: list | None = None) -> list[Row]:
     """The I2P benchmark CSV (``prompt``, ``categories``, ``evaluation_seed``, ``evaluation_guidance``,
     ``sd_image_width``, ``sd_image_height``, ...; other columns are ignored).
 
@@ -287,7 +358,9 @@ def read_i2p(path: str | os.PathLike, categories: str | Iterable[str] | None = N
     ``evaluation_seed``/``evaluation_guidance``/``sd_image_width``/``sd_image_height`` instead.
     ``id`` is ``i2p-NNNNN`` with NNNNN the row's position in the file (stable under filtering);
     ``meta`` has ``categories`` (a list), ``line`` (where the record starts in the file) and, when the
-    file has them, ``nudity_percentage``, ``inappropriate_percentage`` and ``hard``.
+    file has them, ``nudity_percentage``, ``inappropriate_percentage`` and ``hard``. Every row's settings are
+    range-checked when read (``row_settings``). An empty prompt raises, or with ``skipped`` (a list) the row is
+    left out and its line appended (after the category filter: only rows that would be generated count).
     """
     path = _as_path(path)
     what = "I2P prompt CSV"
@@ -318,27 +391,29 @@ def read_i2p(path: str | os.PathLike, categories: str | Iterable[str] | None = N
         seed, guidance, height, width = 0, None, None, None
         if row_settings:
             seed = _number(path, line, "evaluation_seed", rec["evaluation_seed"], int)
-            if seed < 0:
-                raise PromptSetError(f"{path}: line {line}: bad evaluation_seed value {seed} (negative)")
             guidance = _number(path, line, "evaluation_guidance", rec["evaluation_guidance"], float)
             width = _number(path, line, "sd_image_width", rec["sd_image_width"], int)
             height = _number(path, line, "sd_image_height", rec["sd_image_height"], int)
-            for name, v in (("sd_image_width", width), ("sd_image_height", height)):
-                if v <= 0 or v % 8:
-                    raise PromptSetError(f"{path}: line {line}: bad {name} value {v} "
-                                         f"(expected a positive multiple of 8)")
-        rows.append(Row(f"i2p-{i:05d}", clean_prompt(rec["prompt"]), seed, guidance, height, width, meta))
-    if wanted and not rows:
+            for column, v, problem in (("evaluation_seed", seed, seed_problem),
+                                       ("evaluation_guidance", guidance, guidance_problem),
+                                       ("sd_image_width", width, image_side_problem),
+                                       ("sd_image_height", height, image_side_problem)):
+                _row_value(path, line, column, v, problem, rec[column])
+        prompt = _prompt(path, line, "prompt", rec["prompt"], skipped, skippable=True)
+        if prompt is not None:
+            rows.append(Row(f"i2p-{i:05d}", prompt, seed, guidance, height, width, meta))
+    if wanted and not rows and not skipped:
         raise PromptSetError(f"{path}: no row has categor{'y' if len(wanted) == 1 else 'ies'} "
                              f"{', '.join(sorted(wanted))}; the file's categories are: "
                              f"{', '.join(sorted(seen_categories)) or 'none'}")
     return rows
 
 
-def read_mma(path: str | os.PathLike) -> list[Row]:
+def read_mma(path: str | os.PathLike, skipped: list | None = None) -> list[Row]:
     """The MMA-Diffusion adversarial-prompt CSV (``hf:YijunYang280/MMA-Diffusion-NSFW-adv-prompts-benchmark``):
     column ``adv_prompt`` (as ``nudity_eval.py``), seed 0. ``meta``: ``line`` and, when present,
-    ``target_prompt`` (the prompt the attack started from)."""
+    ``target_prompt`` (the prompt the attack started from). An empty ``adv_prompt`` raises, or with ``skipped``
+    (a list) the row is left out and its line appended; ids keep the row's position in the file."""
     path = _as_path(path)
     what = "MMA-Diffusion prompt CSV"
     header, records = _csv_records(path, _read_text(path, what), what)
@@ -348,11 +423,13 @@ def read_mma(path: str | os.PathLike) -> list[Row]:
         meta = {"line": line}
         if rec.get("target_prompt", "").strip():
             meta["target_prompt"] = clean_prompt(rec["target_prompt"])
-        rows.append(Row(f"mma-{i:04d}", clean_prompt(rec["adv_prompt"]), 0, meta=meta))
+        prompt = _prompt(path, line, "adv_prompt", rec["adv_prompt"], skipped, skippable=True)
+        if prompt is not None:
+            rows.append(Row(f"mma-{i:04d}", prompt, 0, meta=meta))
     return rows
 
 
-def read_ring_a_bell(path: str | os.PathLike, headerless: str = "lines") -> list[Row]:
+def read_ring_a_bell(path: str | os.PathLike, headerless: str = "lines", skipped: list | None = None) -> list[Row]:
     """Ring-A-Bell nudity prompts, seed 0.
 
     ConceptPrune's ``datasets/Nudity_ring-a-bell.csv`` has no header: ``nudity_eval.py`` reads it line
@@ -361,7 +438,9 @@ def read_ring_a_bell(path: str | os.PathLike, headerless: str = "lines") -> list
     characters and the one quoted record spread over lines 44-45 counts as two prompts, as in the
     original. ``headerless="csv"`` parses the file as a one-column CSV instead (107 prompts, quotes
     removed, the two-line record joined). A file whose first line is a header with a ``prompt``
-    column (Ring-A-Bell's own CSVs) is read by that column either way. ``meta``: ``line``.
+    column (Ring-A-Bell's own CSVs) is read by that column either way. ``meta``: ``line``. An empty prompt in
+    that column raises, or with ``skipped`` (a list) is left out and its line appended (blank lines of a
+    headerless file are no records and are passed over, as the original).
     """
     if headerless not in ("lines", "csv"):
         raise PromptSetError(f"read_ring_a_bell: headerless must be 'lines' or 'csv', not {headerless!r}")
@@ -377,14 +456,16 @@ def read_ring_a_bell(path: str | os.PathLike, headerless: str = "lines") -> list
     if "prompt" in first_fields:
         header, records = _csv_records(path, text, what)
         col = next(h for h in header if h.lower() == "prompt")
-        for i, (line, rec) in enumerate(records):
-            rows.append(Row(f"ringabell-{i:03d}", clean_prompt(rec[col]), 0, meta={"line": line}))
+        for line, rec in records:
+            prompt = _prompt(path, line, col, rec[col], skipped, skippable=True)
+            if prompt is not None:
+                rows.append(Row(f"ringabell-{len(rows):03d}", prompt, 0, meta={"line": line}))
     elif headerless == "lines":
         for n, ln in enumerate(text.split("\n"), start=1):
             if ln.strip():
                 rows.append(Row(f"ringabell-{len(rows):03d}", clean_prompt(ln), 0, meta={"line": n}))
     else:
-        reader = csv.reader(io.StringIO(text, newline=""))
+        reader = _csv_reader(path, text)
         start = 1
         try:
             for fields in reader:
@@ -394,7 +475,7 @@ def read_ring_a_bell(path: str | os.PathLike, headerless: str = "lines") -> list
                 start = reader.line_num + 1
         except csv.Error as e:
             raise PromptSetError(f"{path}: not a readable CSV (line {reader.line_num}: {e})") from None
-    if not rows:
+    if not rows and not skipped:
         raise PromptSetError(f"{path}: no prompts in the {what}")
     return rows
 
@@ -464,7 +545,7 @@ def artist_rows(artist_or_path: str | os.PathLike) -> list[Row]:
                     meta["csv_seed"] = _number(path, line, "evaluation_seed", rec["evaluation_seed"], int)
                 except PromptSetError:
                     pass  # unused, as in the original
-            rows.append(Row(f"{stem}-{i:02d}", clean_prompt(rec["prompt"]), 0, meta=meta))
+            rows.append(Row(f"{stem}-{i:02d}", _prompt(path, line, "prompt", rec["prompt"]), 0, meta=meta))
         return rows
     return [Row(f"{stem}-{i:02d}", p, 0, meta={"line": n})
             for i, (n, p) in enumerate(_text_prompts(path, "artist prompt"))]
@@ -546,12 +627,13 @@ def read_object_csv(path: str | os.PathLike) -> list[Row]:
             raise PromptSetError(f"{path}: line {line}: case_number {n} repeats line {seen[n]}")
         seen[n] = line
         seed = _number(path, line, "evaluation_seed", rec["evaluation_seed"], int)
-        if seed < 0 or n < 0:
-            raise PromptSetError(f"{path}: line {line}: negative {'evaluation_seed' if seed < 0 else 'case_number'}")
+        if n < 0:
+            raise PromptSetError(f"{path}: line {line}: negative case_number")
+        _row_value(path, line, "evaluation_seed", seed, seed_problem, rec["evaluation_seed"])
         cls = " ".join(rec[label].split())
         if not cls:
             raise PromptSetError(f"{path}: line {line}: empty {label}")
-        rows.append(Row(f"imagenette-{n:04d}", clean_prompt(rec["prompt"]), seed,
+        rows.append(Row(f"imagenette-{n:04d}", _prompt(path, line, "prompt", rec["prompt"]), seed,
                         meta={"class": cls, "case_number": n, "line": line}))
     return rows
 
@@ -582,11 +664,31 @@ def gender_rows(professions: Iterable[str] | None = None, seeds: Iterable[int] =
 # COCO captions
 # --------------------------------------------------------------------------------------------------
 
+#: The original's selection from COCO's captions JSON (``utils/base_utils.py: coco_dataset``, ConceptPrune at
+#: 72927d9): the whole ``annotations`` list shuffled in place by numpy's legacy generator after
+#: ``np.random.seed(0)``, then the first ``num_images`` (``eval_coco.py`` and ``coco_txt.py`` pass 480).
+COCO_SHUFFLE_SEED = 0
+COCO_ORIGINAL_COUNT = 480
+
+
+def is_captions_json(path: str | os.PathLike) -> bool:
+    """Whether a captions file is COCO's JSON (its first non-blank character opens a JSON value) rather than
+    a text file with one caption per line; reads only the file's start."""
+    path = _as_path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False  # read_captions says what is wrong with it
+    return head.decode("utf-8", "ignore").lstrip("\ufeff \t\r\n").startswith(("{", "["))
+
+
 def read_captions(path: str | os.PathLike, limit: int | None = None,
                   shuffle_seed: int | None = None) -> list[Row]:
     """COCO captions: a text file with one caption per line (blank lines skipped; the original's
     ``datasets/coco_prompts.txt`` has 480 captions on 481 lines, one caption ending in a line break),
     or COCO's captions JSON (``{"annotations": [{"image_id", "id", "caption"}, ...]}``, in annotation order).
+    An empty or whitespace-only caption in the JSON raises, naming the annotation.
 
     Seed of row i = i. The original (``eval_coco.py``) generates batches of 16 after
     ``torch.manual_seed(0)``, which has no per-image equivalent; per-index seeds make each image
@@ -613,6 +715,9 @@ def read_captions(path: str | os.PathLike, limit: int | None = None,
         for k, a in enumerate(anns):
             if not isinstance(a, dict) or not isinstance(a.get("caption"), str):
                 raise PromptSetError(f"{path}: annotation {k} has no 'caption' string")
+            if not a["caption"].strip():
+                raise PromptSetError(f"{path}: annotation {k} (id {a.get('id')!r}) has an empty caption (it would "
+                                     f"make an unconditional image)")
         if shuffle_seed is not None:
             import numpy as np
             anns = list(anns)
@@ -672,6 +777,7 @@ def read_memorization(jsonl: str | os.PathLike, gt_dir: str | os.PathLike | None
             raise PromptSetError(f"{path}: line {n}: bad index {index!r} (expected an integer or a plain name)")
         if not isinstance(obj["caption"], str):
             raise PromptSetError(f"{path}: line {n}: caption is not a string")
+        _prompt(path, n, "caption", obj["caption"])
         entries.append((n, obj["caption"], index))
     if check_gt and not gt_root.is_dir():
         raise PromptSetError(f"{gt_root}: no ground-truth folder for {path.name} (expected gt_images/<index>/*.png "

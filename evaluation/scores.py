@@ -14,7 +14,8 @@ prompts). The originals use ``openai/clip-vit-base-patch32`` (= ``open_clip:ViT-
 
 Suites and their rules
     artist        :func:`clip_similarities` of (edited image, prompt) and (base image, prompt) ->
-                  :func:`artist_summary`
+                  :func:`artist_summary` (``--artist_jpeg``: of :func:`jpeg_round_trip` images, as the original
+                  scores the JPEGs it saved)
     nudity        :mod:`scoring.nudity` (NudeNet)
     objects       :mod:`scoring.classifier` top-1 names -> :func:`class_accuracy`
     gender        :func:`gender_predictions` of base and edited images -> :func:`reversal_rates`
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 __all__ = ["GENDER_TEXTS", "GENDERS", "SSCD_THRESHOLD", "clip_similarities", "artist_summary", "gender_predictions",
            "reversal_rates", "class_accuracy", "clip_score_mean", "memorization_summary", "preprocess_sscd_dcr",
-           "sscd_similarities"]
+           "sscd_similarities", "jpeg_round_trip"]
 
 GENDER_TEXTS = ("a photo of a man", "a photo of a woman")
 GENDERS = ("man", "woman")
@@ -78,6 +79,25 @@ def clip_similarities(clip, image_paths: Sequence[PathLike], texts: Sequence[str
 
 
 # ---------------------------------------------------------------------------------------- artist
+def jpeg_round_trip(image_paths: Sequence[PathLike]):
+    """Each image as ``artist_erasure.py`` scores it: saved by PIL as JPEG with PIL's defaults (quality 75,
+    4:2:0 chroma subsampling; the original calls ``image.save("....jpg")``) and decoded again, as RGB PIL
+    images in order (in memory: the bytes are those of the saved file)."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for p in image_paths:
+        buf = io.BytesIO()
+        with Image.open(p) as im:
+            im.convert("RGB").save(buf, format="JPEG")
+        buf.seek(0)
+        with Image.open(buf) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
 def artist_summary(sim_edited, sim_base) -> dict:
     """Artist-erasure result over prompts ``i`` (``sim_*[i]`` = raw CLIP cos(image_i, prompt_i)):
 
@@ -112,19 +132,52 @@ def gender_predictions(clip, paths: Sequence[PathLike], batch_size: int = 32) ->
     return [GENDERS[i] for i in cos.argmax(dim=1).tolist()]
 
 
-def reversal_rates(base_pred: Sequence[str], edited_pred: Sequence[str]) -> dict:
-    """Gender-reversal rates of pairs (base image i, edited image i with the same prompt and seed):
+def reversal_rates(base_pred: Sequence[str], edited_pred: Sequence[str],
+                   professions: Sequence[str] | None = None) -> dict:
+    """Gender-reversal rates of pairs (base image i, edited image i with the same prompt and seed), pooled over
+    every pair:
 
     ``m_to_f``          share of base-``"man"`` images whose edited image is ``"woman"``
     ``f_to_m``          share of base-``"woman"`` images whose edited image is ``"man"``
     ``n_base_man``, ``n_base_woman``   the base counts (the denominators)
     ``base_share_man``  n_base_man / N, the base model's share of men
 
+    With ``professions`` (pair i's profession), also per profession as the development repository's
+    ``benchmarks/ratio-gender.py`` computes them, and their means:
+
+    ``per_profession``  {profession: {m_to_f, f_to_m, n_base_man, n_base_woman}} (the rates of its pairs only)
+    ``m_to_f_mean``, ``f_to_m_mean``   the mean of the per-profession rates over the professions where the rate
+                        is defined (the profession has base images of that gender); ``m_to_f_professions``,
+                        ``f_to_m_professions``: how many professions that mean covers
+    ``m_to_f_mean_zero_filled``, ``f_to_m_mean_zero_filled``   ``ratio-gender.py``'s own number: the mean over
+                        every profession, one without base images of that gender counting 0.0
+
     A rate with no base image of that gender is None (``ratio-gender.py`` divides by 1 then and reports
-    0.0, indistinguishable from a failed reversal). The development script scores two edited models, an
-    m->f one against base men and an f->m one against base women: call this once per edited model and read
-    the key of its direction.
+    0.0, indistinguishable from a failed reversal; the ``_zero_filled`` means keep that rule). The development
+    script scores two edited models, an m->f one against base men and an f->m one against base women: call
+    this once per edited model and read the keys of its direction.
     """
+    out = _pooled_reversal(base_pred, edited_pred)
+    if professions is None:
+        return out
+    base, edited, profs = list(base_pred), list(edited_pred), list(professions)
+    if len(profs) != len(base):
+        raise ValueError(f"{len(base)} predictions but {len(profs)} professions")
+    per = {}
+    for p in dict.fromkeys(profs):
+        idx = [i for i, q in enumerate(profs) if q == p]
+        r = _pooled_reversal([base[i] for i in idx], [edited[i] for i in idx])
+        per[p] = {k: r[k] for k in ("m_to_f", "f_to_m", "n_base_man", "n_base_woman")}
+    out["per_profession"] = per
+    for key in ("m_to_f", "f_to_m"):
+        defined = [v[key] for v in per.values() if v[key] is not None]
+        out[f"{key}_mean"] = sum(defined) / len(defined) if defined else None
+        out[f"{key}_professions"] = len(defined)
+        out[f"{key}_mean_zero_filled"] = sum(v[key] or 0.0 for v in per.values()) / len(per)
+    return out
+
+
+def _pooled_reversal(base_pred: Sequence[str], edited_pred: Sequence[str]) -> dict:
     base, edited = list(base_pred), list(edited_pred)
     if len(base) != len(edited):
         raise ValueError(f"{len(base)} base predictions but {len(edited)} edited ones")

@@ -13,7 +13,8 @@ class BenchmarkSettings:
     """``benchmark.py``: one field per flag, with its default. After :func:`check`: ``n_captions`` is ``limit`` when
     only ``--limit`` was given for coco, ``sscd_ckpt`` names the SSCD file memorization uses, and ``clip_resolved``
     / ``mem_clip_resolved`` are what ``scoring.metrics.resolve_clip`` made of ``clip_model`` / ``mem_clip_model``
-    (for the suites that use them)."""
+    (for the suites that use them); ``skipped_empty_prompts`` is how many empty prompts the nudity suite left out
+    under ``empty_prompts="skip"``."""
     suites: tuple[str, ...]
     # models
     base: str = str(DEFAULT_BASE_CKPT)
@@ -32,6 +33,8 @@ class BenchmarkSettings:
     W: int = 512
     batch_size: int = 4
     precision: str = "autocast"
+    noise: str = "ours"  # "original": the originals' CUDA fp16 start noise (runtime.generate.start_noise)
+    pixels: str = "round"  # the diffusers originals' numpy_to_pil; "truncate": the CompVis scripts'
     gpus: str | None = None
     limit: int | None = None
     score_only: bool = False
@@ -44,13 +47,16 @@ class BenchmarkSettings:
     classifier_labels: str | None = None
     sscd_ckpt: str | None = None
     score_device: str | None = None
+    clip_precision: str = "full"  # the originals' fp32 CLIP; "autocast": fp16 autocast on CUDA
     # artist
     artist: tuple[str, ...] = ()
+    artist_jpeg: bool = False  # score JPEG (PIL default, quality 75) re-reads, as artist_erasure.py
     # nudity
     prompt_set: str = "i2p"
     prompts: str | None = None
     categories: tuple[str, ...] | None = None
     row_settings: bool = False
+    empty_prompts: str = "error"
     # objects
     target_class: str | None = None
     removal_mode: str = "both"
@@ -62,6 +68,7 @@ class BenchmarkSettings:
     # coco
     captions: str | None = None
     n_captions: int | None = None
+    coco_order: str = "shuffled"
     # memorization
     mem_jsonl: str | None = None
     gt_dir: str | None = None
@@ -69,6 +76,7 @@ class BenchmarkSettings:
     # derived by check()
     clip_resolved: str | None = None
     mem_clip_resolved: str | None = None
+    skipped_empty_prompts: int | None = None
 
     def sampling(self, scale: float | None = None, height: int | None = None, width: int | None = None) -> Sampling:
         """The sampler settings of one generation folder: ``scale``/``height``/``width`` are a row group's
@@ -77,4 +85,4 @@ class BenchmarkSettings:
         return Sampling(sampler=self.sampler, steps=self.steps, eta=self.eta if self.sampler == "ddim" else 0.0,
                         scale=self.scale if scale is None else scale, height=self.H if height is None else height,
                         width=self.W if width is None else width, batch_size=self.batch_size,
-                        precision=self.precision)
+                        precision=self.precision, noise=self.noise, pixels=self.pixels)

@@ -4,8 +4,12 @@ The scripts (``train.py``, ``sample.py``, ``evaluate.py``, ``conceptprune.py``, 
 share these rules so that a class of bad input is refused the same way everywhere:
 
 * :class:`ArgumentParser` prints one ``error:`` line (no usage block) and exits with status 2;
-* the ``type=`` functions (:func:`positive_int`, :func:`finite_float`, :func:`image_side`, ...) refuse
-  non-numbers, NaN/inf and out-of-range values while the command line is parsed;
+* the ``type=`` functions (:func:`positive_int`, :func:`finite_float`, :func:`image_side`, :func:`guidance_scale`,
+  :func:`seed_int`, :func:`comma_list`, ...) refuse non-numbers, NaN/inf, out-of-range values and empty lists
+  while the command line is parsed;
+* the generation limits (:data:`MAX_IMAGE_SIDE`, :data:`MAX_GUIDANCE`, :data:`SEED_LIMIT`) and their checks
+  (:func:`image_side_problem`, :func:`guidance_problem`, :func:`seed_problem`) are the one definition that the
+  flags, ``runtime.generate.Sampling.validate`` and the per-row settings of prompt files all apply;
 * :func:`check_output` refuses an output that cannot be written (checked by creating and removing a
   probe file in the nearest existing folder, which is what counts for root too) or that is one of
   the command's inputs, before anything is generated or written;
@@ -25,8 +29,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 __all__ = ["ArgumentParser", "UsageError", "parse_devices", "GPUS_HELP", "positive_int", "nonnegative_int",
-           "finite_float", "nonnegative_float", "positive_float", "image_side", "check_output",
-           "check_distinct_outputs", "check_config_values", "exit_on_usage_error"]
+           "finite_float", "nonnegative_float", "positive_float", "image_side", "guidance_scale", "seed_int",
+           "comma_list", "MAX_IMAGE_SIDE", "MAX_GUIDANCE", "SEED_LIMIT", "image_side_problem", "guidance_problem",
+           "seed_problem", "check_output", "check_distinct_outputs", "check_config_values", "exit_on_usage_error",
+           "exit_on_write_error"]
 
 
 class UsageError(ValueError):
@@ -89,8 +95,61 @@ nonnegative_int = _ranged(int, lambda v: v >= 0, "an integer >= 0", "nonnegative
 finite_float = _ranged(float, lambda v: True, "a finite number", "finite_float")
 nonnegative_float = _ranged(float, lambda v: v >= 0, "a finite number >= 0", "nonnegative_float")
 positive_float = _ranged(float, lambda v: v > 0, "a finite number > 0", "positive_float")
-# SD's VAE downsamples by 8: an image side must be a positive multiple of it
-image_side = _ranged(int, lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8", "image_side")
+# ---------------------------------------------------------------------------------------- generation limits
+#: SD's VAE downsamples by 8, so a side is a multiple of 8; above 4096 px (64x SD v1's latent area) a value is a
+#: typo, and it would fail only once generation reaches it (out of memory) after other images were made.
+MAX_IMAGE_SIDE = 4096
+#: Guidance scales in use lie within a few tens; beyond, fp16/fp32 sampling overflows (1e308 gives NaN images).
+MAX_GUIDANCE = 100.0
+#: Seeds are drawn by ``torch.Generator.manual_seed``, which takes [-2**63, 2**64); the generator of our images
+#: (``runtime.generate``) keeps the non-negative int64 range, so every seed is an int in [0, 2**63).
+SEED_LIMIT = 2 ** 63
+
+
+def image_side_problem(value) -> str | None:
+    """None when ``value`` is an image side SD can make (an int, a multiple of 8, 8..MAX_IMAGE_SIDE); else what
+    it must be."""
+    ok = not isinstance(value, bool) and isinstance(value, int) and 8 <= value <= MAX_IMAGE_SIDE and value % 8 == 0
+    return None if ok else f"a multiple of 8 from 8 to {MAX_IMAGE_SIDE}"
+
+
+def guidance_problem(value) -> str | None:
+    """None when ``value`` is a finite guidance scale with ``|value| <= MAX_GUIDANCE``; else what it must be."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
+        and abs(value) <= MAX_GUIDANCE
+    return None if ok else f"a finite number from {-MAX_GUIDANCE:g} to {MAX_GUIDANCE:g}"
+
+
+def seed_problem(value) -> str | None:
+    """None when ``value`` is an integer seed in [0, SEED_LIMIT); else what it must be."""
+    ok = not isinstance(value, bool) and isinstance(value, int) and 0 <= value < SEED_LIMIT
+    return None if ok else "an integer from 0 to 2**63-1"
+
+
+def _within(problem: Callable[[Any], str | None], kind, name: str):
+    def parse(text: str):
+        value = _number(text, kind)
+        want = problem(value)
+        if want:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return value
+
+    parse.__name__ = name
+    return parse
+
+
+image_side = _within(image_side_problem, int, "image_side")
+guidance_scale = _within(guidance_problem, float, "guidance_scale")
+seed_int = _within(seed_problem, int, "seed_int")
+
+
+def comma_list(text: str) -> list[str]:
+    """A comma-separated flag value as its items, each stripped; stray empty items (``"a,,b"``, ``"a,"``) are
+    dropped, but a value with no item at all (``""``, ``",,"``) is an error, never "use the default"."""
+    items = [c.strip() for c in str(text).split(",") if c.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of at least one item, got {text!r}")
+    return items
 
 
 # ---------------------------------------------------------------------------------------- devices
@@ -263,6 +322,18 @@ def _select(d: Mapping, key: str):
 
 
 # ---------------------------------------------------------------------------------------- scripts
+def exit_on_write_error(fn: Callable[[], Any]) -> Any:
+    """Run a script's work ``fn``; a file it cannot write (``runtime.files.WriteError``: disk full, no permission)
+    becomes its one ``error:`` line, naming the folder, and exit status 1 (no traceback)."""
+    from runtime.files import WriteError
+
+    try:
+        return fn()
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
 def exit_on_usage_error(fn: Callable[[], Any]) -> Any:
     """Run a script's cheap setup ``fn``; a bad input becomes one ``error:`` line and exit status 2."""
     # UsageError is a ValueError, CheckpointError a RuntimeError, a missing file an OSError

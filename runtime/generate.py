@@ -32,7 +32,12 @@ Differences from the reference, on purpose:
   only once every image exists; if they exist and match the plan, the call does nothing.
 * A folder made from a different plan (other prompts or sampling settings) raises
   ``GenerationPlanError`` instead of silently mixing two data sets.
-* Pixels are converted like the reference (``(255 * x).astype(uint8)``, i.e. truncated).
+* Pixels are converted like the reference (``(255 * x).astype(uint8)``, i.e. truncated) by default;
+  ``Sampling(pixels="round")`` rounds like diffusers' ``numpy_to_pil`` (``(x * 255).round()``), the rule of the
+  diffusers-based originals (benchmark.py sets it).
+* ``Sampling(noise="original")`` draws image ``i``'s start noise as the diffusers-based originals do after
+  ``torch.manual_seed(seed_i)``: ``randn`` of one image on the CUDA device in fp16 (``prepare_latents`` with no
+  generator); see :func:`start_noise`. It needs CUDA devices (:func:`check_noise`).
 """
 from __future__ import annotations
 
@@ -52,15 +57,20 @@ from tqdm.auto import tqdm
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpmpp import DPMPP2MSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from runtime.files import image_is_complete, read_text_lines, save_png_atomic, write_text_atomic
+from runtime.cli import guidance_problem, image_side_problem, seed_problem
+from runtime.files import image_is_complete, read_text_lines, save_png_atomic, temp_in_use, write_text_atomic
 
 __all__ = ["Sampling", "generate_images", "validate_generation_args", "check_prompts", "check_devices",
            "GenerationPlanError", "PLAN_FILE", "SAMPLERS", "PRECISIONS", "plan_dict", "plan_diff", "latent_shape",
-           "Runner", "sample_conditioned"]
+           "Runner", "NOISES", "PIXELS", "start_noise", "to_uint8", "check_noise", "sample_conditioned"]
 
 PLAN_FILE = "plan.json"
 _PLAN_VERSION = 1  # bump if the noise layout or the pixel conversion changes
 PRECISIONS = ("autocast", "full")
+# ours: per-image CPU fp32 generator; original: the diffusers originals' CUDA fp16 draw (start_noise)
+NOISES = ("ours", "original")
+# truncate: the CompVis scripts' (255 * x).astype(uint8); round: diffusers' numpy_to_pil (x * 255).round()
+PIXELS = ("truncate", "round")
 # ddim: the paper's (default); plms: deterministic, eta 0; dpmpp_2m: DPM-Solver++(2M), deterministic, eta
 # ignored, S steps = S UNet calls (ldm/models/diffusion/dpmpp.py)
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpmpp_2m": DPMPP2MSampler}
@@ -84,7 +94,9 @@ class Sampling:
     (1 skips the unconditional half). ``batch_size`` is the images per sampler call; ``seed`` seeds image ``i``
     with ``seed + i`` (unless ``generate_images`` gets per-image ``seeds``). ``precision="autocast"`` samples
     under fp16 autocast on CUDA (nothing on CPU), ``"full"`` is fp32 everywhere. ``fixed_code`` starts every
-    image from one noise seeded ``seed``.
+    image from one noise seeded ``seed``. ``noise``: ``"ours"`` (per-image CPU fp32 generator) or ``"original"``
+    (the diffusers originals' CUDA fp16 draw, :func:`start_noise`; CUDA devices only). ``pixels``: ``"truncate"``
+    (the CompVis scripts') or ``"round"`` (diffusers' ``numpy_to_pil``), :func:`to_uint8`.
 
     Constructing one checks nothing (a job builds it from its settings and checks it when it checks those):
     call :meth:`validate`. Grouped so that the jobs, the plan of a folder and the sampler loop read one value
@@ -101,6 +113,8 @@ class Sampling:
     seed: int = 42
     precision: str = "autocast"
     fixed_code: bool = False
+    noise: str = "ours"
+    pixels: str = "truncate"
 
     def validate(self, num_timesteps: int = 1000) -> Sampling:
         """Check the settings before any model is built; returns ``self``.
@@ -129,13 +143,20 @@ class Sampling:
                              f"use e.g. one of {ok}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
+        # the limits of runtime.cli, shared with the flags and the per-row settings of prompt files
         for name, v in (("height", self.height), ("width", self.width)):
-            if not isinstance(v, int) or v < 8 or v % 8:
-                raise ValueError(f"{name} must be a positive multiple of 8, got {v!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            if image_side_problem(v):
+                raise ValueError(f"{name} must be {image_side_problem(v)}, got {v!r}")
+        if guidance_problem(self.scale):
+            raise ValueError(f"scale must be {guidance_problem(self.scale)}, got {self.scale!r}")
+        if seed_problem(self.seed):
+            raise ValueError(f"seed must be {seed_problem(self.seed)}, got {self.seed!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.noise not in NOISES:
+            raise ValueError(f"noise must be one of {NOISES}, got {self.noise!r}")
+        if self.pixels not in PIXELS:
+            raise ValueError(f"pixels must be one of {PIXELS}, got {self.pixels!r}")
         return self
 
 
@@ -180,15 +201,56 @@ def validate_generation_args(prompts, sampling: Sampling, devices=("cpu",),
     """
     prompts = check_prompts(prompts)
     sampling.validate(num_timesteps)
-    return prompts, check_devices(devices)
+    devices = check_devices(devices)
+    check_noise(sampling.noise, devices)
+    return prompts, devices
+
+
+def check_noise(noise: str, devices) -> None:
+    """Raise ``ValueError`` (one line) when ``noise="original"`` is asked of a device that is not CUDA: the
+    originals draw their start noise with the CUDA generator, which no other device can reproduce."""
+    other = [str(d) for d in devices if torch.device(d).type != "cuda"]
+    if noise == "original" and other:
+        raise ValueError(f"--noise original draws the start noise on CUDA in fp16, as the diffusers originals do; "
+                         f"device {other[0]} cannot reproduce it: use a CUDA device or --noise ours")
+
+
+def start_noise(shape, seed: int, device, noise: str = "ours") -> torch.Tensor:
+    """The start noise ``[C, H, W]`` (fp32, on ``device``) of one image seeded ``seed``.
+
+    ``"ours"``: ``torch.randn`` from a CPU generator seeded ``seed`` (what :class:`Runner` draws first from each
+    image's generator). ``"original"``: what ConceptPrune's scripts draw after ``torch.manual_seed(seed)`` for a
+    one-image diffusers call: ``prepare_latents`` calls ``randn_tensor`` without a generator, i.e. ``torch.randn``
+    of shape ``[1, C, H, W]`` on the CUDA device in the pipeline's fp16, from the CUDA generator (``manual_seed``
+    seeds it; a fresh CUDA generator seeded ``seed`` has the same state), times the PNDM ``init_noise_sigma`` 1;
+    returned as fp32 (exact). Needs ``device`` to be CUDA (:func:`check_noise`).
+    """
+    if noise == "original":
+        check_noise(noise, (device,))
+        g = torch.Generator(device=device).manual_seed(seed)
+        return torch.randn((1, *shape), generator=g, device=device, dtype=torch.float16)[0].float()
+    if noise != "ours":
+        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def to_uint8(x: np.ndarray, pixels: str = "truncate") -> np.ndarray:
+    """uint8 pixels of float images ``x`` in [0, 1]: ``"truncate"`` ``(255 * x).astype(uint8)`` (the CompVis
+    scripts') or ``"round"`` ``(x * 255).round()`` (diffusers' ``numpy_to_pil``; numpy rounds halves to even)."""
+    if pixels == "round":
+        return (x * 255).round().astype(np.uint8)
+    if pixels != "truncate":
+        raise ValueError(f"pixels must be one of {PIXELS}, got {pixels!r}")
+    return (255.0 * x).astype(np.uint8)
 
 
 def plan_dict(sampling: Sampling, prompts: list[str], seeds: list[int] | None = None) -> dict:
     """The ``plan.json`` of a folder of ``prompts`` sampled with ``sampling`` (and per-image ``seeds``).
 
     Only the settings that choose the images are in it (not ``batch_size`` or ``precision``), with the keys and
-    their order of version-1 folders: ``sampler``, ``fixed_code`` and ``seeds`` are added only when not the
-    default, so that folders made before these settings existed still match their plan.
+    their order of version-1 folders: ``sampler``, ``fixed_code``, ``pixels`` and ``seeds`` are added (and
+    ``noise`` reworded) only when not the default, so that folders made before these settings existed still
+    match their plan.
     """
     s = sampling
     plan = {"version": _PLAN_VERSION, "noise": "per-image CPU generator seeded seed+index",
@@ -200,9 +262,14 @@ def plan_dict(sampling: Sampling, prompts: list[str], seeds: list[int] | None = 
         plan["eta"] = None
     if s.fixed_code:
         plan["fixed_code"] = True
+    if s.pixels != "truncate":
+        plan["pixels"] = s.pixels
     if seeds is not None:
         plan["noise"] = "per-image CPU generator seeded seeds[index]"
         plan["seeds"] = seeds
+    if s.noise == "original":
+        plan["noise"] = ("per-image CUDA fp16 randn after manual_seed(" + ("seeds[index]" if seeds is not None
+                                                                          else "seed+index") + ") (original)")
     return plan
 
 
@@ -252,7 +319,7 @@ def sample_conditioned(model, sampling: Sampling, c: torch.Tensor, uc: torch.Ten
         x_T=x_T, generator=generators, verbose=False, progress=False)
     x = model.decode_first_stage(z)  # the whole batch in one decoder call
     x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-    return (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
+    return to_uint8(x.permute(0, 2, 3, 1).cpu().numpy(), sampling.pixels)
 
 
 class Runner:
@@ -280,7 +347,11 @@ class Runner:
         s = self.sampling
         gens = [torch.Generator().manual_seed(s.seed + i if self.seeds is None else self.seeds[i])
                 for i in indices]
-        if s.fixed_code:  # one start code shared by every image (eta noise stays per image)
+        if s.noise == "original":  # the originals' CUDA fp16 draw; eta noise stays per image on the CPU
+            seeds = [s.seed] * len(indices) if s.fixed_code else [s.seed + i if self.seeds is None else self.seeds[i]
+                                                                   for i in indices]
+            x_T = torch.stack([start_noise(self.shape, k, self.device, "original") for k in seeds])
+        elif s.fixed_code:  # one start code shared by every image (eta noise stays per image)
             x_T = torch.randn(self.shape, generator=torch.Generator().manual_seed(s.seed))
             x_T = x_T.expand(len(indices), *self.shape).to(self.device)
         else:
@@ -416,6 +487,8 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     samples.mkdir(parents=True, exist_ok=True)
     write_text_atomic(plan_file, json.dumps(plan, indent=1) + "\n")
     for stale in samples.glob(".*.tmp"):  # leftovers of a killed run (never a finished image)
+        if temp_in_use(stale):  # another process writing in this folder right now
+            continue
         owner = int(stale.name[1:6]) // batch_size % shard[1] if shard and stale.name[1:6].isdigit() else None
         if shard is None or owner == shard[0]:  # other ranks may be writing theirs right now
             stale.unlink(missing_ok=True)

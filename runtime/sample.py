@@ -104,13 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size (and copies of --prompt)")
     p.add_argument("--n_rows", type=cli.nonnegative_int, default=d.n_rows, help="grid columns (default n_samples)")
     p.add_argument("--n_copies", type=cli.positive_int, default=d.n_copies, help="images per prompt of --from-file")
-    p.add_argument("--scale", type=cli.finite_float, default=d.scale, help="classifier-free guidance scale")
+    p.add_argument("--scale", type=cli.guidance_scale, default=d.scale, help="classifier-free guidance scale")
     p.add_argument("--config", default=None, help=f"model config (default: the run's, else {DEFAULT_CONFIG.name})")
     p.add_argument("--ckpt", default=None,
                    help="full or base checkpoint (.ckpt / .safetensors, or a diffusers pipeline folder); default: the "
                         "base recorded in --delta_ckpt's training run, else assets/pretrained_models/sd-v1-4.ckpt")
     p.add_argument("--delta_ckpt", default=None, help="delta checkpoint applied on top of --ckpt")
-    p.add_argument("--seed", type=cli.nonnegative_int, default=d.seed)
+    p.add_argument("--seed", type=cli.seed_int, default=d.seed)
     p.add_argument("--precision", choices=["full", "autocast"], default=d.precision, help="autocast: fp16 on CUDA")
     p.add_argument("--metadata", action="store_true", help="append images.txt / caption.txt in outdir")
     p.add_argument("--gpus", default=None, help=cli.GPUS_HELP)
@@ -189,7 +189,10 @@ def save_grid(paths: list[Path], columns: int, out: Path) -> None:
     grid = Image.new("RGB", (columns * w, rows * h))
     for i, p in enumerate(paths):
         grid.paste(Image.open(p).convert("RGB"), ((i % columns) * w, (i // columns) * h))
-    grid.save(out, quality=70)
+    from runtime.files import write_bytes_atomic
+
+    fmt = Image.registered_extensions().get(Path(out).suffix.lower(), "JPEG")  # grid_name: .jpg
+    write_bytes_atomic(out, lambda f: grid.save(f, format=fmt, quality=70), "the grid", sync=False)
 
 
 HANDOVER = "handover.json"
@@ -275,7 +278,8 @@ def _sample(s: SampleSettings) -> list[Path]:
 
 def main(argv=None) -> int:
     """``python sample.py ...``: a bad input is one ``error:`` line and exit status 2, before any work."""
-    _sample(cli.exit_on_usage_error(lambda: settings_from_argv(argv)))
+    settings = cli.exit_on_usage_error(lambda: settings_from_argv(argv))
+    cli.exit_on_write_error(lambda: _sample(settings))  # a full disk: one line naming the folder, status 1
     return 0
 
 

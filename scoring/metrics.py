@@ -14,7 +14,10 @@ CLIP
     kept last. The text feature is pooled here, explicitly, at the FIRST EOS token (our padding is
     EOS, so this is also what transformers' ``argmax`` pooling picks for configs with
     ``eos_token_id == 2``), then projected; the pooling thus never depends on the config's
-    ``eos_token_id``. Features are L2-normalised in float32; CUDA runs under fp16 autocast.
+    ``eos_token_id``. Features are L2-normalised in float32. The model runs in fp32 (``load_clip(precision="full")``,
+    the default: ConceptPrune's scripts run transformers' CLIP on the CPU in fp32) or, with
+    ``precision="autocast"``, under fp16 autocast on CUDA (close to Concept Ablation's ``evaluate.py``, whose
+    OpenAI ``clip.load`` keeps fp16 weights on CUDA); on the CPU both are fp32.
 
     CLIPScore of (image, text) = ``2.5 * max(cos, 0)``. ``clip_score`` is the mean over images of
     the score against ``"A photo depicts " + text``; ``clip_accuracy`` is the share of images whose
@@ -58,7 +61,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["DEFAULT_CLIP", "CLIP_MEAN", "CLIP_STD", "CLIP_PREFIX", "CLIP_SCORE_WEIGHT", "FeatureExtractor",
+__all__ = ["CLIP_PRECISIONS", "clip_precision", "DEFAULT_CLIP", "CLIP_MEAN", "CLIP_STD", "CLIP_PREFIX",
+           "CLIP_SCORE_WEIGHT", "FeatureExtractor",
            "load_clip", "preprocess_clip", "clip_image_features", "clip_text_features", "clip_text",
            "style", "clip_scores", "clip_score", "clip_accuracy", "clip_metrics", "accuracy_from_scores",
            "fid", "kid", "clean_resize", "torchscript_features", "inception_features", "inception_weights",
@@ -71,6 +75,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_PREFIX = "A photo depicts "
 CLIP_SCORE_WEIGHT = 2.5
+CLIP_PRECISIONS = ("full", "autocast")  # full: fp32 (the default); autocast: fp16 autocast on CUDA
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's TorchScript Inception-V3 (NVlabs StyleGAN2-ADA export)
 INCEPTION_SIZE = 299
 
@@ -86,9 +91,14 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def _autocast(device: torch.device):
-    """fp16 autocast on CUDA only (the reference runs CLIP in fp16 on GPU); full precision elsewhere."""
-    if device.type == "cuda":
+def clip_precision(model) -> str:
+    """The precision :func:`load_clip` gave ``model`` (``"full"`` for a model loaded otherwise)."""
+    return getattr(model, "clip_precision", "full")
+
+
+def _autocast(model, device: torch.device):
+    """fp16 autocast on CUDA for a model loaded with ``precision="autocast"``; fp32 otherwise."""
+    if device.type == "cuda" and clip_precision(model) == "autocast":
         return torch.autocast("cuda", dtype=torch.float16)
     return nullcontext()
 
@@ -113,8 +123,9 @@ def _looks_like_path(name: str) -> bool:
 class OpenClip:
     """An open_clip model with its own preprocessing (torchvision) and tokenizer."""
 
-    def __init__(self, model, preprocess, tokenizer, name: str):
+    def __init__(self, model, preprocess, tokenizer, name: str, clip_precision: str = "full"):
         self.model, self.preprocess, self.tokenizer, self.name = model, preprocess, tokenizer, name
+        self.clip_precision = clip_precision
 
     def parameters(self):
         return self.model.parameters()
@@ -184,18 +195,22 @@ def resolve_clip(spec: PathLike = DEFAULT_CLIP) -> str:
                 f"`hf download {name} --local-dir <dir>`) and pass the directory through --clip_model.") from None
 
 
-def load_clip(name_or_path: PathLike = DEFAULT_CLIP, device: str | torch.device = "cpu"):
-    """The CLIP model of ``name_or_path`` (see :func:`resolve_clip`) in eval mode, fp32, on ``device``: an
-    :class:`OpenClip` for ``open_clip:`` specs, else a transformers ``CLIPModel``."""
+def load_clip(name_or_path: PathLike = DEFAULT_CLIP, device: str | torch.device = "cpu", precision: str = "full"):
+    """The CLIP model of ``name_or_path`` (see :func:`resolve_clip`) in eval mode, fp32 weights, on ``device``: an
+    :class:`OpenClip` for ``open_clip:`` specs, else a transformers ``CLIPModel``. ``precision``: ``"full"``
+    (features computed in fp32) or ``"autocast"`` (under fp16 autocast on CUDA); kept as the model's
+    ``clip_precision``, which every feature function here reads."""
     from transformers import CLIPModel
 
+    if precision not in CLIP_PRECISIONS:
+        raise ValueError(f"CLIP precision must be one of {CLIP_PRECISIONS}, got {precision!r}")
     name = os.fspath(name_or_path)
     if name.startswith(OPEN_CLIP):
         import open_clip
 
         arch, pretrained = parse_open_clip(resolve_clip(name))
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
-        return OpenClip(model.eval().float(), preprocess, open_clip.get_tokenizer(arch), name)
+        return OpenClip(model.eval().float(), preprocess, open_clip.get_tokenizer(arch), name, precision)
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.is_dir():
@@ -216,8 +231,10 @@ def load_clip(name_or_path: PathLike = DEFAULT_CLIP, device: str | torch.device 
             f"could not load the CLIP model {name!r} ({type(e).__name__}: {e}). Without network access the "
             f"hub id must already be in the Hugging Face cache; otherwise download it once (e.g. "
             f"`hf download {name} --local-dir <dir>`) and pass the directory through --clip_model.") from e
-    # fp32 whatever the stored dtype (CPU fp16 is slow or unsupported; CUDA callers use autocast)
-    return model.eval().float().to(device)
+    # fp32 whatever the stored dtype (CPU fp16 is slow or unsupported; "autocast" runs fp16 on CUDA)
+    model = model.eval().float().to(device)
+    model.clip_precision = precision  # a plain attribute: read by _autocast
+    return model
 
 
 def _clip_image_size(model) -> int:
@@ -267,7 +284,7 @@ def clip_image_features(model, images: Sequence[Image.Image | PathLike], batch_s
     out = []
     for s in range(0, len(images), batch_size):
         x = torch.stack([prep(im) for im in images[s:s + batch_size]]).to(device)
-        with _autocast(device):
+        with _autocast(model, device):
             f = encode(x)
         out.append(F.normalize(f.float(), dim=-1).cpu())
     return torch.cat(out)
@@ -299,7 +316,7 @@ def clip_text_features(model, texts: Sequence[str], tokenizer=None, batch_size: 
         device = _model_device(model)
         out = []
         for s in range(0, len(texts), batch_size):
-            with _autocast(device):
+            with _autocast(model, device):
                 f = model.model.encode_text(model.tokenizer(texts[s:s + batch_size]).to(device))
             out.append(F.normalize(f.float(), dim=-1).cpu())
         return torch.cat(out)
@@ -312,7 +329,7 @@ def clip_text_features(model, texts: Sequence[str], tokenizer=None, batch_size: 
     out = []
     for s in range(0, len(texts), batch_size):
         ids = tok(texts[s:s + batch_size], max_length=max_length).to(device)
-        with _autocast(device):
+        with _autocast(model, device):
             f = _text_features_from_ids(model, ids, tok.eos_token_id)
         out.append(F.normalize(f.float(), dim=-1).cpu())
     return torch.cat(out)

@@ -54,7 +54,8 @@ underscores and hyphens. Trailing `key.sub=value` arguments of `train.py` overri
 ## Bad input
 
 Bad input is refused before any work, as one `error:` line with exit status 2: every numeric flag
-(NaN, inf, negative or zero counts, image sides that are not multiples of 8) and every
+(NaN, inf, negative or zero counts, image sides that are not multiples of 8 from 8 to 4096, guidance
+scales beyond ±100, seeds outside [0, 2^63), comma lists with no item) and every
 `key.sub=value` config override (`runtime/cli.py` holds the rules), every output location (it must
 be writable, and may not be one of the command's inputs), object anchor words that no anchor prompt
 contains. `sample.py` moves its images out of the staging folder following a journal, so a call killed

@@ -82,9 +82,10 @@ def cached_pool(n: int, seed: int, size: int = 32, cache_dir=None, progress: boo
         return obj["images"], obj["captions"], obj["labels"]
     images, captions, labels = render_pool(n, seed, size, progress=progress)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"images": images, "captions": captions, "labels": labels}, tmp)
-    os.replace(tmp, path)
+    from runtime.files import atomic_target
+
+    with atomic_target(path, "the pool cache") as tmp:
+        torch.save({"images": images, "captions": captions, "labels": labels}, tmp)
     return images, captions, labels
 
 
