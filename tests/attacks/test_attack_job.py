@@ -330,3 +330,30 @@ def test_targets_folder_images_in_name_order(tmp_path, prompts, monkeypatch):
     assert (seen[0][:, 3:] == colours[1]).all() and (seen[1][:, 3:] == colours[0]).all()
     assert (seen[0][:, 0, 2] < 255).all()  # the band itself is cropped away
     assert not (tmp_path / "out" / "toy_stripes" / "targets").exists()  # nothing generated
+
+
+def test_an_outdir_in_use_is_refused(tmp_path, prompts, capsys):
+    """benchmark.py's folder lock: while another process holds --outdir, a run is one line, exit 2, no records."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from runtime.files import lock_folder; "
+                               f"lock_folder({str(out)!r}, 'holder'); print('held', flush=True); time.sleep(60)"],
+                              cwd=str(job.Path(__file__).resolve().parents[2]), stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        s = settings(tmp_path, prompts, attacks=("none",), limit=1)
+        argv = ["--attack", "none", "--concept", s.concept, "--base", s.base, "--config", s.config, "--prompts",
+                s.prompts, "--H", "32", "--W", "32", "--steps", "10", "--precision", "full", "--limit", "1",
+                "--outdir", s.outdir]
+        start = time.perf_counter()
+        with pytest.raises(SystemExit) as e:
+            job.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and "holder" in err, err
+        assert not (out / "toy_stripes").exists() and time.perf_counter() - start < 30
+    finally:
+        holder.kill()
+        holder.wait()
