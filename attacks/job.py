@@ -384,10 +384,11 @@ def _write_record(path: Path, record: dict, result, attack_name: str) -> None:
     if result.embedding is not None:
         from safetensors.torch import save_file
 
-        tmp = folder / f".embedding.{os.getpid()}.tmp"
-        save_file({"embedding": result.embedding.detach().float().cpu().contiguous()}, str(tmp),
-                  metadata={"attack": attack_name, "prompt": result.prompt})
-        os.replace(tmp, folder / "embedding.safetensors")
+        from runtime.files import atomic_target
+
+        with atomic_target(folder / "embedding.safetensors", "the learned embedding") as tmp:
+            save_file({"embedding": result.embedding.detach().float().cpu().contiguous()}, str(tmp),
+                      metadata={"attack": attack_name, "prompt": result.prompt})
         embedding = f"{folder.name}/embedding.safetensors"
     record = {**record, "images": images, "embedding": embedding}
     write_text_atomic(path, json.dumps(record, indent=1, ensure_ascii=False, default=_plain) + "\n")
