@@ -148,8 +148,10 @@ def check(settings: BenchmarkSettings, classifier=None):
     from evaluation.suites import SUITES
     from ldm.util import load_model_config
     from runtime.cli import UsageError, check_output, parse_devices
+    from runtime.dist import check_launcher_env
     from runtime.generate import validate_generation_args
 
+    check_launcher_env()  # RANK/WORLD_SIZE of a launcher: wrong ones fail now, not in a hanging group set-up
     s = settings
     if isinstance(s.suites, str):
         s = dataclasses.replace(s, suites=(s.suites,))
@@ -243,10 +245,10 @@ def run(settings: BenchmarkSettings, classifier=None, plan=None) -> dict | None:
 
 def main(argv=None, classifier=None) -> int:
     """``benchmark.py``: a bad input is one ``error:`` line and exit status 2, before any model is built."""
-    from runtime.cli import exit_on_usage_error
+    from runtime.cli import exit_on_run_error, exit_on_usage_error
 
     plan = exit_on_usage_error(lambda: check(parse_argv(argv), classifier=classifier))
-    run(plan.settings, plan=plan)
+    exit_on_run_error(lambda: run(plan.settings, plan=plan))  # a model found broken while loading or sampling
     return 0
 
 
