@@ -353,16 +353,25 @@ def check_finite(tensors: Mapping[str, torch.Tensor], source: PathLike) -> None:
     """Raise :class:`CheckpointError` naming ``source`` and the first floating tensor that holds NaN or inf.
 
     A broken model (diverged training, a damaged file) otherwise passes every check and samples black images,
-    which the benchmarks would score as a perfect eraser. Tensor by tensor, so it costs one pass over the weights
-    (memory-mapped ones are read once here; the model reads them from the page cache next) and one bool
-    tensor of the largest tensor's size; meta tensors and unused EMA copies (``model_ema.*``) are skipped."""
+    which the benchmarks would score as a perfect eraser. Tensor by tensor (a min/max reduction, no copy): one
+    pass over the weights, ~3 s per 1e9 values on one CPU thread (memory-mapped ones are read here; the model
+    reads them from the page cache next); meta tensors and unused EMA copies (``model_ema.*``) are skipped."""
     for k, v in tensors.items():
         if (not v.is_floating_point() or v.device.type == "meta" or k.startswith(_UNUSED_PREFIXES)
-                or bool(torch.isfinite(v).all())):
+                or _all_finite(v)):
             continue
         bad = int((~torch.isfinite(v)).sum())
         raise CheckpointError(f"{source}: tensor {k!r} holds NaN or inf values ({bad} of {v.numel()}); the model "
                               f"is broken (diverged training or a damaged file) and would give black images")
+
+
+def _all_finite(v: torch.Tensor) -> bool:
+    """Whether every value of a floating tensor is finite. min/max propagate NaN and keep +-inf, and on CPU
+    ``aminmax`` runs ~10x faster than ``isfinite(v).all()`` (2-3 s vs 30-45 s per 1e9 values, 1 thread)."""
+    if v.numel() == 0:
+        return True
+    low, high = torch.aminmax(v)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def _file_tensors(path: PathLike) -> dict[str, torch.Tensor]:
