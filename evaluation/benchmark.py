@@ -163,8 +163,10 @@ def check(settings: BenchmarkSettings, classifier=None):
     from evaluation.suites import SUITES
     from ldm.util import load_model_config
     from runtime.cli import UsageError, check_output, parse_devices
+    from runtime.dist import check_launcher_env
     from runtime.generate import validate_generation_args
 
+    check_launcher_env()  # RANK/WORLD_SIZE of a launcher: wrong ones fail now, not in a hanging group set-up
     s = settings
     if isinstance(s.suites, str):
         s = dataclasses.replace(s, suites=(s.suites,))
@@ -271,12 +273,13 @@ def lock_outdir(plan):
 
 def main(argv=None, classifier=None) -> int:
     """``benchmark.py``: a bad input, or an ``--outdir`` another run is using, is one ``error:`` line and exit
-    status 2, before any model is built; a file that cannot be written (disk full) is one line and status 1."""
-    from runtime.cli import exit_on_usage_error, exit_on_write_error
+    status 2, before any model is built; a model found broken while loading or sampling is one line and status
+    2, a file that cannot be written (disk full) one line and status 1."""
+    from runtime.cli import exit_on_run_error, exit_on_usage_error
 
     plan = exit_on_usage_error(lambda: check(parse_argv(argv), classifier=classifier))
     with exit_on_usage_error(lambda: lock_outdir(plan)):
-        exit_on_write_error(lambda: run(plan.settings, plan=plan))
+        exit_on_run_error(lambda: run(plan.settings, plan=plan))
     return 0
 
 

@@ -252,14 +252,14 @@ def _str(path: PathLike | None) -> str | None:
 
 
 def _model_config(s: ModelSettings) -> dict:
-    from ldm.diffusers_format import checkpoint_exists
+    from ldm.checkpoint import require_checkpoint
     from ldm.util import load_model_config
 
-    if not checkpoint_exists(s.ckpt):
-        raise FileNotFoundError(f"--ckpt not found: {s.ckpt} (a checkpoint file or a diffusers pipeline folder)")
-    for what, path in (("--delta_ckpt", s.delta_ckpt), ("--config", s.config)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{what} not found: {path}")
+    require_checkpoint(s.ckpt, "--ckpt", pipelines=True)
+    if s.delta_ckpt is not None:
+        require_checkpoint(s.delta_ckpt, "--delta_ckpt")
+    if s.config is not None and not Path(s.config).is_file():
+        raise FileNotFoundError(f"--config not found: {s.config}")
     model_config = load_model_config(s.config)
     from runtime.loading import check_checkpoints
 
@@ -587,7 +587,7 @@ def run(settings: Settings, plan: Plan | None = None):
 def main(argv=None) -> int:
     """``conceptprune.py``: a bad input is one ``error:`` line and exit status 2, before any work."""
     plan = cli.exit_on_usage_error(lambda: check(parse_argv(argv)))  # CheckpointError/MaskError included
-    cli.exit_on_write_error(lambda: run(plan.settings, plan))  # a full disk: one line naming the folder, status 1
+    cli.exit_on_run_error(lambda: run(plan.settings, plan))  # a broken model (status 2), a full disk (status 1)
     return 0
 
 
