@@ -2,16 +2,22 @@
 
 Atomic means written under a temporary name unique to the process and moved into place with
 ``os.replace``, so a reader never sees half a file and an interrupted run leaves no damaged output.
+Caches are read with :func:`read_cache`: a damaged one is recomputed (with a warning), never a dead end.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import warnings
 from os import PathLike
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 from PIL import Image
+
+T = TypeVar("T")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -75,3 +81,47 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- caches
+def error_line(e: BaseException) -> str:
+    """The first line of an error's message (at most 200 characters), for one-line reports. torch's miniz
+    boilerplate and its advice to load with the unsafe unpickler are dropped: a file refused on purpose must
+    not come with the advice to load it anyway."""
+    text = str(e).strip()
+    text = text.splitlines()[0] if text else type(e).__name__
+    text = text.split(" This is an internal miniz error")[0]
+    if "weights_only" in text or "Weights only" in text:
+        return "it holds objects other than tensors"
+    return text[:200]
+
+
+def replace_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary name beside ``path`` unique to the process, then ``os.replace`` it onto
+    ``path``; the temporary file is removed when anything fails (nothing half-written is left)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_cache(path: str | os.PathLike, loader: Callable[[Path], T], what: str = "cache") -> T | None:
+    """``loader(path)``, or None when there is no such file or it cannot be used: a damaged, truncated or
+    refused cache (any error ``loader`` raises, including its own consistency checks) is treated as absent,
+    with one ``warning:`` line on stderr naming it. The caller recomputes the value and writes the file again
+    atomically, so a damaged cache never blocks a rerun."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickles naming its unsafe loader: not for us
+            warnings.filterwarnings("ignore", message=".*[Ww]eights.only")
+            return loader(path)
+    except Exception as e:  # damaged caches fail in many ways (unpickling, JSON, safetensors, KeyError, ...)
+        print(f"warning: {what} {path} is unreadable ({type(e).__name__}: {error_line(e)}); recomputing it and "
+              f"replacing the file", file=sys.stderr)
+        return None
