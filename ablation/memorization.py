@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from runtime.files import image_is_complete, read_text_lines, sha256_file, write_text_atomic
+from runtime.files import image_is_complete, read_cache, read_text_lines, sha256_file, write_text_atomic
 from runtime.generate import Sampling, check_devices, check_prompts, generate_images
 from scoring.sscd import THRESHOLD, load_sscd, memorization_rate, similarities
 
@@ -104,16 +104,23 @@ class _LazySSCD:
         return self.model
 
 
+def _read_similarities(path: Path) -> torch.Tensor:
+    """The similarities cached by :func:`_scored`, one finite number per line; raises when the file is damaged."""
+    sims = torch.tensor([float(v) for v in read_text_lines(path)], dtype=torch.float32)
+    if not torch.isfinite(sims).all():
+        raise ValueError("non-finite similarity")
+    return sims
+
+
 def _scored(lazy: _LazySSCD, folder: Path, mem_image: Path) -> tuple[list[Path], list[str], torch.Tensor]:
     """(image paths, captions, similarities) of a generated folder; similarities cached next to it."""
     names = read_text_lines(folder / "images.txt")
     captions = read_text_lines(folder / "caption.txt")
     paths = [folder / n for n in names]
     cache = folder / "sscd_similarity.txt"
-    if cache.exists():
-        vals = read_text_lines(cache)
-        if len(vals) == len(paths):
-            return paths, captions, torch.tensor([float(v) for v in vals])
+    cached = read_cache(cache, _read_similarities, "the SSCD similarity cache")
+    if cached is not None and len(cached) == len(paths):  # another count: the folder changed, score it again
+        return paths, captions, cached
     sims = similarities(lazy(), paths, mem_image)
     write_text_atomic(cache, "".join(f"{s:.6f}\n" for s in sims.tolist()))
     return paths, captions, sims
