@@ -185,7 +185,13 @@ def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathL
                 "width": s.width, "eta": float(s.eta), "scale": float(s.scale)}
     settings_file = gen / "memorization.json"
     if settings_file.exists():
-        old = json.loads(settings_file.read_text(encoding="utf-8"))
+        try:  # the folder's identity: when it cannot be read, nothing in the folder can be trusted
+            old = json.loads(settings_file.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except (UnicodeDecodeError, ValueError) as e:
+            raise MemorizationSettingsError(f"{settings_file} is unreadable ({type(e).__name__}: {e}); delete {gen} "
+                                            f"or use another folder") from None
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             raise MemorizationSettingsError(

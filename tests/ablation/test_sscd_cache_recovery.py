@@ -47,3 +47,22 @@ def test_damaged_similarity_cache_is_computed_again(folder, tmp_path, capsys, da
     # read back silently, without SSCD
     _, _, cached = mem._scored(mem._LazySSCD(tmp_path / "absent.pt", "cpu"), folder, ref_image)
     assert torch.allclose(cached, fresh, atol=1e-5) and "warning" not in capsys.readouterr().err
+
+
+def test_damaged_memorization_settings_file_is_one_clear_error(folder, tmp_path):
+    """``memorization.json`` is the prepared folder's identity, not a cache: when it is damaged nothing in the folder
+    can be trusted, so it is refused (one line naming it), before anything is generated."""
+    from conftest import CountingFactory
+
+    from runtime.generate import Sampling
+
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "memorization.json").write_bytes(b'{"version": 1, "capt')
+    factory = CountingFactory()
+    with pytest.raises(mem.MemorizationSettingsError, match="memorization.json is unreadable") as info:
+        mem.prepare_memorization_data(factory, COPYDETECT, folder / "samples" / "00000.png", ["a house", "a cat"],
+                                      gen, "A House", train_size=2, n_check=1, check_steps=2, anchor_size=2,
+                                      target_size=1, sampling=Sampling(steps=2, batch_size=2, height=16, width=16))
+    assert "\n" not in str(info.value) and str(gen) in str(info.value)
+    assert factory.calls == 0 and sorted(p.name for p in gen.iterdir()) == ["memorization.json"]
