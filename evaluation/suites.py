@@ -349,7 +349,9 @@ def _mem_check(settings):
     from scoring.sscd import check_sscd
 
     # loaded once now (and dropped): a missing, damaged or wrong-kind file fails before the first image
-    return dataclasses.replace(settings, sscd_ckpt=str(check_sscd(settings.sscd_ckpt)))
+    sscd = check_sscd(settings.sscd_ckpt, missing="the memorization suite needs it: download "
+                                                  "sscd_disc_large.torchscript.pt and pass --sscd_ckpt")
+    return dataclasses.replace(settings, sscd_ckpt=str(sscd))
 
 
 def _mem_load(settings, device, preloaded):

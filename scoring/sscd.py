@@ -43,10 +43,13 @@ def load_sscd(path: str | os.PathLike | None = None, device: str | torch.device 
     return files.load_torchscript(path, flag, device)
 
 
-def check_sscd(path: str | os.PathLike | None = None, flag: str = "--sscd_ckpt") -> Path:
+def check_sscd(path: str | os.PathLike | None = None, flag: str = "--sscd_ckpt", missing: str | None = None) -> Path:
     """The SSCD file a run will use (``None``: the default path), loaded once on the CPU and dropped so that a
-    missing, damaged or wrong-kind file fails before any work; the errors of :func:`load_sscd`."""
+    missing, damaged or wrong-kind file fails before any work; the errors of :func:`load_sscd`. ``missing``: what
+    to say about a missing file instead of where to get the ablation's SSCD model."""
     path = Path(DEFAULT_SSCD_PATH if path is None else path)
+    if missing and not path.is_file():
+        raise FileNotFoundError(f"{flag}: SSCD model not found at {path}; {missing}")
     load_sscd(path, "cpu", flag)
     return path
 
