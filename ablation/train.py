@@ -242,11 +242,9 @@ def _check_inputs(s: TrainSettings, config):
             raise ValueError("memorization needs --mem_impath (the memorized image)")
         if not Path(s.mem_impath).is_file():
             raise FileNotFoundError(f"--mem_impath not found: {s.mem_impath}")
-        if not Path(s.sscd_ckpt).is_file():
-            raise FileNotFoundError(
-                f"SSCD model not found: {s.sscd_ckpt}. Memorization needs the copy-detection model "
-                "sscd_imagenet_mixup.torchscript.pt (github.com/facebookresearch/sscd-copy-detection); "
-                "pass --sscd_ckpt")
+        from scoring.sscd import check_sscd
+
+        check_sscd(s.sscd_ckpt)  # loaded once now: a missing, damaged or wrong-kind file fails before any work
         if s.train_size % config.generation.anchor_size:
             raise ValueError(f"--train_size ({s.train_size}) must be divisible by the number of anchor prompts "
                              f"({config.generation.anchor_size})")

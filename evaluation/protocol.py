@@ -414,12 +414,9 @@ def plan(settings: EvaluateSettings) -> Plan:
             raise ValueError("memorization needs --mem_impath (the memorized image)")
         if not Path(s.mem_impath).is_file():
             raise FileNotFoundError(f"--mem_impath not found: {s.mem_impath}")
-        from scoring.sscd import DEFAULT_SSCD_PATH
+        from scoring.sscd import check_sscd
 
-        sscd = Path(s.sscd_ckpt) if s.sscd_ckpt else DEFAULT_SSCD_PATH
-        if not sscd.is_file():
-            raise FileNotFoundError(f"memorization needs the SSCD model: {sscd} not found (pass --sscd_ckpt)")
-        sscd_ckpt = str(sscd)
+        sscd_ckpt = str(check_sscd(s.sscd_ckpt))  # loaded once now: a damaged file fails before any image
     else:
         entry = load_eval_entry(Path(s.eval_json), s.concept_type, s.caption_target)
         target, anchor = entry["target"].strip().lower(), entry["anchor"].strip().lower()

@@ -444,14 +444,30 @@ def _save_png(array, path: Path):
 
 
 # ----------------------------------------------------------------------------- jobs
+def _read_norms(path: Path, key: str, lmeta: list) -> dict[str, list]:
+    """The norms cache of :func:`run_discover` (``{"base"|"target": [tensor per layer]}``); raises when the file is
+    damaged or was not recorded for this key and these layers (its caller then records the norms again)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = json.loads(f.metadata()["conceptprune_norms"])
+        if stored.get("key") != key or stored.get("layers") != lmeta:
+            raise ValueError("recorded for other settings or layers")
+        norms = {w: [f.get_tensor(f"{w}.{l}") for l in range(len(lmeta))] for w in ("base", "target")}
+    calls = {n.shape[0] for ns in norms.values() for n in ns}
+    if len(calls) != 1 or any(n.ndim != 2 or not torch.isfinite(n).all() for ns in norms.values() for n in ns):
+        raise ValueError("norms of inconsistent shapes or non-finite values")
+    return norms
+
+
 def run_discover(settings: DiscoverSettings, plan: DiscoverPlan | None = None) -> dict:
     """Record the norms (or reuse them) and write the masks; returns the summary written to ``discover.json``.
     ``plan``: :func:`check`'s of these settings, when the caller has it (else it is made here)."""
-    from safetensors import safe_open
-
     from ldm.checkpoint import save_state_dict
     from prune.hooks import ActivationRecorder, ff2_layers
     from prune.wanda import compute_masks, layer_meta, save_masks
+    from runtime.files import read_cache
 
     plan = plan or check(settings)
     s, pairs, outdir = plan.settings, plan.pairs, Path(plan.settings.outdir)
@@ -460,15 +476,11 @@ def run_discover(settings: DiscoverSettings, plan: DiscoverPlan | None = None) -
     layers = ff2_layers(model)
     lmeta = layer_meta(layers)
     norms_path = outdir / f"norms-{plan.norms_key}.safetensors"
-    reused = norms_path.is_file()
+    norms = read_cache(norms_path, lambda p: _read_norms(p, plan.norms_key, lmeta), "the norms cache")
+    reused = norms is not None
     if reused:
-        with safe_open(str(norms_path), framework="pt") as f:
-            stored = json.loads(f.metadata()["conceptprune_norms"])
-            if stored["layers"] != lmeta:
-                raise RuntimeError(f"{norms_path} was recorded on other layers; delete it")
-            norms = {w: [f.get_tensor(f"{w}.{l}") for l in range(len(layers))] for w in ("base", "target")}
         print(f"reusing norms {norms_path}")
-    else:
+    else:  # absent, or damaged (read_cache warned): recorded again and replaced atomically by save_state_dict
         norms = {}
         for which, prompts in (("base", pairs.base), ("target", pairs.target)):
             rec = ActivationRecorder(layers)
