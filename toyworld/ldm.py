@@ -73,7 +73,7 @@ def cached_pool(n: int, seed: int, size: int = 32, cache_dir=None, progress: boo
     import hashlib
     import os
 
-    from runtime.files import read_cache
+    from runtime.files import atomic_target, read_cache
 
     here = Path(__file__).resolve().parent
     code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("render.py", "captions.py", "dataset.py")))
@@ -84,8 +84,6 @@ def cached_pool(n: int, seed: int, size: int = 32, cache_dir=None, progress: boo
         return cached
     images, captions, labels = render_pool(n, seed, size, progress=progress)
     cache.mkdir(parents=True, exist_ok=True)
-    from runtime.files import atomic_target
-
     with atomic_target(path, "the pool cache") as tmp:
         torch.save({"images": images, "captions": captions, "labels": labels}, tmp)
     return images, captions, labels
