@@ -10,7 +10,7 @@ from contextlib import nullcontext
 
 import torch
 
-from runtime.generate import Sampling, latent_shape, sample_conditioned, start_noise
+from runtime.generate import NonFiniteSampleError, Sampling, latent_shape, sample_conditioned, start_noise
 
 from .base import Check
 
@@ -43,8 +43,15 @@ class GenerationChecker:
         else:  # drawn from gen itself, as Runner does: gen continues after it
             x_T = torch.randn(self.shape, generator=gen)[None].to(self.device)
         with self.amp():
-            image = sample_conditioned(self.model, self.sampling, cond, self.uncond, x_T, [gen])[0]
+            image = sample_conditioned(self.model, self.sampling, cond, self.uncond, x_T, [gen],
+                                       finite=lambda t, what: self._finite(t, what, step))[0]
         verdict = dict(self.judge([image])[0])
         success = bool(verdict.pop("success"))
         self.log.append({"step": int(step), "success": success, **verdict})
         return Check(success, image)
+
+    def _finite(self, t: torch.Tensor, what: str, step: int) -> None:
+        """NaN/inf would become a black image, which no judge calls the concept: a false "erased". Stop instead."""
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteSampleError(f"the check of attack step {step} (seed {self.seed}) sampled NaN or inf "
+                                       f"{what}: the model's weights are broken or overflow (try --precision full)")

@@ -610,12 +610,13 @@ def lock_outdir(plan: AttackPlan):
 
 def main(argv=None) -> int:
     """``attack.py``: a bad input, or an ``--outdir`` another run is using, is one ``error:`` line and exit status 2,
-    before any model is built; a file that cannot be written (disk full) is one line and status 1."""
-    from runtime.cli import exit_on_usage_error, exit_on_write_error
+    before any model is built; a broken model found during the work (NaN samples) is one line and status 2, a file
+    that cannot be written (disk full) one line and status 1."""
+    from runtime.cli import exit_on_run_error, exit_on_usage_error
 
     plan = exit_on_usage_error(lambda: check(parse_argv(argv)))
     with exit_on_usage_error(lambda: lock_outdir(plan)):
-        exit_on_write_error(lambda: run(plan.settings, plan=plan))
+        exit_on_run_error(lambda: run(plan.settings, plan=plan))
     return 0
 
 

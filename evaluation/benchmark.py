@@ -163,8 +163,10 @@ def check(settings: BenchmarkSettings, classifier=None):
     from evaluation.suites import SUITES
     from ldm.util import load_model_config
     from runtime.cli import UsageError, check_output, parse_devices
+    from runtime.dist import check_launcher_env
     from runtime.generate import validate_generation_args
 
+    check_launcher_env()  # RANK/WORLD_SIZE of a launcher: wrong ones fail now, not in a hanging group set-up
     s = settings
     if isinstance(s.suites, str):
         s = dataclasses.replace(s, suites=(s.suites,))
@@ -196,15 +198,16 @@ def check(settings: BenchmarkSettings, classifier=None):
                                          s.sampling(scale=scale, height=h, width=w), devices)
     check_output(s.outdir, "--outdir", kind="dir")
     check_table_inputs(Path(s.outdir))  # a damaged summary of another suite: a warning now, not a crash at the end
-    # scorers: a model that cannot be loaded offline fails now, with what to download and where
-    from scoring.metrics import resolve_clip
+    # scorers: a model that cannot be loaded offline fails now, with what to download and where; every scorer file
+    # is opened and validated (scoring.files) so that a damaged or hostile one is refused before the first image
+    from scoring.metrics import check_feature_model, resolve_clip
 
     if any(x.name in ("artist", "gender", "coco") for x in suites):
         s = dataclasses.replace(s, clip_resolved=resolve_clip(s.clip_model))
     if any(x.name == "memorization" for x in suites):
-        s = dataclasses.replace(s, mem_clip_resolved=resolve_clip(s.mem_clip_model))
+        s = dataclasses.replace(s, mem_clip_resolved=resolve_clip(s.mem_clip_model, "--mem_clip_model"))
     if any(x.name == "coco" for x in suites):
-        _check_features(s)
+        check_feature_model(s.feature_model, "coco's FID/KID")
     if any(x.name == "nudity" for x in suites):
         from scoring.nudity import load_detector
 
@@ -220,20 +223,6 @@ def check(settings: BenchmarkSettings, classifier=None):
     if not s.score_only:
         check_folders(plan)  # a cache folder whose plan is not its key's fails now, not at its turn
     return plan
-
-
-def _check_features(s: BenchmarkSettings) -> None:
-    import importlib.util
-
-    from scoring.metrics import INCEPTION_FILE, inception_weights
-
-    if s.feature_model and not Path(s.feature_model).is_file():
-        raise FileNotFoundError(f"--feature_model not found: {s.feature_model}")
-    if not s.feature_model or Path(s.feature_model).name == INCEPTION_FILE:
-        if importlib.util.find_spec("cleanfid") is None:
-            raise ImportError("coco's FID/KID with clean-fid's Inception need the `clean-fid` package: "
-                              "pip install -e \".[eval]\"; or pass --feature_model <a TorchScript extractor>")
-        inception_weights(s.feature_model)
 
 
 def run(settings: BenchmarkSettings, classifier=None, plan=None) -> dict | None:
@@ -271,12 +260,13 @@ def lock_outdir(plan):
 
 def main(argv=None, classifier=None) -> int:
     """``benchmark.py``: a bad input, or an ``--outdir`` another run is using, is one ``error:`` line and exit
-    status 2, before any model is built; a file that cannot be written (disk full) is one line and status 1."""
-    from runtime.cli import exit_on_usage_error, exit_on_write_error
+    status 2, before any model is built; a model found broken while loading or sampling is one line and status
+    2, a file that cannot be written (disk full) one line and status 1."""
+    from runtime.cli import exit_on_run_error, exit_on_usage_error
 
     plan = exit_on_usage_error(lambda: check(parse_argv(argv), classifier=classifier))
     with exit_on_usage_error(lambda: lock_outdir(plan)):
-        exit_on_write_error(lambda: run(plan.settings, plan=plan))
+        exit_on_run_error(lambda: run(plan.settings, plan=plan))
     return 0
 
 

@@ -395,8 +395,10 @@ def plan(settings: EvaluateSettings) -> Plan:
     Raises :class:`runtime.cli.UsageError` and other ValueError / OSError / RuntimeError / ImportError with
     one-line messages (``main`` prints them and exits with status 2)."""
     from runtime.cli import check_distinct_outputs, check_output, parse_devices
+    from runtime.dist import check_launcher_env
     from runtime.loading import check_checkpoints, check_delta, resolve_model
 
+    check_launcher_env()  # RANK/WORLD_SIZE of a launcher: wrong ones fail now, not in a hanging group set-up
     s = settings
     _check_values(s)
     if not s.caption_target.strip():
@@ -412,12 +414,9 @@ def plan(settings: EvaluateSettings) -> Plan:
             raise ValueError("memorization needs --mem_impath (the memorized image)")
         if not Path(s.mem_impath).is_file():
             raise FileNotFoundError(f"--mem_impath not found: {s.mem_impath}")
-        from scoring.sscd import DEFAULT_SSCD_PATH
+        from scoring.sscd import check_sscd
 
-        sscd = Path(s.sscd_ckpt) if s.sscd_ckpt else DEFAULT_SSCD_PATH
-        if not sscd.is_file():
-            raise FileNotFoundError(f"memorization needs the SSCD model: {sscd} not found (pass --sscd_ckpt)")
-        sscd_ckpt = str(sscd)
+        sscd_ckpt = str(check_sscd(s.sscd_ckpt))  # loaded once now: a damaged file fails before any image
     else:
         entry = load_eval_entry(Path(s.eval_json), s.concept_type, s.caption_target)
         target, anchor = entry["target"].strip().lower(), entry["anchor"].strip().lower()
@@ -456,11 +455,9 @@ def plan(settings: EvaluateSettings) -> Plan:
     outpkl_name = s.outpkl if s.outpkl is not None else str(Path(s.root) / "metrics" / "evaluation.pkl")
     s = replace(s, sscd_ckpt=sscd_ckpt, base_ckpt=base_ckpt, outpkl=outpkl_name)
     if not s.eval_stage:
-        from ldm.diffusers_format import checkpoint_exists
+        from ldm.checkpoint import require_checkpoint
 
-        if not checkpoint_exists(s.base_ckpt):
-            raise FileNotFoundError(f"--base_ckpt not found: {s.base_ckpt} (a checkpoint file or a diffusers "
-                                    f"pipeline folder)")
+        require_checkpoint(s.base_ckpt, "--base_ckpt", pipelines=True)
         check_checkpoints(base_config, s.base_ckpt)
 
     # every output location, before any work (the pickle is written last, after hours of generation)
@@ -908,12 +905,13 @@ def run(settings: EvaluateSettings):
 
 def main(argv=None) -> int:
     """``evaluate.py``: a bad input, or an output folder another evaluation is using, is one ``error:`` line and
-    exit status 2, before any work; a file that cannot be written (disk full) is one line and status 1."""
-    from runtime.cli import exit_on_usage_error, exit_on_write_error
+    exit status 2, before any work; a model found broken while loading or sampling is one line and status 2, a
+    file that cannot be written (disk full) one line and status 1."""
+    from runtime.cli import exit_on_run_error, exit_on_usage_error
 
     the_plan = exit_on_usage_error(lambda: plan(parse_settings(argv)))
     with exit_on_usage_error(lambda: lock_outputs(the_plan)):
-        exit_on_write_error(lambda: execute(the_plan))
+        exit_on_run_error(lambda: execute(the_plan))
     return 0
 
 

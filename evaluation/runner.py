@@ -245,12 +245,19 @@ def generate(plan: Plan) -> None:
                 layout.prepare(plan, suite, spec, folder, ident)
                 try:
                     generate_images(factory, prompts, folder, how, seeds=seeds, devices=local_devices(plan.devices),
-                                    desc=layout.desc(suite, spec), shard=shard)
+                                    desc=layout.desc(suite, spec), shard=shard, model=_label(spec, a.base))
                 except GenerationPlanError as e:
                     raise GenerationPlanError(f"{e} ({layout.stale(folder)})") from e
                 layout.finish(plan, suite, spec, folder, prompts)
         finally:
             factory.clear()
+
+
+def _label(spec, base: str) -> str:
+    """The model as its flag names it, for errors (``--base PATH``, ``--unet NAME=PATH``)."""
+    from .models import FLAGS
+
+    return f"{FLAGS['base']} {base}" if spec.kind == "base" else spec.label
 
 
 def _first_seed(seeds: list[int], folder: Path) -> int:

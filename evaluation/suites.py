@@ -399,12 +399,11 @@ def _mem_rows(settings) -> list[Row]:
 
 
 def _mem_check(settings):
-    from scoring.sscd import DEFAULT_SSCD_PATH
+    from scoring.sscd import check_sscd
 
-    sscd = Path(settings.sscd_ckpt) if settings.sscd_ckpt else DEFAULT_SSCD_PATH
-    if not sscd.is_file():
-        raise FileNotFoundError(f"the memorization suite needs the SSCD model: {sscd} not found (download "
-                                f"sscd_disc_large.torchscript.pt and pass --sscd_ckpt)")
+    # loaded once now (and dropped): a missing, damaged or wrong-kind file fails before the first image
+    sscd = check_sscd(settings.sscd_ckpt, missing="the memorization suite needs it: download "
+                                                  "sscd_disc_large.torchscript.pt and pass --sscd_ckpt")
     return dataclasses.replace(settings, sscd_ckpt=str(sscd))
 
 

@@ -252,14 +252,14 @@ def _str(path: PathLike | None) -> str | None:
 
 
 def _model_config(s: ModelSettings) -> dict:
-    from ldm.diffusers_format import checkpoint_exists
+    from ldm.checkpoint import require_checkpoint
     from ldm.util import load_model_config
 
-    if not checkpoint_exists(s.ckpt):
-        raise FileNotFoundError(f"--ckpt not found: {s.ckpt} (a checkpoint file or a diffusers pipeline folder)")
-    for what, path in (("--delta_ckpt", s.delta_ckpt), ("--config", s.config)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{what} not found: {path}")
+    require_checkpoint(s.ckpt, "--ckpt", pipelines=True)
+    if s.delta_ckpt is not None:
+        require_checkpoint(s.delta_ckpt, "--delta_ckpt")
+    if s.config is not None and not Path(s.config).is_file():
+        raise FileNotFoundError(f"--config not found: {s.config}")
     model_config = load_model_config(s.config)
     from runtime.loading import check_checkpoints
 
@@ -444,14 +444,30 @@ def _save_png(array, path: Path):
 
 
 # ----------------------------------------------------------------------------- jobs
+def _read_norms(path: Path, key: str, lmeta: list) -> dict[str, list]:
+    """The norms cache of :func:`run_discover` (``{"base"|"target": [tensor per layer]}``); raises when the file is
+    damaged or was not recorded for this key and these layers (its caller then records the norms again)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = json.loads(f.metadata()["conceptprune_norms"])
+        if stored.get("key") != key or stored.get("layers") != lmeta:
+            raise ValueError("recorded for other settings or layers")
+        norms = {w: [f.get_tensor(f"{w}.{l}") for l in range(len(lmeta))] for w in ("base", "target")}
+    calls = {n.shape[0] for ns in norms.values() for n in ns}
+    if len(calls) != 1 or any(n.ndim != 2 or not torch.isfinite(n).all() for ns in norms.values() for n in ns):
+        raise ValueError("norms of inconsistent shapes or non-finite values")
+    return norms
+
+
 def run_discover(settings: DiscoverSettings, plan: DiscoverPlan | None = None) -> dict:
     """Record the norms (or reuse them) and write the masks; returns the summary written to ``discover.json``.
     ``plan``: :func:`check`'s of these settings, when the caller has it (else it is made here)."""
-    from safetensors import safe_open
-
     from ldm.checkpoint import save_state_dict
     from prune.hooks import ActivationRecorder, ff2_layers
     from prune.wanda import compute_masks, layer_meta, save_masks
+    from runtime.files import read_cache
 
     plan = plan or check(settings)
     s, pairs, outdir = plan.settings, plan.pairs, Path(plan.settings.outdir)
@@ -460,15 +476,11 @@ def run_discover(settings: DiscoverSettings, plan: DiscoverPlan | None = None) -
     layers = ff2_layers(model)
     lmeta = layer_meta(layers)
     norms_path = outdir / f"norms-{plan.norms_key}.safetensors"
-    reused = norms_path.is_file()
+    norms = read_cache(norms_path, lambda p: _read_norms(p, plan.norms_key, lmeta), "the norms cache")
+    reused = norms is not None
     if reused:
-        with safe_open(str(norms_path), framework="pt") as f:
-            stored = json.loads(f.metadata()["conceptprune_norms"])
-            if stored["layers"] != lmeta:
-                raise RuntimeError(f"{norms_path} was recorded on other layers; delete it")
-            norms = {w: [f.get_tensor(f"{w}.{l}") for l in range(len(layers))] for w in ("base", "target")}
         print(f"reusing norms {norms_path}")
-    else:
+    else:  # absent, or damaged (read_cache warned): recorded again and replaced atomically by save_state_dict
         norms = {}
         for which, prompts in (("base", pairs.base), ("target", pairs.target)):
             rec = ActivationRecorder(layers)
@@ -587,7 +599,7 @@ def run(settings: Settings, plan: Plan | None = None):
 def main(argv=None) -> int:
     """``conceptprune.py``: a bad input is one ``error:`` line and exit status 2, before any work."""
     plan = cli.exit_on_usage_error(lambda: check(parse_argv(argv)))  # CheckpointError/MaskError included
-    cli.exit_on_write_error(lambda: run(plan.settings, plan))  # a full disk: one line naming the folder, status 1
+    cli.exit_on_run_error(lambda: run(plan.settings, plan))  # a broken model (status 2), a full disk (status 1)
     return 0
 
 

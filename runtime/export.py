@@ -91,15 +91,13 @@ def settings_from_argv(argv=None) -> ExportSettings:
 def check(settings: ExportSettings) -> ExportSettings:
     """Check everything cheap before loading weights; returns the settings with ``config`` resolved.
     Raises FileNotFoundError, ExportError / UsageError (ValueErrors) or CheckpointError."""
-    from ldm.diffusers_format import checkpoint_exists
+    from ldm.checkpoint import require_checkpoint
     from ldm.util import load_model_config
     from runtime.loading import check_checkpoints, resolve_model
 
     s = settings
-    if not checkpoint_exists(s.ckpt):
-        raise FileNotFoundError(f"--ckpt not found: {s.ckpt} (a checkpoint file or a diffusers pipeline folder)")
-    if not Path(s.delta_ckpt).is_file():
-        raise FileNotFoundError(f"--delta_ckpt not found: {s.delta_ckpt}")
+    require_checkpoint(s.ckpt, "--ckpt", pipelines=True)
+    require_checkpoint(s.delta_ckpt, "--delta_ckpt")
     out = Path(s.out)
     if out.suffix.lower() not in SUFFIXES:
         raise ExportError(f"--out {out}: the suffix must be .safetensors or .ckpt")
@@ -364,7 +362,7 @@ def _export(s: ExportSettings) -> Path:
 def main(argv=None) -> int:
     """``python tools/export.py ...``: a bad input is one ``error:`` line and exit status 2, before any work."""
     settings = cli.exit_on_usage_error(lambda: settings_from_argv(argv))
-    cli.exit_on_write_error(lambda: _export(settings))  # a full disk: one line naming the folder, status 1
+    cli.exit_on_run_error(lambda: _export(settings))  # a NaN/inf weight in the base (2), a full disk (1)
     return 0
 
 

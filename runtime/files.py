@@ -5,7 +5,8 @@ Atomic means written under a temporary name unique to the process (``.{name}.{pi
 target) and moved into place with ``os.replace``, so a reader never sees half a file, an interrupted run leaves
 no damaged output and two processes never write the same temporary file. Every atomic writer goes through
 :func:`atomic_target`: on any error the temporary file is removed, and an ``OSError`` (disk full, permissions)
-becomes a :class:`WriteError` whose message is one line naming the folder.
+becomes a :class:`WriteError` whose message is one line naming the folder. Caches are read with
+:func:`read_cache`: a damaged one is recomputed (with a warning), never a dead end.
 """
 from __future__ import annotations
 
@@ -18,15 +19,17 @@ import os
 import secrets
 import socket
 import sys
+import warnings
 from os import PathLike
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 from PIL import Image
 
 TEMP_SUFFIX = ".tmp"
 LOCK_FILE = ".lock"
+T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------------------------------------- atomic writes
@@ -313,3 +316,34 @@ def lock_folder(folder: str | PathLike, command: str | None = None) -> FolderLoc
         _HELD[path] = lock
     lock.depth += 1
     return lock
+
+
+# ---------------------------------------------------------------------------------------- caches
+def error_line(e: BaseException) -> str:
+    """The first line of an error's message (at most 200 characters), for one-line reports. torch's miniz
+    boilerplate and its advice to load with the unsafe unpickler are dropped: a file refused on purpose must
+    not come with the advice to load it anyway."""
+    text = str(e).strip()
+    text = text.splitlines()[0] if text else type(e).__name__
+    text = text.split(" This is an internal miniz error")[0]
+    if "weights_only" in text or "Weights only" in text:
+        return "it holds objects other than tensors"
+    return text[:200]
+
+
+def read_cache(path: str | os.PathLike, loader: Callable[[Path], T], what: str = "cache") -> T | None:
+    """``loader(path)``, or None when there is no such file or it cannot be used: a damaged, truncated or
+    refused cache (any error ``loader`` raises, including its own consistency checks) is treated as absent,
+    with one ``warning:`` line on stderr naming it. The caller recomputes the value and writes the file again
+    atomically, so a damaged cache never blocks a rerun."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickles naming its unsafe loader: not for us
+            warnings.filterwarnings("ignore", message=".*[Ww]eights.only")
+            return loader(path)
+    except Exception as e:  # damaged caches fail in many ways (unpickling, JSON, safetensors, KeyError, ...)
+        print(f"warning: {what} {path} is unreadable ({type(e).__name__}: {error_line(e)}); recomputing it and "
+              f"replacing the file", file=sys.stderr)
+        return None

@@ -57,12 +57,13 @@ from tqdm.auto import tqdm
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpmpp import DPMPP2MSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from runtime.cli import guidance_problem, image_side_problem, seed_problem
+from runtime.cli import RunError, guidance_problem, image_side_problem, seed_problem
 from runtime.files import image_is_complete, read_text_lines, save_png_atomic, temp_in_use, write_text_atomic
 
 __all__ = ["Sampling", "generate_images", "validate_generation_args", "check_prompts", "check_devices",
-           "GenerationPlanError", "PLAN_FILE", "SAMPLERS", "PRECISIONS", "plan_dict", "plan_diff", "latent_shape",
-           "Runner", "NOISES", "PIXELS", "start_noise", "to_uint8", "check_noise", "sample_conditioned"]
+           "GenerationPlanError", "NonFiniteSampleError", "PLAN_FILE", "SAMPLERS", "PRECISIONS", "plan_dict",
+           "plan_diff", "latent_shape", "Runner", "NOISES", "PIXELS", "start_noise", "to_uint8", "check_noise",
+           "sample_conditioned"]
 
 PLAN_FILE = "plan.json"
 _PLAN_VERSION = 1  # bump if the noise layout or the pixel conversion changes
@@ -78,6 +79,11 @@ SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpmpp_2m": DPMPP2MSampler
 
 class GenerationPlanError(RuntimeError):
     """``outdir`` already holds images generated from a different plan."""
+
+
+class NonFiniteSampleError(RunError):
+    """A model sampled NaN/inf latents or pixels: its images would be black (and score as a perfect eraser), so the
+    run stops and none of the batch's images is written."""
 
 
 def _image_name(index: int) -> str:
@@ -305,19 +311,25 @@ def latent_shape(model, height: int, width: int) -> tuple[int, int, int]:
 
 @torch.no_grad()
 def sample_conditioned(model, sampling: Sampling, c: torch.Tensor, uc: torch.Tensor | None, x_T: torch.Tensor,
-                       generators: list[torch.Generator]) -> np.ndarray:
+                       generators: list[torch.Generator],
+                       finite: Callable[[torch.Tensor, str], None] | None = None) -> np.ndarray:
     """The uint8 images [B, H, W, 3] that ``sampling``'s sampler makes from the text conditionings ``c``
     ([B, 77, D]; ``uc`` the unconditional ones, None when ``sampling.scale`` is 1) and start codes ``x_T``
     ([B, *latent_shape]); ``generators`` (one per image, already past ``x_T``) draw each image's eta noise.
-    The sampling step of :class:`Runner`, shared with callers that make their own conditionings (the attack
-    job's checks); runs under whatever autocast context the caller holds."""
+    ``finite(tensor, what)`` vets the latents and the decoded images (raising on NaN/inf: clamping would make
+    them black pixels). The sampling step of :class:`Runner`, shared with callers that make their own
+    conditionings (the attack job's checks); runs under whatever autocast context the caller holds."""
     sampler = SAMPLERS[sampling.sampler](model)
     # the generators continue after x_T: each image's eta noise is its own stream
     z, _ = sampler.sample(
         S=sampling.steps, batch_size=c.shape[0], shape=tuple(x_T.shape[1:]), conditioning=c,
         unconditional_conditioning=uc, unconditional_guidance_scale=sampling.scale, eta=sampling.eta,
         x_T=x_T, generator=generators, verbose=False, progress=False)
+    if finite is not None:
+        finite(z, "latents")
     x = model.decode_first_stage(z)  # the whole batch in one decoder call
+    if finite is not None:
+        finite(x, "decoded images")
     x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
     return to_uint8(x.permute(0, 2, 3, 1).cpu().numpy(), sampling.pixels)
 
@@ -325,11 +337,13 @@ def sample_conditioned(model, sampling: Sampling, c: torch.Tensor, uc: torch.Ten
 class Runner:
     """Everything a process needs to sample its batches (built once per process)."""
 
-    def __init__(self, model_factory, device: str, prompts, samples: Path, sampling: Sampling, seeds=None):
+    def __init__(self, model_factory, device: str, prompts, samples: Path, sampling: Sampling, seeds=None,
+                 model: str | None = None):
         self.device = torch.device(device)
-        model = model_factory(self.device)
-        self.model = model.to(self.device).eval()
+        built = model_factory(self.device)
+        self.model = built.to(self.device).eval()
         self.prompts, self.samples, self.sampling, self.seeds = prompts, samples, sampling, seeds
+        self.label = model or f"the model of {samples.parent}"  # names the model in errors
         self.size = (sampling.width, sampling.height)
         self.shape = latent_shape(self.model, sampling.height, sampling.width)
         use_amp = sampling.precision == "autocast" and self.device.type == "cuda"
@@ -359,7 +373,21 @@ class Runner:
         with self.amp():
             c = self.model.get_learned_conditioning([self.prompts[i] for i in indices])
             uc = self._uncond(len(indices)) if s.scale != 1.0 else None
-            return sample_conditioned(self.model, s, c, uc, x_T, gens)
+            return sample_conditioned(self.model, s, c, uc, x_T, gens,
+                                      finite=lambda t, what: self._check_finite(t, what, indices))
+
+    def _check_finite(self, t: torch.Tensor, what: str, indices: list[int]) -> None:
+        """Raise :class:`NonFiniteSampleError` if ``t`` holds NaN/inf (clamping would turn them into black
+        pixels). One reduction per batch: nothing next to the sampler's steps."""
+        if bool(torch.isfinite(t).all()):
+            return
+        bad = sorted({indices[i] for i in range((t.shape[0])) if not bool(torch.isfinite(t[i]).all())})
+        amp = (" (sampled under fp16 autocast: full precision may avoid an overflow)"
+               if self.sampling.precision == "autocast" and self.device.type == "cuda" else "")
+        raise NonFiniteSampleError(
+            f"{self.label}: sampling gave NaN or inf {what} for {len(bad)} of {len(indices)} images of the batch "
+            f"(image {bad[0]} of {self.samples.parent}); its weights are broken or overflow{amp}. Stopped: no "
+            f"image of this batch was written, and this model is not scored")
 
     def run_batch(self, indices: list[int], todo: list[int]) -> None:
         """Sample the whole batch ``indices`` and write the images in ``todo``."""
@@ -380,8 +408,10 @@ class Runner:
             torch.cuda.empty_cache()
 
 
-def _worker(rank: int, devices, jobs_by_rank, runner_args, desc):
-    """Spawned process ``rank``: sample its batches ``jobs_by_rank[rank]`` on ``devices[rank]``."""
+def _worker(rank: int, devices, jobs_by_rank, runner_args, desc, told=None):
+    """Spawned process ``rank``: sample its batches ``jobs_by_rank[rank]`` on ``devices[rank]``. An error whose
+    message says it all (a broken model) also goes to the queue ``told`` as (kind, message), for the parent to
+    raise as it is."""
     mine = jobs_by_rank[rank]
     if not mine:
         return
@@ -399,15 +429,27 @@ def _worker(rank: int, devices, jobs_by_rank, runner_args, desc):
                 bar.update(len(indices))
         runner.close()
     except Exception as e:
+        kind = _TOLD.get(type(e).__name__)
+        if told is not None and kind is not None and type(e) is kind:
+            told.put((type(e).__name__, str(e)))
         # torch.multiprocessing re-raises this in the parent with the full (chained) traceback.
         raise RuntimeError(f"generation worker {rank} on device {device} failed: {e!r}") from e
+
+
+def _told_kinds() -> dict[str, type]:
+    from ldm.checkpoint import CheckpointError
+
+    return {k.__name__: k for k in (CheckpointError, NonFiniteSampleError)}
+
+
+_TOLD = _told_kinds()  # errors a worker hands to the parent to re-raise unchanged (one line for the user)
 
 
 # ---------------------------------------------------------------------------------------- public API
 def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], prompts: list[str],
                     outdir: str | os.PathLike, sampling: Sampling, *, seeds: Sequence[int] | None = None,
                     devices: Sequence[str] | str = ("cpu",), desc: str = "generating",
-                    shard: tuple[int, int] | None = None) -> Path:
+                    shard: tuple[int, int] | None = None, model: str | None = None) -> Path:
     """Generate one image per entry of ``prompts`` into ``outdir`` with ``sampling``; returns ``outdir`` as a Path.
 
     ``prompts`` is the full per-image list (repeat a prompt n times for n images).
@@ -428,7 +470,12 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     prompt sets whose rows carry their own seed (image ``i`` then draws from a generator seeded ``seeds[i]``;
     ``sampling.seed`` is not used). The list is part of the plan.
 
-    Raises ``ValueError``/``TypeError`` (arguments, before any model is built) and ``GenerationPlanError``.
+    ``model`` names the model in errors (e.g. ``"--unet esd=esd.pt"``; default: "the model of ``outdir``"): a batch
+    that samples NaN/inf stops the call with :class:`NonFiniteSampleError` before any of its images is written.
+
+    Raises ``ValueError``/``TypeError`` (arguments, before any model is built), ``GenerationPlanError``,
+    :class:`NonFiniteSampleError` and ``ldm.checkpoint.CheckpointError`` (a model file found broken while loading),
+    the last two also from the processes of several ``devices``.
     """
     prompts, devices = validate_generation_args(prompts, sampling, devices)
     if seeds is not None:
@@ -501,7 +548,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
         all_batches = _batches(len(prompts), batch_size)
         # (k, indices of the whole batch, indices to write); batch k goes to rank k % n.
         jobs = [(k, all_batches[k], todo) for k, todo in pending]
-        kwargs = dict(prompts=prompts, samples=samples, sampling=sampling, seeds=seeds)
+        kwargs = dict(prompts=prompts, samples=samples, sampling=sampling, seeds=seeds, model=model)
         if len(devices) == 1:
             runner = Runner(model_factory, devices[0], **kwargs)
             try:
@@ -519,9 +566,16 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
             for job in jobs:
                 by_rank[job[0] % len(devices)].append(job)
             active = [r for r in range(len(devices)) if by_rank[r]]
-            mp.start_processes(_worker, args=([devices[r] for r in active], [by_rank[r] for r in active],
-                                              {"model_factory": model_factory, "kwargs": kwargs}, desc),
-                               nprocs=len(active), join=True, start_method="spawn")
+            told = mp.get_context("spawn").SimpleQueue()
+            try:
+                mp.start_processes(_worker, args=([devices[r] for r in active], [by_rank[r] for r in active],
+                                                  {"model_factory": model_factory, "kwargs": kwargs}, desc, told),
+                                   nprocs=len(active), join=True, start_method="spawn")
+            except mp.ProcessRaisedException:
+                if told.empty():
+                    raise
+                kind, message = told.get()
+                raise _TOLD[kind](message) from None
 
     if shard is not None:
         from runtime.dist import barrier

@@ -131,68 +131,77 @@ class OpenClip:
         return self.model.parameters()
 
 
-def parse_open_clip(spec: str) -> tuple[str, str | None]:
+def parse_open_clip(spec: str, flag: str = "--clip_model") -> tuple[str, str | None]:
     """``open_clip:ARCH[:PRETRAINED]`` -> (ARCH, PRETRAINED or None)."""
     arch, _, pretrained = spec[len(OPEN_CLIP):].partition(":")
     if not arch:
-        raise ValueError(f"--clip_model {spec!r}: expected open_clip:ARCH:PRETRAINED, e.g. {DEFAULT_CLIP}")
+        raise ValueError(f"{flag} {spec!r}: expected open_clip:ARCH:PRETRAINED, e.g. {DEFAULT_CLIP}")
     return arch, pretrained or None
 
 
-def resolve_clip(spec: PathLike = DEFAULT_CLIP) -> str:
+def resolve_clip(spec: PathLike = DEFAULT_CLIP, flag: str = "--clip_model") -> str:
     """Check a CLIP model spec before any work and return what :func:`load_clip` loads: for open_clip, the
     weights as a local file (an open_clip tag is fetched into the hub cache now, when online); for a
-    transformers hub id, its cached snapshot folder. Raises FileNotFoundError / ValueError / RuntimeError."""
+    transformers hub id, its cached snapshot folder. The weights (and a folder's config.json) are opened and
+    validated here by :mod:`scoring.files` (a damaged or hostile file is refused now, not after the generation).
+    ``flag`` names the option in messages. Raises FileNotFoundError / ValueError / RuntimeError."""
+    from scoring import files
+
     name = os.fspath(spec)
     if name.startswith(OPEN_CLIP):
         import open_clip
 
-        arch, pretrained = parse_open_clip(name)
+        arch, pretrained = parse_open_clip(name, flag)
         if arch not in open_clip.list_models():
-            raise ValueError(f"--clip_model {name!r}: open_clip has no architecture {arch!r}")
+            raise ValueError(f"{flag} {name!r}: open_clip has no architecture {arch!r}")
         if pretrained is None:
-            raise ValueError(f"--clip_model {name!r}: name the weights, a tag "
+            raise ValueError(f"{flag} {name!r}: name the weights, a tag "
                              f"({', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none known'}) "
                              f"or a local file, e.g. {OPEN_CLIP}{arch}:<tag or file>")
         if _looks_like_path(pretrained):
             path = Path(pretrained).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"--clip_model {name!r}: weights file {path} not found")
+                raise FileNotFoundError(f"{flag} {name!r}: weights file {path} not found")
+            files.vet_state_dict(path, flag)
             return f"{OPEN_CLIP}{arch}:{path}"
         cfg = open_clip.get_pretrained_cfg(arch, pretrained)
         if not cfg:
-            raise ValueError(f"--clip_model {name!r}: open_clip has no weights {pretrained!r} for {arch}; tags: "
+            raise ValueError(f"{flag} {name!r}: open_clip has no weights {pretrained!r} for {arch}; tags: "
                              f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}")
         try:
             path = open_clip.download_pretrained(cfg)
         except Exception as e:  # no network and not cached: hub and urllib errors of many kinds
             raise RuntimeError(
-                f"--clip_model {name!r}: its weights are neither in the hub cache nor downloadable here "
+                f"{flag} {name!r}: its weights are neither in the hub cache nor downloadable here "
                 f"({type(e).__name__}: {e}). Download them once where there is network access, or pass a "
                 f"local file: {OPEN_CLIP}{arch}:/path/to/open_clip_model.safetensors") from None
         if not path or not Path(path).is_file():
-            raise RuntimeError(f"--clip_model {name!r}: open_clip found no weights file for {pretrained!r}")
+            raise RuntimeError(f"{flag} {name!r}: open_clip found no weights file for {pretrained!r}")
+        files.vet_state_dict(path, f"{flag} {OPEN_CLIP}{arch}:{pretrained} (its cached file)")
         return f"{OPEN_CLIP}{arch}:{path}"
     if _looks_like_path(name):
         path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
+        if not path.is_dir():
             raise FileNotFoundError(
-                f"--clip_model: CLIP model directory {path} not found or without config.json. Pass a folder holding a "
-                f"transformers CLIPModel (CLIPModel.save_pretrained), a hub id, or {DEFAULT_CLIP}")
+                f"{flag} {path}: not a CLIP folder: no such folder. Pass a folder holding a transformers CLIPModel "
+                f"(CLIPModel.save_pretrained, with config.json), a hub id, or {DEFAULT_CLIP}")
+        files.vet_clip_folder(path, flag)
         return str(path)
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.txt"]
     try:
-        return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+        folder = snapshot_download(name, allow_patterns=patterns, local_files_only=True)
     except Exception:  # not cached: fetch it now, before any generation
         try:
-            return snapshot_download(name, allow_patterns=patterns)
+            folder = snapshot_download(name, allow_patterns=patterns)
         except Exception as e:
             raise RuntimeError(
-                f"could not find the CLIP model {name!r} ({type(e).__name__}: {e}). Without network access a "
-                f"hub id must already be in the Hugging Face cache; otherwise download it once (e.g. "
-                f"`hf download {name} --local-dir <dir>`) and pass the directory through --clip_model.") from None
+                f"{flag}: could not find the CLIP model {name!r} ({type(e).__name__}: {e}). Without network access "
+                f"a hub id must already be in the Hugging Face cache; otherwise download it once (e.g. "
+                f"`hf download {name} --local-dir <dir>`) and pass the directory through {flag}.") from None
+    files.vet_clip_folder(folder, f"{flag} {name} (its cached snapshot)")
+    return folder
 
 
 def load_clip(name_or_path: PathLike = DEFAULT_CLIP, device: str | torch.device = "cpu", precision: str = "full"):
@@ -463,25 +472,19 @@ def clean_resize(image: Image.Image | PathLike, size: int = INCEPTION_SIZE) -> n
     return np.stack(channels, axis=2)
 
 
-def _load_torchscript(path: PathLike, device) -> torch.jit.ScriptModule:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"TorchScript feature model {path} not found")
-    with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
-        model = torch.jit.load(str(path), map_location=torch.device(device))
-    return model.eval()
-
-
 def torchscript_features(path: PathLike, size: int = INCEPTION_SIZE, device: str | torch.device = "cpu",
-                         batch_size: int = 64, forward_kwargs: dict | None = None) -> FeatureExtractor:
+                         batch_size: int = 64, forward_kwargs: dict | None = None,
+                         flag: str = "--feature_model") -> FeatureExtractor:
     """A ``FeatureExtractor`` running a TorchScript model on clean-resized float images in [0, 255].
 
     The model is called as ``model(x, **forward_kwargs)`` with ``x`` float32 ``[B, 3, size, size]``
-    and must return ``[B, ...]`` (flattened to ``[B, D]``). Features come back float64 on the CPU.
+    and must return ``[B, ...]`` (flattened to ``[B, D]``). Features come back float64 on the CPU. The file is
+    read by :func:`scoring.files.load_torchscript` (errors name ``flag``).
     """
+    from scoring import files
+
     _check_batch_size(batch_size)
-    model = _load_torchscript(path, device)
+    model = files.load_torchscript(path, flag, device)
     kwargs = dict(forward_kwargs or {})
 
     @torch.no_grad()
@@ -572,12 +575,14 @@ def feature_extractor(feature_model: PathLike | None, feature_size: int = INCEPT
 
 
 def check_feature_model(feature_model: PathLike | None, what: str = "KID/FID") -> None:
-    """What :func:`feature_extractor` needs, checked before any work (no model is loaded): a given
-    ``feature_model`` file exists; for clean-fid's Inception (``feature_model`` None or a file named
-    ``inception-2015-12-05.pt``) the ``clean-fid`` package is installed and the weights are there (clean-fid
-    downloads its own copy now when it is missing). ``what`` names the metrics in the message.
-    Raises FileNotFoundError / ImportError / RuntimeError / ValueError."""
+    """What :func:`feature_extractor` needs, checked before any work: a given ``feature_model`` file exists and
+    loads as TorchScript (on the CPU, then dropped: :func:`scoring.files.vet_torchscript`); for clean-fid's
+    Inception (``feature_model`` None or a file named ``inception-2015-12-05.pt``) the ``clean-fid`` package is
+    installed and the weights are there and load (clean-fid downloads its own copy now when it is missing).
+    ``what`` names the metrics in the message. Raises FileNotFoundError / ImportError / RuntimeError / ValueError."""
     import importlib.util
+
+    from scoring import files
 
     if feature_model and not Path(feature_model).is_file():
         raise FileNotFoundError(f"--feature_model not found: {feature_model}")
@@ -585,4 +590,7 @@ def check_feature_model(feature_model: PathLike | None, what: str = "KID/FID") -
         if importlib.util.find_spec("cleanfid") is None:
             raise ImportError(f"{what} with clean-fid's Inception need the `clean-fid` package (and torchvision): "
                               "pip install -e \".[eval]\"; or pass --feature_model <another TorchScript extractor>")
-        inception_weights(feature_model)  # clean-fid's download, now rather than after the generation
+        path = inception_weights(feature_model)  # clean-fid's download, now rather than after the generation
+        files.vet_torchscript(path, "--feature_model" if feature_model else "--feature_model (clean-fid's copy)")
+    else:
+        files.vet_torchscript(feature_model, "--feature_model")

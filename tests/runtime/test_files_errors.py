@@ -74,10 +74,10 @@ def test_a_full_disk_leaves_no_temporary_file_and_one_line(tmp_path, monkeypatch
         files.lock_folder(tmp_path / "run")
     assert list((tmp_path / "run").iterdir()) == []
     # a job's main: that line and exit status 1, no traceback
-    from runtime.cli import exit_on_write_error
+    from runtime.cli import exit_on_run_error
 
     with pytest.raises(SystemExit) as ex:
-        exit_on_write_error(lambda: files.write_text_atomic(target, "x"))
+        exit_on_run_error(lambda: files.write_text_atomic(target, "x"))
     assert ex.value.code == 1
 
 
