@@ -357,3 +357,21 @@ def test_an_outdir_in_use_is_refused(tmp_path, prompts, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_check_that_samples_nan_stops(tmp_path):
+    """A NaN sample would be a black image that no judge calls the concept (a false "erased"): the check stops."""
+    from attacks.checker import GenerationChecker
+    from evaluation.models import load_model, parse_models
+    from ldm.util import load_model_config
+    from runtime.generate import NonFiniteSampleError
+
+    s = AttackSettings(attacks=("none",), concept="toy:stripes", H=32, W=32, steps=10, precision="full")
+    model = load_model(parse_models(str(TOY["weights"]))[0], load_model_config(TOY["config"]), str(TOY["weights"]))
+    with torch.no_grad():
+        next(model.model.diffusion_model.out.parameters()).fill_(float("nan"))
+        cond = model.get_learned_conditioning(["a painting of a red circle"])
+    checker = GenerationChecker(model, s.sampling(), 0, lambda images: [{"success": False}] * len(images))
+    with pytest.raises(NonFiniteSampleError, match="check of attack step 3 .* NaN or inf latents"):
+        checker(cond, 3)
+    assert checker.log == []
