@@ -241,6 +241,10 @@ def check(settings: AttackSettings) -> AttackPlan:
     rows = preset.rows[: s.limit] if s.limit else preset.rows
     rows = _fit_tokens(rows, s, attacks)
     preset = dataclasses.replace(preset, rows=rows)
+    unpaired = [n for n, cls, _ in attacks if getattr(cls, "needs_pairs", False)]
+    if unpaired and not preset.concept.pairs:
+        raise ValueError(f"--attack {unpaired[0]} needs prompt pairs with and without the concept, which "
+                         f"--concept {s.concept} does not provide: give --pairs FILE (columns prompt, prompt1)")
     devices = parse_devices(s.gpus)
     check_noise(s.noise, devices)
     for scale in sorted({float(r.guidance if r.guidance is not None else s.scale) for r in rows}):

@@ -2,7 +2,10 @@
 
 Adding an attack is one entry in :data:`ATTACKS` (its module implements :class:`attacks.base.Attack`, with a
 frozen Settings dataclass of the original's defaults whose ``__post_init__`` raises ``ValueError`` on a value
-that cannot work). ``tests/attacks`` checks every entry against the protocol.
+that cannot work). ``tests/attacks`` checks every entry against the protocol. Two optional class facts the job
+reads beyond the protocol: ``needs_pairs`` (True: the attack needs ``Concept.pairs``, e.g. Ring-A-Bell; the job
+refuses a concept without them before any model is built) and the Settings' ``added_tokens`` (see
+:func:`added_tokens`).
 """
 from __future__ import annotations
 

@@ -222,6 +222,24 @@ def test_base_required_by_a_teacher_attack(tmp_path, prompts, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_attack_that_needs_pairs_needs_a_concept_with_pairs(tmp_path, prompts, monkeypatch):
+    class Paired(AppendStyle):
+        name: ClassVar[str] = "paired"
+        needs_pairs: ClassVar[bool] = True
+
+    monkeypatch.setitem(registry.ATTACKS, "paired", (Paired, AppendSettings))
+    assert job.check(settings(tmp_path, prompts, attacks=("paired",))).preset.concept.pairs  # the toy world's
+    artist = settings(tmp_path, prompts, attacks=("paired",), concept="artist:van gogh", prompts=None,
+                      clip_model=str(TOY["clip"]), score_device="cpu")  # the artist preset has no pairs
+    with pytest.raises(ValueError, match="--attack paired needs prompt pairs .* give --pairs FILE"):
+        job.check(artist)
+    assert not (tmp_path / "out").exists()
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("prompt,prompt1\na painting by Vincent van Gogh,a painting\n")
+    assert job.check(dataclasses.replace(artist, pairs=str(pairs))).preset.concept.pairs == (
+        ("a painting by Vincent van Gogh", "a painting"),)
+
+
 def test_targets_folder_is_checked(tmp_path, prompts, monkeypatch):
     class Targeted(AppendStyle):
         name: ClassVar[str] = "targeted"
