@@ -63,17 +63,26 @@ def timesteps(n: int, T: int = 1000) -> list[int]:
     return list(range(T // n // 2, T, T // n))[:n]
 
 
-def project_simplex(v: torch.Tensor) -> torch.Tensor:
-    """Euclidean projection of each row of ``v`` [k, V] onto the probability simplex.
+def project_simplex(v: torch.Tensor, xi: float = 1e-5) -> torch.Tensor:
+    """Each row of ``v`` [k, V] projected onto the probability simplex by the original's rule
+    (``TextGrad.bisection`` with eps 1, upper bound 1, tolerance ``xi``), all rows at once.
 
-    The original finds the same point by bisection on the shift mu (tolerance 1e-5, ``TextGrad.bisection`` with
-    upper bound 1, which never binds on the simplex); this is the exact sort-based solution."""
-    u, _ = torch.sort(v, dim=-1, descending=True)
-    css = u.cumsum(dim=-1) - 1.0
-    ind = torch.arange(1, v.shape[-1] + 1, device=v.device, dtype=v.dtype)
-    rho = (u - css / ind > 0).sum(dim=-1, keepdim=True)
-    mu = css.gather(-1, rho - 1) / rho.to(v.dtype)
-    return (v - mu).clamp(min=0.0)
+    A row whose clipped sum is already within ``xi`` of 1 is just clipped to [0, 1]; otherwise the shift mu of
+    ``clip(v - mu, 0, 1)`` is bisected on [min(v) - 1, max(v)] until the bracket is at most ``xi`` wide, and
+    the last midpoint is used (so the sum is 1 up to the tolerance, as in the original)."""
+    clipped = v.clamp(0.0, 1.0)
+    done = (clipped.sum(dim=-1) - 1.0).abs() <= xi
+    lo, hi = (v - 1.0).amin(dim=-1), v.amax(dim=-1)
+    mu = (lo + hi) / 2
+    active = ~done & ((hi - lo).abs() > xi)
+    while bool(active.any()):
+        mid = (lo + hi) / 2
+        mu = torch.where(active, mid, mu)
+        gap = (v - mid[:, None]).clamp(0.0, 1.0).sum(dim=-1) - 1.0
+        hi = torch.where(active & (gap < 0), mid, hi)
+        lo = torch.where(active & (gap > 0), mid, lo)
+        active = active & (gap != 0) & ((hi - lo).abs() > xi)
+    return torch.where(done[:, None], clipped, (v - mu[:, None]).clamp(0.0, 1.0))
 
 
 def denoising_loss(model, encoder, template: text.Template, fixed: torch.Tensor, one_hot: torch.Tensor,
