@@ -83,13 +83,15 @@ def project_nearest(embeds: torch.Tensor, matrix: torch.Tensor, metric: str = "c
 
 @dataclass(frozen=True)
 class Template:
-    """A prompt with ``k`` learnable token slots: ids [L] (placeholders at ``slots``) and the slot positions [k].
+    """A prompt with ``k`` learnable token slots: ids [L] (placeholders at ``slots``), the slot positions [k]
+    and ``length``, how many tokens after BOS make the prompt (what is decoded; the rest is EOS/padding).
 
     :meth:`embeddings` puts adversarial embeddings into the slots (differentiable), :meth:`ids_with` puts
     token ids there (the discrete prompt)."""
 
     ids: torch.Tensor
     slots: torch.Tensor
+    length: int
 
     @property
     def k(self) -> int:
@@ -131,4 +133,4 @@ def prefix_template(encoder, prompt: str, k: int, placeholder: int | None = None
     row = [tok.bos_token_id, *[placeholder] * k, *body, tok.eos_token_id]
     ids = torch.full((n,), tok.pad_token_id, dtype=torch.long)
     ids[: len(row)] = torch.tensor(row, dtype=torch.long)
-    return Template(ids.to(encoder.device), torch.arange(1, 1 + k, device=encoder.device))
+    return Template(ids.to(encoder.device), torch.arange(1, 1 + k, device=encoder.device), k + len(body))
