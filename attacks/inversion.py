@@ -25,7 +25,7 @@ checks one generation. Speed: the VAE posteriors of the images (both flips) are 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import numpy as np
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .base import AttackResult, Checker, Concept
 from .text import Template, content_ids, encode_embeddings, token_embedding_matrix
+from .whitebox import randn
 
 # The original's caption templates (facts of its data set class), one list per ``learnable_property``.
 OBJECT_TEMPLATES = (
@@ -122,9 +123,7 @@ def placeholder_template(encoder, text: str, placeholder: str, k: int = 1) -> Te
     ids = torch.full((n,), tok.pad_token_id, dtype=torch.long)
     ids[: len(row) + 1] = torch.tensor(row + [tok.eos_token_id], dtype=torch.long)
     device = encoder.device
-    # attack-whitebox is adding Template.length (tokens after BOS that make the prompt): pass it once it exists
-    length = {"length": len(row) - 1} if "length" in {f.name for f in fields(Template)} else {}
-    return Template(ids=ids.to(device), slots=torch.tensor(slots, dtype=torch.long, device=device), **length)
+    return Template(ids.to(device), torch.tensor(slots, dtype=torch.long, device=device), len(row) - 1)
 
 
 def encode_with_token(encoder, templates: list[Template], vectors: torch.Tensor,
@@ -177,12 +176,11 @@ def denoising_loss(model, cond: torch.Tensor, mean: torch.Tensor, std: torch.Ten
     """The textual-inversion loss of one batch: latents drawn from the posteriors (``mean``/``std`` [B, C, h, w])
     times ``scale_factor``, t uniform in 0..T-1 (or given), MSE(mean) of the model's prediction to its target."""
     b = mean.shape[0]
-    eps_z = torch.randn(mean.shape, generator=generator).to(mean)
-    x0 = model.scale_factor * (mean + std * eps_z)
+    x0 = model.scale_factor * (mean + std * randn(mean.shape, generator, mean))
     if t is None:
-        t = torch.randint(0, model.num_timesteps, (b,), generator=generator)
+        t = torch.randint(0, model.num_timesteps, (b,), generator=generator, device=generator.device)
     t = t.to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    noise = randn(x0.shape, generator, x0)
     pred = model.apply_model(model.q_sample(x0, t, noise), t, cond)
     target = noise if model.parameterization == "eps" else x0
     return F.mse_loss(pred.float(), target.float(), reduction="mean")
@@ -228,7 +226,9 @@ def learn_token(model, images: np.ndarray, settings: InversionSettings,
             cond = encode_with_token(encoder, [templates[i] for i in picks], vectors.to(text_dtype),
                                      [fixed[i] for i in picks])
             loss = denoising_loss(model, cond, mean[flips, idx], std[flips, idx], g)
-            (loss / s.grad_accum).backward()
+            # only the token's gradient: no weight gradients computed, none left on the model's parameters
+            grad = torch.autograd.grad(loss / s.grad_accum, vectors)[0]
+            vectors.grad = grad if vectors.grad is None else vectors.grad + grad
             total += float(loss.detach()) / s.grad_accum
         opt.step()
         opt.zero_grad(set_to_none=True)

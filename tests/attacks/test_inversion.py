@@ -74,7 +74,8 @@ def test_settings_refuse_what_cannot_work():
 
 def test_training_moves_only_the_token_lowers_the_loss_and_is_seeded(world):
     """20 updates of batch 4 on the toy model (lr 5e-3 unscaled: the recipe's 0.08 takes steps larger than the toy
-    embeddings themselves, so its loss only falls over hundreds of updates): the model is untouched, the denoising
+    embeddings themselves, so its loss only falls over hundreds of updates): the model is untouched (weights and
+    gradients), the denoising
     loss of the concept's images at fixed timesteps and noise falls (3% at seeds 0-2), the same seed gives the same
     token."""
     model, _, images = world
@@ -83,6 +84,7 @@ def test_training_moves_only_the_token_lowers_the_loss_and_is_seeded(world):
     settings = InversionSettings(steps=20, batch_size=4, grad_accum=1, learning_rate=5e-3, scale_lr=False)
     vec, losses = learn_token(model, images, settings)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())  # no weight gradients computed or left behind
     assert len(losses) == 20 and vec.shape == (1, token_embedding_matrix(enc).shape[1])
     short = InversionSettings(steps=2, batch_size=2, grad_accum=2)
     one, two, other = (learn_token(model, images, short)[0], learn_token(model, images, short)[0],
