@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from toy_checker import ToyChecker, toy_world
+from test_whitebox import ToyChecker, world  # noqa: F401  (the toy-world fixture and checker of the attack tests)
 
 from attacks.base import Concept
 from attacks.inversion import (
@@ -27,16 +27,15 @@ PH = "<art-style>"
 
 
 @pytest.fixture(scope="module")
-def world():
+def images():
+    """12 ground-truth renders of the concept (stripes) at the toy model's generation size."""
     from toyworld.render import Scene, render
 
-    model, judge = toy_world()
-    images = np.stack([np.asarray(render(Scene(shape=s, colour=c, style="stripes"), 32).convert("RGB"))
-                       for s in ("circle", "star", "heart", "square") for c in ("red", "blue", "green")])
-    return model, judge, images
+    return np.stack([np.asarray(render(Scene(shape=s, colour=c, style="stripes"), 32).convert("RGB"))
+                     for s in ("circle", "star", "heart", "square") for c in ("red", "blue", "green")])
 
 
-def test_placeholder_prompt_encodes_like_a_real_word(world):
+def test_placeholder_prompt_encodes_like_a_real_word(world):  # noqa: F811
     """With a vocabulary word's embedding in the slot, the prompt encodes exactly as the prompt with that word."""
     model = world[0]
     enc = model.cond_stage_model
@@ -72,13 +71,13 @@ def test_settings_refuse_what_cannot_work():
     assert InversionSettings(scale_lr=False).lr == 5e-3
 
 
-def test_training_moves_only_the_token_lowers_the_loss_and_is_seeded(world):
+def test_training_moves_only_the_token_lowers_the_loss_and_is_seeded(world, images):  # noqa: F811
     """20 updates of batch 4 on the toy model (lr 5e-3 unscaled: the recipe's 0.08 takes steps larger than the toy
     embeddings themselves, so its loss only falls over hundreds of updates): the model is untouched (weights and
     gradients), the denoising
     loss of the concept's images at fixed timesteps and noise falls (3% at seeds 0-2), the same seed gives the same
     token."""
-    model, _, images = world
+    model = world[0]
     enc = model.cond_stage_model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     settings = InversionSettings(steps=20, batch_size=4, grad_accum=1, learning_rate=5e-3, scale_lr=False)
@@ -105,31 +104,30 @@ def test_training_moves_only_the_token_lowers_the_loss_and_is_seeded(world):
     assert fixed_loss(vec) < 0.99 * fixed_loss(start)
 
 
-def test_attack_end_to_end_on_the_toy_world(world):
+def test_attack_end_to_end_on_the_toy_world(world, images):  # noqa: F811
     """prepare + attack with a real checker: one check after training, the learned embedding and the loss history
     recorded, the prompt holds the placeholder; the learned token changes the generation from the same noise."""
-    model, judge, images = world
+    model = world[0]
     attack = ConceptInversion(InversionSettings(steps=5, batch_size=4, grad_accum=1))
     with pytest.raises(ValueError, match="targets is empty"):
         attack.prepare(model, Concept("stripes"))
     concept = Concept("stripes", (), images)
     t0 = time.perf_counter()
     attack.prepare(model, concept)
-    check = ToyChecker(model, judge, "style", "stripes")
+    check = ToyChecker(world)
     result = attack.attack(model, "a painting of a red star in the style of stripes", concept=concept, check=check,
                            index=0, generator=torch.Generator().manual_seed(0))
     seconds = time.perf_counter() - t0
     assert result.prompt == f"a painting of a red star in the style of {PH}"
     assert result.extra["prompt_from"] == "replaced"
-    assert len(check.calls) == 1 and check.calls[0][0] == 4 and len(result.losses) == 5
-    assert result.success == (check.calls[0][1] == "stripes")
+    assert check.calls == [(4, result.success)] and len(result.losses) == 5
     assert result.first_success == (4 if result.success else None)
     assert torch.equal(result.embedding, attack.vectors) and len(result.images) == 1
 
     untrained = ConceptInversion(attack.settings)
     untrained.vectors, untrained.losses = initial_vectors(model.cond_stage_model, "art", 1), [0.0]
     plain = untrained.attack(model, "a painting of a red star in the style of stripes", concept=concept,
-                             check=ToyChecker(model, judge, "style", "stripes"), index=0)
+                             check=ToyChecker(world), index=0)
     assert np.abs(plain.images[0].astype(int) - result.images[0].astype(int)).mean() > 1.0
     print(f"inversion toy: {seconds:.2f} s for 5 updates of 4 images + one check")
     assert seconds < 60

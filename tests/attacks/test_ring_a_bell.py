@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_model
-from toy_checker import ToyChecker, toy_world
+from test_whitebox import ToyChecker, world  # noqa: F401  (the toy-world fixture and checker of the attack tests)
 
 from attacks.base import Concept
 from attacks.ring_a_bell import (
@@ -126,10 +126,10 @@ def test_settings_refuse_what_cannot_work():
             RingABellSettings(**bad)
 
 
-def test_attack_end_to_end_on_the_toy_world():
+def test_attack_end_to_end_on_the_toy_world(world):  # noqa: F811
     """prepare + attack on the shipped toy LDM with a real checker: one check of the final prompt at the last
     generation, its result recorded as-is, the prompt is the decoded token ids, progress per generation."""
-    model, judge = toy_world()
+    model = world[0]
     shapes, colours = ("circle", "star", "heart"), ("red", "blue", "green")
     concept = Concept("stripes", tuple((f"a painting of a {c} {s} in the style of stripes",
                                         f"a painting of a {c} {s}") for c in colours for s in shapes))
@@ -137,14 +137,13 @@ def test_attack_end_to_end_on_the_toy_world():
     with pytest.raises(RuntimeError, match="prepare"):
         attack.attack(model, "a red star", concept=concept, check=None, index=0)
     attack.prepare(model, concept)
-    check, seen = ToyChecker(model, judge, "style", "stripes"), []
+    check, seen = ToyChecker(world), []
     t0 = time.perf_counter()
     result = attack.attack(model, "a painting of a red star", concept=concept, check=check, index=0,
                            generator=torch.Generator().manual_seed(0), progress=lambda s, v: seen.append((s, v)))
     seconds = time.perf_counter() - t0
     assert [s for s, _ in seen] == list(range(10)) and [v for _, v in seen] == result.losses
-    assert len(check.calls) == 1 and check.calls[0][0] == 9
-    assert result.success == (check.calls[0][1] == "stripes")
+    assert check.calls == [(9, result.success)]
     assert result.first_success == (9 if result.success else None)
     assert len(result.images) == 1 and result.images[0].shape == (32, 32, 3) and result.embedding is None
     assert result.prompt == model.cond_stage_model.tokenizer.decode(result.extra["token_ids"])
