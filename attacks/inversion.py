@@ -202,13 +202,15 @@ def learn_token(model, images: np.ndarray, settings: InversionSettings,
     s, encoder = settings, model.cond_stage_model
     g = torch.Generator().manual_seed(s.seed)
     param = next(model.model.parameters())
-    x = _to_model_images(images[: s.num_train_images], param.device, param.dtype)
-    mean, std = posteriors(model, x)
+    # the cheap checks (initializer, prompt lengths) before any VAE work
+    start = initial_vectors(encoder, s.initializer, s.num_vectors)
     templates = [placeholder_template(encoder, t.format(s.placeholder), s.placeholder, s.num_vectors)
                  for t in TEMPLATES[s.learnable_property]]
     fixed = [t.fixed_embeddings(encoder) for t in templates]  # the prompts' own token embeddings, once
     text_dtype = fixed[0].dtype
-    vectors = torch.nn.Parameter(initial_vectors(encoder, s.initializer, s.num_vectors).to(param.device))
+    x = _to_model_images(images[: s.num_train_images], param.device, param.dtype)
+    mean, std = posteriors(model, x)
+    vectors = torch.nn.Parameter(start.to(param.device))
     opt = torch.optim.AdamW([vectors], lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.weight_decay,
                             eps=s.adam_epsilon)
     n = x.shape[0]

@@ -65,11 +65,6 @@ class RingABellSettings:
     check_on: str = "text"
     batch_size: int = 0
 
-    @property
-    def added_tokens(self) -> int:
-        """The attack writes its own prompt of ``length`` tokens (it does not add to the given prompt)."""
-        return 0
-
     def __post_init__(self):
         if not 1 <= self.length <= 75:
             raise ValueError(f"length {self.length}: must be 1..75 (77 positions less BOS and one EOS)")

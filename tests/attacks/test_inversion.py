@@ -112,6 +112,8 @@ def test_attack_end_to_end_on_the_toy_world(world, images):  # noqa: F811
     with pytest.raises(ValueError, match="targets is empty"):
         attack.prepare(model, Concept("stripes"))
     concept = Concept("stripes", (), images)
+    with pytest.raises(ValueError, match="single token"):
+        ConceptInversion(InversionSettings(initializer="van gogh")).prepare(model, concept)
     t0 = time.perf_counter()
     attack.prepare(model, concept)
     check = ToyChecker(world)
