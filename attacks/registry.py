@@ -9,10 +9,14 @@ refuses a concept without them before any model is built) and the Settings' ``ad
 """
 from __future__ import annotations
 
+from .inversion import ConceptInversion, InversionSettings
 from .none import NoAttack, NoneSettings
+from .ring_a_bell import RingABell, RingABellSettings
 
 ATTACKS: dict[str, tuple[type, type]] = {
     NoAttack.name: (NoAttack, NoneSettings),
+    RingABell.name: (RingABell, RingABellSettings),
+    ConceptInversion.name: (ConceptInversion, InversionSettings),
 }
 BASELINE = NoAttack.name  # run with every attack: the pre-attack ASR
 
