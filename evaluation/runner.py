@@ -8,7 +8,9 @@ Layout under ``--outdir``::
     {suite}/records/{model}.jsonl            one JSON record per image: id, prompt, seed, image, scores
     {suite}/summary.json, summary.csv        every model's summary (the models of the latest run of the suite)
     {suite}/summary.png                      the suite's headline metrics per model
-    results.md, results.json                 one table: rows the models, columns every suite's headline metrics
+    results.md, results.json                 one table: rows the models, columns every suite's headline metrics;
+                                             below it (results.json: key "(provenance)") each suite's preset or
+                                             settings, prompt files' sha256 and the scorers' package versions
 
 ``key`` hashes the model's identity (kind, files, their sizes and mtimes), the sampling settings and the rows'
 prompts and seeds, so changing any of them starts a new folder while an interrupted run resumes in its own: only
@@ -326,8 +328,12 @@ def write_suite(plan: Plan, suite: Suite, summaries: dict) -> None:
 
     d = plan.outdir / suite.name
     d.mkdir(parents=True, exist_ok=True)
+    from .presets import provenance
+
+    metrics = [m for m in suite.metrics if not m.optional or any(m.key in (s or {}) for s in summaries.values())]
     doc = {"suite": suite.name, "description": suite.doc, "n_rows": len(plan.rows[suite.name]),
-           "settings": _settings(plan), "metrics": [m.__dict__ for m in suite.metrics], "models": summaries}
+           "settings": _settings(plan), "provenance": provenance(plan.settings),
+           "metrics": [m.__dict__ for m in metrics], "models": summaries}
     write_text_atomic(d / "summary.json", json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     write_text_atomic(d / "summary.csv", summary_csv(summaries))
     plot_suite(suite, summaries, d / "summary.png")
@@ -404,7 +410,33 @@ def results_table(outdir: Path) -> tuple[str, dict]:
              "|---|" + "---|" * len(cols)]
     for model in models:
         lines.append(f"| {model} | " + " | ".join(_fmt(v) for v in table[model].values()) + " |")
+    lines.append("")
+    for d in docs:  # how each suite's numbers were made (summary.json has the full settings)
+        lines.append(f"- {d['suite']}: {_made_by(d)}")
+    if docs:
+        # "(provenance)" cannot clash with a model: model names are letters, digits and . _ + - only
+        # strings only ("none": no preset; packages not installed left out): the numbers of the table stay its only
+        # numeric leaves
+        table["(provenance)"] = {d["suite"]: {"preset": (d.get("provenance") or {}).get("preset") or "none",
+                                             "made_by": _made_by(d),
+                                             "versions": {k: v for k, v in ((d.get("provenance") or {})
+                                                                            .get("versions") or {}).items() if v}}
+                                 for d in docs}
     return "\n".join(lines) + "\n", table
+
+
+def _made_by(doc: dict) -> str:
+    """One line: the preset (or the settings that define the protocol) and the scorers' package versions."""
+    prov, st = doc.get("provenance") or {}, doc.get("settings") or {}
+    how = (f"preset {prov['preset']}" if prov.get("preset") else
+           "no preset: " + ", ".join(f"{k}={st[k]}" for k in ("sampler", "steps", "scale", "H", "W") if k in st))
+    threshold = next((m.get("threshold") for m in (doc.get("models") or {}).values() if isinstance(m, dict)
+                      and m.get("threshold") is not None), None)
+    if threshold is not None:
+        how += f", NudeNet threshold {threshold}"
+    files = ", ".join(f"{v['path']} sha256 {v['sha256'][:12]}" for v in (prov.get("prompt_files") or {}).values())
+    vers = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
+    return how + (f"; {files}" if files else "") + (f"; {vers}" if vers else "")
 
 
 def write_results(outdir: Path) -> Path:
