@@ -195,8 +195,12 @@ def check_pins(settings: BenchmarkSettings, rows: dict[str, list]) -> None:
     for pin in preset.pins:
         path = getattr(settings, pin.field)
         suite = {"prompts": "nudity", "captions": "coco"}.get(pin.field)
-        if suite not in rows or not path or str(path).startswith("hf:"):
+        if suite not in rows or not path:
             continue
+        if str(path).startswith("hf:"):  # the suite's rows were read from the cached download: hash that file
+            from .prompt_sets import resolve_prompt_file
+
+            path = resolve_prompt_file(str(path))
         if pin.sha256 is not None:
             got = sha256_of(path)
             if got != pin.sha256:
