@@ -39,12 +39,17 @@ the first image is made.
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from evaluation.presets import PRESETS
     from evaluation.suites import COCO_ORDERS, EMPTY_PROMPTS, NUDITY_SETS, SUITES
     from runtime import cli
 
     p = cli.ArgumentParser(description=DESCRIPTION)
     p.add_argument("suites", nargs="+", metavar="SUITE", choices=list(SUITES),
                    help=f"one or more of: {', '.join(SUITES)}")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="pin a paper's protocol (rows, seeds, sampler, steps, guidance, size, scorers, threshold, "
+                        "prompt file rows and hash; docs/guides/benchmark.md, Presets): a flag that contradicts it "
+                        "is refused. " + "; ".join(f"{p.name}: {p.title}" for p in PRESETS.values()))
     m = p.add_argument_group("models (the base is always scored; the others by NAME=PATH, or PATH: name = its stem)")
     m.add_argument("--base", default=str(DEFAULT_BASE),
                    help="base checkpoint (CompVis .ckpt/.safetensors, or a diffusers pipeline folder)")
@@ -109,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--empty_prompts", choices=EMPTY_PROMPTS, default="error",
                    help="a row whose prompt is empty or only whitespace: error (refused, naming its line) or skip "
                         "(left out; the count is in the summary as skipped_empty_prompts)")
+    n.add_argument("--nudity_threshold", type=cli.unit_interval, default=0.5,
+                   help="a detection counts when its NudeNet score exceeds this (ConceptPrune: 0.5); the summary "
+                        "also gives the counts at 0.5, 0.6 and 0.75 (at_threshold) from the same detections")
     o = p.add_argument_group("objects")
     o.add_argument("--target_class", default=None, help="the erased Imagenette class (e.g. 'garbage truck')")
     o.add_argument("--removal_mode", choices=["erase", "keep", "both"], default="both",
@@ -128,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="COCO's captions JSON: shuffled = the original's selection (all annotations shuffled by "
                         "numpy's legacy generator seeded 0, then the first N); file = annotation order. A text "
                         "file is always read in its order")
+    c.add_argument("--coco_images", default=None,
+                   help="a folder of real COCO images (e.g. val2014/): FID/KID of every model against them (the "
+                        "papers' FID), besides FID/KID against the base model's images")
     mm = p.add_argument_group("memorization")
     mm.add_argument("--mem_jsonl", default=None, help="Wen et al.'s sdv1_500_mem_groundtruth.jsonl")
     mm.add_argument("--gt_dir", default=None, help="its gt_images folder (default: beside the jsonl)")
@@ -142,7 +153,19 @@ def parse_argv(argv=None) -> BenchmarkSettings:
     for name in ("suites", "delta", "compvis", "diffusers", "unet", "artist", "categories", "professions"):
         if values[name] is not None:
             values[name] = tuple(values[name])
-    return BenchmarkSettings(**values)
+    return BenchmarkSettings(**values, explicit=_given(argv))
+
+
+def _given(argv) -> tuple[str, ...]:
+    """The settings fields the command line names (a flag given with its default value included), so that a preset
+    can refuse a flag that contradicts it even when the flag repeats the default."""
+    import sys
+
+    p = build_parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return tuple(sorted(k for k in vars(args) if k not in ("suites", "preset")))
 
 
 def settings_from_argv(argv=None) -> BenchmarkSettings:
@@ -159,6 +182,7 @@ def check(settings: BenchmarkSettings, classifier=None):
     ``--classifier`` (the toy world passes its ground-truth classifier). A scorer loaded here to prove that it
     loads (the classifier) is kept in ``plan.preloaded`` for the suites' ``load`` step."""
     from evaluation.models import check_models, parse_models
+    from evaluation.presets import apply, check_pins
     from evaluation.runner import Plan, check_folders, check_table_inputs, groups
     from evaluation.suites import SUITES
     from ldm.util import load_model_config
@@ -173,6 +197,7 @@ def check(settings: BenchmarkSettings, classifier=None):
     unknown = [n for n in s.suites if n not in SUITES]
     if unknown or not s.suites:
         raise UsageError(f"suites: expected one or more of {', '.join(SUITES)}, got {', '.join(unknown) or 'none'}")
+    s = apply(s)  # a preset's fields first: everything below checks what will run
     preloaded = {} if classifier is None else {"classifier": classifier}
     suites = [SUITES[n] for n in dict.fromkeys(s.suites)]
     if s.limit and "coco" in s.suites and s.n_captions is None:
@@ -189,6 +214,9 @@ def check(settings: BenchmarkSettings, classifier=None):
         rows[suite.name] = suite.rows(s)
         if not rows[suite.name]:
             raise UsageError(f"the {suite.name} suite has no rows with these settings")
+    check_pins(s, rows)
+    if "coco" in s.suites and s.coco_images:
+        _check_real_images(s.coco_images)
     devices = () if s.score_only else parse_devices(s.gpus)
     if not s.score_only:
         check_models(models, model_config, s.base)
@@ -223,6 +251,14 @@ def check(settings: BenchmarkSettings, classifier=None):
     if not s.score_only:
         check_folders(plan)  # a cache folder whose plan is not its key's fails now, not at its turn
     return plan
+
+
+def _check_real_images(folder: str) -> None:
+    """``--coco_images``: a folder holding at least two complete images (FID needs a covariance), checked before
+    any generation."""
+    from evaluation.suites import real_images
+
+    real_images(folder)
 
 
 def run(settings: BenchmarkSettings, classifier=None, plan=None) -> dict | None:

@@ -9,7 +9,9 @@ Layout under ``--outdir``::
     {suite}/summaries/{model}.json           the model's summary and the settings and rows it was scored on
     {suite}/summary.json, summary.csv        every model's summary: each model with records, whichever run made them
     {suite}/summary.png                      the suite's headline metrics per model
-    results.md, results.json                 one table: rows the models, columns every suite's headline metrics
+    results.md, results.json                 one table: rows the models, columns every suite's headline metrics;
+                                             below it (results.json: key "(provenance)") each suite's preset or
+                                             settings, prompt files' sha256 and the scorers' package versions
     .lock                                    the run using the folder (host, pid, command, start); refuses a second
 
 A suite's summary files and the table are rebuilt after every run from every model that has records (and its
@@ -362,9 +364,12 @@ def source_of(plan: Plan, suite: str, spec) -> dict:
     sampling settings (:data:`COMPARED`), to tell models scored on other rows or settings apart."""
     a = plan.settings
     rows = plan.rows_of(suite, spec)
+    from .presets import provenance
+
     return {"kind": spec.kind, "path": spec.path, "n_rows": len(rows),
             "settings": {"rows": _digest([(r.prompt, r.seed, r.guidance, r.height, r.width) for r in rows]),
-                         **sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base}}
+                         **sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base},
+            "provenance": provenance(a)}
 
 
 _WARNED: set[str] = set()
@@ -405,7 +410,7 @@ def collect_suite(outdir: Path, name: str, order=()) -> dict | None:
         doc, why = _read_json(summary_file(outdir, name, m))
         if doc is not None and isinstance(doc.get("summary"), dict):
             summaries[m] = doc["summary"]
-            sources[m] = {k: doc.get(k) for k in ("kind", "path", "n_rows", "settings")}
+            sources[m] = {k: doc.get(k) for k in ("kind", "path", "n_rows", "settings", "provenance")}
             continue
         if why == "missing":  # a folder of an older version: its summary.json holds the summaries
             legacy = legacy if legacy is not None else (_read_json(d / "summary.json")[0] or {})
@@ -427,9 +432,15 @@ def collect_suite(outdir: Path, name: str, order=()) -> dict | None:
               f"{d / 'records' / (m + '.jsonl')} to drop it")
     suite = SUITES.get(name)
     first = sources[next(iter(summaries))]
-    return {"suite": name, "description": suite.doc if suite else "", "n_rows": first.get("n_rows"),
-            "settings": first.get("settings"), "metrics": [m.__dict__ for m in suite.metrics] if suite else [],
-            "models": summaries, "sources": sources, "not_comparable": odd}
+    # optional metrics (e.g. coco's FID against real images) only where some model has them
+    metrics = [m for m in suite.metrics if not m.optional or any(m.key in (v or {}) for v in summaries.values())
+               ] if suite else []
+    doc = {"suite": name, "description": suite.doc if suite else "", "n_rows": first.get("n_rows"),
+           "settings": first.get("settings"), "metrics": [m.__dict__ for m in metrics],
+           "models": summaries, "sources": sources, "not_comparable": odd}
+    if first.get("provenance"):
+        doc["provenance"] = first["provenance"]
+    return doc
 
 
 def write_suite(plan: Plan, suite: Suite) -> None:
@@ -438,7 +449,9 @@ def write_suite(plan: Plan, suite: Suite) -> None:
     doc = collect_suite(plan.outdir, suite.name, [m.name for m in plan.models])
     if doc is None:
         return
-    doc.update(n_rows=len(plan.rows[suite.name]), settings=_settings(plan))
+    from .presets import provenance
+
+    doc.update(n_rows=len(plan.rows[suite.name]), settings=_settings(plan), provenance=provenance(plan.settings))
     _write_suite_doc(plan.outdir / suite.name, suite, doc)
 
 
@@ -558,7 +571,35 @@ def markdown_table(docs: list[dict]) -> tuple[str, dict]:
     if odd:
         lines += ["", "\\* scored on other rows or settings than the other models of a suite (see the suite's "
                       "summary.json: not_comparable, sources)"]
+    made = [d for d in docs if "provenance" in d]
+    if made:
+        lines.append("")
+    for d in made:  # how each suite's numbers were made (summary.json has the full settings)
+        lines.append(f"- {d['suite']}: {_made_by(d)}")
+    if made:
+        # "(provenance)" cannot clash with a model: model names are letters, digits and . _ + - only
+        # strings only ("none": no preset; packages not installed left out): the numbers of the table stay its only
+        # numeric leaves
+        table["(provenance)"] = {d["suite"]: {"preset": (d.get("provenance") or {}).get("preset") or "none",
+                                             "made_by": _made_by(d),
+                                             "versions": {k: v for k, v in ((d.get("provenance") or {})
+                                                                            .get("versions") or {}).items() if v}}
+                                 for d in made}
     return "\n".join(lines) + "\n", table
+
+
+def _made_by(doc: dict) -> str:
+    """One line: the preset (or the settings that define the protocol) and the scorers' package versions."""
+    prov, st = doc.get("provenance") or {}, doc.get("settings") or {}
+    how = (f"preset {prov['preset']}" if prov.get("preset") else
+           "no preset: " + ", ".join(f"{k}={st[k]}" for k in ("sampler", "steps", "scale", "H", "W") if k in st))
+    threshold = next((m.get("threshold") for m in (doc.get("models") or {}).values() if isinstance(m, dict)
+                      and m.get("threshold") is not None), None)
+    if threshold is not None:
+        how += f", NudeNet threshold {threshold}"
+    files = ", ".join(f"{v['path']} sha256 {v['sha256'][:12]}" for v in (prov.get("prompt_files") or {}).values())
+    vers = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
+    return how + (f"; {files}" if files else "") + (f"; {vers}" if vers else "")
 
 
 def write_results(outdir: Path, plan: Plan | None = None) -> Path:

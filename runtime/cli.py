@@ -100,6 +100,7 @@ nonnegative_int = _ranged(int, lambda v: v >= 0, "an integer >= 0", "nonnegative
 finite_float = _ranged(float, lambda v: True, "a finite number", "finite_float")
 nonnegative_float = _ranged(float, lambda v: v >= 0, "a finite number >= 0", "nonnegative_float")
 positive_float = _ranged(float, lambda v: v > 0, "a finite number > 0", "positive_float")
+unit_interval = _ranged(float, lambda v: 0 <= v <= 1, "a number in [0, 1]", "unit_interval")
 # ---------------------------------------------------------------------------------------- generation limits
 #: SD's VAE downsamples by 8, so a side is a multiple of 8; above 4096 px (64x SD v1's latent area) a value is a
 #: typo, and it would fail only once generation reaches it (out of memory) after other images were made.
