@@ -51,6 +51,23 @@ def test_read_json_names_the_file_the_problem_and_the_remedy(tmp_path, data, pro
     assert run_error_status(info.value) == 2  # printed as one line, exit 2, also when met during the work
 
 
+def test_folder_refusals_met_mid_run_are_one_line_exit_2(capsys):
+    """A folder made from another plan (generate_images) or prepared with other memorization settings (train.py)
+    can show only once the work runs: printed as one line with exit status 2 (runtime.cli.exit_on_run_error)."""
+    from ablation.memorization import MemorizationSettingsError
+    from runtime.cli import exit_on_run_error
+    from runtime.generate import GenerationPlanError
+
+    for kind in (GenerationPlanError, MemorizationSettingsError, DamagedFileError):
+        message = f"/x/gen was made with a different plan ({kind.__name__}); delete it"
+
+        def fail():
+            raise kind(message)
+        with pytest.raises(SystemExit) as e:
+            exit_on_run_error(fail)
+        assert e.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_read_json_missing_file_and_folder(tmp_path):
     with pytest.raises(FileNotFoundError):  # absent is the caller's decision, not damage
         read_json(tmp_path / "none.json", "the plan", "-")
