@@ -436,7 +436,7 @@ def _portable(e: Exception) -> Exception:
         copy = pickle.loads(pickle.dumps(e))
         if type(copy) is type(e) and str(copy) == str(e):
             return copy
-    except Exception:  # noqa: BLE001 - any failure to pickle means: send the message instead
+    except Exception:  # any failure to pickle or rebuild it: send its message instead
         pass
     if isinstance(e, WriteError):
         return WriteError(e.errno or 0, str(e))
