@@ -137,6 +137,11 @@ class Layout:
 
         write_text_atomic(folder / "cache.json", json.dumps(ident, indent=1, default=str) + "\n")
 
+    def check_folder(self, plan: Plan, spec, folder: Path) -> None:
+        """Before any work (:func:`check_folders`): refuse ``spec``'s ``folder`` when a record this layout keeps
+        beside its images says it cannot be reused. The benchmark keeps none that it reads (``cache.json`` is
+        written for people: the folder's name is its key)."""
+
     def finish(self, plan: Plan, suite: str, spec, folder: Path, prompts: list[str]) -> None:
         """After every image of ``folder`` exists."""
 
@@ -214,16 +219,19 @@ def _folders(plan: Plan, spec):
 
 def check_folders(plan: Plan) -> None:
     """Refuse now, before any model is built, a generation folder whose ``plan.json`` records other settings than
-    this run asks of it (not hours into the generation). Raises ValueError naming the folder, the differing keys
-    and the layout's remedy; a folder without a readable plan is left to ``generate_images``' own checks."""
+    this run asks of it (not hours into the generation), or whose records are damaged. Raises ValueError naming
+    the folder, the differing keys and the layout's remedy, or ``runtime.files.DamagedFileError`` (a damaged
+    ``plan.json``, or a record the layout keeps beside it: :meth:`Layout.check_folder`)."""
+    from runtime.files import read_json
     from runtime.generate import PLAN_FILE, plan_dict, plan_diff
 
     for spec in plan.models:
         for suite, folder, ident, prompts, how, seeds in _folders(plan, spec):
-            try:
-                old = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+            plan.layout.check_folder(plan, spec, folder)
+            if not (folder / PLAN_FILE).exists():
                 continue
+            old = read_json(folder / PLAN_FILE, "the generation plan",
+                            f"its folder {folder} cannot be resumed: {plan.layout.remedy(spec)}")
             diff = plan_diff(old, plan_dict(how, prompts, seeds))
             if diff:
                 raise ValueError(f"{folder} was generated with other settings (differs in: {', '.join(diff)}); "
