@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from runtime.files import image_is_complete, read_text_lines, sha256_file, write_text_atomic
+from runtime.files import atomic_target, image_is_complete, read_cache, read_text_lines, sha256_file, write_text_atomic
 from runtime.generate import Sampling, check_devices, check_prompts, generate_images
 from scoring.sscd import THRESHOLD, load_sscd, memorization_rate, similarities
 
@@ -104,16 +104,23 @@ class _LazySSCD:
         return self.model
 
 
+def _read_similarities(path: Path) -> torch.Tensor:
+    """The similarities cached by :func:`_scored`, one finite number per line; raises when the file is damaged."""
+    sims = torch.tensor([float(v) for v in read_text_lines(path)], dtype=torch.float32)
+    if not torch.isfinite(sims).all():
+        raise ValueError("non-finite similarity")
+    return sims
+
+
 def _scored(lazy: _LazySSCD, folder: Path, mem_image: Path) -> tuple[list[Path], list[str], torch.Tensor]:
     """(image paths, captions, similarities) of a generated folder; similarities cached next to it."""
     names = read_text_lines(folder / "images.txt")
     captions = read_text_lines(folder / "caption.txt")
     paths = [folder / n for n in names]
     cache = folder / "sscd_similarity.txt"
-    if cache.exists():
-        vals = read_text_lines(cache)
-        if len(vals) == len(paths):
-            return paths, captions, torch.tensor([float(v) for v in vals])
+    cached = read_cache(cache, _read_similarities, "the SSCD similarity cache")
+    if cached is not None and len(cached) == len(paths):  # another count: the folder changed, score it again
+        return paths, captions, cached
     sims = similarities(lazy(), paths, mem_image)
     write_text_atomic(cache, "".join(f"{s:.6f}\n" for s in sims.tolist()))
     return paths, captions, sims
@@ -178,7 +185,13 @@ def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathL
                 "width": s.width, "eta": float(s.eta), "scale": float(s.scale)}
     settings_file = gen / "memorization.json"
     if settings_file.exists():
-        old = json.loads(settings_file.read_text(encoding="utf-8"))
+        try:  # the folder's identity: when it cannot be read, nothing in the folder can be trusted
+            old = json.loads(settings_file.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except (UnicodeDecodeError, ValueError) as e:
+            raise MemorizationSettingsError(f"{settings_file} is unreadable ({type(e).__name__}: {e}); delete {gen} "
+                                            f"or use another folder") from None
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             raise MemorizationSettingsError(
@@ -233,9 +246,8 @@ def prepare_memorization_data(model_factory: Callable, sscd_path: str | os.PathL
         for p, _ in kept:
             dst = samples / p.name
             if not image_is_complete(dst):
-                tmp = samples / f".{p.name}.{os.getpid()}.tmp"
-                shutil.copyfile(p, tmp)
-                os.replace(tmp, dst)
+                with atomic_target(dst, "images") as tmp:
+                    shutil.copyfile(p, tmp)
         write_text_atomic(caption_txt, "".join(c + "\n" for _, c in kept))
         write_text_atomic(images_txt, "".join(f"samples/{p.name}\n" for p, _ in kept))
         print(f"{gen}: kept {len(kept)} of {len(paths)} anchor images "

@@ -217,6 +217,9 @@ def load_config(settings: TrainSettings):
 def check(settings: TrainSettings) -> TrainSettings:
     """Every user error we can detect without building a model (raises ValueError / FileNotFoundError /
     RuntimeError, :class:`runtime.cli.UsageError` among them); returns the settings with ``devices`` filled."""
+    from runtime.dist import check_launcher_env
+
+    check_launcher_env()  # RANK/WORLD_SIZE/LOCAL_RANK: wrong ones fail now, not in a hanging group set-up
     config = load_config(settings)
     _, _, devices = _check_inputs(settings, config)
     return dataclasses.replace(settings, devices=tuple(devices))
@@ -239,11 +242,9 @@ def _check_inputs(s: TrainSettings, config):
             raise ValueError("memorization needs --mem_impath (the memorized image)")
         if not Path(s.mem_impath).is_file():
             raise FileNotFoundError(f"--mem_impath not found: {s.mem_impath}")
-        if not Path(s.sscd_ckpt).is_file():
-            raise FileNotFoundError(
-                f"SSCD model not found: {s.sscd_ckpt}. Memorization needs the copy-detection model "
-                "sscd_imagenet_mixup.torchscript.pt (github.com/facebookresearch/sscd-copy-detection); "
-                "pass --sscd_ckpt")
+        from scoring.sscd import check_sscd
+
+        check_sscd(s.sscd_ckpt)  # loaded once now: a missing, damaged or wrong-kind file fails before any work
         if s.train_size % config.generation.anchor_size:
             raise ValueError(f"--train_size ({s.train_size}) must be divisible by the number of anchor prompts "
                              f"({config.generation.anchor_size})")
@@ -278,11 +279,9 @@ def _check_inputs(s: TrainSettings, config):
     anchors = anchor_sampling(s, config).validate()
     if s.concept_type == "memorization":  # the paraphrase check set: DDIM, generation.check_steps
         dataclasses.replace(anchors, sampler="ddim", steps=config.generation.check_steps).validate()
-    from ldm.diffusers_format import checkpoint_exists
+    from ldm.checkpoint import require_checkpoint
 
-    if not checkpoint_exists(s.base_ckpt):
-        raise FileNotFoundError(f"base checkpoint (--resume-from-checkpoint-custom) not found: {s.base_ckpt} "
-                                f"(a checkpoint file or a diffusers pipeline folder)")
+    require_checkpoint(s.base_ckpt, "base checkpoint (--resume-from-checkpoint-custom)", pipelines=True)
     check_checkpoints(OmegaConf.to_container(config.model, resolve=True), s.base_ckpt, s.delta_ckpt)
     check_output(s.root, "--root (anchor images)", kind="dir")
     check_output(s.logdir, "--logdir", kind="dir")
@@ -347,7 +346,7 @@ def prepare_data(s: TrainSettings, config, concepts, prompts, devices):
         return images_txt, caption_txt, concepts + extra
     per_image = [p for p in prompts for _ in range(s.train_size // len(prompts))]
     generate_images(factory, per_image, gen_folder, anchor_sampling(s, config),
-                    devices=local_devices(tuple(devices)), shard=shard)
+                    devices=local_devices(tuple(devices)), shard=shard, model=f"base checkpoint {s.base_ckpt}")
     return gen_folder / "images.txt", gen_folder / "caption.txt", concepts
 
 
@@ -520,10 +519,10 @@ def run(settings: TrainSettings) -> Path | None:
 
 def main(argv=None) -> int:
     """train.py: bad input is one ``error:`` line and exit status 2, before any work; then :func:`run`."""
-    from runtime.cli import exit_on_usage_error
+    from runtime.cli import exit_on_run_error, exit_on_usage_error
 
     settings = exit_on_usage_error(lambda: settings_from_argv(argv))
-    run(settings)
+    exit_on_run_error(lambda: run(settings))  # a broken model (status 2), a full disk (status 1): one line
     return 0
 
 

@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--W", type=cli.image_side, default=512)
     g.add_argument("--batch_size", type=cli.positive_int, default=4)
     g.add_argument("--precision", choices=["autocast", "full"], default="autocast", help="autocast: fp16 on CUDA")
+    g.add_argument("--noise", choices=["ours", "original"], default="ours",
+                   help="start noise of each row: ours (a CPU fp32 generator seeded with the row's seed, any device) "
+                        "or original (the original scripts' draw: fp16 randn on the CUDA device after "
+                        "torch.manual_seed(seed); CUDA only)")
+    g.add_argument("--pixels", choices=["round", "truncate"], default="round",
+                   help="float to 8-bit: round (the originals' diffusers numpy_to_pil) or truncate (the CompVis "
+                        "scripts', and this command's before the option existed)")
     g.add_argument("--gpus", default=None, help=cli.GPUS_HELP)
     g.add_argument("--limit", type=cli.positive_int, default=None,
                    help="only the first N rows of each prompt set (per artist for artist) - a quick run")
@@ -93,9 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classifier_labels", default=None, help="class names of a TorchScript classifier, one per line")
     s.add_argument("--sscd_ckpt", default=None, help="SSCD TorchScript model (memorization)")
     s.add_argument("--score_device", default=None, help="device of the scorers (default: cuda if available)")
+    s.add_argument("--clip_precision", choices=["full", "autocast"], default="full",
+                   help="CLIP in fp32 (full: the originals') or under fp16 autocast on CUDA")
     a = p.add_argument_group("artist")
     a.add_argument("--artist", action="append", default=[],
                    help="an artist of ConceptPrune (default: all five) or a prompt file (.txt / the original's CSV)")
+    a.add_argument("--artist_jpeg", action="store_true",
+                   help="score JPEG re-reads of the images (PIL's default quality 75), as the original's "
+                        "artist_erasure.py scores the .jpg files it saved")
     n = p.add_argument_group("nudity")
     n.add_argument("--prompt_set", choices=NUDITY_SETS, default="i2p")
     n.add_argument("--prompts", default=None, help="the prompt set's CSV (or hf:OWNER/NAME[:FILE] when online)")
@@ -156,12 +168,14 @@ def check(settings: BenchmarkSettings, classifier=None):
     ``--classifier`` (the toy world passes its ground-truth classifier). A scorer loaded here to prove that it
     loads (the classifier) is kept in ``plan.preloaded`` for the suites' ``load`` step."""
     from evaluation.models import check_models, parse_models
-    from evaluation.runner import SAFETY_SUITES, Plan, check_folders, groups, safety_suites
+    from evaluation.runner import SAFETY_SUITES, Plan, check_folders, check_table_inputs, groups, safety_suites
     from evaluation.suites import SUITES
     from ldm.util import load_model_config
     from runtime.cli import UsageError, check_output, parse_devices
+    from runtime.dist import check_launcher_env
     from runtime.generate import validate_generation_args
 
+    check_launcher_env()  # RANK/WORLD_SIZE of a launcher: wrong ones fail now, not in a hanging group set-up
     s = settings
     if isinstance(s.suites, str):
         s = dataclasses.replace(s, suites=(s.suites,))
@@ -198,15 +212,17 @@ def check(settings: BenchmarkSettings, classifier=None):
                 validate_generation_args([rows[suite.name][i].prompt for i in idx],
                                          s.sampling(scale=scale, height=h, width=w), devices)
     check_output(s.outdir, "--outdir", kind="dir")
-    # scorers: a model that cannot be loaded offline fails now, with what to download and where
-    from scoring.metrics import resolve_clip
+    check_table_inputs(Path(s.outdir))  # a damaged summary of another suite: a warning now, not a crash at the end
+    # scorers: a model that cannot be loaded offline fails now, with what to download and where; every scorer file
+    # is opened and validated (scoring.files) so that a damaged or hostile one is refused before the first image
+    from scoring.metrics import check_feature_model, resolve_clip
 
     if any(x.name in ("artist", "gender", "coco") for x in suites):
         s = dataclasses.replace(s, clip_resolved=resolve_clip(s.clip_model))
     if any(x.name == "memorization" for x in suites):
-        s = dataclasses.replace(s, mem_clip_resolved=resolve_clip(s.mem_clip_model))
+        s = dataclasses.replace(s, mem_clip_resolved=resolve_clip(s.mem_clip_model, "--mem_clip_model"))
     if any(x.name == "coco" for x in suites):
-        _check_features(s)
+        check_feature_model(s.feature_model, "coco's FID/KID")
     if any(x.name == "nudity" for x in suites):
         from scoring.nudity import load_detector
 
@@ -231,20 +247,6 @@ def check(settings: BenchmarkSettings, classifier=None):
     return plan
 
 
-def _check_features(s: BenchmarkSettings) -> None:
-    import importlib.util
-
-    from scoring.metrics import INCEPTION_FILE, inception_weights
-
-    if s.feature_model and not Path(s.feature_model).is_file():
-        raise FileNotFoundError(f"--feature_model not found: {s.feature_model}")
-    if not s.feature_model or Path(s.feature_model).name == INCEPTION_FILE:
-        if importlib.util.find_spec("cleanfid") is None:
-            raise ImportError("coco's FID/KID with clean-fid's Inception need the `clean-fid` package: "
-                              "pip install -e \".[eval]\"; or pass --feature_model <a TorchScript extractor>")
-        inception_weights(s.feature_model)
-
-
 def run(settings: BenchmarkSettings, classifier=None, plan=None) -> dict | None:
     """Generate (unless ``score_only``), score and write the table; returns ``{suite: {model: summary}}`` (None on
     the torchrun ranks other than 0). ``classifier``: see :func:`check`; ``plan``: :func:`check`'s of these
@@ -252,26 +254,41 @@ def run(settings: BenchmarkSettings, classifier=None, plan=None) -> dict | None:
     from evaluation.runner import generate, score
 
     plan = plan or check(settings, classifier=classifier)
-    if not plan.settings.score_only:
-        from runtime.dist import init_from_launcher
+    with lock_outdir(plan):
+        if not plan.settings.score_only:
+            from runtime.dist import init_from_launcher
 
-        plan.extras["shard"] = init_from_launcher()  # torchrun: each rank makes its share, rank 0 scores
-        generate(plan)
-        if plan.extras["shard"] is not None and plan.extras["shard"][0] != 0:
-            return None
-    results = score(plan)  # records, every suite's summary files and results.md/json
+            plan.extras["shard"] = init_from_launcher()  # torchrun: each rank makes its share, rank 0 scores
+            generate(plan)
+            if plan.extras["shard"] is not None and plan.extras["shard"][0] != 0:
+                return None
+        results = score(plan)  # records, every suite's summary files and results.md/json
     md = plan.outdir / "results.md"
     print(md.read_text(encoding="utf-8"))
     print(f"records, summaries and plots -> {plan.outdir}/<suite>/; table -> {md}")
     return results
 
 
+def lock_outdir(plan):
+    """``--outdir``'s lock (``runtime.files.lock_folder``) for this run: a second run on the folder is refused
+    before any work. Under a launcher only rank 0 holds it (its other ranks are the same run)."""
+    import contextlib
+
+    from runtime.dist import is_rank_zero
+    from runtime.files import lock_folder
+
+    return lock_folder(plan.outdir) if is_rank_zero() else contextlib.nullcontext()
+
+
 def main(argv=None, classifier=None) -> int:
-    """``benchmark.py``: a bad input is one ``error:`` line and exit status 2, before any model is built."""
-    from runtime.cli import exit_on_usage_error
+    """``benchmark.py``: a bad input, or an ``--outdir`` another run is using, is one ``error:`` line and exit
+    status 2, before any model is built; a model found broken while loading or sampling is one line and status
+    2, a file that cannot be written (disk full) one line and status 1."""
+    from runtime.cli import exit_on_run_error, exit_on_usage_error
 
     plan = exit_on_usage_error(lambda: check(parse_argv(argv), classifier=classifier))
-    run(plan.settings, plan=plan)
+    with exit_on_usage_error(lambda: lock_outdir(plan)):
+        exit_on_run_error(lambda: run(plan.settings, plan=plan))
     return 0
 
 

@@ -111,6 +111,7 @@ def _split(text: str, flag: str) -> tuple[str, str]:
 
 
 def _check_exists(spec: ModelSpec) -> None:
+    from ldm.checkpoint import path_problem
     from ldm.diffusers_format import is_pipeline_dir, pipeline_of_unet_file
 
     p = Path(spec.path)
@@ -118,16 +119,27 @@ def _check_exists(spec: ModelSpec) -> None:
         if p.is_file() and pipeline_of_unet_file(p) is None:
             raise ModelSpecError(f"{spec.label}: a file outside a diffusers pipeline folder; pass the pipeline "
                                  f"folder, or a bare UNet file as {FLAGS['unet']}")
-        if not p.is_file() and not is_pipeline_dir(p):
-            raise ModelSpecError(f"{spec.label}: " + ("not a diffusers pipeline folder (no model_index.json or "
-                                                      "unet/)" if p.is_dir() else "not found"))
+        problem = path_problem(p, pipelines=True)
+        if problem is not None:
+            raise ModelSpecError(f"{spec.label}: {problem}")
         return
     if p.is_dir():
         hint = (f"; a diffusers pipeline folder goes to {FLAGS['diffusers']}" if is_pipeline_dir(p) else
                 "; pass the weights file in it" if spec.kind == "unet" else "")
         raise ModelSpecError(f"{spec.label}: a folder, not a checkpoint file{hint}")
-    if not p.is_file():
-        raise ModelSpecError(f"{spec.label}: file not found")
+    problem = path_problem(p)  # missing, or a device, a pipe, ... (which it is, not "not found")
+    if problem is not None:
+        raise ModelSpecError(f"{spec.label}: " + ("file not found" if problem == "not found" else problem))
+
+
+def _check_base_exists(base: str | None) -> None:
+    from ldm.checkpoint import path_problem
+
+    problem = path_problem(base or None, pipelines=True)
+    if problem is not None:
+        raise ModelSpecError(f"{FLAGS['base']} {base}: " + (
+            "base checkpoint not found (a checkpoint file or a diffusers pipeline folder)"
+            if problem.startswith("not") else f"the base checkpoint {problem}"))
 
 
 def parse_models(base: str, deltas: Iterable[str] = (), compvis: Iterable[str] = (),
@@ -138,11 +150,7 @@ def parse_models(base: str, deltas: Iterable[str] = (), compvis: Iterable[str] =
     The others are CLI strings ``NAME=PATH`` or ``PATH`` (name: the file's stem, or the folder's name).
     Raises :class:`ModelSpecError` on a bad or duplicate name, or a missing file.
     """
-    from ldm.diffusers_format import checkpoint_exists
-
-    if not base or not checkpoint_exists(base):
-        raise ModelSpecError(f"{FLAGS['base']} {base}: base checkpoint not found (a checkpoint file or a "
-                             f"diffusers pipeline folder)")
+    _check_base_exists(base)
     specs = [ModelSpec("base", "base", None)]
     seen = {"base": f"{FLAGS['base']} (the base model is named 'base')"}  # by lower case: files on any disk
     for kind, items in (("delta", deltas), ("compvis", compvis), ("diffusers", diffusers), ("unet", unets)):
@@ -336,13 +344,12 @@ def check_models(specs: Iterable[ModelSpec], model_config: Mapping, base: str) -
     a delta's few tensors, checked for NaN/inf). Raises one :class:`ModelSpecError` listing every model that
     cannot be loaded, one line each."""
     from ldm.checkpoint import CheckpointError
-    from ldm.diffusers_format import DiffusersFormatError, checkpoint_exists
+    from ldm.diffusers_format import DiffusersFormatError
     from runtime.loading import meta_model
 
     specs = list(specs)
-    if any(s.kind in ("base", "delta", "unet") for s in specs) and not checkpoint_exists(base):
-        raise ModelSpecError(f"{FLAGS['base']} {base}: base checkpoint not found (a checkpoint file or a diffusers "
-                             f"pipeline folder)")
+    if any(s.kind in ("base", "delta", "unet") for s in specs):
+        _check_base_exists(base)
     model = meta_model(model_config)
     errors = []
     for spec in specs:

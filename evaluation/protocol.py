@@ -395,8 +395,10 @@ def plan(settings: EvaluateSettings) -> Plan:
     Raises :class:`runtime.cli.UsageError` and other ValueError / OSError / RuntimeError / ImportError with
     one-line messages (``main`` prints them and exits with status 2)."""
     from runtime.cli import check_distinct_outputs, check_output, parse_devices
+    from runtime.dist import check_launcher_env
     from runtime.loading import check_checkpoints, check_delta, resolve_model
 
+    check_launcher_env()  # RANK/WORLD_SIZE of a launcher: wrong ones fail now, not in a hanging group set-up
     s = settings
     _check_values(s)
     if not s.caption_target.strip():
@@ -412,12 +414,9 @@ def plan(settings: EvaluateSettings) -> Plan:
             raise ValueError("memorization needs --mem_impath (the memorized image)")
         if not Path(s.mem_impath).is_file():
             raise FileNotFoundError(f"--mem_impath not found: {s.mem_impath}")
-        from scoring.sscd import DEFAULT_SSCD_PATH
+        from scoring.sscd import check_sscd
 
-        sscd = Path(s.sscd_ckpt) if s.sscd_ckpt else DEFAULT_SSCD_PATH
-        if not sscd.is_file():
-            raise FileNotFoundError(f"memorization needs the SSCD model: {sscd} not found (pass --sscd_ckpt)")
-        sscd_ckpt = str(sscd)
+        sscd_ckpt = str(check_sscd(s.sscd_ckpt))  # loaded once now: a damaged file fails before any image
     else:
         entry = load_eval_entry(Path(s.eval_json), s.concept_type, s.caption_target)
         target, anchor = entry["target"].strip().lower(), entry["anchor"].strip().lower()
@@ -456,11 +455,9 @@ def plan(settings: EvaluateSettings) -> Plan:
     outpkl_name = s.outpkl if s.outpkl is not None else str(Path(s.root) / "metrics" / "evaluation.pkl")
     s = replace(s, sscd_ckpt=sscd_ckpt, base_ckpt=base_ckpt, outpkl=outpkl_name)
     if not s.eval_stage:
-        from ldm.diffusers_format import checkpoint_exists
+        from ldm.checkpoint import require_checkpoint
 
-        if not checkpoint_exists(s.base_ckpt):
-            raise FileNotFoundError(f"--base_ckpt not found: {s.base_ckpt} (a checkpoint file or a diffusers "
-                                    f"pipeline folder)")
+        require_checkpoint(s.base_ckpt, "--base_ckpt", pipelines=True)
         check_checkpoints(base_config, s.base_ckpt)
 
     # every output location, before any work (the pickle is written last, after hours of generation)
@@ -594,7 +591,7 @@ def runner_plan(plan: Plan):
     # the runner's settings: what it reads to generate (the paper's DDIM) and where it scores (cuda if available)
     sampling = BenchmarkSettings(suites=tuple(c.name for c in plan.concepts), base=s.base_ckpt, sampler="ddim",
                                  steps=s.steps, scale=s.scale, eta=s.eta, H=s.H, W=s.W, batch_size=s.n_samples,
-                                 precision=s.precision)
+                                 precision=s.precision, pixels="truncate")  # the CompVis scripts' pixels
     # runner names (any run folder name is an expname; a model name is letters, digits and ._+- only)
     models = [ModelSpec("base", "base", None)]
     models += [ModelSpec(f"checkpoint-{i}", "delta", str(k.path)) for i, k in enumerate(plan.checkpoints)]
@@ -659,6 +656,9 @@ class Folders(Layout):
     def records(self, plan, suite, spec):
         name = "base" if spec.kind == "base" else self.checkpoints[spec.name].expname
         return records_dir(self.plan.outpkl) / folder_name(suite) / f"{name}.jsonl"
+
+    def save_summary(self, plan, suite, spec, summary):
+        """Nothing: evaluate.py's table (:meth:`table`) merges its rows into the JSON beside ``--outpkl``."""
 
     def table(self, rp, results):
         """Every checkpoint's row (``{expname: {column: value}}``, its concepts' columns concept by concept) merged
@@ -739,7 +739,8 @@ def load_scorers(plan: Plan, device: str) -> dict:
     from scoring.metrics import feature_extractor, load_clip
 
     s = plan.settings
-    scorers = {"clip": load_clip(plan.clip, device),
+    # Concept Ablation's evaluate.py runs OpenAI CLIP with fp16 weights on CUDA: autocast is the nearest we have
+    scorers = {"clip": load_clip(plan.clip, device, precision="autocast"),
                "features": feature_extractor(s.feature_model, s.feature_size, device)}
     if plan.concept_type == "memorization":
         from scoring.sscd import load_sscd
@@ -798,13 +799,12 @@ def update_table(outpkl: Path, results: dict[str, dict[str, float]]):
                 df[col] = pd.Series(dtype="float64")
             df.loc[expname, col] = float(value)
     df.index.name = "expname"
-    from runtime.files import write_text_atomic
+    from runtime.files import atomic_target, write_text_atomic
 
     write_text_atomic(outpkl.with_suffix(".json"), df.to_json(orient="index", indent=1) + "\n")
     write_text_atomic(outpkl.with_suffix(".csv"), df.to_csv())
-    tmp = outpkl.with_name(f".{outpkl.name}.tmp")
-    df.to_pickle(tmp)  # for the original's readers (pd.read_pickle); never read back here
-    tmp.replace(outpkl)
+    with atomic_target(outpkl) as tmp:
+        df.to_pickle(tmp, compression=None)  # for the original's readers (pd.read_pickle); never read back here
     return df
 
 
@@ -855,8 +855,12 @@ def plot_chart(plan: Plan, results: dict[str, dict[str, float]]) -> Path:
     fig.tight_layout()
     out = chart_path(plan)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    from runtime.files import save_figure_atomic
+
+    try:
+        save_figure_atomic(fig, out, dpi=100)
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -868,16 +872,29 @@ def execute(plan: Plan):
     from evaluation.runner import generate, score
 
     rp = runner_plan(plan)
-    if not plan.settings.eval_stage:
-        from runtime.dist import init_from_launcher
+    with lock_outputs(plan):
+        if not plan.settings.eval_stage:
+            from runtime.dist import init_from_launcher
 
-        # torchrun & co.: every rank generates its share of each folder; rank 0 alone scores them
-        shard = rp.extras["shard"] = init_from_launcher()
-        generate(rp)  # the base's images of every concept (cached across runs), then every checkpoint's
-        if shard is not None and shard[0] != 0:
-            return None
-    rp.preloaded.update(load_scorers(plan, "cuda" if torch.cuda.is_available() else "cpu"))
-    return score(rp)  # Folders.table: the merged table, the chart and the printout
+            # torchrun & co.: every rank generates its share of each folder; rank 0 alone scores them
+            shard = rp.extras["shard"] = init_from_launcher()
+            generate(rp)  # the base's images of every concept (cached across runs), then every checkpoint's
+            if shard is not None and shard[0] != 0:
+                return None
+        rp.preloaded.update(load_scorers(plan, "cuda" if torch.cuda.is_available() else "cpu"))
+        return score(rp)  # Folders.table: the merged table, the chart and the printout
+
+
+def lock_outputs(plan: Plan):
+    """The lock of ``--outpkl``'s folder (``runtime.files.lock_folder``): its table is read, merged and written
+    back, so a second evaluation writing there at the same time would lose the first one's rows; it is refused
+    before any work instead. Under a launcher only rank 0 holds it."""
+    import contextlib
+
+    from runtime.dist import is_rank_zero
+    from runtime.files import lock_folder
+
+    return lock_folder(plan.outpkl.parent) if is_rank_zero() else contextlib.nullcontext()
 
 
 def run(settings: EvaluateSettings):
@@ -887,10 +904,14 @@ def run(settings: EvaluateSettings):
 
 
 def main(argv=None) -> int:
-    """``evaluate.py``: a bad input is one ``error:`` line and exit status 2, before any work."""
-    from runtime.cli import exit_on_usage_error
+    """``evaluate.py``: a bad input, or an output folder another evaluation is using, is one ``error:`` line and
+    exit status 2, before any work; a model found broken while loading or sampling is one line and status 2, a
+    file that cannot be written (disk full) one line and status 1."""
+    from runtime.cli import exit_on_run_error, exit_on_usage_error
 
-    execute(exit_on_usage_error(lambda: plan(parse_settings(argv))))
+    the_plan = exit_on_usage_error(lambda: plan(parse_settings(argv)))
+    with exit_on_usage_error(lambda: lock_outputs(the_plan)):
+        exit_on_run_error(lambda: execute(the_plan))
     return 0
 
 

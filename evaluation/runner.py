@@ -6,9 +6,17 @@ Layout under ``--outdir``::
     images/{suite}/{model}/{key}/            one generate_images folder per (model, suite, settings, rows)
                                              (samples/, images.txt, caption.txt, plan.json, cache.json)
     {suite}/records/{model}.jsonl            one JSON record per image: id, prompt, seed, image, scores
-    {suite}/summary.json, summary.csv        every model's summary (the models of the latest run of the suite)
+    {suite}/summaries/{model}.json           the model's summary and the settings and rows it was scored on
+    {suite}/summary.json, summary.csv        every model's summary: each model with records, whichever run made them
     {suite}/summary.png                      the suite's headline metrics per model
     results.md, results.json                 one table: rows the models, columns every suite's headline metrics
+    .lock                                    the run using the folder (host, pid, command, start); refuses a second
+
+A suite's summary files and the table are rebuilt after every run from every model that has records (and its
+summary beside them), not from the models of the latest run alone: models scored by separate runs all stay, and
+deleting ``{suite}/records/{model}.jsonl`` drops a model. A model scored on other rows or sampling settings than
+the others of its suite is marked in ``results.md`` and named in a warning. An unreadable ``summary.json`` is
+rebuilt from ``summaries/`` (a warning, before the run's work).
 
 ``key`` hashes the model's identity (kind, files, their sizes and mtimes), the sampling settings and the rows'
 prompts and seeds, so changing any of them starts a new folder while an interrupted run resumes in its own: only
@@ -27,6 +35,7 @@ import hashlib
 import io
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,7 +80,11 @@ class Plan:
 def sampling(settings: BenchmarkSettings) -> dict:
     """The sampler settings shared by every folder of a run, for its cache identity (``Sampling``'s rules)."""
     s = settings.sampling()
-    return {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "precision": s.precision}
+    out = {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "precision": s.precision}
+    # only when not Sampling's default: the keys (folders) of runs that set neither stay what they were
+    out.update({k: getattr(s, k) for k, default in (("noise", "ours"), ("pixels", "truncate"))
+                if getattr(s, k) != default})
+    return out
 
 
 def groups(rows: list[Row], settings: BenchmarkSettings) -> dict[tuple[float, int, int], list[int]]:
@@ -146,13 +159,24 @@ class Layout:
         """The JSON-lines file of ``spec``'s per-image records of ``suite``; None: not written."""
         return plan.outdir / suite / "records" / f"{spec.name}.jsonl"
 
+    def save_summary(self, plan: Plan, suite: str, spec, summary: dict) -> None:
+        """Keep ``spec``'s summary of ``suite`` beside its records (right after them): the table is rebuilt from
+        these files, so a model scored by an earlier or another run is never dropped."""
+        from runtime.files import write_text_atomic
+
+        doc = {"suite": suite, "model": spec.name, **source_of(plan, suite, spec), "summary": _json_safe(summary)}
+        path = summary_file(plan.outdir, suite, spec.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+
     def table(self, plan: Plan, results: dict[str, dict[str, dict]]):
-        """Write the run's summaries ``{suite: {model: summary}}``: every suite's summary files and the results
-        table. Returns what :func:`score` returns: here the summaries, JSON-safe (non-finite numbers -> None)."""
+        """Write every suite's summary files and the results table, rebuilt from every model with records (this
+        run's ``results`` ``{suite: {model: summary}}`` and earlier runs'). Returns what :func:`score` returns:
+        here this run's summaries, JSON-safe (non-finite numbers -> None)."""
         results = _json_safe(results)
         for suite in plan.suites:
-            write_suite(plan, suite, results[suite.name])
-        write_results(plan.outdir)
+            write_suite(plan, suite)
+        write_results(plan.outdir, plan)
         return results
 
 
@@ -227,7 +251,7 @@ def generate(plan: Plan) -> None:
                 layout.prepare(plan, suite, spec, folder, ident)
                 try:
                     generate_images(factory, prompts, folder, how, seeds=seeds, devices=local_devices(plan.devices),
-                                    desc=layout.desc(suite, spec), shard=shard)
+                                    desc=layout.desc(suite, spec), shard=shard, model=_label(spec, a.base))
                 except GenerationPlanError as e:
                     raise GenerationPlanError(f"{e} ({layout.stale(folder)})") from e
                 if suite in safety_suites(a) and (shard is None or shard[0] == 0):
@@ -305,6 +329,13 @@ def safety_flags(plan: Plan, suite: str, spec) -> list[bool] | None:
         for j in flagged:
             out[idx[j]] = True
     return out
+
+
+def _label(spec, base: str) -> str:
+    """The model as its flag names it, for errors (``--base PATH``, ``--unet NAME=PATH``)."""
+    from .models import FLAGS
+
+    return f"{FLAGS['base']} {base}" if spec.kind == "base" else spec.label
 
 
 def _first_seed(seeds: list[int], folder: Path) -> int:
@@ -388,6 +419,7 @@ def score(plan: Plan):
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(path, "".join(json.dumps(_json_safe(r), ensure_ascii=False) + "\n" for r in records))
+            plan.layout.save_summary(plan, suite.name, spec, summaries[spec.name])
         del scorers, cache
         gc.collect()
     return plan.layout.table(plan, results)
@@ -396,22 +428,134 @@ def score(plan: Plan):
 def _settings(plan: Plan) -> dict:
     a = plan.settings
     out = {**sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base,
+           "clip_precision": a.clip_precision, **({"artist_jpeg": True} if a.artist_jpeg else {}),
            "models": {m.name: {"kind": m.kind, "path": m.path} for m in plan.models}}
     if safety_suites(a):
         out["safety_checker"] = {"folder": a.safety_checker, "suites": list(safety_suites(a))}
     return out
 
 
-def write_suite(plan: Plan, suite: Suite, summaries: dict) -> None:
-    from runtime.files import write_text_atomic
+# ---------------------------------------------------------------------------------------------------- summaries
+# what makes models comparable
+COMPARED = ("rows", "sampler", "steps", "eta", "precision", "scale", "H", "W", "base", "safety_checker")
 
-    d = plan.outdir / suite.name
-    d.mkdir(parents=True, exist_ok=True)
-    doc = {"suite": suite.name, "description": suite.doc, "n_rows": len(plan.rows[suite.name]),
-           "settings": _settings(plan), "metrics": [m.__dict__ for m in suite.metrics], "models": summaries}
+
+def summary_file(outdir: Path, suite: str, model: str) -> Path:
+    return outdir / suite / "summaries" / f"{model}.json"
+
+
+def source_of(plan: Plan, suite: str, spec) -> dict:
+    """How ``spec``'s summary of ``suite`` was made: its files, the rows (a digest of prompts and seeds) and the
+    sampling settings (:data:`COMPARED`), to tell models scored on other rows or settings apart."""
+    a = plan.settings
+    rows = plan.rows_of(suite, spec)
+    checked = {"safety_checker": a.safety_checker} if suite in safety_suites(a) else {}  # black where flagged
+    return {"kind": spec.kind, "path": spec.path, "n_rows": len(rows),
+            "settings": {"rows": _digest([(r.prompt, r.seed, r.guidance, r.height, r.width) for r in rows]),
+                         **sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base, **checked}}
+
+
+_WARNED: set[str] = set()
+
+
+def _warn(message: str) -> None:
+    """One ``warning:`` line on stderr, once per process (the checks and the final table see the same files)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _read_json(path: Path) -> tuple[dict | None, str | None]:
+    """``(document, None)``, or ``(None, why not)`` for a missing, unreadable or non-object JSON file."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "missing"
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return (doc, None) if isinstance(doc, dict) else (None, "not a JSON object")
+
+
+def collect_suite(outdir: Path, name: str, order=()) -> dict | None:
+    """The summary document of suite ``name`` rebuilt from ``{outdir}/{name}/``: one entry per model with records
+    (``records/{model}.jsonl``), its summary from ``summaries/{model}.json`` (or, for folders written before those
+    files existed, the old ``summary.json``). None when no model has records. ``order``: model names listed first
+    (this run's). A model whose summary cannot be read is left out with a warning; models scored on other rows or
+    settings than the first listed are named in ``doc["not_comparable"]`` and a warning."""
+    d = outdir / name
+    found = sorted(p.stem for p in (d / "records").glob("*.jsonl"))
+    models = [m for m in order if m in found] + [m for m in found if m not in order]
+    if not models:
+        return None
+    legacy = None
+    summaries, sources = {}, {}
+    for m in models:
+        doc, why = _read_json(summary_file(outdir, name, m))
+        if doc is not None and isinstance(doc.get("summary"), dict):
+            summaries[m] = doc["summary"]
+            sources[m] = {k: doc.get(k) for k in ("kind", "path", "n_rows", "settings")}
+            continue
+        if why == "missing":  # a folder of an older version: its summary.json holds the summaries
+            legacy = legacy if legacy is not None else (_read_json(d / "summary.json")[0] or {})
+            old = legacy.get("models")
+            if isinstance(old, dict) and isinstance(old.get(m), dict):
+                summaries[m], sources[m] = old[m], {"n_rows": legacy.get("n_rows"), "settings": None}
+                continue
+        _warn(f"{name}: {d / 'records' / (m + '.jsonl')} has no readable summary ({summary_file(outdir, name, m)}: "
+              f"{why or 'no summary in it'}); left out of the table: rerun that model with --score_only to rebuild it")
+    if not summaries:
+        return None
+    known = [m for m in summaries if sources[m].get("settings")]
+    ref = sources[known[0]]["settings"] if known else {}
+    odd = [m for m in known if any(sources[m]["settings"].get(k) != ref.get(k) for k in COMPARED)]
+    for m in odd:
+        diff = [k for k in COMPARED if sources[m]["settings"].get(k) != ref.get(k)]
+        _warn(f"{name}: {m} was scored on other rows or settings than {known[0]} (differs in: {', '.join(diff)}); "
+              f"its numbers are not comparable: rerun it with these settings, or delete "
+              f"{d / 'records' / (m + '.jsonl')} to drop it")
+    suite = SUITES.get(name)
+    first = sources[next(iter(summaries))]
+    return {"suite": name, "description": suite.doc if suite else "", "n_rows": first.get("n_rows"),
+            "settings": first.get("settings"), "metrics": [m.__dict__ for m in suite.metrics] if suite else [],
+            "models": summaries, "sources": sources, "not_comparable": odd}
+
+
+def write_suite(plan: Plan, suite: Suite) -> None:
+    """``{suite}/summary.json``, ``summary.csv`` and ``summary.png`` over every model with records (this run's first,
+    with this run's settings in ``settings``)."""
+    doc = collect_suite(plan.outdir, suite.name, [m.name for m in plan.models])
+    if doc is None:
+        return
+    doc.update(n_rows=len(plan.rows[suite.name]), settings=_settings(plan))
+    _write_suite_doc(plan.outdir / suite.name, suite, doc)
+
+
+def _write_suite_doc(d: Path, suite: Suite, doc: dict) -> None:
+    from runtime.files import save_figure_atomic, write_text_atomic
+
     write_text_atomic(d / "summary.json", json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
-    write_text_atomic(d / "summary.csv", summary_csv(summaries))
-    plot_suite(suite, summaries, d / "summary.png")
+    write_text_atomic(d / "summary.csv", summary_csv(doc["models"]))
+    fig = plot_suite(suite, doc["models"])  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
+    try:
+        save_figure_atomic(fig, d / "summary.png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def check_table_inputs(outdir: Path) -> None:
+    """Before the run's work: what the final table reads from ``outdir`` (every suite's records and summaries)
+    is readable, or a warning says what will be rebuilt or left out. Never raises for damaged outputs."""
+    for name in SUITES:
+        d = outdir / name
+        if not (d / "summary.json").exists() and not (d / "records").is_dir():
+            continue
+        doc = collect_suite(outdir, name)
+        _, why = _read_json(d / "summary.json")
+        if why and why != "missing":
+            _warn(f"{d / 'summary.json'} is {why}: " + ("it will be rebuilt from its models' summaries" if doc else
+                                                         "the table leaves that suite out"))
 
 
 def _flat(summary: dict, prefix: str = "") -> dict:
@@ -435,7 +579,8 @@ def summary_csv(summaries: dict) -> str:
     return buf.getvalue()
 
 
-def plot_suite(suite: Suite, summaries: dict, path: Path) -> Path:
+def plot_suite(suite: Suite, summaries: dict):
+    """The suite's headline metrics per model, as a matplotlib figure (the caller saves and closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -453,11 +598,7 @@ def plot_suite(suite: Suite, summaries: dict, path: Path) -> Path:
         ax.set_title(m.label + (f" ({m.better} is better)" if m.better else ""), fontsize="small")
     fig.suptitle(suite.name)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return fig
 
 
 def _fmt(v) -> str:
@@ -468,14 +609,22 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def results_table(outdir: Path) -> tuple[str, dict]:
-    """The markdown table over every suite found under ``outdir`` (its latest summary), and the same as JSON."""
+def results_table(outdir: Path, plan: Plan | None = None) -> tuple[str, dict]:
+    """The markdown table over every suite found under ``outdir`` (every model with records; :func:`collect_suite`),
+    and the same as JSON. A suite whose ``summary.json`` is unreadable is rebuilt (it has models) with a warning.
+    ``plan``: the run that asks (its models come first)."""
+    order = [m.name for m in plan.models] if plan else []
     docs = []
-    for name in SUITES:
-        f = outdir / name / "summary.json"
-        if f.is_file():
-            docs.append(json.loads(f.read_text(encoding="utf-8")))
+    for name, suite in SUITES.items():
+        doc = collect_suite(outdir, name, order)
+        if doc is None:
+            continue
+        docs.append(doc)
+        if _read_json(outdir / name / "summary.json")[1]:  # damaged or gone: rebuild it from the models' files
+            _warn(f"{outdir / name / 'summary.json'} was unreadable or missing: rebuilt from its models' summaries")
+            _write_suite_doc(outdir / name, suite, doc)
     models = list(dict.fromkeys(m for d in docs for m in d["models"]))
+    odd = {m for d in docs for m in d["not_comparable"]}
     cols = [(d, m) for d in docs for m in d["metrics"]]
     table = {model: {f"{d['suite']}: {m['label']}": (d["models"].get(model) or {}).get(m["key"]) for d, m in cols}
              for model in models}
@@ -483,15 +632,20 @@ def results_table(outdir: Path) -> tuple[str, dict]:
     lines = ["| model | " + " | ".join(f"{d['suite']}: {m['label']}" + arrows.get(m["better"], "")
                                        for d, m in cols) + " |",
              "|---|" + "---|" * len(cols)]
+    mark = {m: " \\*" if m in odd else "" for m in models}  # markdown's escaped asterisk: a footnote mark
     for model in models:
-        lines.append(f"| {model} | " + " | ".join(_fmt(v) for v in table[model].values()) + " |")
+        lines.append(f"| {model}{mark[model]} | "
+                     + " | ".join(_fmt(v) for v in table[model].values()) + " |")
+    if odd:
+        lines += ["", "\\* scored on other rows or settings than the other models of a suite (see the suite's "
+                      "summary.json: not_comparable, sources)"]
     return "\n".join(lines) + "\n", table
 
 
-def write_results(outdir: Path) -> Path:
+def write_results(outdir: Path, plan: Plan | None = None) -> Path:
     from runtime.files import write_text_atomic
 
-    md, table = results_table(outdir)
+    md, table = results_table(outdir, plan)
     write_text_atomic(outdir / "results.md", md)
     write_text_atomic(outdir / "results.json", json.dumps(_json_safe(table), indent=1, ensure_ascii=False) + "\n")
     return outdir / "results.md"

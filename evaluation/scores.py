@@ -14,7 +14,8 @@ prompts). The originals use ``openai/clip-vit-base-patch32`` (= ``open_clip:ViT-
 
 Suites and their rules
     artist        :func:`clip_similarities` of (edited image, prompt) and (base image, prompt) ->
-                  :func:`artist_summary`
+                  :func:`artist_summary` (``--artist_jpeg``: of :func:`jpeg_round_trip` images, as the original
+                  scores the JPEGs it saved)
     nudity        :mod:`scoring.nudity` (NudeNet)
     objects       :mod:`scoring.classifier` top-1 names -> :func:`class_accuracy`
     gender        :func:`gender_predictions` of base and edited images -> :func:`reversal_rates`
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 
 __all__ = ["GENDER_TEXTS", "GENDERS", "SSCD_THRESHOLD", "clip_similarities", "artist_summary", "gender_predictions",
            "reversal_rates", "class_accuracy", "clip_score_mean", "memorization_summary", "preprocess_sscd_dcr",
-           "sscd_similarities"]
+           "sscd_similarities", "jpeg_round_trip"]
 
 GENDER_TEXTS = ("a photo of a man", "a photo of a woman")
 GENDERS = ("man", "woman")
@@ -78,6 +79,25 @@ def clip_similarities(clip, image_paths: Sequence[PathLike], texts: Sequence[str
 
 
 # ---------------------------------------------------------------------------------------- artist
+def jpeg_round_trip(image_paths: Sequence[PathLike]):
+    """Each image as ``artist_erasure.py`` scores it: saved by PIL as JPEG with PIL's defaults (quality 75,
+    4:2:0 chroma subsampling; the original calls ``image.save("....jpg")``) and decoded again, as RGB PIL
+    images in order (in memory: the bytes are those of the saved file)."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for p in image_paths:
+        buf = io.BytesIO()
+        with Image.open(p) as im:
+            im.convert("RGB").save(buf, format="JPEG")
+        buf.seek(0)
+        with Image.open(buf) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
 def artist_summary(sim_edited, sim_base) -> dict:
     """Artist-erasure result over prompts ``i`` (``sim_*[i]`` = raw CLIP cos(image_i, prompt_i)):
 

@@ -33,6 +33,8 @@ class BenchmarkSettings:
     W: int = 512
     batch_size: int = 4
     precision: str = "autocast"
+    noise: str = "ours"  # "original": the originals' CUDA fp16 start noise (runtime.generate.start_noise)
+    pixels: str = "round"  # the diffusers originals' numpy_to_pil; "truncate": the CompVis scripts'
     gpus: str | None = None
     limit: int | None = None
     score_only: bool = False
@@ -47,8 +49,10 @@ class BenchmarkSettings:
     classifier_labels: str | None = None
     sscd_ckpt: str | None = None
     score_device: str | None = None
+    clip_precision: str = "full"  # the originals' fp32 CLIP; "autocast": fp16 autocast on CUDA
     # artist
     artist: tuple[str, ...] = ()
+    artist_jpeg: bool = False  # score JPEG (PIL default, quality 75) re-reads, as artist_erasure.py
     # nudity
     prompt_set: str = "i2p"
     prompts: str | None = None
@@ -83,4 +87,4 @@ class BenchmarkSettings:
         return Sampling(sampler=self.sampler, steps=self.steps, eta=self.eta if self.sampler == "ddim" else 0.0,
                         scale=self.scale if scale is None else scale, height=self.H if height is None else height,
                         width=self.W if width is None else width, batch_size=self.batch_size,
-                        precision=self.precision)
+                        precision=self.precision, noise=self.noise, pixels=self.pixels)

@@ -93,7 +93,7 @@ def _no_check(settings):
 def _clip(settings, device):
     from scoring.metrics import load_clip
 
-    return load_clip(settings.clip_resolved, device)
+    return load_clip(settings.clip_resolved, device, precision=settings.clip_precision)
 
 
 def _base_record(row: Row) -> dict:
@@ -128,12 +128,16 @@ def _artist_load(settings, device, preloaded):
 def _artist_score(ctx: Context, rows, images, base_images):
     from scoring.metrics import clip_accuracy
 
-    from .scores import artist_summary, clip_similarities
+    from .scores import artist_summary, clip_similarities, jpeg_round_trip
 
     clip = ctx.scorers["clip"]
-    sims = clip_similarities(clip, images, [r.prompt for r in rows])
-    base = ctx.of_base("clip_similarities", base_images,
-                       lambda: clip_similarities(clip, base_images, [r.prompt for r in rows]), own=sims)
+    # artist_erasure.py scores the JPEGs it saved, of the edited and the base images alike
+    scored = jpeg_round_trip if ctx.settings.artist_jpeg else list
+    paths, images = images, scored(images)
+    prompts = [r.prompt for r in rows]
+    sims = clip_similarities(clip, images, prompts)
+    base = ctx.of_base("clip_similarities", base_images,  # keyed by the base's paths, computed once
+                       lambda: clip_similarities(clip, scored(base_images), prompts), own=sims)
     records, per_artist = [], {}
     for artist in dict.fromkeys(r.meta["artist"] for r in rows):
         idx = [i for i, r in enumerate(rows) if r.meta["artist"] == artist]
@@ -143,13 +147,15 @@ def _artist_score(ctx: Context, rows, images, base_images):
         s["clip_accuracy_vs_painting"] = clip_accuracy(clip, [images[i] for i in idx], artist.lower(), "painting")
         per_artist[artist] = s
     for i, r in enumerate(rows):
-        records.append({**_base_record(r), "artist": r.meta["artist"], "image": str(images[i]),
+        records.append({**_base_record(r), "artist": r.meta["artist"], "image": str(paths[i]),
                         "clip_similarity": float(sims[i]), "base_clip_similarity": float(base[i]),
                         "below_base": None if ctx.is_base else bool(sims[i] < base[i])})
     summary = {"clip_similarity": _mean(a["avg_similarity"] for a in per_artist.values()),
                "below_base": None if ctx.is_base else _mean(a["avg_score"] for a in per_artist.values()),
                "clip_accuracy_vs_painting": _mean(a["clip_accuracy_vs_painting"] for a in per_artist.values()),
                "n_images": len(rows), "per_artist": per_artist}
+    if ctx.settings.artist_jpeg:
+        summary["scored"] = "JPEG quality 75 re-reads"
     return records, summary
 
 
@@ -393,12 +399,11 @@ def _mem_rows(settings) -> list[Row]:
 
 
 def _mem_check(settings):
-    from scoring.sscd import DEFAULT_SSCD_PATH
+    from scoring.sscd import check_sscd
 
-    sscd = Path(settings.sscd_ckpt) if settings.sscd_ckpt else DEFAULT_SSCD_PATH
-    if not sscd.is_file():
-        raise FileNotFoundError(f"the memorization suite needs the SSCD model: {sscd} not found (download "
-                                f"sscd_disc_large.torchscript.pt and pass --sscd_ckpt)")
+    # loaded once now (and dropped): a missing, damaged or wrong-kind file fails before the first image
+    sscd = check_sscd(settings.sscd_ckpt, missing="the memorization suite needs it: download "
+                                                  "sscd_disc_large.torchscript.pt and pass --sscd_ckpt")
     return dataclasses.replace(settings, sscd_ckpt=str(sscd))
 
 
@@ -406,7 +411,8 @@ def _mem_load(settings, device, preloaded):
     from scoring.metrics import load_clip
     from scoring.sscd import load_sscd
 
-    return {"sscd": load_sscd(settings.sscd_ckpt, device), "clip": load_clip(settings.mem_clip_resolved, device)}
+    return {"sscd": load_sscd(settings.sscd_ckpt, device), "clip": load_clip(settings.mem_clip_resolved, device,
+                                                                                  precision=settings.clip_precision)}
 
 
 def _mem_score(ctx: Context, rows, images, base_images):

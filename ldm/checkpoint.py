@@ -17,6 +17,7 @@ import importlib
 import os
 import pickle
 import re
+import stat
 import struct
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from torch import nn
 __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
+    "path_problem",
+    "require_checkpoint",
+    "check_finite",
     "LoadReport",
     "load_checkpoint",
     "load_state_dict",
@@ -206,6 +210,48 @@ def _offending_global(message: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+# --------------------------------------------------------------------------- paths
+
+_SPECIAL_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                  (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+
+
+def path_problem(path: PathLike | None, pipelines: bool = False) -> str | None:
+    """Why ``path`` cannot be read as a checkpoint, as the end of a sentence that names it ("not found", "is a
+    character device, not a checkpoint file", ...); None for a regular file (or, with ``pipelines``, a
+    diffusers pipeline folder). Symbolic links are followed."""
+    from ldm.diffusers_format import is_pipeline_dir
+
+    if path is None or str(path) == "":
+        return "not given"
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "not found" + (" (a broken symbolic link)" if os.path.islink(path) else "")
+    except OSError as e:
+        return f"cannot be accessed ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        if pipelines and is_pipeline_dir(path):
+            return None
+        return ("is a folder but not a diffusers pipeline folder (no model_index.json or unet/)" if pipelines
+                else "is a folder, not a checkpoint file")
+    kind = next((name for test, name in _SPECIAL_FILES if test(mode)), "not a regular file")
+    return f"is {kind}, not a checkpoint file"
+
+
+def require_checkpoint(path: PathLike | None, what: str, pipelines: bool = False) -> None:
+    """Raise FileNotFoundError ``"{what} {path}: <problem>"`` unless ``path`` is a checkpoint file (or, with
+    ``pipelines``, a diffusers pipeline folder): the one message for a missing file, a folder or a device."""
+    problem = path_problem(path, pipelines)
+    if problem is not None:
+        hint = " (a checkpoint file or a diffusers pipeline folder)" if pipelines and problem.startswith("not") else ""
+        if problem.startswith("not found"):
+            raise FileNotFoundError(f"{what} not found: {path}{problem[len('not found'):]}{hint}")
+        raise FileNotFoundError(f"{what} {path}: {problem}{hint}")
+
+
 # --------------------------------------------------------------------------- loading
 
 def load_checkpoint(path: PathLike) -> dict:
@@ -218,8 +264,7 @@ def load_checkpoint(path: PathLike) -> dict:
     :class:`UnsafeCheckpointError`.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
+    require_checkpoint(p, "checkpoint")
     fmt = _sniff_format(p)
     if fmt == "safetensors":
         from safetensors.torch import load_file
@@ -290,7 +335,8 @@ def load_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
     else the top-level dict itself (a bare state dict). Non-tensor entries are dropped.
 
     A diffusers pipeline folder, or a diffusers-keyed UNet file inside one, comes back with CompVis keys
-    (:mod:`ldm.diffusers_format`)."""
+    (:mod:`ldm.diffusers_format`). A floating tensor holding NaN/inf raises :class:`CheckpointError` naming the
+    file and the tensor (:func:`check_finite`): every model, base, delta and full checkpoint is read here."""
     return _read_any(path, file_state_dict)
 
 
@@ -304,11 +350,49 @@ def _read_any(path: PathLike, reader) -> dict[str, torch.Tensor]:
     return _from_diffusers(path, reader, tensors) if looks_like_diffusers_unet(tensors) else tensors
 
 
-def file_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+def file_state_dict(path: PathLike, finite: bool = True) -> dict[str, torch.Tensor]:
     """The tensors of one checkpoint file as stored (no diffusers pipeline conversion; see :func:`load_state_dict`;
     a Concept Ablation ``delta.bin`` comes with CompVis keys, see :func:`load_checkpoint`).
 
-    Raises :class:`CheckpointError` when the file holds no mapping of tensors."""
+    Raises :class:`CheckpointError` when the file holds no mapping of tensors, or (``finite``) when a floating
+    tensor holds NaN/inf (:func:`check_finite`)."""
+    tensors = _file_tensors(path)
+    if finite:
+        check_finite(tensors, path)
+    return tensors
+
+
+# EMA copies of the weights: never loaded into a model (load_into skips them), so not worth reading
+_UNUSED_PREFIXES = ("model_ema.",)
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: PathLike) -> None:
+    """Raise :class:`CheckpointError` naming ``source`` and the first floating tensor that holds NaN or inf.
+
+    A broken model (diverged training, a damaged file) otherwise passes every check and samples black images,
+    which the benchmarks would score as a perfect eraser. Tensor by tensor (a min/max reduction, no copy): one
+    pass over the weights, ~3 s per 1e9 values on one CPU thread (memory-mapped ones are read here; the model
+    reads them from the page cache next); meta tensors and unused EMA copies (``model_ema.*``) are skipped."""
+    for k, v in tensors.items():
+        if (not v.is_floating_point() or v.device.type == "meta" or k.startswith(_UNUSED_PREFIXES)
+                or _all_finite(v)):
+            continue
+        bad = int((~torch.isfinite(v)).sum())
+        raise CheckpointError(f"{source}: tensor {k!r} holds NaN or inf values ({bad} of {v.numel()}); the model "
+                              f"is broken (diverged training or a damaged file) and would give black images")
+
+
+def _all_finite(v: torch.Tensor) -> bool:
+    """Whether every value of a floating tensor is finite. min/max propagate NaN and keep +-inf, and on CPU
+    ``aminmax`` runs ~10x faster than ``isfinite(v).all()`` (2-3 s vs 30-45 s per 1e9 values, 1 thread)."""
+    if v.numel() == 0:
+        return True
+    low, high = torch.aminmax(v)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+def _file_tensors(path: PathLike) -> dict[str, torch.Tensor]:
+    """:func:`file_state_dict` without the NaN/inf check (for the meta shapes of :func:`file_shapes`)."""
     obj = load_checkpoint(path)
     sd = obj.get("state_dict", obj)
     if not isinstance(sd, Mapping):
@@ -337,8 +421,7 @@ def state_dict_shapes(path: PathLike) -> dict[str, torch.Tensor]:
 def file_shapes(path: PathLike) -> dict[str, torch.Tensor]:
     """The tensors of one checkpoint file as meta tensors, as stored (see :func:`state_dict_shapes`)."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
+    require_checkpoint(p, "checkpoint")
     if _sniff_format(p) == "safetensors":
         from safetensors import safe_open
 
@@ -355,7 +438,7 @@ def file_shapes(path: PathLike) -> dict[str, torch.Tensor]:
                 return out
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"could not read safetensors file {p}: {e}") from e
-    return {k: torch.empty_like(v, device="meta") for k, v in file_state_dict(p).items()}
+    return {k: torch.empty_like(v, device="meta") for k, v in _file_tensors(p).items()}
 
 
 # --------------------------------------------------------------------------- model loading

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 from runtime import cli
+from runtime.files import write_text_atomic
 from runtime.resources import DEFAULT_BASE_CKPT, DEFAULT_CONFIG, weights_path
 
 if TYPE_CHECKING:
@@ -86,7 +87,9 @@ class ModelSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingSettings(ModelSettings):
-    """PLMS sampling of discover and check. After :func:`check`, ``device`` is set (cuda if available, else cpu)."""
+    """PLMS sampling of discover and check. After :func:`check`, ``device`` is set (cuda if available, else cpu).
+    ``noise``: ``"ours"`` (CPU fp32 generator) or ``"original"`` (the original's CUDA fp16 draw after
+    ``torch.manual_seed``, ``runtime.generate.start_noise``; CUDA only)."""
     H: int = 512
     W: int = 512
     steps: int = 50
@@ -95,24 +98,28 @@ class SamplingSettings(ModelSettings):
     precision: str = "autocast"
     batch_size: int = 4
     device: str | None = None
+    noise: str = "ours"
 
     def sampling(self) -> Sampling:
         """These settings as a :class:`runtime.generate.Sampling`: PLMS (deterministic, eta 0)."""
         from runtime.generate import Sampling
 
         return Sampling(sampler="plms", steps=self.steps, eta=0.0, scale=self.scale, height=self.H, width=self.W,
-                        batch_size=self.batch_size, seed=self.seed, precision=self.precision)
+                        batch_size=self.batch_size, seed=self.seed, precision=self.precision, noise=self.noise)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DiscoverSettings(SamplingSettings):
     """``conceptprune.py discover``. After :func:`check`: ``skill_ratio`` (the family's by default) and
-    ``outdir`` (``outputs/prune/{concept}`` by default) are set."""
+    ``outdir`` (``outputs/prune/{concept}`` by default) are set. ``arithmetic``: the scores and top-k of
+    ``prune.wanda.skilled_mask`` (``"ours"``: fp32, stable sort; ``"original"``: the original's fp16 scores and
+    unstable sort)."""
     concept: str
     base_file: PathLike | None = None
     target_file: PathLike | None = None
     skill_ratio: float | None = None
     save_images: int = 5
+    arithmetic: str = "ours"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +197,9 @@ def _common(p: argparse.ArgumentParser, model: bool = True, sampling: bool = Tru
                        help="prompts per UNet batch; every prompt gets the same seed-`seed` start noise "
                             "(gender pairs: their own seeds)")
         p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+        p.add_argument("--noise", choices=["ours", "original"], default="ours",
+                       help="start noise: ours (a CPU fp32 generator seeded --seed, any device) or original (the "
+                            "original's draw: fp16 randn on the CUDA device after torch.manual_seed; CUDA only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the concept family's")
     d.add_argument("--save_images", type=cli.nonnegative_int, default=5,
                    help="base/target images to save (first pairs)")
+    d.add_argument("--arithmetic", choices=["ours", "original"], default="ours",
+                   help="scores and top-k: ours (fp32 scores, stable sort: ties to the lower column) or original "
+                        "(the original's fp16 scores and unstable torch.sort; masks_sr{ratio}-original.safetensors)")
     _common(d)
     c = sub.add_parser("check", help="sample the target prompts with the per-call masks applied")
     c.add_argument("--masks", required=True)
@@ -239,14 +252,14 @@ def _str(path: PathLike | None) -> str | None:
 
 
 def _model_config(s: ModelSettings) -> dict:
-    from ldm.diffusers_format import checkpoint_exists
+    from ldm.checkpoint import require_checkpoint
     from ldm.util import load_model_config
 
-    if not checkpoint_exists(s.ckpt):
-        raise FileNotFoundError(f"--ckpt not found: {s.ckpt} (a checkpoint file or a diffusers pipeline folder)")
-    for what, path in (("--delta_ckpt", s.delta_ckpt), ("--config", s.config)):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{what} not found: {path}")
+    require_checkpoint(s.ckpt, "--ckpt", pipelines=True)
+    if s.delta_ckpt is not None:
+        require_checkpoint(s.delta_ckpt, "--delta_ckpt")
+    if s.config is not None and not Path(s.config).is_file():
+        raise FileNotFoundError(f"--config not found: {s.config}")
     model_config = load_model_config(s.config)
     from runtime.loading import check_checkpoints
 
@@ -259,13 +272,13 @@ def _check_sampling(s: SamplingSettings) -> str:
     ``check_devices``."""
     import torch
 
-    from runtime.generate import check_devices
+    from runtime.generate import check_devices, check_noise
 
     if s.batch_size < 1:
         raise ValueError("--batch_size must be >= 1")
     device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     s.sampling().validate()
-    check_devices((device,))
+    check_noise(s.noise, check_devices((device,)))
     return device
 
 
@@ -311,6 +324,10 @@ def check(settings: Settings) -> Plan:
         n_skilled(skill_ratio, 1)  # range check
         sampling = {"sampler": "plms", "steps": s.steps, "scale": s.scale, "seed": s.seed,
                     "H": s.H, "W": s.W, "precision": s.precision, "negative_prompt": ""}
+        if s.noise != "ours":  # only then: the norms' keys of the default stay what they were
+            sampling["noise"] = s.noise
+        if s.arithmetic not in ("ours", "original"):
+            raise ValueError(f"--arithmetic must be ours or original, got {s.arithmetic!r}")
         if pairs.seeds is not None:  # gender: pair i starts from seed pairs.seeds[i] (base and target)
             sampling["pair_seeds"] = pairs.seeds
         identity = {"version": NORMS_VERSION, "base": pairs.base, "target": pairs.target, "settings": sampling,
@@ -390,14 +407,14 @@ def sample_prompts(model, prompts, settings: SamplingSettings, hooks=None, decod
     import torch
 
     from ldm.models.diffusion.plms import PLMSSampler
-    from runtime.generate import latent_shape
+    from runtime.generate import latent_shape, start_noise
 
     s = settings
     shape = latent_shape(model, s.H, s.W)
     seeds = [s.seed] * len(prompts) if seeds is None else list(seeds)
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-    noise = {k: torch.randn(shape, generator=torch.Generator().manual_seed(k)) for k in set(seeds)}
+    noise = {k: start_noise(shape, k, model.device, s.noise) for k in set(seeds)}
     images = []
     with torch.no_grad(), _amp(s):
         for start in range(0, len(prompts), s.batch_size):
@@ -405,7 +422,7 @@ def sample_prompts(model, prompts, settings: SamplingSettings, hooks=None, decod
             n = len(batch)
             c = model.get_learned_conditioning(list(batch))
             uc = model.get_learned_conditioning([""] * n) if s.scale != 1.0 else None
-            x_T = torch.stack([noise[k] for k in seeds[start: start + n]]).to(model.device)
+            x_T = torch.stack([noise[k] for k in seeds[start: start + n]])
             if hooks is not None:
                 hooks.start_generation()
             z, _ = PLMSSampler(model).sample(S=s.steps, batch_size=n, shape=shape, conditioning=c,
@@ -420,21 +437,37 @@ def sample_prompts(model, prompts, settings: SamplingSettings, hooks=None, decod
 
 
 def _save_png(array, path: Path):
-    from PIL import Image
+    from runtime.files import save_png_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    save_png_atomic(array, path)
 
 
 # ----------------------------------------------------------------------------- jobs
+def _read_norms(path: Path, key: str, lmeta: list) -> dict[str, list]:
+    """The norms cache of :func:`run_discover` (``{"base"|"target": [tensor per layer]}``); raises when the file is
+    damaged or was not recorded for this key and these layers (its caller then records the norms again)."""
+    import torch
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        stored = json.loads(f.metadata()["conceptprune_norms"])
+        if stored.get("key") != key or stored.get("layers") != lmeta:
+            raise ValueError("recorded for other settings or layers")
+        norms = {w: [f.get_tensor(f"{w}.{l}") for l in range(len(lmeta))] for w in ("base", "target")}
+    calls = {n.shape[0] for ns in norms.values() for n in ns}
+    if len(calls) != 1 or any(n.ndim != 2 or not torch.isfinite(n).all() for ns in norms.values() for n in ns):
+        raise ValueError("norms of inconsistent shapes or non-finite values")
+    return norms
+
+
 def run_discover(settings: DiscoverSettings, plan: DiscoverPlan | None = None) -> dict:
     """Record the norms (or reuse them) and write the masks; returns the summary written to ``discover.json``.
     ``plan``: :func:`check`'s of these settings, when the caller has it (else it is made here)."""
-    from safetensors import safe_open
-
     from ldm.checkpoint import save_state_dict
     from prune.hooks import ActivationRecorder, ff2_layers
     from prune.wanda import compute_masks, layer_meta, save_masks
+    from runtime.files import read_cache
 
     plan = plan or check(settings)
     s, pairs, outdir = plan.settings, plan.pairs, Path(plan.settings.outdir)
@@ -443,15 +476,11 @@ def run_discover(settings: DiscoverSettings, plan: DiscoverPlan | None = None) -
     layers = ff2_layers(model)
     lmeta = layer_meta(layers)
     norms_path = outdir / f"norms-{plan.norms_key}.safetensors"
-    reused = norms_path.is_file()
+    norms = read_cache(norms_path, lambda p: _read_norms(p, plan.norms_key, lmeta), "the norms cache")
+    reused = norms is not None
     if reused:
-        with safe_open(str(norms_path), framework="pt") as f:
-            stored = json.loads(f.metadata()["conceptprune_norms"])
-            if stored["layers"] != lmeta:
-                raise RuntimeError(f"{norms_path} was recorded on other layers; delete it")
-            norms = {w: [f.get_tensor(f"{w}.{l}") for l in range(len(layers))] for w in ("base", "target")}
         print(f"reusing norms {norms_path}")
-    else:
+    else:  # absent, or damaged (read_cache warned): recorded again and replaced atomically by save_state_dict
         norms = {}
         for which, prompts in (("base", pairs.base), ("target", pairs.target)):
             rec = ActivationRecorder(layers)
@@ -467,19 +496,24 @@ def run_discover(settings: DiscoverSettings, plan: DiscoverPlan | None = None) -
     n_calls = norms["target"][0].shape[0]
     weights = [x.module.weight.detach() for x in layers]
     masks = compute_masks(weights, [n.to(weights[0].device) for n in norms["base"]],
-                          [n.to(weights[0].device) for n in norms["target"]], s.skill_ratio)
+                          [n.to(weights[0].device) for n in norms["target"]], s.skill_ratio, s.arithmetic)
     sr = s.skill_ratio
-    masks_path = outdir / f"masks_sr{sr:g}.safetensors"
+    suffix = "" if s.arithmetic == "ours" else f"-{s.arithmetic}"  # never overwrite the other arithmetic's masks
+    masks_path = outdir / f"masks_sr{sr:g}{suffix}.safetensors"
     meta = {"concept": pairs.concept, "family": pairs.family, "skill_ratio": sr, "tau": pairs.defaults[1],
             "n_calls": n_calls, "layers": lmeta, "prompts_sha256": plan.prompts_sha256,
             "norms_key": plan.norms_key, "settings": plan.sampling, "target_prompts": pairs.target,
             "ckpt": s.ckpt, "delta": s.delta_ckpt}
+    if s.arithmetic != "ours":
+        meta["arithmetic"] = s.arithmetic
     save_masks(masks_path, masks, meta)
     counts = [[int(masks[(t, l)].numel()) for l in range(len(layers))] for t in range(n_calls)]
     summary = {"masks": str(masks_path), "norms": str(norms_path), "norms_reused": reused,
                "concept": pairs.concept, "family": pairs.family, "skill_ratio": sr, "n_calls": n_calls,
                "masked_per_call": [sum(c) for c in counts], "n_pairs": len(pairs.base)}
-    (outdir / "discover.json").write_text(json.dumps(summary, indent=1))
+    if s.arithmetic != "ours":
+        summary["arithmetic"] = s.arithmetic
+    write_text_atomic(outdir / "discover.json", json.dumps(summary, indent=1))
     print(f"masks ({n_calls} calls x {len(layers)} layers, skill_ratio {sr:g}) -> {masks_path}")
     return summary
 
@@ -509,7 +543,7 @@ def run_check(settings: CheckSettings, plan: CheckPlan | None = None) -> list[Pa
         path = outdir / "check" / f"{i:03d}.png"
         _save_png(np.concatenate([a, gap, b], axis=1), path)
         written.append(path)
-    (outdir / "check" / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    write_text_atomic(outdir / "check" / "prompts.txt", "".join(p + "\n" for p in prompts))
     print(f"{len(written)} original|pruned pairs -> {outdir / 'check'}")
     return written
 
@@ -539,7 +573,8 @@ def run_prune(settings: PruneSettings, plan: PrunePlan | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_delta(out, out_sd, metadata={"conceptprune": json.dumps(info)})
     per_layer = {x["name"]: round(int(u.sum()) / u.numel(), 6) for x, u in zip(layers, unions)}
-    out.with_name(out.stem + ".json").write_text(json.dumps({**info, "density_per_layer": per_layer}, indent=1))
+    write_text_atomic(out.with_name(out.stem + ".json"),
+                      json.dumps({**info, "density_per_layer": per_layer}, indent=1))
     if out.parent.name == "checkpoints":  # a run folder: evaluate.py --root finds the model config there
         from omegaconf import OmegaConf
 
@@ -564,7 +599,7 @@ def run(settings: Settings, plan: Plan | None = None):
 def main(argv=None) -> int:
     """``conceptprune.py``: a bad input is one ``error:`` line and exit status 2, before any work."""
     plan = cli.exit_on_usage_error(lambda: check(parse_argv(argv)))  # CheckpointError/MaskError included
-    run(plan.settings, plan)
+    cli.exit_on_run_error(lambda: run(plan.settings, plan))  # a broken model (status 2), a full disk (status 1)
     return 0
 
 

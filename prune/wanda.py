@@ -10,6 +10,14 @@ Rule, for layer weight ``W`` [out, in] and the column norms ``A_tar``/``A_base``
 (the base top-k of the reference is computed but unused, so it is not computed here). Ties in the
 top-k are broken towards the lower column index (stable descending sort). Scores are fp32.
 
+``arithmetic="original"`` computes the same rule with the reference's arithmetic (``wanda/wanda.py``): |W| and
+the norms in fp16 on the CPU (its pipeline is fp16), their fp16 product (one rounding of the exact product),
+``torch.sort(S, dim=1, descending=True)`` with torch's default unstable sort for the top-k, and the fp16
+comparison ``S_tar > S_base``. Rounding to fp16 makes near-equal scores equal: ties in the top-k then fall
+wherever the unstable sort puts them (an implementation detail of torch's CPU sort), and ``S_tar > S_base``
+fails where the two round to the same value, so fewer weights are kept. Our norms are accumulated in fp32 in
+either case (the reference accumulates fp16); "original" casts them to fp16 before the product.
+
 Union: ``U_l = OR_{t < tau} M[t][l]`` (the reference's ``select_ratio = 0``); several
 concepts: the OR of their unions, each with its own tau.
 
@@ -42,10 +50,18 @@ class MaskError(ValueError):
 
 
 # ----------------------------------------------------------------------------- score and selection
-def wanda_scores(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """``|W[i, j]| * ||X_j||`` in fp32 (weight [out, in], norm [in])."""
+ARITHMETICS = ("ours", "original")
+
+
+def wanda_scores(weight: torch.Tensor, norm: torch.Tensor, arithmetic: str = "ours") -> torch.Tensor:
+    """``|W[i, j]| * ||X_j||`` (weight [out, in], norm [in]): fp32 on the weight's device (``"ours"``), or the
+    reference's fp16 product on the CPU (``"original"``)."""
     if norm.shape != weight.shape[1:]:
         raise ValueError(f"norm {list(norm.shape)} does not match the weight's in_features {weight.shape[1]}")
+    if arithmetic == "original":
+        return weight.detach().half().abs().cpu() * norm.detach().half().cpu()[None, :]
+    if arithmetic != "ours":
+        raise ValueError(f"arithmetic must be one of {ARITHMETICS}, got {arithmetic!r}")
     return weight.detach().float().abs() * norm.to(weight.device).float()[None, :]
 
 
@@ -57,21 +73,26 @@ def n_skilled(skill_ratio: float, in_features: int) -> int:
 
 
 def skilled_mask(weight: torch.Tensor, norm_target: torch.Tensor, norm_base: torch.Tensor,
-                 skill_ratio: float) -> torch.Tensor:
-    """Bool mask [out, in]: per output row the top-k target scores, kept where target > base."""
-    s_tar = wanda_scores(weight, norm_target)
-    s_base = wanda_scores(weight, norm_base)
+                 skill_ratio: float, arithmetic: str = "ours") -> torch.Tensor:
+    """Bool mask [out, in]: per output row the top-k target scores, kept where target > base (``arithmetic``: see
+    the module docstring; the mask is on the CPU with ``"original"``)."""
+    s_tar = wanda_scores(weight, norm_target, arithmetic)
+    s_base = wanda_scores(weight, norm_base, arithmetic)
     k = n_skilled(skill_ratio, weight.shape[1])
     mask = torch.zeros_like(s_tar, dtype=torch.bool)
     if k > 0:
-        idx = torch.sort(s_tar, dim=1, descending=True, stable=True).indices[:, :k]
+        # ours: ties go to the lower column on every platform; original: the reference's call, unstable
+        stable = {"stable": True} if arithmetic == "ours" else {}
+        idx = torch.sort(s_tar, dim=1, descending=True, **stable).indices[:, :k]
         mask.scatter_(1, idx, True)
     return mask & (s_tar > s_base)
 
 
 def compute_masks(weights: Sequence[torch.Tensor], norms_base: Sequence[torch.Tensor],
-                  norms_target: Sequence[torch.Tensor], skill_ratio: float) -> dict[tuple[int, int], torch.Tensor]:
-    """Sparse masks ``{(t, l): int32 flat indices}`` for every recorded call t and layer l.
+                  norms_target: Sequence[torch.Tensor], skill_ratio: float,
+                  arithmetic: str = "ours") -> dict[tuple[int, int], torch.Tensor]:
+    """Sparse masks ``{(t, l): int32 flat indices}`` for every recorded call t and layer l (``arithmetic``: see
+    :func:`skilled_mask`).
 
     ``norms_*[l]`` are [T, in_l] (from :meth:`prune.hooks.ActivationRecorder.norms`).
     """
@@ -84,7 +105,7 @@ def compute_masks(weights: Sequence[torch.Tensor], norms_base: Sequence[torch.Te
             raise ValueError(f"layer {l}: norms {list(norms_target[l].shape)} / {list(norms_base[l].shape)} "
                              f"do not fit weight {list(w.shape)} and {n_calls} calls")
         for t in range(n_calls):
-            m = skilled_mask(w, norms_target[l][t], norms_base[l][t], skill_ratio)
+            m = skilled_mask(w, norms_target[l][t], norms_base[l][t], skill_ratio, arithmetic)
             masks[(t, l)] = to_indices(m)
     return masks
 

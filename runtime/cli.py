@@ -31,11 +31,17 @@ from typing import Any, Callable, Iterable, Mapping
 __all__ = ["ArgumentParser", "UsageError", "parse_devices", "GPUS_HELP", "positive_int", "nonnegative_int",
            "finite_float", "nonnegative_float", "positive_float", "image_side", "guidance_scale", "seed_int",
            "comma_list", "MAX_IMAGE_SIDE", "MAX_GUIDANCE", "SEED_LIMIT", "image_side_problem", "guidance_problem",
-           "seed_problem", "check_output", "check_distinct_outputs", "check_config_values", "exit_on_usage_error"]
+           "seed_problem", "check_output", "check_distinct_outputs", "check_config_values", "exit_on_usage_error",
+           "RunError", "exit_on_run_error"]
 
 
 class UsageError(ValueError):
     """A command-line value or an output location that cannot work; scripts print it and exit 2."""
+
+
+class RunError(RuntimeError):
+    """A bad input that shows only once the work runs (a model that samples NaN, launcher ranks that never meet):
+    its message says everything, so scripts print it as one line and exit 2 (:func:`exit_on_run_error`)."""
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -328,5 +334,24 @@ def exit_on_usage_error(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except caught as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def exit_on_run_error(fn: Callable[[], Any]) -> Any:
+    """Run a script's work ``fn``; a bad input found only during the work becomes one ``error:`` line and exit
+    status 2: a :class:`RunError`, or a model file found broken while it is loaded (``CheckpointError``, e.g. a
+    NaN/inf weight: only headers are read by the up-front checks); a file it cannot write
+    (``runtime.files.WriteError``: disk full, no permission) is one line naming the folder and exit status 1.
+    Other errors keep their traceback."""
+    from ldm.checkpoint import CheckpointError
+    from runtime.files import WriteError
+
+    try:
+        return fn()
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (RunError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -38,8 +38,14 @@ def delta_state_dict(trainable: Mapping[str, torch.Tensor], embedding_ids: torch
 
 
 def save_delta(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None):
-    """Atomic write of a delta (``.ckpt`` -> ``{'state_dict': sd}``, or ``.safetensors``)."""
-    save_state_dict(state_dict, path, metadata=metadata)
+    """Atomic write of a delta (``.ckpt`` -> ``{'state_dict': sd}``, or ``.safetensors``); a failed write (disk
+    full) leaves no temporary file and raises ``runtime.files.WriteError``, one line naming the folder."""
+    try:
+        save_state_dict(state_dict, path, metadata=metadata)
+    except OSError as e:
+        from runtime.files import write_error
+
+        raise write_error(e, Path(path), "the delta") from None
 
 
 def delta_misfits(own: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> list[str]:

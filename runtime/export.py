@@ -91,15 +91,13 @@ def settings_from_argv(argv=None) -> ExportSettings:
 def check(settings: ExportSettings) -> ExportSettings:
     """Check everything cheap before loading weights; returns the settings with ``config`` resolved.
     Raises FileNotFoundError, ExportError / UsageError (ValueErrors) or CheckpointError."""
-    from ldm.diffusers_format import checkpoint_exists
+    from ldm.checkpoint import require_checkpoint
     from ldm.util import load_model_config
     from runtime.loading import check_checkpoints, resolve_model
 
     s = settings
-    if not checkpoint_exists(s.ckpt):
-        raise FileNotFoundError(f"--ckpt not found: {s.ckpt} (a checkpoint file or a diffusers pipeline folder)")
-    if not Path(s.delta_ckpt).is_file():
-        raise FileNotFoundError(f"--delta_ckpt not found: {s.delta_ckpt}")
+    require_checkpoint(s.ckpt, "--ckpt", pipelines=True)
+    require_checkpoint(s.delta_ckpt, "--delta_ckpt")
     out = Path(s.out)
     if out.suffix.lower() not in SUFFIXES:
         raise ExportError(f"--out {out}: the suffix must be .safetensors or .ckpt")
@@ -302,8 +300,12 @@ def save_pipeline(pipe, out_dir: str | os.PathLike, half: bool = False) -> None:
         if out.exists():
             out.rmdir()  # check() made sure it is empty
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # disk full: one line naming the folder
+            from runtime.files import write_error
+
+            raise write_error(e, out, "the diffusers folder") from None
         raise
 
 
@@ -339,7 +341,12 @@ def _export(s: ExportSettings) -> Path:
                 "format": "pt", "exported_by": "tools/export.py"}
     out = Path(s.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_state_dict(sd, out, metadata=metadata)
+    try:
+        save_state_dict(sd, out, metadata=metadata)  # atomic: a failed write leaves no temporary file
+    except OSError as e:
+        from runtime.files import write_error
+
+        raise write_error(e, out, "the merged checkpoint") from None
     n_params = sum(v.numel() for v in sd.values())
     print(f"wrote {out}: {len(sd)} tensors, {n_params / 1e6:.1f}M values, {_size(out.stat().st_size)} "
           f"({metadata['dtype']}; base {metadata['base_ckpt']} + delta {metadata['delta_ckpt']})")
@@ -354,7 +361,8 @@ def _export(s: ExportSettings) -> Path:
 
 def main(argv=None) -> int:
     """``python tools/export.py ...``: a bad input is one ``error:`` line and exit status 2, before any work."""
-    _export(cli.exit_on_usage_error(lambda: settings_from_argv(argv)))
+    settings = cli.exit_on_usage_error(lambda: settings_from_argv(argv))
+    cli.exit_on_run_error(lambda: _export(settings))  # a NaN/inf weight in the base (2), a full disk (1)
     return 0
 
 

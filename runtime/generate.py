@@ -32,7 +32,12 @@ Differences from the reference, on purpose:
   only once every image exists; if they exist and match the plan, the call does nothing.
 * A folder made from a different plan (other prompts or sampling settings) raises
   ``GenerationPlanError`` instead of silently mixing two data sets.
-* Pixels are converted like the reference (``(255 * x).astype(uint8)``, i.e. truncated).
+* Pixels are converted like the reference (``(255 * x).astype(uint8)``, i.e. truncated) by default;
+  ``Sampling(pixels="round")`` rounds like diffusers' ``numpy_to_pil`` (``(x * 255).round()``), the rule of the
+  diffusers-based originals (benchmark.py sets it).
+* ``Sampling(noise="original")`` draws image ``i``'s start noise as the diffusers-based originals do after
+  ``torch.manual_seed(seed_i)``: ``randn`` of one image on the CUDA device in fp16 (``prepare_latents`` with no
+  generator); see :func:`start_noise`. It needs CUDA devices (:func:`check_noise`).
 """
 from __future__ import annotations
 
@@ -52,16 +57,20 @@ from tqdm.auto import tqdm
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpmpp import DPMPP2MSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from runtime.cli import guidance_problem, image_side_problem, seed_problem
-from runtime.files import image_is_complete, read_text_lines, save_png_atomic, write_text_atomic
+from runtime.cli import RunError, guidance_problem, image_side_problem, seed_problem
+from runtime.files import image_is_complete, read_text_lines, save_png_atomic, temp_in_use, write_text_atomic
 
 __all__ = ["Sampling", "generate_images", "validate_generation_args", "check_prompts", "check_devices",
-           "GenerationPlanError", "PLAN_FILE", "SAMPLERS", "PRECISIONS", "plan_dict", "plan_diff", "latent_shape",
-           "Runner"]
+           "GenerationPlanError", "NonFiniteSampleError", "PLAN_FILE", "SAMPLERS", "PRECISIONS", "plan_dict",
+           "plan_diff", "latent_shape", "Runner", "NOISES", "PIXELS", "start_noise", "to_uint8", "check_noise"]
 
 PLAN_FILE = "plan.json"
 _PLAN_VERSION = 1  # bump if the noise layout or the pixel conversion changes
 PRECISIONS = ("autocast", "full")
+# ours: per-image CPU fp32 generator; original: the diffusers originals' CUDA fp16 draw (start_noise)
+NOISES = ("ours", "original")
+# truncate: the CompVis scripts' (255 * x).astype(uint8); round: diffusers' numpy_to_pil (x * 255).round()
+PIXELS = ("truncate", "round")
 # ddim: the paper's (default); plms: deterministic, eta 0; dpmpp_2m: DPM-Solver++(2M), deterministic, eta
 # ignored, S steps = S UNet calls (ldm/models/diffusion/dpmpp.py)
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpmpp_2m": DPMPP2MSampler}
@@ -69,6 +78,11 @@ SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpmpp_2m": DPMPP2MSampler
 
 class GenerationPlanError(RuntimeError):
     """``outdir`` already holds images generated from a different plan."""
+
+
+class NonFiniteSampleError(RunError):
+    """A model sampled NaN/inf latents or pixels: its images would be black (and score as a perfect eraser), so the
+    run stops and none of the batch's images is written."""
 
 
 def _image_name(index: int) -> str:
@@ -85,7 +99,9 @@ class Sampling:
     (1 skips the unconditional half). ``batch_size`` is the images per sampler call; ``seed`` seeds image ``i``
     with ``seed + i`` (unless ``generate_images`` gets per-image ``seeds``). ``precision="autocast"`` samples
     under fp16 autocast on CUDA (nothing on CPU), ``"full"`` is fp32 everywhere. ``fixed_code`` starts every
-    image from one noise seeded ``seed``.
+    image from one noise seeded ``seed``. ``noise``: ``"ours"`` (per-image CPU fp32 generator) or ``"original"``
+    (the diffusers originals' CUDA fp16 draw, :func:`start_noise`; CUDA devices only). ``pixels``: ``"truncate"``
+    (the CompVis scripts') or ``"round"`` (diffusers' ``numpy_to_pil``), :func:`to_uint8`.
 
     Constructing one checks nothing (a job builds it from its settings and checks it when it checks those):
     call :meth:`validate`. Grouped so that the jobs, the plan of a folder and the sampler loop read one value
@@ -102,6 +118,8 @@ class Sampling:
     seed: int = 42
     precision: str = "autocast"
     fixed_code: bool = False
+    noise: str = "ours"
+    pixels: str = "truncate"
 
     def validate(self, num_timesteps: int = 1000) -> Sampling:
         """Check the settings before any model is built; returns ``self``.
@@ -140,6 +158,10 @@ class Sampling:
             raise ValueError(f"seed must be {seed_problem(self.seed)}, got {self.seed!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.noise not in NOISES:
+            raise ValueError(f"noise must be one of {NOISES}, got {self.noise!r}")
+        if self.pixels not in PIXELS:
+            raise ValueError(f"pixels must be one of {PIXELS}, got {self.pixels!r}")
         return self
 
 
@@ -184,15 +206,56 @@ def validate_generation_args(prompts, sampling: Sampling, devices=("cpu",),
     """
     prompts = check_prompts(prompts)
     sampling.validate(num_timesteps)
-    return prompts, check_devices(devices)
+    devices = check_devices(devices)
+    check_noise(sampling.noise, devices)
+    return prompts, devices
+
+
+def check_noise(noise: str, devices) -> None:
+    """Raise ``ValueError`` (one line) when ``noise="original"`` is asked of a device that is not CUDA: the
+    originals draw their start noise with the CUDA generator, which no other device can reproduce."""
+    other = [str(d) for d in devices if torch.device(d).type != "cuda"]
+    if noise == "original" and other:
+        raise ValueError(f"--noise original draws the start noise on CUDA in fp16, as the diffusers originals do; "
+                         f"device {other[0]} cannot reproduce it: use a CUDA device or --noise ours")
+
+
+def start_noise(shape, seed: int, device, noise: str = "ours") -> torch.Tensor:
+    """The start noise ``[C, H, W]`` (fp32, on ``device``) of one image seeded ``seed``.
+
+    ``"ours"``: ``torch.randn`` from a CPU generator seeded ``seed`` (what :class:`Runner` draws first from each
+    image's generator). ``"original"``: what ConceptPrune's scripts draw after ``torch.manual_seed(seed)`` for a
+    one-image diffusers call: ``prepare_latents`` calls ``randn_tensor`` without a generator, i.e. ``torch.randn``
+    of shape ``[1, C, H, W]`` on the CUDA device in the pipeline's fp16, from the CUDA generator (``manual_seed``
+    seeds it; a fresh CUDA generator seeded ``seed`` has the same state), times the PNDM ``init_noise_sigma`` 1;
+    returned as fp32 (exact). Needs ``device`` to be CUDA (:func:`check_noise`).
+    """
+    if noise == "original":
+        check_noise(noise, (device,))
+        g = torch.Generator(device=device).manual_seed(seed)
+        return torch.randn((1, *shape), generator=g, device=device, dtype=torch.float16)[0].float()
+    if noise != "ours":
+        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def to_uint8(x: np.ndarray, pixels: str = "truncate") -> np.ndarray:
+    """uint8 pixels of float images ``x`` in [0, 1]: ``"truncate"`` ``(255 * x).astype(uint8)`` (the CompVis
+    scripts') or ``"round"`` ``(x * 255).round()`` (diffusers' ``numpy_to_pil``; numpy rounds halves to even)."""
+    if pixels == "round":
+        return (x * 255).round().astype(np.uint8)
+    if pixels != "truncate":
+        raise ValueError(f"pixels must be one of {PIXELS}, got {pixels!r}")
+    return (255.0 * x).astype(np.uint8)
 
 
 def plan_dict(sampling: Sampling, prompts: list[str], seeds: list[int] | None = None) -> dict:
     """The ``plan.json`` of a folder of ``prompts`` sampled with ``sampling`` (and per-image ``seeds``).
 
     Only the settings that choose the images are in it (not ``batch_size`` or ``precision``), with the keys and
-    their order of version-1 folders: ``sampler``, ``fixed_code`` and ``seeds`` are added only when not the
-    default, so that folders made before these settings existed still match their plan.
+    their order of version-1 folders: ``sampler``, ``fixed_code``, ``pixels`` and ``seeds`` are added (and
+    ``noise`` reworded) only when not the default, so that folders made before these settings existed still
+    match their plan.
     """
     s = sampling
     plan = {"version": _PLAN_VERSION, "noise": "per-image CPU generator seeded seed+index",
@@ -204,9 +267,14 @@ def plan_dict(sampling: Sampling, prompts: list[str], seeds: list[int] | None = 
         plan["eta"] = None
     if s.fixed_code:
         plan["fixed_code"] = True
+    if s.pixels != "truncate":
+        plan["pixels"] = s.pixels
     if seeds is not None:
         plan["noise"] = "per-image CPU generator seeded seeds[index]"
         plan["seeds"] = seeds
+    if s.noise == "original":
+        plan["noise"] = ("per-image CUDA fp16 randn after manual_seed(" + ("seeds[index]" if seeds is not None
+                                                                          else "seed+index") + ") (original)")
     return plan
 
 
@@ -243,11 +311,13 @@ def latent_shape(model, height: int, width: int) -> tuple[int, int, int]:
 class Runner:
     """Everything a process needs to sample its batches (built once per process)."""
 
-    def __init__(self, model_factory, device: str, prompts, samples: Path, sampling: Sampling, seeds=None):
+    def __init__(self, model_factory, device: str, prompts, samples: Path, sampling: Sampling, seeds=None,
+                 model: str | None = None):
         self.device = torch.device(device)
-        model = model_factory(self.device)
-        self.model = model.to(self.device).eval()
+        built = model_factory(self.device)
+        self.model = built.to(self.device).eval()
         self.prompts, self.samples, self.sampling, self.seeds = prompts, samples, sampling, seeds
+        self.label = model or f"the model of {samples.parent}"  # names the model in errors
         self.size = (sampling.width, sampling.height)
         self.shape = latent_shape(self.model, sampling.height, sampling.width)
         use_amp = sampling.precision == "autocast" and self.device.type == "cuda"
@@ -265,7 +335,11 @@ class Runner:
         s = self.sampling
         gens = [torch.Generator().manual_seed(s.seed + i if self.seeds is None else self.seeds[i])
                 for i in indices]
-        if s.fixed_code:  # one start code shared by every image (eta noise stays per image)
+        if s.noise == "original":  # the originals' CUDA fp16 draw; eta noise stays per image on the CPU
+            seeds = [s.seed] * len(indices) if s.fixed_code else [s.seed + i if self.seeds is None else self.seeds[i]
+                                                                   for i in indices]
+            x_T = torch.stack([start_noise(self.shape, k, self.device, "original") for k in seeds])
+        elif s.fixed_code:  # one start code shared by every image (eta noise stays per image)
             x_T = torch.randn(self.shape, generator=torch.Generator().manual_seed(s.seed))
             x_T = x_T.expand(len(indices), *self.shape).to(self.device)
         else:
@@ -279,9 +353,24 @@ class Runner:
                 S=s.steps, batch_size=len(indices), shape=self.shape, conditioning=c,
                 unconditional_conditioning=uc, unconditional_guidance_scale=s.scale, eta=s.eta,
                 x_T=x_T, generator=gens, verbose=False, progress=False)
+            self._check_finite(z, "latents", indices)
             x = self.model.decode_first_stage(z)  # the whole batch in one decoder call
+        self._check_finite(x, "decoded images", indices)
         x = ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-        return (255.0 * x.permute(0, 2, 3, 1).cpu().numpy()).astype(np.uint8)
+        return to_uint8(x.permute(0, 2, 3, 1).cpu().numpy(), s.pixels)
+
+    def _check_finite(self, t: torch.Tensor, what: str, indices: list[int]) -> None:
+        """Raise :class:`NonFiniteSampleError` if ``t`` holds NaN/inf (clamping would turn them into black
+        pixels). One reduction per batch: nothing next to the sampler's steps."""
+        if bool(torch.isfinite(t).all()):
+            return
+        bad = sorted({indices[i] for i in range((t.shape[0])) if not bool(torch.isfinite(t[i]).all())})
+        amp = (" (sampled under fp16 autocast: full precision may avoid an overflow)"
+               if self.sampling.precision == "autocast" and self.device.type == "cuda" else "")
+        raise NonFiniteSampleError(
+            f"{self.label}: sampling gave NaN or inf {what} for {len(bad)} of {len(indices)} images of the batch "
+            f"(image {bad[0]} of {self.samples.parent}); its weights are broken or overflow{amp}. Stopped: no "
+            f"image of this batch was written, and this model is not scored")
 
     def run_batch(self, indices: list[int], todo: list[int]) -> None:
         """Sample the whole batch ``indices`` and write the images in ``todo``."""
@@ -302,8 +391,10 @@ class Runner:
             torch.cuda.empty_cache()
 
 
-def _worker(rank: int, devices, jobs_by_rank, runner_args, desc):
-    """Spawned process ``rank``: sample its batches ``jobs_by_rank[rank]`` on ``devices[rank]``."""
+def _worker(rank: int, devices, jobs_by_rank, runner_args, desc, told=None):
+    """Spawned process ``rank``: sample its batches ``jobs_by_rank[rank]`` on ``devices[rank]``. An error whose
+    message says it all (a broken model) also goes to the queue ``told`` as (kind, message), for the parent to
+    raise as it is."""
     mine = jobs_by_rank[rank]
     if not mine:
         return
@@ -321,15 +412,27 @@ def _worker(rank: int, devices, jobs_by_rank, runner_args, desc):
                 bar.update(len(indices))
         runner.close()
     except Exception as e:
+        kind = _TOLD.get(type(e).__name__)
+        if told is not None and kind is not None and type(e) is kind:
+            told.put((type(e).__name__, str(e)))
         # torch.multiprocessing re-raises this in the parent with the full (chained) traceback.
         raise RuntimeError(f"generation worker {rank} on device {device} failed: {e!r}") from e
+
+
+def _told_kinds() -> dict[str, type]:
+    from ldm.checkpoint import CheckpointError
+
+    return {k.__name__: k for k in (CheckpointError, NonFiniteSampleError)}
+
+
+_TOLD = _told_kinds()  # errors a worker hands to the parent to re-raise unchanged (one line for the user)
 
 
 # ---------------------------------------------------------------------------------------- public API
 def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], prompts: list[str],
                     outdir: str | os.PathLike, sampling: Sampling, *, seeds: Sequence[int] | None = None,
                     devices: Sequence[str] | str = ("cpu",), desc: str = "generating",
-                    shard: tuple[int, int] | None = None) -> Path:
+                    shard: tuple[int, int] | None = None, model: str | None = None) -> Path:
     """Generate one image per entry of ``prompts`` into ``outdir`` with ``sampling``; returns ``outdir`` as a Path.
 
     ``prompts`` is the full per-image list (repeat a prompt n times for n images).
@@ -350,7 +453,12 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     prompt sets whose rows carry their own seed (image ``i`` then draws from a generator seeded ``seeds[i]``;
     ``sampling.seed`` is not used). The list is part of the plan.
 
-    Raises ``ValueError``/``TypeError`` (arguments, before any model is built) and ``GenerationPlanError``.
+    ``model`` names the model in errors (e.g. ``"--unet esd=esd.pt"``; default: "the model of ``outdir``"): a batch
+    that samples NaN/inf stops the call with :class:`NonFiniteSampleError` before any of its images is written.
+
+    Raises ``ValueError``/``TypeError`` (arguments, before any model is built), ``GenerationPlanError``,
+    :class:`NonFiniteSampleError` and ``ldm.checkpoint.CheckpointError`` (a model file found broken while loading),
+    the last two also from the processes of several ``devices``.
     """
     prompts, devices = validate_generation_args(prompts, sampling, devices)
     if seeds is not None:
@@ -409,6 +517,8 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     samples.mkdir(parents=True, exist_ok=True)
     write_text_atomic(plan_file, json.dumps(plan, indent=1) + "\n")
     for stale in samples.glob(".*.tmp"):  # leftovers of a killed run (never a finished image)
+        if temp_in_use(stale):  # another process writing in this folder right now
+            continue
         owner = int(stale.name[1:6]) // batch_size % shard[1] if shard and stale.name[1:6].isdigit() else None
         if shard is None or owner == shard[0]:  # other ranks may be writing theirs right now
             stale.unlink(missing_ok=True)
@@ -421,7 +531,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
         all_batches = _batches(len(prompts), batch_size)
         # (k, indices of the whole batch, indices to write); batch k goes to rank k % n.
         jobs = [(k, all_batches[k], todo) for k, todo in pending]
-        kwargs = dict(prompts=prompts, samples=samples, sampling=sampling, seeds=seeds)
+        kwargs = dict(prompts=prompts, samples=samples, sampling=sampling, seeds=seeds, model=model)
         if len(devices) == 1:
             runner = Runner(model_factory, devices[0], **kwargs)
             try:
@@ -439,9 +549,16 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
             for job in jobs:
                 by_rank[job[0] % len(devices)].append(job)
             active = [r for r in range(len(devices)) if by_rank[r]]
-            mp.start_processes(_worker, args=([devices[r] for r in active], [by_rank[r] for r in active],
-                                              {"model_factory": model_factory, "kwargs": kwargs}, desc),
-                               nprocs=len(active), join=True, start_method="spawn")
+            told = mp.get_context("spawn").SimpleQueue()
+            try:
+                mp.start_processes(_worker, args=([devices[r] for r in active], [by_rank[r] for r in active],
+                                                  {"model_factory": model_factory, "kwargs": kwargs}, desc, told),
+                                   nprocs=len(active), join=True, start_method="spawn")
+            except mp.ProcessRaisedException:
+                if told.empty():
+                    raise
+                kind, message = told.get()
+                raise _TOLD[kind](message) from None
 
     if shard is not None:
         from runtime.dist import barrier

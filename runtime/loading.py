@@ -13,7 +13,14 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from ldm.checkpoint import CheckpointError, load_into, load_model_from_config, load_state_dict, state_dict_shapes
+from ldm.checkpoint import (
+    CheckpointError,
+    load_into,
+    load_model_from_config,
+    load_state_dict,
+    require_checkpoint,
+    state_dict_shapes,
+)
 from runtime.delta import apply_delta, delta_misfits, raise_delta_misfits
 from runtime.resources import DEFAULT_BASE_CKPT, DEFAULT_CONFIG
 
@@ -28,17 +35,13 @@ def meta_model(model_config: Mapping) -> nn.Module:
 
 def check_delta(model_config: Mapping, path: str | Path, model: nn.Module | None = None) -> None:
     """Raise :class:`CheckpointError` if the delta at ``path`` cannot apply to ``model_config``'s model,
-    or holds a NaN/inf (it would give black images).
+    or holds a NaN/inf (it would give black images; read whole: a delta is small).
 
     Cheap: the model is built on the meta device (no weights), so scripts call this before any work.
     """
-    delta = load_state_dict(path)
+    delta = load_state_dict(path)  # NaN/inf: refused here, naming the tensor (ldm.checkpoint.check_finite)
     model = meta_model(model_config) if model is None else model
     raise_delta_misfits(path, delta_misfits(model.state_dict(), delta))
-    bad = [k for k, v in delta.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(f"delta {path} holds NaN or inf values in {len(bad)} tensor(s), e.g. {bad[0]}; "
-                              f"it is broken (diverged training?) and would give black images")
 
 
 def check_base(model_config: Mapping, path: str | Path, model: nn.Module | None = None) -> None:
@@ -63,14 +66,12 @@ def check_base(model_config: Mapping, path: str | Path, model: nn.Module | None 
 
 def check_checkpoints(model_config: Mapping, base: str | Path | None, delta: str | Path | None = None) -> None:
     """:func:`check_base` and :func:`check_delta` for the files a command loads (None: not given), with
-    one meta model between them. FileNotFoundError names a missing file."""
-    from ldm.diffusers_format import checkpoint_exists
-
-    for what, path in (("base checkpoint", base), ("delta checkpoint", delta)):
-        exists = checkpoint_exists(path) if what == "base checkpoint" else Path(path or "").is_file()
-        if path is not None and not exists:
-            raise FileNotFoundError(f"{what} not found: {path} (a checkpoint file or a diffusers pipeline folder)"
-                                    if what == "base checkpoint" else f"{what} not found: {path}")
+    one meta model between them. FileNotFoundError names a missing file (or says what else the path is: a
+    folder, a device)."""
+    if base is not None:
+        require_checkpoint(base, "base checkpoint", pipelines=True)
+    if delta is not None:
+        require_checkpoint(delta, "delta checkpoint")
     if base is None and delta is None:
         return
     model = meta_model(model_config)

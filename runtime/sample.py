@@ -127,18 +127,19 @@ def check(settings: SampleSettings) -> SampleSettings:
     """Check everything cheap before any work (files, numbers, the checkpoints against the model config,
     the output folder); returns the settings with the values that follow from them filled in (see
     :class:`SampleSettings`). Raises FileNotFoundError, ValueError (UsageError) or CheckpointError."""
-    from ldm.diffusers_format import checkpoint_exists
+    from ldm.checkpoint import require_checkpoint
     from ldm.util import load_model_config
+    from runtime.dist import check_launcher_env
     from runtime.files import read_prompts
     from runtime.loading import check_checkpoints, resolve_model
 
+    check_launcher_env()  # RANK/WORLD_SIZE of a launcher: wrong ones fail now, not in a hanging group set-up
     s = settings
     source = resolve_model(s.config, s.delta_ckpt, s.ckpt)  # the run's own base model, not a fixed path
     ckpt = source.ckpt
-    if not checkpoint_exists(ckpt):
-        raise FileNotFoundError(f"--ckpt not found: {ckpt} (a checkpoint file or a diffusers pipeline folder)")
-    if s.delta_ckpt is not None and not Path(s.delta_ckpt).is_file():
-        raise FileNotFoundError(f"--delta_ckpt not found: {s.delta_ckpt}")
+    require_checkpoint(ckpt, "--ckpt", pipelines=True)
+    if s.delta_ckpt is not None:
+        require_checkpoint(s.delta_ckpt, "--delta_ckpt")
     # checked on the DDIM grid that PLMS shares: the eta PLMS ignores is zeroed below, with a note
     dataclasses.replace(s.sampling(), sampler="ddim").validate()
     model_config = load_model_config(source.config)
@@ -189,7 +190,10 @@ def save_grid(paths: list[Path], columns: int, out: Path) -> None:
     grid = Image.new("RGB", (columns * w, rows * h))
     for i, p in enumerate(paths):
         grid.paste(Image.open(p).convert("RGB"), ((i % columns) * w, (i // columns) * h))
-    grid.save(out, quality=70)
+    from runtime.files import write_bytes_atomic
+
+    fmt = Image.registered_extensions().get(Path(out).suffix.lower(), "JPEG")  # grid_name: .jpg
+    write_bytes_atomic(out, lambda f: grid.save(f, format=fmt, quality=70), "the grid", sync=False)
 
 
 HANDOVER = "handover.json"
@@ -261,7 +265,8 @@ def _sample(s: SampleSettings) -> list[Path]:
     if not journal.is_file():  # else a killed call was moving these images already: finish that
         factory = functools.partial(load_model, load_model_config(s.config), s.ckpt, s.delta_ckpt)
         generate_images(factory, prompts, staging, s.sampling(), devices=local_devices(s.devices),
-                        desc="sampling", shard=shard)
+                        desc="sampling", shard=shard,
+                        model=f"--ckpt {s.ckpt}" + (f" + --delta_ckpt {s.delta_ckpt}" if s.delta_ckpt else ""))
     if shard is not None and shard[0] != 0:
         return []
     staged = [staging / "samples" / f"{i:05}.png" for i in range(len(prompts))]
@@ -275,7 +280,8 @@ def _sample(s: SampleSettings) -> list[Path]:
 
 def main(argv=None) -> int:
     """``python sample.py ...``: a bad input is one ``error:`` line and exit status 2, before any work."""
-    _sample(cli.exit_on_usage_error(lambda: settings_from_argv(argv)))
+    settings = cli.exit_on_usage_error(lambda: settings_from_argv(argv))
+    cli.exit_on_run_error(lambda: _sample(settings))  # a broken model (status 2), a full disk (status 1)
     return 0
 
 

@@ -12,10 +12,13 @@ image file, the lowercased top-1 class name. :func:`load_classifier` returns suc
 * ``"resnet50"``: torchvision ``resnet50`` with the ``IMAGENET1K_V2`` weights, from torch hub's cache
   (``$TORCH_HOME/hub/checkpoints/resnet50-11ad3fa6.pth``, i.e. ``torch.hub.get_dir()/checkpoints``),
   downloaded by torchvision only when missing and downloading is allowed;
-* a ``.pth`` / ``.pt`` file holding such a ResNet-50 state dict;
-* any other file: a TorchScript classifier (``torch.jit.load``) taking the same preprocessed batch
-  ``[B, 3, 224, 224]`` and returning logits ``[B, C]``; its class names are ``labels`` (a text file, one
-  name per line) or, by default, the 1000 ImageNet categories;
+* a weights file (safetensors or ``torch.save``, whatever its name) holding such a ResNet-50 state dict;
+* a TorchScript archive (``torch.jit.load``; a program: it must come from a trusted source): a classifier taking
+  the same preprocessed batch ``[B, 3, 224, 224]`` and returning logits ``[B, C]``;
+
+the class names of a file are ``labels`` (a text file, one name per line) or, by default, the 1000 ImageNet
+categories. Files are told apart by their content and read through :mod:`scoring.files` (a pickle that would run
+code is refused unread; every error is one line naming the flag and the file);
 * an object that already has a ``classify`` method (e.g. the toy world's judge wrapper): returned as is.
 
 Every loading error (missing weights, bad labels file, logits not matching the names) is raised here, in
@@ -24,7 +27,6 @@ setup, before any generation.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -59,32 +61,31 @@ def resnet50_weights_file() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_weights().url)
 
 
+LABELS_FLAG = "--classifier_labels"
+
+
 def _read_labels(path) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"labels file {path} not found (one class name per line)")
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    names = [n for n in names if n]
+        raise FileNotFoundError(f"{LABELS_FLAG} {path}: labels file not found (one class name per line)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{LABELS_FLAG} {path}: not UTF-8 text (byte {e.start}); one class name per line") from None
+    names = [n for n in (line.strip() for line in text.splitlines()) if n]
     if not names:
-        raise ValueError(f"labels file {path} holds no class names")
+        raise ValueError(f"{LABELS_FLAG} {path}: labels file holds no class names")
     return names
-
-
-def _load_state_dict(path: Path) -> dict:
-    sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path} does not hold a state dict")
-    return sd
 
 
 class TopOneClassifier:
     """``model`` (logits ``[B, C]``) with the IMAGENET1K_V2 preprocessing; ``classify`` gives lowercased top-1
     names."""
 
-    def __init__(self, model, categories: Sequence[str], device: str | torch.device = "cpu", name: str = ""):
+    def __init__(self, model, categories: Sequence[str], device: str | torch.device = "cpu", name: str = "",
+                 flag: str = "--classifier"):
         self.model, self.categories, self.device, self.name = model, list(categories), torch.device(device), name
+        self.flag = flag
         self.preprocess = _weights().transforms()
 
     def _load(self, path) -> torch.Tensor:
@@ -98,7 +99,7 @@ class TopOneClassifier:
         out = self.model(x.to(self.device))
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[1] != len(self.categories):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"classifier {self.name or ''} returned {shape}; expected logits [B, "
+            raise ValueError(f"{self.flag} {self.name}: the classifier returned {shape}; expected logits [B, "
                              f"{len(self.categories)}] for its {len(self.categories)} class names")
         return out.float()
 
@@ -118,10 +119,12 @@ class TopOneClassifier:
         return out
 
 
-def _resnet50_state_dict(download: bool | None) -> dict:
+def _resnet50_state_dict(download: bool | None, flag: str) -> dict:
+    from scoring import files
+
     path = resnet50_weights_file()
     if path.is_file():
-        return _load_state_dict(path)
+        return files.load_state_dict(path, f"{flag} resnet50 (torchvision's cached weights)")
     allowed = (not offline()) if download is None else bool(download)
     hint = (f"torchvision's ResNet-50 IMAGENET1K_V2 weights {path.name} are not in {path.parent}/ "
             f"($TORCH_HOME/hub/checkpoints/, TORCH_HOME defaulting to ~/.cache/torch). Download "
@@ -136,14 +139,16 @@ def _resnet50_state_dict(download: bool | None) -> dict:
 
 
 def load_classifier(spec="resnet50", device: str | torch.device = "cpu", labels: str | os.PathLike | None = None,
-                    download: bool | None = None):
+                    download: bool | None = None, flag: str = "--classifier"):
     """The object suite's classifier (see the module docstring for ``spec``). ``labels``: class names for a
-    ``.pth`` / TorchScript classifier (default: the ImageNet categories). ``download``: may torchvision
-    fetch the resnet50 weights when they are not cached (None: yes unless :func:`offline`)."""
+    weights / TorchScript classifier file (default: the ImageNet categories). ``download``: may torchvision
+    fetch the resnet50 weights when they are not cached (None: yes unless :func:`offline`). ``flag`` names the
+    option in messages. Raises FileNotFoundError, or ValueError (:class:`scoring.files.ScorerFileError`) with
+    one line naming the flag and the file."""
     if hasattr(spec, "classify") and callable(spec.classify):
         return spec
     if not isinstance(spec, (str, os.PathLike)):
-        raise TypeError(f"classifier must be 'resnet50', a weights / TorchScript path, or an object with "
+        raise TypeError(f"{flag} must be 'resnet50', a weights / TorchScript path, or an object with "
                         f"classify(paths); got {type(spec).__name__}")
     name = os.fspath(spec)
     categories = _read_labels(labels) if labels is not None else imagenet_categories()
@@ -151,35 +156,41 @@ def load_classifier(spec="resnet50", device: str | torch.device = "cpu", labels:
 
     if name == RESNET50_SPEC:
         if labels is not None:
-            raise ValueError("labels are for a classifier file; 'resnet50' uses the ImageNet categories")
+            raise ValueError(f"{LABELS_FLAG} is for a classifier file; 'resnet50' uses the ImageNet categories")
         model = resnet50()
-        model.load_state_dict(_resnet50_state_dict(download))
-        return TopOneClassifier(model.eval().to(device), categories, device, "resnet50 IMAGENET1K_V2")
+        model.load_state_dict(_resnet50_state_dict(download, flag))
+        return TopOneClassifier(model.eval().to(device), categories, device, "resnet50 IMAGENET1K_V2", flag)
     path = Path(name).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"classifier {name!r} is neither 'resnet50' nor an existing file")
-    if path.suffix in (".pth", ".pt") and not _is_torchscript(path):
-        model = resnet50(num_classes=len(categories))
-        try:
-            model.load_state_dict(_load_state_dict(path))
-        except RuntimeError as e:
-            raise ValueError(f"{path} is not a ResNet-50 state dict for {len(categories)} classes: {e}") from None
-        return TopOneClassifier(model.eval().to(device), categories, device, str(path))
-    with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated (Deprecation/FutureWarning)
-        for category in (DeprecationWarning, FutureWarning):
-            warnings.filterwarnings("ignore", category=category, message=".*torch.jit")
-        model = torch.jit.load(str(path), map_location=torch.device(device))
-    clf = TopOneClassifier(model.eval(), categories, device, str(path))
-    clf.logits(torch.zeros(1, 3, 224, 224))  # fails here, in setup, when the logits do not match the names
-    return clf
+        raise FileNotFoundError(f"{flag} {name!r} is neither 'resnet50' nor an existing file")
+    return _file_classifier(path, categories, device, flag)
 
 
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zip files holding ``*/constants.pkl`` (plain ``torch.save`` ones do not)."""
-    import zipfile
+def _file_classifier(path: Path, categories: list[str], device, flag: str) -> TopOneClassifier:
+    """A TorchScript archive, or a ResNet-50 state dict in a weights file; anything else is refused unread."""
+    from scoring import files
 
+    kind = files.sniff(path)
+    if kind == "torchscript":
+        clf = TopOneClassifier(files.load_torchscript(path, flag, device), categories, device, str(path), flag)
+        try:  # fails here, in setup, when the program does not run or its logits do not match the names
+            clf.logits(torch.zeros(1, 3, 224, 224))
+        except ValueError:
+            raise
+        except Exception as e:  # the program's own errors (TorchScript raises RuntimeError and others)
+            raise files.ScorerFileError(f"{flag} {path}: the TorchScript classifier fails on a [1, 3, 224, 224] "
+                                        f"batch ({files.short_reason(e)})") from None
+        return clf
+    if kind not in ("safetensors", "torch-zip", "pickle"):
+        raise files.ScorerFileError(f"{flag} {path}: neither a TorchScript classifier nor a ResNet-50 state dict: "
+                                    f"{files.describe(path, kind)}")
+    from torchvision.models import resnet50
+
+    model = resnet50(num_classes=len(categories))
     try:
-        with zipfile.ZipFile(path) as z:
-            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
+        model.load_state_dict(files.load_state_dict(path, flag))
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise files.ScorerFileError(f"{flag} {path}: not a ResNet-50 state dict for {len(categories)} classes "
+                                    f"({detail[:300]})") from None
+    return TopOneClassifier(model.eval().to(device), categories, device, str(path), flag)

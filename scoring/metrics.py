@@ -14,7 +14,10 @@ CLIP
     kept last. The text feature is pooled here, explicitly, at the FIRST EOS token (our padding is
     EOS, so this is also what transformers' ``argmax`` pooling picks for configs with
     ``eos_token_id == 2``), then projected; the pooling thus never depends on the config's
-    ``eos_token_id``. Features are L2-normalised in float32; CUDA runs under fp16 autocast.
+    ``eos_token_id``. Features are L2-normalised in float32. The model runs in fp32 (``load_clip(precision="full")``,
+    the default: ConceptPrune's scripts run transformers' CLIP on the CPU in fp32) or, with
+    ``precision="autocast"``, under fp16 autocast on CUDA (close to Concept Ablation's ``evaluate.py``, whose
+    OpenAI ``clip.load`` keeps fp16 weights on CUDA); on the CPU both are fp32.
 
     CLIPScore of (image, text) = ``2.5 * max(cos, 0)``. ``clip_score`` is the mean over images of
     the score against ``"A photo depicts " + text``; ``clip_accuracy`` is the share of images whose
@@ -58,7 +61,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["DEFAULT_CLIP", "CLIP_MEAN", "CLIP_STD", "CLIP_PREFIX", "CLIP_SCORE_WEIGHT", "FeatureExtractor",
+__all__ = ["CLIP_PRECISIONS", "clip_precision", "DEFAULT_CLIP", "CLIP_MEAN", "CLIP_STD", "CLIP_PREFIX",
+           "CLIP_SCORE_WEIGHT", "FeatureExtractor",
            "load_clip", "preprocess_clip", "clip_image_features", "clip_text_features", "clip_text",
            "style", "clip_scores", "clip_score", "clip_accuracy", "clip_metrics", "accuracy_from_scores",
            "fid", "kid", "clean_resize", "torchscript_features", "inception_features", "inception_weights",
@@ -71,6 +75,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_PREFIX = "A photo depicts "
 CLIP_SCORE_WEIGHT = 2.5
+CLIP_PRECISIONS = ("full", "autocast")  # full: fp32 (the default); autocast: fp16 autocast on CUDA
 INCEPTION_FILE = "inception-2015-12-05.pt"  # clean-fid's TorchScript Inception-V3 (NVlabs StyleGAN2-ADA export)
 INCEPTION_SIZE = 299
 
@@ -86,9 +91,14 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
-def _autocast(device: torch.device):
-    """fp16 autocast on CUDA only (the reference runs CLIP in fp16 on GPU); full precision elsewhere."""
-    if device.type == "cuda":
+def clip_precision(model) -> str:
+    """The precision :func:`load_clip` gave ``model`` (``"full"`` for a model loaded otherwise)."""
+    return getattr(model, "clip_precision", "full")
+
+
+def _autocast(model, device: torch.device):
+    """fp16 autocast on CUDA for a model loaded with ``precision="autocast"``; fp32 otherwise."""
+    if device.type == "cuda" and clip_precision(model) == "autocast":
         return torch.autocast("cuda", dtype=torch.float16)
     return nullcontext()
 
@@ -113,89 +123,103 @@ def _looks_like_path(name: str) -> bool:
 class OpenClip:
     """An open_clip model with its own preprocessing (torchvision) and tokenizer."""
 
-    def __init__(self, model, preprocess, tokenizer, name: str):
+    def __init__(self, model, preprocess, tokenizer, name: str, clip_precision: str = "full"):
         self.model, self.preprocess, self.tokenizer, self.name = model, preprocess, tokenizer, name
+        self.clip_precision = clip_precision
 
     def parameters(self):
         return self.model.parameters()
 
 
-def parse_open_clip(spec: str) -> tuple[str, str | None]:
+def parse_open_clip(spec: str, flag: str = "--clip_model") -> tuple[str, str | None]:
     """``open_clip:ARCH[:PRETRAINED]`` -> (ARCH, PRETRAINED or None)."""
     arch, _, pretrained = spec[len(OPEN_CLIP):].partition(":")
     if not arch:
-        raise ValueError(f"--clip_model {spec!r}: expected open_clip:ARCH:PRETRAINED, e.g. {DEFAULT_CLIP}")
+        raise ValueError(f"{flag} {spec!r}: expected open_clip:ARCH:PRETRAINED, e.g. {DEFAULT_CLIP}")
     return arch, pretrained or None
 
 
-def resolve_clip(spec: PathLike = DEFAULT_CLIP) -> str:
+def resolve_clip(spec: PathLike = DEFAULT_CLIP, flag: str = "--clip_model") -> str:
     """Check a CLIP model spec before any work and return what :func:`load_clip` loads: for open_clip, the
     weights as a local file (an open_clip tag is fetched into the hub cache now, when online); for a
-    transformers hub id, its cached snapshot folder. Raises FileNotFoundError / ValueError / RuntimeError."""
+    transformers hub id, its cached snapshot folder. The weights (and a folder's config.json) are opened and
+    validated here by :mod:`scoring.files` (a damaged or hostile file is refused now, not after the generation).
+    ``flag`` names the option in messages. Raises FileNotFoundError / ValueError / RuntimeError."""
+    from scoring import files
+
     name = os.fspath(spec)
     if name.startswith(OPEN_CLIP):
         import open_clip
 
-        arch, pretrained = parse_open_clip(name)
+        arch, pretrained = parse_open_clip(name, flag)
         if arch not in open_clip.list_models():
-            raise ValueError(f"--clip_model {name!r}: open_clip has no architecture {arch!r}")
+            raise ValueError(f"{flag} {name!r}: open_clip has no architecture {arch!r}")
         if pretrained is None:
-            raise ValueError(f"--clip_model {name!r}: name the weights, a tag "
+            raise ValueError(f"{flag} {name!r}: name the weights, a tag "
                              f"({', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none known'}) "
                              f"or a local file, e.g. {OPEN_CLIP}{arch}:<tag or file>")
         if _looks_like_path(pretrained):
             path = Path(pretrained).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"--clip_model {name!r}: weights file {path} not found")
+                raise FileNotFoundError(f"{flag} {name!r}: weights file {path} not found")
+            files.vet_state_dict(path, flag)
             return f"{OPEN_CLIP}{arch}:{path}"
         cfg = open_clip.get_pretrained_cfg(arch, pretrained)
         if not cfg:
-            raise ValueError(f"--clip_model {name!r}: open_clip has no weights {pretrained!r} for {arch}; tags: "
+            raise ValueError(f"{flag} {name!r}: open_clip has no weights {pretrained!r} for {arch}; tags: "
                              f"{', '.join(open_clip.list_pretrained_tags_by_model(arch)) or 'none'}")
         try:
             path = open_clip.download_pretrained(cfg)
         except Exception as e:  # no network and not cached: hub and urllib errors of many kinds
             raise RuntimeError(
-                f"--clip_model {name!r}: its weights are neither in the hub cache nor downloadable here "
+                f"{flag} {name!r}: its weights are neither in the hub cache nor downloadable here "
                 f"({type(e).__name__}: {e}). Download them once where there is network access, or pass a "
                 f"local file: {OPEN_CLIP}{arch}:/path/to/open_clip_model.safetensors") from None
         if not path or not Path(path).is_file():
-            raise RuntimeError(f"--clip_model {name!r}: open_clip found no weights file for {pretrained!r}")
+            raise RuntimeError(f"{flag} {name!r}: open_clip found no weights file for {pretrained!r}")
+        files.vet_state_dict(path, f"{flag} {OPEN_CLIP}{arch}:{pretrained} (its cached file)")
         return f"{OPEN_CLIP}{arch}:{path}"
     if _looks_like_path(name):
         path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
+        if not path.is_dir():
             raise FileNotFoundError(
-                f"--clip_model: CLIP model directory {path} not found or without config.json. Pass a folder holding a "
-                f"transformers CLIPModel (CLIPModel.save_pretrained), a hub id, or {DEFAULT_CLIP}")
+                f"{flag} {path}: not a CLIP folder: no such folder. Pass a folder holding a transformers CLIPModel "
+                f"(CLIPModel.save_pretrained, with config.json), a hub id, or {DEFAULT_CLIP}")
+        files.vet_clip_folder(path, flag)
         return str(path)
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.txt"]
     try:
-        return snapshot_download(name, allow_patterns=patterns, local_files_only=True)
+        folder = snapshot_download(name, allow_patterns=patterns, local_files_only=True)
     except Exception:  # not cached: fetch it now, before any generation
         try:
-            return snapshot_download(name, allow_patterns=patterns)
+            folder = snapshot_download(name, allow_patterns=patterns)
         except Exception as e:
             raise RuntimeError(
-                f"could not find the CLIP model {name!r} ({type(e).__name__}: {e}). Without network access a "
-                f"hub id must already be in the Hugging Face cache; otherwise download it once (e.g. "
-                f"`hf download {name} --local-dir <dir>`) and pass the directory through --clip_model.") from None
+                f"{flag}: could not find the CLIP model {name!r} ({type(e).__name__}: {e}). Without network access "
+                f"a hub id must already be in the Hugging Face cache; otherwise download it once (e.g. "
+                f"`hf download {name} --local-dir <dir>`) and pass the directory through {flag}.") from None
+    files.vet_clip_folder(folder, f"{flag} {name} (its cached snapshot)")
+    return folder
 
 
-def load_clip(name_or_path: PathLike = DEFAULT_CLIP, device: str | torch.device = "cpu"):
-    """The CLIP model of ``name_or_path`` (see :func:`resolve_clip`) in eval mode, fp32, on ``device``: an
-    :class:`OpenClip` for ``open_clip:`` specs, else a transformers ``CLIPModel``."""
+def load_clip(name_or_path: PathLike = DEFAULT_CLIP, device: str | torch.device = "cpu", precision: str = "full"):
+    """The CLIP model of ``name_or_path`` (see :func:`resolve_clip`) in eval mode, fp32 weights, on ``device``: an
+    :class:`OpenClip` for ``open_clip:`` specs, else a transformers ``CLIPModel``. ``precision``: ``"full"``
+    (features computed in fp32) or ``"autocast"`` (under fp16 autocast on CUDA); kept as the model's
+    ``clip_precision``, which every feature function here reads."""
     from transformers import CLIPModel
 
+    if precision not in CLIP_PRECISIONS:
+        raise ValueError(f"CLIP precision must be one of {CLIP_PRECISIONS}, got {precision!r}")
     name = os.fspath(name_or_path)
     if name.startswith(OPEN_CLIP):
         import open_clip
 
         arch, pretrained = parse_open_clip(resolve_clip(name))
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained, device=device)
-        return OpenClip(model.eval().float(), preprocess, open_clip.get_tokenizer(arch), name)
+        return OpenClip(model.eval().float(), preprocess, open_clip.get_tokenizer(arch), name, precision)
     if _looks_like_path(name):
         path = Path(name).expanduser()
         if not path.is_dir():
@@ -216,8 +240,10 @@ def load_clip(name_or_path: PathLike = DEFAULT_CLIP, device: str | torch.device 
             f"could not load the CLIP model {name!r} ({type(e).__name__}: {e}). Without network access the "
             f"hub id must already be in the Hugging Face cache; otherwise download it once (e.g. "
             f"`hf download {name} --local-dir <dir>`) and pass the directory through --clip_model.") from e
-    # fp32 whatever the stored dtype (CPU fp16 is slow or unsupported; CUDA callers use autocast)
-    return model.eval().float().to(device)
+    # fp32 whatever the stored dtype (CPU fp16 is slow or unsupported; "autocast" runs fp16 on CUDA)
+    model = model.eval().float().to(device)
+    model.clip_precision = precision  # a plain attribute: read by _autocast
+    return model
 
 
 def _clip_image_size(model) -> int:
@@ -267,7 +293,7 @@ def clip_image_features(model, images: Sequence[Image.Image | PathLike], batch_s
     out = []
     for s in range(0, len(images), batch_size):
         x = torch.stack([prep(im) for im in images[s:s + batch_size]]).to(device)
-        with _autocast(device):
+        with _autocast(model, device):
             f = encode(x)
         out.append(F.normalize(f.float(), dim=-1).cpu())
     return torch.cat(out)
@@ -299,7 +325,7 @@ def clip_text_features(model, texts: Sequence[str], tokenizer=None, batch_size: 
         device = _model_device(model)
         out = []
         for s in range(0, len(texts), batch_size):
-            with _autocast(device):
+            with _autocast(model, device):
                 f = model.model.encode_text(model.tokenizer(texts[s:s + batch_size]).to(device))
             out.append(F.normalize(f.float(), dim=-1).cpu())
         return torch.cat(out)
@@ -312,7 +338,7 @@ def clip_text_features(model, texts: Sequence[str], tokenizer=None, batch_size: 
     out = []
     for s in range(0, len(texts), batch_size):
         ids = tok(texts[s:s + batch_size], max_length=max_length).to(device)
-        with _autocast(device):
+        with _autocast(model, device):
             f = _text_features_from_ids(model, ids, tok.eos_token_id)
         out.append(F.normalize(f.float(), dim=-1).cpu())
     return torch.cat(out)
@@ -446,25 +472,19 @@ def clean_resize(image: Image.Image | PathLike, size: int = INCEPTION_SIZE) -> n
     return np.stack(channels, axis=2)
 
 
-def _load_torchscript(path: PathLike, device) -> torch.jit.ScriptModule:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"TorchScript feature model {path} not found")
-    with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
-        model = torch.jit.load(str(path), map_location=torch.device(device))
-    return model.eval()
-
-
 def torchscript_features(path: PathLike, size: int = INCEPTION_SIZE, device: str | torch.device = "cpu",
-                         batch_size: int = 64, forward_kwargs: dict | None = None) -> FeatureExtractor:
+                         batch_size: int = 64, forward_kwargs: dict | None = None,
+                         flag: str = "--feature_model") -> FeatureExtractor:
     """A ``FeatureExtractor`` running a TorchScript model on clean-resized float images in [0, 255].
 
     The model is called as ``model(x, **forward_kwargs)`` with ``x`` float32 ``[B, 3, size, size]``
-    and must return ``[B, ...]`` (flattened to ``[B, D]``). Features come back float64 on the CPU.
+    and must return ``[B, ...]`` (flattened to ``[B, D]``). Features come back float64 on the CPU. The file is
+    read by :func:`scoring.files.load_torchscript` (errors name ``flag``).
     """
+    from scoring import files
+
     _check_batch_size(batch_size)
-    model = _load_torchscript(path, device)
+    model = files.load_torchscript(path, flag, device)
     kwargs = dict(forward_kwargs or {})
 
     @torch.no_grad()
@@ -555,12 +575,14 @@ def feature_extractor(feature_model: PathLike | None, feature_size: int = INCEPT
 
 
 def check_feature_model(feature_model: PathLike | None, what: str = "KID/FID") -> None:
-    """What :func:`feature_extractor` needs, checked before any work (no model is loaded): a given
-    ``feature_model`` file exists; for clean-fid's Inception (``feature_model`` None or a file named
-    ``inception-2015-12-05.pt``) the ``clean-fid`` package is installed and the weights are there (clean-fid
-    downloads its own copy now when it is missing). ``what`` names the metrics in the message.
-    Raises FileNotFoundError / ImportError / RuntimeError / ValueError."""
+    """What :func:`feature_extractor` needs, checked before any work: a given ``feature_model`` file exists and
+    loads as TorchScript (on the CPU, then dropped: :func:`scoring.files.vet_torchscript`); for clean-fid's
+    Inception (``feature_model`` None or a file named ``inception-2015-12-05.pt``) the ``clean-fid`` package is
+    installed and the weights are there and load (clean-fid downloads its own copy now when it is missing).
+    ``what`` names the metrics in the message. Raises FileNotFoundError / ImportError / RuntimeError / ValueError."""
     import importlib.util
+
+    from scoring import files
 
     if feature_model and not Path(feature_model).is_file():
         raise FileNotFoundError(f"--feature_model not found: {feature_model}")
@@ -568,4 +590,7 @@ def check_feature_model(feature_model: PathLike | None, what: str = "KID/FID") -
         if importlib.util.find_spec("cleanfid") is None:
             raise ImportError(f"{what} with clean-fid's Inception need the `clean-fid` package (and torchvision): "
                               "pip install -e \".[eval]\"; or pass --feature_model <another TorchScript extractor>")
-        inception_weights(feature_model)  # clean-fid's download, now rather than after the generation
+        path = inception_weights(feature_model)  # clean-fid's download, now rather than after the generation
+        files.vet_torchscript(path, "--feature_model" if feature_model else "--feature_model (clean-fid's copy)")
+    else:
+        files.vet_torchscript(feature_model, "--feature_model")

@@ -9,7 +9,6 @@ An image is "memorized" when its cosine similarity to the memorized training ima
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -28,19 +27,31 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 THRESHOLD = 0.5
 
 
-def load_sscd(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
-    """Load the SSCD TorchScript descriptor model (``None``: ``assets/pretrained_models/{SSCD_FILE}``)."""
+def load_sscd(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+              flag: str = "--sscd_ckpt") -> torch.jit.ScriptModule:
+    """Load the SSCD TorchScript descriptor model (``None``: ``assets/pretrained_models/{SSCD_FILE}``) through
+    :func:`scoring.files.load_torchscript`: a file that is not an intact TorchScript archive is one line naming
+    ``flag`` and the file."""
+    from scoring import files
+
     path = Path(DEFAULT_SSCD_PATH if path is None else path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"SSCD model not found at {path}. The memorization pipeline needs the SSCD copy-detection "
+            f"{flag}: SSCD model not found at {path}. The memorization pipeline needs the SSCD copy-detection "
             f"descriptor model {SSCD_FILE} (facebookresearch/sscd-copy-detection); download it from "
             f"{SSCD_URL} into {DEFAULT_SSCD_PATH.parent}/ or pass its path.")
-    with warnings.catch_warnings():  # torch >= 2.10 flags TorchScript as deprecated; SSCD ships only as one
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit")
-        model = torch.jit.load(str(path), map_location=torch.device(device))
-    model.eval()
-    return model
+    return files.load_torchscript(path, flag, device)
+
+
+def check_sscd(path: str | os.PathLike | None = None, flag: str = "--sscd_ckpt", missing: str | None = None) -> Path:
+    """The SSCD file a run will use (``None``: the default path), loaded once on the CPU and dropped so that a
+    missing, damaged or wrong-kind file fails before any work; the errors of :func:`load_sscd`. ``missing``: what
+    to say about a missing file instead of where to get the ablation's SSCD model."""
+    path = Path(DEFAULT_SSCD_PATH if path is None else path)
+    if missing and not path.is_file():
+        raise FileNotFoundError(f"{flag}: SSCD model not found at {path}; {missing}")
+    load_sscd(path, "cpu", flag)
+    return path
 
 
 def _resized_size(width: int, height: int, size: int = SSCD_SIZE) -> tuple[int, int]:

@@ -135,22 +135,23 @@ class ToyWorldDataset:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from runtime.files import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def make_dataset(n: int, seed: int, size: int, outdir: str | os.PathLike,
                  mixture: Mixture = DEFAULT_MIXTURE) -> Path:
     """Write ``n`` items to ``outdir`` (layout in the module docstring); returns ``outdir``."""
+    from runtime.files import atomic_target
+
     out = Path(outdir)
     (out / "samples").mkdir(parents=True, exist_ok=True)
     paths, captions, labels = [], [], []
     for image, text, label in iter_samples(seed, size, mixture, 0, n):
         rel = f"samples/{label['index']:05d}.png"
-        tmp = out / (rel + ".tmp")
-        image.save(tmp, format="PNG")
-        os.replace(tmp, out / rel)
+        with atomic_target(out / rel, "images") as tmp:
+            image.save(tmp, format="PNG")
         if "\n" in text:  # pragma: no cover - templates never produce one
             raise ValueError("caption with a newline")
         paths.append(rel)

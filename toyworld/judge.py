@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import tempfile
 import time
@@ -456,9 +455,10 @@ def train_copy_descriptor(outdir, steps: int = 600, batch_size: int = 128, lr: f
     if save:
         out = Path(outdir)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / (COPY_FILE + ".tmp")
-        scripted.save(str(tmp))
-        os.replace(tmp, out / COPY_FILE)
+        from runtime.files import atomic_target
+
+        with atomic_target(out / COPY_FILE) as tmp:
+            scripted.save(str(tmp))
         save_curve(out / "loss.png", history, ["loss"], "copy descriptor (InfoNCE)")
         rates = copy_detection_rates(out / COPY_FILE, n=eval_n, size=size) if eval_n > 0 else {}
         meta = {"config": {"dim": dim, "size": size, "width": width, "input": "ImageNet-normalised [B,3,H,W]"},

@@ -73,18 +73,29 @@ def cached_pool(n: int, seed: int, size: int = 32, cache_dir=None, progress: boo
     import hashlib
     import os
 
+    from runtime.files import atomic_target, read_cache
+
     here = Path(__file__).resolve().parent
     code = hashlib.sha256(b"".join((here / f).read_bytes() for f in ("render.py", "captions.py", "dataset.py")))
     cache = Path(cache_dir or os.environ.get("TOYWORLD_CACHE", Path.home() / ".cache/toyworld"))
     path = cache / f"pool-{seed}-{n}-{size}-{code.hexdigest()[:12]}.pt"
-    if path.is_file():
-        obj = torch.load(path, weights_only=True)
-        return obj["images"], obj["captions"], obj["labels"]
+    cached = read_cache(path, lambda p: _read_pool(p, n, size), "the toy-world pool cache")
+    if cached is not None:
+        return cached
     images, captions, labels = render_pool(n, seed, size, progress=progress)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"images": images, "captions": captions, "labels": labels}, tmp)
-    os.replace(tmp, path)
+    with atomic_target(path, "the pool cache") as tmp:
+        torch.save({"images": images, "captions": captions, "labels": labels}, tmp)
+    return images, captions, labels
+
+
+def _read_pool(path: Path, n: int, size: int):
+    """A pool cache written by :func:`cached_pool`; raises when it is damaged or not a pool of ``n`` images."""
+    obj = torch.load(path, weights_only=True)
+    images, captions, labels = obj["images"], obj["captions"], obj["labels"]
+    if tuple(images.shape) != (n, 3, size, size) or images.dtype != torch.uint8 or len(captions) != n \
+            or len(labels) != n:
+        raise ValueError(f"not a pool of {n} images of {size} px")
     return images, captions, labels
 
 
@@ -372,24 +383,30 @@ def vae_settings(args, config_path) -> dict:
 def _stage_vae(args, config_path, out: Path, images) -> tuple[dict, float, list]:
     """Stage 1, or its saved result when ``out/vae.json`` records the same settings."""
     from ldm.checkpoint import load_into, load_state_dict, save_state_dict
+    from runtime.files import read_cache, write_text_atomic
 
     settings = vae_settings(args, config_path)
     meta_path, weights = out / "vae.json", out / "vae.safetensors"
     ldm, _ = build_ldm(config_path)
     vae = ldm.first_stage_model
-    if meta_path.is_file() and weights.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("settings") == settings:
-            load_into(vae, load_state_dict(weights), strict=True)
-            print(f"stage 1 (vae): reusing {weights}")
-            return vae.state_dict(), meta["scale_factor"], meta["history"]
+    def reuse(path: Path):  # the saved stage when it was made with these settings; raises when damaged
+        meta = json.loads(path.read_text())
+        if meta.get("settings") != settings:
+            return None
+        load_into(vae, load_state_dict(weights), strict=True)
+        return vae.state_dict(), float(meta["scale_factor"]), meta["history"]
+
+    saved = read_cache(meta_path, reuse, "the saved VAE stage") if weights.is_file() else None
+    if saved is not None:
+        print(f"stage 1 (vae): reusing {weights}")
+        return saved
     history = train_vae(vae, images, args.vae_steps, args.batch_size, args.vae_lr, crop=args.vae_crop or None,
                         crop_frac=args.vae_crop_frac, seed=args.seed)
     save_curve(out / "vae_loss.png", history, ("l1", "mse"), "toy-world AutoencoderKL", write_json=True)
     mean, std = latent_moments(vae, images)
     scale = measure_scale_factor(mean, std, args.seed)
     save_state_dict(vae.state_dict(), weights)
-    meta_path.write_text(json.dumps({"settings": settings, "scale_factor": scale, "history": history}) + "\n")
+    write_text_atomic(meta_path, json.dumps({"settings": settings, "scale_factor": scale, "history": history}) + "\n")
     return vae.state_dict(), scale, history
 
 
