@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from evaluation.models import ModelSpec, ModelSpecError, check_models
 from evaluation.models import load_model as load_benchmark_model
+from evaluation.protocol import find_checkpoints
 from ldm.checkpoint import CheckpointError, UnsafeCheckpointError, load_model_from_config
 from runtime import export
 from runtime.loading import check_delta, load_model
@@ -108,6 +109,10 @@ def test_cross_attn_delta_bin_through_sample_py(setup, tmp_path):
 
     check_delta(_config(), path)  # the commands' cheap check
     _assert_loaded(load_model(_config(), d / "base.ckpt", path), base, unet_delta)
+    # evaluate.py finds it in a run's checkpoints/ under its own name
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copy(path, tmp_path / "run" / "checkpoints" / "delta.bin")
+    assert find_checkpoints(tmp_path / "run", "delta.bin") == [tmp_path / "run" / "checkpoints" / "delta.bin"]
 
     common = dict(ckpt=str(d / "base.ckpt"), config=str(TINY), H=16, W=16, ddim_steps=2, n_samples=2,
                   prompt="a painting", skip_grid=True)
