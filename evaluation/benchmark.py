@@ -34,12 +34,14 @@ from the same rows and seeds (base image i and edited image i share prompt and s
 
 Generation follows the original benchmark scripts (diffusers' default PNDM ~ our PLMS, 50 steps, guidance 7.5,
 512 px); every input, model file and scorer (CLIP, NudeNet, ResNet-50, SSCD, Inception) is checked before
-the first image is made.
+the first image is made. diffusers' safety checker, which the original artist/objects/gender/coco scripts kept
+on, is off unless --safety_checker names a pipeline folder that has it.
 """  # noqa: E501 (--help text, kept as printed)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from evaluation.presets import PRESETS
+    from evaluation.runner import SAFETY_SUITES
     from evaluation.suites import COCO_ORDERS, EMPTY_PROMPTS, NUDITY_SETS, SUITES
     from runtime import cli
 
@@ -82,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=cli.positive_int, default=None,
                    help="only the first N rows of each prompt set (per artist for artist) - a quick run")
     g.add_argument("--score_only", action="store_true", help="score existing images only")
+    g.add_argument("--safety_checker", default=None, metavar="PIPELINE_DIR",
+                   help="diffusers' safety checker of this Stable Diffusion pipeline folder (its safety_checker/ and "
+                        "feature_extractor/) on the generated images, as the original scripts had it: flagged "
+                        "images become black and are counted in each suite's summary. Default: off")
+    g.add_argument("--safety_suites", choices=SAFETY_SUITES, default="original",
+                   help="with --safety_checker: original = the suites whose scripts kept it on (artist, objects, "
+                        "gender, coco; not nudity, memorization); all = every suite")
     s = p.add_argument_group("scorers")
     s.add_argument("--clip_model", default="open_clip:ViT-B-32:openai",
                    help="CLIP of artist, gender and coco (open_clip:ARCH:PRETRAINED, a local weights file, or a "
@@ -183,7 +192,7 @@ def check(settings: BenchmarkSettings, classifier=None):
     loads (the classifier) is kept in ``plan.preloaded`` for the suites' ``load`` step."""
     from evaluation.models import check_models, parse_models
     from evaluation.presets import apply, check_pins
-    from evaluation.runner import Plan, check_folders, check_table_inputs, groups
+    from evaluation.runner import SAFETY_SUITES, Plan, check_folders, check_table_inputs, groups, safety_suites
     from evaluation.suites import SUITES
     from ldm.util import load_model_config
     from runtime.cli import UsageError, check_output, parse_devices
@@ -207,6 +216,12 @@ def check(settings: BenchmarkSettings, classifier=None):
         raise FileNotFoundError(f"--config not found: {config_path}")
     model_config = load_model_config(config_path)
     models = parse_models(s.base, s.delta, s.compvis, s.diffusers, s.unet)
+    if s.safety_suites not in SAFETY_SUITES:
+        raise UsageError(f"--safety_suites: expected one of {', '.join(SAFETY_SUITES)}, got {s.safety_suites!r}")
+    if s.safety_checker:  # the folder's files, before anything else is read
+        from scoring.safety import check_folder
+
+        check_folder(s.safety_checker)
 
     rows = {}
     for suite in suites:  # prompt sets first: cheap, and the most common mistake
@@ -247,6 +262,13 @@ def check(settings: BenchmarkSettings, classifier=None):
 
         device = s.score_device or ("cuda" if torch.cuda.is_available() else "cpu")
         preloaded["classifier"] = load_classifier(s.classifier, device, labels=s.classifier_labels)
+    if s.safety_checker and not s.score_only and any(x.name in safety_suites(s) for x in suites):
+        import torch
+
+        from scoring.safety import load_safety_checker
+
+        device = s.score_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        preloaded["safety_checker"] = load_safety_checker(s.safety_checker, device)  # it loads, now
     plan = Plan(s, suites, rows, models, model_config, devices, Path(s.outdir), preloaded=preloaded)
     if not s.score_only:
         check_folders(plan)  # a cache folder whose plan is not its key's fails now, not at its turn

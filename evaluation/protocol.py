@@ -65,7 +65,7 @@ from evaluation.runner import Layout
 from runtime.resources import DEFAULT_BASE_CKPT, asset_path
 
 PROMPT_DIR = asset_path("eval_prompts")
-CKPT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
+CKPT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")  # .bin: Concept Ablation's delta.bin
 BASE_META = "base_model.json"
 CONCEPT_TYPES = ("style", "object", "memorization")
 PRECISIONS = ("full", "autocast")

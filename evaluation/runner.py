@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .prompt_sets import Row
 from .suites import SUITES, Context, Suite, headline
 
@@ -108,6 +110,10 @@ def folder_for(plan: Plan, suite: str, spec, group: tuple, rows: list[Row]) -> t
     ident = {"model": model_identity(spec, plan.settings.base), "model_config": _digest(plan.model_config),
              "suite": suite, **sampling(plan.settings), "scale": scale, "height": h, "width": w,
              "rows": _digest([(r.prompt, r.seed) for r in rows])}
+    if suite in safety_suites(plan.settings):  # checked images are other images: their own folder
+        from scoring.safety import identity
+
+        ident["safety_checker"] = identity(plan.settings.safety_checker)
     name = f"cfg{scale:g}-{h}x{w}-{_digest(ident)}"
     return plan.outdir / "images" / suite / spec.name / name, ident
 
@@ -258,9 +264,81 @@ def generate(plan: Plan) -> None:
                                     desc=layout.desc(suite, spec), shard=shard, model=_label(spec, a.base))
                 except GenerationPlanError as e:
                     raise GenerationPlanError(f"{e} ({layout.stale(folder)})") from e
+                if suite in safety_suites(a) and (shard is None or shard[0] == 0):
+                    apply_safety_checker(plan, folder)
                 layout.finish(plan, suite, spec, folder, prompts)
         finally:
             factory.clear()
+
+
+# the suites whose original scripts kept diffusers' safety checker on (artist_erasure.py, object_erase.py,
+# gender_reversal.py, eval_coco.py load their pipelines with it); nudity_eval.py and inference_mem.py replace its
+# forward by one that flags nothing
+ORIGINAL_SAFETY_SUITES = ("artist", "objects", "gender", "coco")
+SAFETY_SUITES = ("original", "all")
+SAFETY_FILE = "safety_checker.json"
+
+
+def safety_suites(settings) -> tuple[str, ...]:
+    """The suites whose images go through ``--safety_checker`` (none without it)."""
+    if not getattr(settings, "safety_checker", None):
+        return ()
+    return tuple(SUITES) if settings.safety_suites == "all" else ORIGINAL_SAFETY_SUITES
+
+
+def apply_safety_checker(plan: Plan, folder: Path) -> list[int]:
+    """Run the safety checker over a generated folder as the original pipelines did on their outputs: every image
+    it flags becomes black (all zeros, as diffusers returns it). The flags are recorded in ``safety_checker.json``
+    (image indices of the folder) before any image is blackened, so an interrupted pass resumes without checking
+    a black image again. Returns the flagged indices."""
+    from runtime.files import save_png_atomic, write_text_atomic
+
+    record = folder / SAFETY_FILE
+    images = folder_images(folder, flag=plan.layout.flag)
+    try:
+        flagged = json.loads(record.read_text(encoding="utf-8"))["flagged"]
+    except (OSError, ValueError, KeyError, TypeError):
+        checker = plan.preloaded.get("safety_checker") or _load_checker(plan)
+        flagged = [i for i, f in enumerate(checker.flags(images)) if f]
+        write_text_atomic(record, json.dumps({"safety_checker": plan.settings.safety_checker,
+                                              "n_images": len(images), "flagged": flagged}, indent=1) + "\n")
+    for i in flagged:
+        from PIL import Image
+
+        with Image.open(images[i]) as im:
+            black = np.zeros((im.height, im.width, 3), dtype=np.uint8)
+            done = not np.asarray(im.convert("RGB")).any()
+        if not done:
+            save_png_atomic(black, images[i])
+    if flagged:
+        print(f"{folder}: the safety checker flagged {len(flagged)} of {len(images)} images (now black)")
+    return flagged
+
+
+def _load_checker(plan: Plan):
+    import torch
+
+    from scoring.safety import load_safety_checker
+
+    device = plan.settings.score_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    plan.preloaded["safety_checker"] = load_safety_checker(plan.settings.safety_checker, device)
+    return plan.preloaded["safety_checker"]
+
+
+def safety_flags(plan: Plan, suite: str, spec) -> list[bool] | None:
+    """Per row of ``spec``'s images of ``suite``: flagged by the safety checker; None where it does not apply."""
+    if suite not in safety_suites(plan.settings):
+        return None
+    out = [False] * len(plan.rows_of(suite, spec))
+    for folder, _, idx in plan.layout.folders(plan, suite, spec):
+        try:
+            flagged = json.loads((folder / SAFETY_FILE).read_text(encoding="utf-8"))["flagged"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise FileNotFoundError(f"{folder / SAFETY_FILE} is missing or unreadable: its images were not "
+                                    f"checked; run without {plan.layout.flag}") from None
+        for j in flagged:
+            out[idx[j]] = True
+    return out
 
 
 def _label(spec, base: str) -> str:
@@ -342,6 +420,11 @@ def score(plan: Plan):
             ctx = Context(plan.settings, scorers, spec.name, spec.kind == "base", cache)
             images = base_images if ctx.is_base else images_of(plan, suite.name, spec)
             records, summaries[spec.name] = suite.score(ctx, plan.rows_of(suite.name, spec), images, base_images)
+            flags = safety_flags(plan, suite.name, spec)
+            if flags is not None:  # scored as the original scored them: black where flagged
+                summaries[spec.name]["safety_checker"] = {"flagged": sum(flags), "images": len(flags)}
+                for r, f in zip(records, flags):
+                    r["safety_flagged"] = f
             path = plan.layout.records(plan, suite.name, spec)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -354,13 +437,17 @@ def score(plan: Plan):
 
 def _settings(plan: Plan) -> dict:
     a = plan.settings
-    return {**sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base,
-            "clip_precision": a.clip_precision, **({"artist_jpeg": True} if a.artist_jpeg else {}),
-            "models": {m.name: {"kind": m.kind, "path": m.path} for m in plan.models}}
+    out = {**sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base,
+           "clip_precision": a.clip_precision, **({"artist_jpeg": True} if a.artist_jpeg else {}),
+           "models": {m.name: {"kind": m.kind, "path": m.path} for m in plan.models}}
+    if safety_suites(a):
+        out["safety_checker"] = {"folder": a.safety_checker, "suites": list(safety_suites(a))}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- summaries
-COMPARED = ("rows", "sampler", "steps", "eta", "precision", "scale", "H", "W", "base")  # what makes models comparable
+# what makes models comparable
+COMPARED = ("rows", "sampler", "steps", "eta", "precision", "scale", "H", "W", "base", "safety_checker")
 
 
 def summary_file(outdir: Path, suite: str, model: str) -> Path:
@@ -374,9 +461,10 @@ def source_of(plan: Plan, suite: str, spec) -> dict:
     rows = plan.rows_of(suite, spec)
     from .presets import provenance
 
+    checked = {"safety_checker": a.safety_checker} if suite in safety_suites(a) else {}  # black where flagged
     return {"kind": spec.kind, "path": spec.path, "n_rows": len(rows),
             "settings": {"rows": _digest([(r.prompt, r.seed, r.guidance, r.height, r.width) for r in rows]),
-                         **sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base},
+                         **sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base, **checked},
             "provenance": provenance(a)}
 
 

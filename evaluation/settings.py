@@ -40,6 +40,8 @@ class BenchmarkSettings:
     gpus: str | None = None
     limit: int | None = None
     score_only: bool = False
+    safety_checker: str | None = None  # a diffusers pipeline folder whose safety checker blackens flagged images
+    safety_suites: str = "original"  # original: the suites whose scripts kept it on; all: every suite
     # scorers
     clip_model: str = "open_clip:ViT-B-32:openai"
     mem_clip_model: str = "open_clip:ViT-g-14:laion2b_s12b_b42k"
