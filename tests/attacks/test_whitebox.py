@@ -259,6 +259,11 @@ def test_unlearndiff_end_to_end_and_contract(world, concept):
                                  generator=torch.Generator().manual_seed(0))
     assert_contract(r, checker)
     assert r.first_success == 3 and len(r.losses) == 4
+    checker = ToyChecker(world, rule=lambda i: i in (1, 3))  # stop_at_success=False: every step, first hit kept
+    r = UnlearnDiffAtk(UnlearnDiffSettings(k=3, iterations=2, n_timesteps=3, stop_at_success=False)).attack(
+        model, PROMPT, concept=concept, check=checker, index=0, generator=torch.Generator().manual_seed(0))
+    assert_contract(r, checker, stop_at_success=False)
+    assert r.first_success == 1 and len(r.losses) == 6 and len(checker.calls) == 4
     checker = ToyChecker(world, rule=lambda i: True)
     r = UnlearnDiffAtk(s).attack(model, PROMPT, concept=concept, check=checker, index=0)
     assert_contract(r, checker)
