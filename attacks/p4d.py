@@ -83,8 +83,7 @@ def k_template(encoder, prompt: str, every_k: int, content: list[int] | None = N
     ``i % (K + 1) == 0``, the prompt's L content tokens in order elsewhere. Content that would not fit in 77
     positions (the original fails there) is truncated to the longest that fits. ``content`` overrides the ids."""
     body = text.content_ids(encoder, prompt) if content is None else list(content)
-    room = encoder.max_length - 1
-    while len(body) + len(body) // every_k + 1 > room - 1:
+    while len(body) + len(body) // every_k + 1 > encoder.max_length - 2:  # BOS + M <= 76, as the original runs
         body = body[:-1]
     total = len(body) + len(body) // every_k + 1
     slots = [i for i in range(total) if i % (every_k + 1) == 0]
