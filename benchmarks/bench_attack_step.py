@@ -30,7 +30,7 @@ Measured 2026-12-07 (commit 4ad2ba7) on a shared 2-core CPU VM (load 4-8 from ot
       p4d-n, one teacher call per step       70.2          77.5
 
 On a CPU the batched teacher does the same arithmetic; the SD-size difference above is within this machine's
-noise (an earlier run under heavier load: 164.1 s against 164.1 s per step). Peak RSS at SD size: 5.8 GB.
+noise (an earlier run under heavier load: 164.1 s against 164.1 s per step). RSS seen by ps at SD size: 5.8 GB.
 """
 from __future__ import annotations
 
