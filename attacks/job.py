@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attacks.settings import AttackSettings
-from runtime.resources import DEFAULT_BASE_CKPT as DEFAULT_BASE
-from runtime.resources import DEFAULT_CONFIG
+from evaluation.settings import add_model_flags
 
 __all__ = ["AttackSettings", "AttackPlan", "build_parser", "parse_argv", "settings_from_argv", "check", "run", "main"]
 
@@ -107,16 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pairs", default=None,
                    help="prompt pairs with and without the concept (Ring-A-Bell's concept vector): a CSV with columns "
                         "prompt (with) and prompt1 (without), instead of the concept's own")
-    m = p.add_argument_group("models (the base is always attacked; the others by NAME=PATH, or PATH)")
-    m.add_argument("--base", default=str(DEFAULT_BASE),
-                   help="base checkpoint (CompVis .ckpt/.safetensors, or a diffusers pipeline folder)")
-    m.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config")
-    m.add_argument("--delta", action="append", default=[], help="base + this delta (ablation or ConceptPrune)")
-    m.add_argument("--compvis", action="append", default=[], help="a full CompVis checkpoint")
-    m.add_argument("--diffusers", action="append", default=[], help="a diffusers pipeline folder")
-    m.add_argument("--unet", action="append", default=[],
-                   help="a bare UNet state dict (.pt/.safetensors; diffusers or CompVis keys) on the base's VAE and "
-                        "text encoder, as UCE / ESD / FMN save it")
+    add_model_flags(p, "attacked")
     g = p.add_argument_group("checking generations (UnlearnDiffAtk's: 50 steps, guidance 7.5, seed 0, 512 px)")
     g.add_argument("--sampler", choices=["plms", "ddim", "dpmpp_2m"], default="plms",
                    help="plms: the deterministic stand-in for the original's diffusers LMS scheduler")

@@ -11,9 +11,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from evaluation.settings import BenchmarkSettings
-from runtime.resources import DEFAULT_BASE_CKPT as DEFAULT_BASE
-from runtime.resources import DEFAULT_CONFIG
+from evaluation.settings import BenchmarkSettings, add_model_flags
 
 DESCRIPTION = """\
 ConceptPrune's erasure benchmarks for any model: the base, base + a delta (ours: ablation or pruned), a full
@@ -52,16 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin a paper's protocol (rows, seeds, sampler, steps, guidance, size, scorers, threshold, "
                         "prompt file rows and hash; docs/guides/benchmark.md, Presets): a flag that contradicts it "
                         "is refused. " + "; ".join(f"{p.name}: {p.title}" for p in PRESETS.values()))
-    m = p.add_argument_group("models (the base is always scored; the others by NAME=PATH, or PATH: name = its stem)")
-    m.add_argument("--base", default=str(DEFAULT_BASE),
-                   help="base checkpoint (CompVis .ckpt/.safetensors, or a diffusers pipeline folder)")
-    m.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config")
-    m.add_argument("--delta", action="append", default=[], help="base + this delta (ablation or ConceptPrune)")
-    m.add_argument("--compvis", action="append", default=[], help="a full CompVis checkpoint")
-    m.add_argument("--diffusers", action="append", default=[], help="a diffusers pipeline folder")
-    m.add_argument("--unet", action="append", default=[],
-                   help="a bare UNet state dict (.pt/.safetensors; diffusers or CompVis keys) on the base's VAE and "
-                        "text encoder, as UCE / ESD / FMN save it")
+    add_model_flags(p, "scored")
     g = p.add_argument_group("generation")
     g.add_argument("--outdir", default="outputs/benchmark")
     g.add_argument("--sampler", choices=["plms", "ddim", "dpmpp_2m"], default="plms",

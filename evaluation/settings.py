@@ -92,3 +92,20 @@ class BenchmarkSettings:
                         scale=self.scale if scale is None else scale, height=self.H if height is None else height,
                         width=self.W if width is None else width, batch_size=self.batch_size,
                         precision=self.precision, noise=self.noise, pixels=self.pixels)
+
+
+def add_model_flags(parser, verb: str) -> None:
+    """The model flags of every job that takes several models (benchmark.py scores them, attack.py attacks them):
+    ``--base``, ``--config`` and the repeatable ``--delta``/``--compvis``/``--diffusers``/``--unet`` read by
+    :func:`evaluation.models.parse_models`. ``verb``: what the job does to them, for the group's title."""
+    m = parser.add_argument_group(f"models (the base is always {verb}; the others by NAME=PATH, or PATH: name = its "
+                                  f"stem)")
+    m.add_argument("--base", default=str(DEFAULT_BASE_CKPT),
+                   help="base checkpoint (CompVis .ckpt/.safetensors, or a diffusers pipeline folder)")
+    m.add_argument("--config", default=str(DEFAULT_CONFIG), help="model config")
+    m.add_argument("--delta", action="append", default=[], help="base + this delta (ablation or ConceptPrune)")
+    m.add_argument("--compvis", action="append", default=[], help="a full CompVis checkpoint")
+    m.add_argument("--diffusers", action="append", default=[], help="a diffusers pipeline folder")
+    m.add_argument("--unet", action="append", default=[],
+                   help="a bare UNet state dict (.pt/.safetensors; diffusers or CompVis keys) on the base's VAE and "
+                        "text encoder, as UCE / ESD / FMN save it")
