@@ -76,7 +76,9 @@ class Attack(Protocol):
     needs_targets: ClassVar[bool]  # needs Concept.targets
 
     def prepare(self, model, concept: Concept) -> None:
-        """Once per (model, concept) before any prompt: e.g. Ring-A-Bell's concept vector."""
+        """Once per (model, concept) before any prompt: e.g. Ring-A-Bell's concept vector. An attack whose
+        preparation is costly (concept inversion trains a token) may also define ``prepared() -> dict[str, Tensor]``
+        and ``restore(state)``: the job then keeps the state and restores it in a rerun or another rank."""
 
     def attack(self, model, prompt: str, *, concept: Concept, check: Checker, index: int,
                base=None, generator: torch.Generator | None = None,

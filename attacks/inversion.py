@@ -263,6 +263,13 @@ class ConceptInversion:
             raise ValueError(f"Concept.targets must be uint8 [N, H, W, 3], got {targets.dtype} {targets.shape}")
         self.vectors, self.losses = learn_token(model, targets, self.settings)
 
+    def prepared(self) -> dict[str, torch.Tensor]:
+        """The learned token and its loss history, for the job to keep (:meth:`restore` takes them back)."""
+        return {"vectors": self.vectors, "losses": torch.tensor(self.losses, dtype=torch.float64)}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        self.vectors, self.losses = state["vectors"], [float(x) for x in state["losses"]]
+
     def attack(self, model, prompt: str, *, concept: Concept, check: Checker, index: int, base=None,
                generator: torch.Generator | None = None,
                progress: Callable[[int, float], None] | None = None) -> AttackResult:

@@ -457,7 +457,7 @@ def work(plan: AttackPlan, shard, device: str) -> None:
             if not todo[name]:
                 continue
             obj = cls(aset)
-            obj.prepare(model, concept)
+            _prepare(plan, spec, attack, obj, model, concept)
             desc = f"{spec.name} {name}" + (f" [rank {shard[0]}]" if shard else "")
             with tqdm(todo[name], desc=desc, unit="prompt", dynamic_ncols=True) as bar:
                 for i in bar:
@@ -466,6 +466,42 @@ def work(plan: AttackPlan, shard, device: str) -> None:
         import gc
 
         gc.collect()
+
+
+def prepared_path(plan: AttackPlan, spec, attack) -> Path:
+    """Where an attack's prepared state (:meth:`prepared`) for ``spec`` is kept, keyed by everything it is made of:
+    the model, the attack and its settings, the seed, the concept, its pairs and its target images."""
+    from evaluation.models import model_identity
+
+    name, _, aset = attack
+    concept = plan.preset.concept
+    ident = {"model": model_identity(spec, plan.settings.base), "model_config": _digest(plan.model_config),
+             "attack": name, "settings": dataclasses.asdict(aset), "attack_seed": plan.settings.attack_seed,
+             "concept": plan.preset.name, "pairs": list(concept.pairs),
+             "targets": [{"file": f.name, "size": f.stat().st_size} for f in plan.extras["target_files"]]
+             if "target_files" in plan.extras else plan.extras.get("targets_key")}
+    return attack_dir(plan, spec, name) / f"prepared-{_digest(ident)}.safetensors"
+
+
+def _prepare(plan: AttackPlan, spec, attack, obj, model, concept) -> None:
+    """``obj.prepare(model, concept)``, kept for a rerun when the attack can hand its state over (``prepared()`` ->
+    tensors, ``restore(state)``): concept inversion trains its token once per model, not once per run or rank."""
+    if not (hasattr(obj, "prepared") and hasattr(obj, "restore")):
+        obj.prepare(model, concept)
+        return
+    from safetensors.torch import load_file, save_file
+
+    from runtime.files import atomic_target, read_cache
+
+    path = prepared_path(plan, spec, attack)
+    state = read_cache(path, lambda p: load_file(str(p)), f"the prepared state of {attack[0]}")
+    if state is not None:
+        obj.restore(state)
+        return
+    obj.prepare(model, concept)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_target(path, f"the prepared state of {attack[0]}") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in obj.prepared().items()}, str(tmp))
 
 
 def _worker(rank: int, settings: AttackSettings, devices: tuple[str, ...]) -> None:

@@ -393,3 +393,30 @@ def test_a_check_that_samples_nan_stops(tmp_path):
     with pytest.raises(NonFiniteSampleError, match="check of attack step 3 .* NaN or inf latents"):
         checker(cond, 3)
     assert checker.log == []
+
+
+def test_prepared_state_is_kept_and_restored(tmp_path, prompts):
+    """Concept inversion trains its token in prepare(): the job keeps it, and a rerun (or another rank) restores it
+    instead of training again. Proof: a rerun leaves the kept file as it was, and a token planted in that file is
+    the one the rerun's record carries."""
+    from safetensors.torch import load_file, save_file
+
+    s = settings(tmp_path, prompts, attacks=("inversion",), limit=2, steps=2,
+                 overrides=("inversion.steps=2", "inversion.batch_size=1", "inversion.grad_accum=1"))
+    job.run(s)
+    folder = tmp_path / "out" / "toy_stripes" / "base" / "inversion"
+    (kept,) = folder.glob("prepared-*.safetensors")
+    state = load_file(str(kept))
+    assert state["vectors"].shape[0] == 1 and state["losses"].numel() == 2
+    recs = records(tmp_path / "out", attack="inversion")
+    first = json.loads(recs["prompt-00001"].read_text())
+    emb = load_file(str(folder / first["embedding"]))["embedding"]
+    assert torch.equal(emb, state["vectors"].float())  # the record's token is the kept one
+    planted = {"vectors": torch.full_like(state["vectors"], 0.25), "losses": state["losses"]}
+    save_file(planted, str(kept))
+    mtime = kept.stat().st_mtime_ns
+    recs["prompt-00001"].unlink()
+    job.run(s)
+    assert kept.stat().st_mtime_ns == mtime  # restored, not trained and written again
+    again = json.loads(records(tmp_path / "out", attack="inversion")["prompt-00001"].read_text())
+    assert torch.equal(load_file(str(folder / again["embedding"]))["embedding"], planted["vectors"].float())
