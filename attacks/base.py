@@ -78,7 +78,7 @@ class Attack(Protocol):
     def prepare(self, model, concept: Concept) -> None:
         """Once per (model, concept) before any prompt: e.g. Ring-A-Bell's concept vector. An attack whose
         preparation is costly (concept inversion trains a token) may also define ``prepared() -> dict[str, Tensor]``
-        and ``restore(state)``: the job then keeps the state and restores it in a rerun or another rank."""
+        and ``restore(state)``: the job then keeps the state and restores it in a rerun."""
 
     def attack(self, model, prompt: str, *, concept: Concept, check: Checker, index: int,
                base=None, generator: torch.Generator | None = None,
