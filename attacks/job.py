@@ -485,7 +485,7 @@ def prepared_path(plan: AttackPlan, spec, attack) -> Path:
 
 def _prepare(plan: AttackPlan, spec, attack, obj, model, concept) -> None:
     """``obj.prepare(model, concept)``, kept for a rerun when the attack can hand its state over (``prepared()`` ->
-    tensors, ``restore(state)``): concept inversion trains its token once per model, not once per run or rank."""
+    tensors, ``restore(state)``): concept inversion trains its token once per model, not once per run."""
     if not (hasattr(obj, "prepared") and hasattr(obj, "restore")):
         obj.prepare(model, concept)
         return
