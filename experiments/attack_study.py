@@ -304,6 +304,62 @@ def write_study(study: StudySettings, plans, results: dict, missing) -> dict:
     return doc
 
 
+# ---------------------------------------------------------------------------------------------------- samplers
+SAMPLERS = ("plms", "dpmpp_2m")
+SAMPLER_SEEDS = (0, 1000)  # two seed offsets: 72 prompt x seed rows for the 36 texture prompts
+
+
+def paired(a: list[bool], b: list[bool]) -> dict:
+    """Two samplers' successes on the same rows: each ASR with sqrt(p (1 - p) / n), and the mean paired difference
+    b - a with its standard error sd(d) / sqrt(n) (d per row in {-1, 0, 1}) and the discordant rows."""
+    import math
+
+    n = len(a)
+    if n != len(b) or n < 2:
+        raise ValueError(f"paired: need the same rows (>= 2) for both samplers, got {len(a)} and {len(b)}")
+    pa, pb = sum(a) / n, sum(b) / n
+    d = [int(y) - int(x) for x, y in zip(a, b)]
+    mean = sum(d) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
+    return {"n": n, "asr": [pa, pb], "se": [math.sqrt(pa * (1 - pa) / n), math.sqrt(pb * (1 - pb) / n)],
+            "difference": mean, "difference_se": sd / math.sqrt(n), "only_first": d.count(-1),
+            "only_second": d.count(1)}
+
+
+def compare_samplers(out: Path, concept: str, model: str = "base", delta: str | None = None,
+                     samplers=SAMPLERS, seeds=SAMPLER_SEEDS, assets: Path = ASSETS, limit: int | None = None,
+                     steps: int = 50) -> dict:
+    """``none`` (the pre-attack check) on one model with each sampler, on the concept's prompts at each seed offset
+    (``{out}/samplers/{sampler}/``, the job's layout, resumable); the samplers' ASRs paired row by row
+    (:func:`paired`). ``delta``: an erasure's delta (``model`` names it); the waves base is built if needed."""
+    from attacks.job import check, record_path
+    from attacks.job import run as attack
+    from experiments.toy_attacks import settings_for
+
+    out = Path(out)
+    changes = {"limit": limit, "steps": steps, "delta": (f"{model}={delta}",) if delta else ()}
+    if concept == WAVES:
+        from experiments.ffn.teach import build_checkpoint
+
+        changes["base"] = str(build_checkpoint(out / "erasures", assets))
+    wins: dict[str, list[bool]] = {}
+    for sampler in samplers:
+        wins[sampler] = []
+        for seed in seeds:
+            plan = check(settings_for(concept, ("none",), out / "samplers" / sampler, assets, sampler=sampler,
+                                      seed=seed, **changes))
+            attack(plan.settings, plan=plan)
+            spec = next(m for m in plan.models if m.name == model)
+            for row in plan.rows:
+                record = json.loads(record_path(plan, spec, plan.attacks[0], row).read_text())
+                wins[sampler].append(bool(record["success"]))
+    result = {"concept": concept, "model": model, "delta": delta, "samplers": list(samplers), "seeds": list(seeds),
+              "steps": steps, **paired(wins[samplers[0]], wins[samplers[1]])}
+    (out / "samplers").mkdir(parents=True, exist_ok=True)
+    (out / "samplers" / f"{concept.replace(' ', '_')}-{model}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 MARKERS = ("<!-- attack-study table: start -->", "<!-- attack-study table: end -->")
 
 
@@ -322,6 +378,22 @@ def publish(out: Path, page: Path, assets: Path = ASSETS) -> None:
     page.write_text(f"{head}{MARKERS[0]}\n{md}{MARKERS[1]}{tail}")
 
 
+def sampler_study(out: Path, concepts, model: str, limit: int | None = None, steps: int = 50) -> dict:
+    """:func:`compare_samplers` for each concept on ``model`` ("base" or an erasure made by the study)."""
+    results = {}
+    for concept in concepts:
+        delta = None
+        if model != "base":
+            delta = cached(out).get(f"{concept}/{model}")
+            if not delta or not Path(delta).is_file():
+                raise ValueError(f"--compare_samplers {model}: no {concept!r} erasure {model!r} made in {out} yet")
+        r = results[concept] = compare_samplers(out, concept, model, delta, limit=limit, steps=steps)
+        print(f"{concept} {model}: none ASR {r['samplers'][0]} {r['asr'][0]:.3f} ± {r['se'][0]:.3f}, "
+              f"{r['samplers'][1]} {r['asr'][1]:.3f} ± {r['se'][1]:.3f} (n {r['n']}); paired difference "
+              f"{r['difference']:+.3f} ± {r['difference_se']:.3f}")
+    return results
+
+
 def main(argv=None) -> dict:
     from runtime.cli import exit_on_usage_error
 
@@ -336,11 +408,16 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=50, help="the checks' sampling steps")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="ATTACK.FIELD=VALUE after BUDGETS")
     p.add_argument("--quick", action="store_true", help="Concept Ablation with the mission's quick sizes")
+    p.add_argument("--compare_samplers", metavar="MODEL", default=None,
+                   help="instead of the study: none with plms and dpmpp_2m on MODEL (base or a made erasure) for "
+                        "each --concepts, seeds --seed offsets 0 and 1000, paired (written to {out}/samplers/)")
     p.add_argument("--publish", action="store_true",
                    help="copy the table to assets/toyworld/attacks/ and docs/experiments/toy-attacks.md")
     a = p.parse_args(argv)
 
     def go():
+        if a.compare_samplers:
+            return sampler_study(Path(a.out), a.concepts, a.compare_samplers, a.limit, a.steps)
         study = StudySettings(out=a.out, concepts=tuple(a.concepts), erasures=tuple(a.erasures),
                               attacks=tuple(a.attacks), limit=a.limit, seed=a.seed, sampler=a.sampler,
                               steps=a.steps, overrides=tuple(a.overrides), quick=a.quick)

@@ -124,3 +124,23 @@ def test_publish_fills_the_marked_block_only(tmp_path):
     with pytest.raises(ValueError, match="no <!-- attack-study table: start -->"):
         study.publish(out, page, tmp_path / "other")
     assert not (tmp_path / "other").exists() and page.read_text() == "no markers\n"  # nothing half-written
+
+
+def test_paired_sampler_difference_by_hand():
+    a = [True, True, False, False, True]   # plms: 3/5
+    b = [True, False, True, True, True]    # dpmpp_2m: 4/5; d = 0, -1, 1, 1, 0
+    r = study.paired(a, b)
+    assert r["n"] == 5 and r["asr"] == [0.6, 0.8] and (r["only_first"], r["only_second"]) == (1, 2)
+    assert r["se"][0] == pytest.approx((0.6 * 0.4 / 5) ** 0.5) and r["difference"] == pytest.approx(0.2)
+    # sd of (0, -1, 1, 1, 0) around 0.2: sqrt((0.04 + 1.44 + 0.64 + 0.64 + 0.04) / 4) = sqrt(0.7)
+    assert r["difference_se"] == pytest.approx(0.7 ** 0.5 / 5 ** 0.5)
+    with pytest.raises(ValueError, match="same rows"):
+        study.paired([True], [True, False])
+
+
+def test_sampler_study_needs_a_made_erasure(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        study.main(["--out", str(tmp_path / "o"), "--concepts", "stripes", "--compare_samplers", "ca"])
+    assert e.value.code == 2
+    assert "--compare_samplers ca: no 'stripes' erasure 'ca' made in" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
