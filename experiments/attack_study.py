@@ -214,8 +214,13 @@ def make_erasure(concept: str, e: Erasure, out: Path, quick: bool = False, asset
     if key in done and Path(done[key]).is_file():
         return Path(done[key])
     folder = out / "erasures"
-    base = waves_base_path(out) if concept == WAVES else mission.asset_paths(assets)["weights"]
     start = time.perf_counter()
+    if concept == WAVES:
+        from experiments.ffn.teach import build_checkpoint
+
+        base = build_checkpoint(folder, assets)  # base + waves (made once)
+    else:
+        base = mission.asset_paths(assets)["weights"]
     if e.method == "conceptprune":
         if concept == WAVES:
             from experiments.ffn.experiment import prune_run
