@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from runtime.cli import RunError
 from runtime.files import atomic_target, image_is_complete, read_cache, read_text_lines, sha256_file, write_text_atomic
 from runtime.generate import Sampling, check_devices, check_prompts, generate_images
 from scoring.sscd import THRESHOLD, load_sscd, memorization_rate, similarities
@@ -41,8 +42,9 @@ from scoring.sscd import THRESHOLD, load_sscd, memorization_rate, similarities
 __all__ = ["select_prompts", "filter_images", "prepare_memorization_data", "MemorizationSettingsError"]
 
 
-class MemorizationSettingsError(RuntimeError):
-    """``gen_folder`` was prepared with different settings."""
+class MemorizationSettingsError(RunError):
+    """``gen_folder`` was prepared with different settings, or its ``memorization.json`` is damaged: one line
+    naming the folder (train.py prints it and exits 2, ``runtime.cli.exit_on_run_error``)."""
 
 
 # ---------------------------------------------------------------------------------------- selection

@@ -15,11 +15,12 @@ decoded, generated from by the erased model and judged.
 Facts carried over (configs/esd_nudity_optmz_config.json unless named): n (``prompt_len``) 16, K
 (``every_k``) 3, 3000 iterations, ``eval_step`` 50 (checks at steps 0, 50, ..., 2950), AdamW lr 0.1 weight
 decay 0.1, one image per step (``batch_size`` 1), t uniform in [0, 1000), fresh noise each step, the target
-latent a VAE posterior *sample* x scale factor, random vocabulary ids as the start (optimize_n.py
-``initialize_prompt``), and the optimised sequence's layout: P4D-N ``[BOS, n tokens, EOS, id 0 ...]``, P4D-K
-``[BOS, the L + L//K + 1 tokens, id 0 ...]`` (its EOS is overwritten by the sequence: optimize_k.py); id 0
-(``!``) pads both, as the originals' ``dummy_ids`` do. The check generates from the decoded text tokenized the
-usual way (``erase_pipe(decoded_text)``).
+latent a VAE posterior *sample* x scale factor of the target's [0, 1] pixels (run_p4dn.py's preprocessing
+has no Normalize), random vocabulary ids as the start (optimize_n.py ``initialize_prompt``), and the optimised
+sequence's layout: P4D-N ``[BOS, n tokens, EOS, id 0 ...]``, P4D-K ``[BOS, the L + L//K + 1 tokens, id 0 ...]``
+(its EOS is overwritten by the sequence: optimize_k.py); id 0 (``!``) pads both, as the originals'
+``dummy_ids`` do. The check generates from the decoded text tokenized the usual way
+(``erase_pipe(decoded_text)``).
 
 Deviation (docs/explanation/differences-from-original.md): the original keeps the checked prompt with the
 highest CLIP image similarity (open_clip ViT-H-14) to the target and judges only that prompt at the end (3
@@ -54,6 +55,12 @@ class P4DSettings:
     weight_decay: float = 0.1  # AdamW ("weight_decay")
     stop_at_success: bool = True  # ours: the original judges its best-by-CLIP prompt once at the end
     teacher_batch: int = 10  # base-model predictions computed this many steps at a time (same values)
+    # the original's img_preprocess (run_p4dn.py, run_p4dk.py: Resize, CenterCrop, ToTensor, no Normalize)
+    # feeds the VAE [0, 1] pixels; False encodes the target in the VAE's own [-1, 1] range
+    target_zero_one: bool = True
+
+    def __post_init__(self):
+        self.validate()  # a bad value is refused where the settings are made (the job's --set)
 
     def validate(self) -> P4DSettings:
         if self.variant not in ("n", "k"):
@@ -79,8 +86,7 @@ def k_template(encoder, prompt: str, every_k: int, content: list[int] | None = N
     ``i % (K + 1) == 0``, the prompt's L content tokens in order elsewhere. Content that would not fit in 77
     positions (the original fails there) is truncated to the longest that fits. ``content`` overrides the ids."""
     body = text.content_ids(encoder, prompt) if content is None else list(content)
-    room = encoder.max_length - 1
-    while len(body) + len(body) // every_k + 1 > room - 1:
+    while len(body) + len(body) // every_k + 1 > encoder.max_length - 2:  # BOS + M <= 76, as the original runs
         body = body[:-1]
     total = len(body) + len(body) // every_k + 1
     slots = [i for i in range(total) if i % (every_k + 1) == 0]
@@ -141,7 +147,8 @@ class P4D:
         matrix = text.token_embedding_matrix(encoder)
         template = self.template(encoder, prompt)
         fixed = template.fixed_embeddings(encoder)
-        z = target_latent(base, image, generator=generator)  # the original encodes with the base pipe's VAE
+        # the original encodes with the base pipeline's VAE, a posterior sample
+        z = target_latent(base, image, generator=generator, zero_one=s.target_zero_one)
         with torch.no_grad():
             teacher_cond = text.encode_ids(base.cond_stage_model, text.tokenize(base.cond_stage_model, prompt))
         start = self._random_ids(template.k, matrix.shape[0], generator, matrix.device)
@@ -207,6 +214,13 @@ class P4D:
         x_t = base.q_sample(z.expand(n, -1, -1, -1), t, noise=noise)
         pred = base.apply_model(x_t, t, cond.expand(n, -1, -1))
         return [(x_t[i:i + 1], t[i:i + 1], pred[i:i + 1]) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class P4DKSettings(P4DSettings):
+    """P4D-K's settings (the registry builds an attack's settings from its class: the variant must match)."""
+
+    variant: str = "k"
 
 
 class P4DN(P4D):

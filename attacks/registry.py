@@ -11,12 +11,17 @@ from __future__ import annotations
 
 from .inversion import ConceptInversion, InversionSettings
 from .none import NoAttack, NoneSettings
+from .p4d import P4DK, P4DN, P4DKSettings, P4DSettings
 from .ring_a_bell import RingABell, RingABellSettings
+from .unlearndiff import UnlearnDiffAtk, UnlearnDiffSettings
 
 ATTACKS: dict[str, tuple[type, type]] = {
     NoAttack.name: (NoAttack, NoneSettings),
     RingABell.name: (RingABell, RingABellSettings),
     ConceptInversion.name: (ConceptInversion, InversionSettings),
+    UnlearnDiffAtk.name: (UnlearnDiffAtk, UnlearnDiffSettings),
+    P4DN.name: (P4DN, P4DSettings),
+    P4DK.name: (P4DK, P4DKSettings),
 }
 BASELINE = NoAttack.name  # run with every attack: the pre-attack ASR
 

@@ -47,6 +47,14 @@ class UnlearnDiffSettings:
     criterion: str = "l2"  # "l2" (MSE) or "l1" ("task.criterion")
     stop_at_success: bool = True  # the original breaks at the first successful check
 
+    @property
+    def added_tokens(self) -> int:
+        """Tokens the attack adds to a prompt (the job leaves room for them in the text encoder)."""
+        return self.k
+
+    def __post_init__(self):
+        self.validate()  # a bad value is refused where the settings are made (the job's --set)
+
     def validate(self) -> UnlearnDiffSettings:
         if not 0 < self.k <= 75:
             raise ValueError(f"unlearndiff: k must be 1..75, got {self.k}")

@@ -22,14 +22,17 @@ def target_image(concept: Concept, index: int, attack: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def target_latent(model, image: np.ndarray, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled first-stage latent [1, C, h, w] of a uint8 HxWx3 image (pixels to [-1, 1] as the originals do).
+def target_latent(model, image: np.ndarray, generator: torch.Generator | None = None,
+                  zero_one: bool = False) -> torch.Tensor:
+    """Scaled first-stage latent [1, C, h, w] of a uint8 HxWx3 image, its pixels scaled to [-1, 1] (the VAE's
+    range; UnlearnDiffAtk's ``Normalize([0.5], [0.5])``) or, ``zero_one``, to [0, 1] (P4D's preprocessing,
+    which has no Normalize).
 
     ``generator`` None: the posterior mean (UnlearnDiffAtk's ``latent_dist.mean``); else a posterior sample
     drawn with it (P4D's ``latent_dist.sample()``)."""
     param = next(model.first_stage_model.parameters())
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(param.device, param.dtype)
-    posterior = model.encode_first_stage(x / 127.5 - 1.0)
+    posterior = model.encode_first_stage(x / 255.0 if zero_one else x / 127.5 - 1.0)
     if generator is None:
         return model.get_first_stage_encoding(posterior.mode())
     return model.get_first_stage_encoding(posterior, generator=generator)

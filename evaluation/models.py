@@ -14,8 +14,9 @@ Every model is a CompVis ``LatentDiffusion`` of the run's model config, built fr
   ESD (diffusers trainer) and ConceptPrune save their models (``torch.save(unet.state_dict())`` to a ``.pt``,
   diffusers key names; ConceptPrune's in fp16), a diffusers ``diffusion_pytorch_model.safetensors`` / ``.bin``
   (FMN saves a pipeline with ``save_pretrained``), or CompVis keys (``model.diffusion_model.*``, or the same
-  without that prefix). Every UNet tensor must be in the file: a file holding only the edited tensors is
-  refused (merge it into a full UNet state dict first).
+  without that prefix), or Concept Ablation's diffusers ``delta.bin`` of a "full-weight" run (``{'unet': {...}}``).
+  Every UNet tensor must be in the file: a file holding only the edited tensors (a "cross-attn" ``delta.bin``)
+  is refused with a pointer to ``--delta``, which takes any Concept Ablation ``delta.bin``.
 
 :func:`parse_models` turns the CLI strings (``NAME=PATH`` or ``PATH``) into :class:`ModelSpec` rows,
 :func:`check_models` vets them all from file headers and a meta-device model (no weights read; a delta, a
@@ -277,10 +278,11 @@ def _resolve_unet(raw: Mapping[str, torch.Tensor], want: Mapping[str, torch.Size
         detail = f" None of its keys has a place in the UNet, e.g. {_examples(list(raw))}."
     hint = ""
     if any(k.startswith(("first_stage_model.", "cond_stage_model.")) for k in raw):
-        hint = f" It holds VAE / text-encoder tensors too: a full CompVis checkpoint goes to {FLAGS['compvis']}."
+        hint = (f" It holds VAE / text-encoder tensors too: a full CompVis checkpoint goes to {FLAGS['compvis']}, "
+                f"a delta with a text encoder (e.g. Concept Ablation's delta.bin) to {FLAGS['delta']}.")
     elif best is not None and best.missing and not best.unexpected and not best.mismatched:
-        hint = (" The file holds only part of the UNet (e.g. only the edited cross-attention tensors): save the "
-                "full UNet state dict, or merge the part into one first.")
+        hint = (f" The file holds only part of the UNet (e.g. only the edited cross-attention tensors): pass it as "
+                f"{FLAGS['delta']} (a delta on the base, as Concept Ablation's delta.bin), or save the full UNet.")
     raise ModelSpecError(f"{spec.label}: fits no known UNet state-dict layout of the model. Tried: {tried}."
                          f"{detail}{hint}")
 

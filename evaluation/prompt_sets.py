@@ -695,11 +695,16 @@ def read_captions(path: str | os.PathLike, limit: int | None = None,
     reproducible on its own. ``shuffle_seed`` (JSON only) first shuffles the annotations as the
     original's ``coco_dataset`` does (``np.random.seed(0); np.random.shuffle(annotations)``; its 480
     captions are ``shuffle_seed=0, limit=480`` of ``captions_val2014.json``). ``limit`` keeps the first
-    ``limit`` rows. ``meta``: ``{"image_id", "annotation_id"}`` for JSON, ``{"line"}`` for text.
+    ``limit`` rows. ``meta``: ``{"image_id", "annotation_id"}`` for JSON, ``{"line"}`` for text. A ``.csv``
+    file is :func:`read_caption_csv` (each row's own seed).
     """
     path = _as_path(path)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise PromptSetError(f"read_captions: limit must be a positive integer, not {limit!r}")
+    if path.suffix.lower() == ".csv":
+        if shuffle_seed is not None:
+            raise PromptSetError(f"{path}: shuffle_seed applies to a COCO captions JSON, not a CSV")
+        return read_caption_csv(path)[:limit]
     text = _read_text(path, "caption")
     if text.lstrip().startswith(("{", "[")):
         try:
@@ -731,6 +736,24 @@ def read_captions(path: str | os.PathLike, limit: int | None = None,
     if limit is not None:
         items = items[:limit]
     return [Row(f"coco-{i:05d}", c, i, meta=m) for i, (c, m) in enumerate(items)]
+
+
+def read_caption_csv(path: str | os.PathLike) -> list[Row]:
+    """A COCO prompt CSV as the erasure papers ship them (``coco_30k.csv`` of MACE and SPM, ``coco_10k.csv`` of
+    UnlearnDiffAtk): columns ``prompt`` and ``evaluation_seed`` (each row's seed), optional ``case_number`` and
+    ``coco_id``/``image_id``; other columns are ignored. ``id`` ``coco-NNNNN`` (the row's position), seed the
+    row's ``evaluation_seed``; ``meta``: ``{"line"}`` and the id columns the file has, as written."""
+    path = _as_path(path)
+    what = "COCO prompt CSV"
+    header, records = _csv_records(path, _read_text(path, what), what)
+    _need_columns(path, header, ["prompt", "evaluation_seed"], what)
+    rows = []
+    for i, (line, rec) in enumerate(records):
+        seed = _number(path, line, "evaluation_seed", rec["evaluation_seed"], int)
+        _row_value(path, line, "evaluation_seed", seed, seed_problem, rec["evaluation_seed"])
+        meta = {"line": line, **{k: rec[k] for k in ("case_number", "coco_id", "image_id") if rec.get(k)}}
+        rows.append(Row(f"coco-{i:05d}", _prompt(path, line, "prompt", rec["prompt"]), seed, meta=meta))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ from evaluation.runner import Layout
 from runtime.resources import DEFAULT_BASE_CKPT, asset_path
 
 PROMPT_DIR = asset_path("eval_prompts")
-CKPT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
+CKPT_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")  # .bin: Concept Ablation's delta.bin
 BASE_META = "base_model.json"
 CONCEPT_TYPES = ("style", "object", "memorization")
 PRECISIONS = ("full", "autocast")
@@ -563,9 +563,14 @@ def _base_identity(plan: Plan) -> dict:
 
 
 def _check_base_identity(folder: Path, ident: dict) -> None:
+    """Refuse to reuse ``folder`` when its ``base_model.json`` names another base model than ``ident``
+    (RuntimeError) or is damaged (``runtime.files.DamagedFileError``: which base made the images is then unknown)."""
+    from runtime.files import read_json
+
     meta = folder / BASE_META
-    if meta.is_file():
-        old = json.loads(meta.read_text(encoding="utf-8"))
+    if meta.exists():
+        old = read_json(meta, "the base-model record", f"which base model made the images of {folder} is unknown: "
+                                                       f"delete that folder, or use another --base_outpath")
         if old != ident:
             raise RuntimeError(f"{folder} caches generations of another base model ({old.get('base_ckpt')}, "
                                f"config {old.get('model_config_sha256')}); use another --base_outpath or delete it")
@@ -635,10 +640,17 @@ class Folders(Layout):
             return
         from runtime.files import write_text_atomic
 
+        _check_base_identity(folder, self._base_identity())
+        write_text_atomic(folder / BASE_META, json.dumps(self._ident, indent=1) + "\n")
+
+    def check_folder(self, plan, spec, folder):
+        if spec.kind == "base":  # a base folder made by another base, or with a damaged record: now, not mid-run
+            _check_base_identity(folder, self._base_identity())
+
+    def _base_identity(self) -> dict:
         if self._ident is None:
             self._ident = _base_identity(self.plan)
-        _check_base_identity(folder, self._ident)
-        write_text_atomic(folder / BASE_META, json.dumps(self._ident, indent=1) + "\n")
+        return self._ident
 
     def finish(self, plan, suite, spec, folder, prompts):
         _write_prompts_json(folder, prompts)

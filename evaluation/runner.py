@@ -9,7 +9,9 @@ Layout under ``--outdir``::
     {suite}/summaries/{model}.json           the model's summary and the settings and rows it was scored on
     {suite}/summary.json, summary.csv        every model's summary: each model with records, whichever run made them
     {suite}/summary.png                      the suite's headline metrics per model
-    results.md, results.json                 one table: rows the models, columns every suite's headline metrics
+    results.md, results.json                 one table: rows the models, columns every suite's headline metrics;
+                                             below it (results.json: key "(provenance)") each suite's preset or
+                                             settings, prompt files' sha256 and the scorers' package versions
     .lock                                    the run using the folder (host, pid, command, start); refuses a second
 
 A suite's summary files and the table are rebuilt after every run from every model that has records (and its
@@ -39,6 +41,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .prompt_sets import Row
 from .suites import SUITES, Context, Suite, headline
@@ -106,6 +110,10 @@ def folder_for(plan: Plan, suite: str, spec, group: tuple, rows: list[Row]) -> t
     ident = {"model": model_identity(spec, plan.settings.base), "model_config": _digest(plan.model_config),
              "suite": suite, **sampling(plan.settings), "scale": scale, "height": h, "width": w,
              "rows": _digest([(r.prompt, r.seed) for r in rows])}
+    if suite in safety_suites(plan.settings):  # checked images are other images: their own folder
+        from scoring.safety import identity
+
+        ident["safety_checker"] = identity(plan.settings.safety_checker)
     name = f"cfg{scale:g}-{h}x{w}-{_digest(ident)}"
     return plan.outdir / "images" / suite / spec.name / name, ident
 
@@ -134,6 +142,11 @@ class Layout:
         from runtime.files import write_text_atomic
 
         write_text_atomic(folder / "cache.json", json.dumps(ident, indent=1, default=str) + "\n")
+
+    def check_folder(self, plan: Plan, spec, folder: Path) -> None:
+        """Before any work (:func:`check_folders`): refuse ``spec``'s ``folder`` when a record this layout keeps
+        beside its images says it cannot be reused. The benchmark keeps none that it reads (``cache.json`` is
+        written for people: the folder's name is its key)."""
 
     def finish(self, plan: Plan, suite: str, spec, folder: Path, prompts: list[str]) -> None:
         """After every image of ``folder`` exists."""
@@ -212,16 +225,19 @@ def _folders(plan: Plan, spec):
 
 def check_folders(plan: Plan) -> None:
     """Refuse now, before any model is built, a generation folder whose ``plan.json`` records other settings than
-    this run asks of it (not hours into the generation). Raises ValueError naming the folder, the differing keys
-    and the layout's remedy; a folder without a readable plan is left to ``generate_images``' own checks."""
+    this run asks of it (not hours into the generation), or whose records are damaged. Raises ValueError naming
+    the folder, the differing keys and the layout's remedy, or ``runtime.files.DamagedFileError`` (a damaged
+    ``plan.json``, or a record the layout keeps beside it: :meth:`Layout.check_folder`)."""
+    from runtime.files import read_json
     from runtime.generate import PLAN_FILE, plan_dict, plan_diff
 
     for spec in plan.models:
         for suite, folder, ident, prompts, how, seeds in _folders(plan, spec):
-            try:
-                old = json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+            plan.layout.check_folder(plan, spec, folder)
+            if not (folder / PLAN_FILE).exists():
                 continue
+            old = read_json(folder / PLAN_FILE, "the generation plan",
+                            f"its folder {folder} cannot be resumed: {plan.layout.remedy(spec)}")
             diff = plan_diff(old, plan_dict(how, prompts, seeds))
             if diff:
                 raise ValueError(f"{folder} was generated with other settings (differs in: {', '.join(diff)}); "
@@ -248,9 +264,81 @@ def generate(plan: Plan) -> None:
                                     desc=layout.desc(suite, spec), shard=shard, model=_label(spec, a.base))
                 except GenerationPlanError as e:
                     raise GenerationPlanError(f"{e} ({layout.stale(folder)})") from e
+                if suite in safety_suites(a) and (shard is None or shard[0] == 0):
+                    apply_safety_checker(plan, folder)
                 layout.finish(plan, suite, spec, folder, prompts)
         finally:
             factory.clear()
+
+
+# the suites whose original scripts kept diffusers' safety checker on (artist_erasure.py, object_erase.py,
+# gender_reversal.py, eval_coco.py load their pipelines with it); nudity_eval.py and inference_mem.py replace its
+# forward by one that flags nothing
+ORIGINAL_SAFETY_SUITES = ("artist", "objects", "gender", "coco")
+SAFETY_SUITES = ("original", "all")
+SAFETY_FILE = "safety_checker.json"
+
+
+def safety_suites(settings) -> tuple[str, ...]:
+    """The suites whose images go through ``--safety_checker`` (none without it)."""
+    if not getattr(settings, "safety_checker", None):
+        return ()
+    return tuple(SUITES) if settings.safety_suites == "all" else ORIGINAL_SAFETY_SUITES
+
+
+def apply_safety_checker(plan: Plan, folder: Path) -> list[int]:
+    """Run the safety checker over a generated folder as the original pipelines did on their outputs: every image
+    it flags becomes black (all zeros, as diffusers returns it). The flags are recorded in ``safety_checker.json``
+    (image indices of the folder) before any image is blackened, so an interrupted pass resumes without checking
+    a black image again. Returns the flagged indices."""
+    from runtime.files import save_png_atomic, write_text_atomic
+
+    record = folder / SAFETY_FILE
+    images = folder_images(folder, flag=plan.layout.flag)
+    try:
+        flagged = json.loads(record.read_text(encoding="utf-8"))["flagged"]
+    except (OSError, ValueError, KeyError, TypeError):
+        checker = plan.preloaded.get("safety_checker") or _load_checker(plan)
+        flagged = [i for i, f in enumerate(checker.flags(images)) if f]
+        write_text_atomic(record, json.dumps({"safety_checker": plan.settings.safety_checker,
+                                              "n_images": len(images), "flagged": flagged}, indent=1) + "\n")
+    for i in flagged:
+        from PIL import Image
+
+        with Image.open(images[i]) as im:
+            black = np.zeros((im.height, im.width, 3), dtype=np.uint8)
+            done = not np.asarray(im.convert("RGB")).any()
+        if not done:
+            save_png_atomic(black, images[i])
+    if flagged:
+        print(f"{folder}: the safety checker flagged {len(flagged)} of {len(images)} images (now black)")
+    return flagged
+
+
+def _load_checker(plan: Plan):
+    import torch
+
+    from scoring.safety import load_safety_checker
+
+    device = plan.settings.score_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    plan.preloaded["safety_checker"] = load_safety_checker(plan.settings.safety_checker, device)
+    return plan.preloaded["safety_checker"]
+
+
+def safety_flags(plan: Plan, suite: str, spec) -> list[bool] | None:
+    """Per row of ``spec``'s images of ``suite``: flagged by the safety checker; None where it does not apply."""
+    if suite not in safety_suites(plan.settings):
+        return None
+    out = [False] * len(plan.rows_of(suite, spec))
+    for folder, _, idx in plan.layout.folders(plan, suite, spec):
+        try:
+            flagged = json.loads((folder / SAFETY_FILE).read_text(encoding="utf-8"))["flagged"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise FileNotFoundError(f"{folder / SAFETY_FILE} is missing or unreadable: its images were not "
+                                    f"checked; run without {plan.layout.flag}") from None
+        for j in flagged:
+            out[idx[j]] = True
+    return out
 
 
 def _label(spec, base: str) -> str:
@@ -332,6 +420,11 @@ def score(plan: Plan):
             ctx = Context(plan.settings, scorers, spec.name, spec.kind == "base", cache)
             images = base_images if ctx.is_base else images_of(plan, suite.name, spec)
             records, summaries[spec.name] = suite.score(ctx, plan.rows_of(suite.name, spec), images, base_images)
+            flags = safety_flags(plan, suite.name, spec)
+            if flags is not None:  # scored as the original scored them: black where flagged
+                summaries[spec.name]["safety_checker"] = {"flagged": sum(flags), "images": len(flags)}
+                for r, f in zip(records, flags):
+                    r["safety_flagged"] = f
             path = plan.layout.records(plan, suite.name, spec)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,13 +437,17 @@ def score(plan: Plan):
 
 def _settings(plan: Plan) -> dict:
     a = plan.settings
-    return {**sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base,
-            "clip_precision": a.clip_precision, **({"artist_jpeg": True} if a.artist_jpeg else {}),
-            "models": {m.name: {"kind": m.kind, "path": m.path} for m in plan.models}}
+    out = {**sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base,
+           "clip_precision": a.clip_precision, **({"artist_jpeg": True} if a.artist_jpeg else {}),
+           "models": {m.name: {"kind": m.kind, "path": m.path} for m in plan.models}}
+    if safety_suites(a):
+        out["safety_checker"] = {"folder": a.safety_checker, "suites": list(safety_suites(a))}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- summaries
-COMPARED = ("rows", "sampler", "steps", "eta", "precision", "scale", "H", "W", "base")  # what makes models comparable
+# what makes models comparable
+COMPARED = ("rows", "sampler", "steps", "eta", "precision", "scale", "H", "W", "base", "safety_checker")
 
 
 def summary_file(outdir: Path, suite: str, model: str) -> Path:
@@ -362,9 +459,13 @@ def source_of(plan: Plan, suite: str, spec) -> dict:
     sampling settings (:data:`COMPARED`), to tell models scored on other rows or settings apart."""
     a = plan.settings
     rows = plan.rows_of(suite, spec)
+    from .presets import provenance
+
+    checked = {"safety_checker": a.safety_checker} if suite in safety_suites(a) else {}  # black where flagged
     return {"kind": spec.kind, "path": spec.path, "n_rows": len(rows),
             "settings": {"rows": _digest([(r.prompt, r.seed, r.guidance, r.height, r.width) for r in rows]),
-                         **sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base}}
+                         **sampling(a), "scale": a.scale, "H": a.H, "W": a.W, "base": a.base, **checked},
+            "provenance": provenance(a)}
 
 
 _WARNED: set[str] = set()
@@ -405,7 +506,7 @@ def collect_suite(outdir: Path, name: str, order=()) -> dict | None:
         doc, why = _read_json(summary_file(outdir, name, m))
         if doc is not None and isinstance(doc.get("summary"), dict):
             summaries[m] = doc["summary"]
-            sources[m] = {k: doc.get(k) for k in ("kind", "path", "n_rows", "settings")}
+            sources[m] = {k: doc.get(k) for k in ("kind", "path", "n_rows", "settings", "provenance")}
             continue
         if why == "missing":  # a folder of an older version: its summary.json holds the summaries
             legacy = legacy if legacy is not None else (_read_json(d / "summary.json")[0] or {})
@@ -427,9 +528,15 @@ def collect_suite(outdir: Path, name: str, order=()) -> dict | None:
               f"{d / 'records' / (m + '.jsonl')} to drop it")
     suite = SUITES.get(name)
     first = sources[next(iter(summaries))]
-    return {"suite": name, "description": suite.doc if suite else "", "n_rows": first.get("n_rows"),
-            "settings": first.get("settings"), "metrics": [m.__dict__ for m in suite.metrics] if suite else [],
-            "models": summaries, "sources": sources, "not_comparable": odd}
+    # optional metrics (e.g. coco's FID against real images) only where some model has them
+    metrics = [m for m in suite.metrics if not m.optional or any(m.key in (v or {}) for v in summaries.values())
+               ] if suite else []
+    doc = {"suite": name, "description": suite.doc if suite else "", "n_rows": first.get("n_rows"),
+           "settings": first.get("settings"), "metrics": [m.__dict__ for m in metrics],
+           "models": summaries, "sources": sources, "not_comparable": odd}
+    if first.get("provenance"):
+        doc["provenance"] = first["provenance"]
+    return doc
 
 
 def write_suite(plan: Plan, suite: Suite) -> None:
@@ -438,7 +545,9 @@ def write_suite(plan: Plan, suite: Suite) -> None:
     doc = collect_suite(plan.outdir, suite.name, [m.name for m in plan.models])
     if doc is None:
         return
-    doc.update(n_rows=len(plan.rows[suite.name]), settings=_settings(plan))
+    from .presets import provenance
+
+    doc.update(n_rows=len(plan.rows[suite.name]), settings=_settings(plan), provenance=provenance(plan.settings))
     _write_suite_doc(plan.outdir / suite.name, suite, doc)
 
 
@@ -558,7 +667,35 @@ def markdown_table(docs: list[dict]) -> tuple[str, dict]:
     if odd:
         lines += ["", "\\* scored on other rows or settings than the other models of a suite (see the suite's "
                       "summary.json: not_comparable, sources)"]
+    made = [d for d in docs if "provenance" in d]
+    if made:
+        lines.append("")
+    for d in made:  # how each suite's numbers were made (summary.json has the full settings)
+        lines.append(f"- {d['suite']}: {_made_by(d)}")
+    if made:
+        # "(provenance)" cannot clash with a model: model names are letters, digits and . _ + - only
+        # strings only ("none": no preset; packages not installed left out): the numbers of the table stay its only
+        # numeric leaves
+        table["(provenance)"] = {d["suite"]: {"preset": (d.get("provenance") or {}).get("preset") or "none",
+                                             "made_by": _made_by(d),
+                                             "versions": {k: v for k, v in ((d.get("provenance") or {})
+                                                                            .get("versions") or {}).items() if v}}
+                                 for d in made}
     return "\n".join(lines) + "\n", table
+
+
+def _made_by(doc: dict) -> str:
+    """One line: the preset (or the settings that define the protocol) and the scorers' package versions."""
+    prov, st = doc.get("provenance") or {}, doc.get("settings") or {}
+    how = (f"preset {prov['preset']}" if prov.get("preset") else
+           "no preset: " + ", ".join(f"{k}={st[k]}" for k in ("sampler", "steps", "scale", "H", "W") if k in st))
+    threshold = next((m.get("threshold") for m in (doc.get("models") or {}).values() if isinstance(m, dict)
+                      and m.get("threshold") is not None), None)
+    if threshold is not None:
+        how += f", NudeNet threshold {threshold}"
+    files = ", ".join(f"{v['path']} sha256 {v['sha256'][:12]}" for v in (prov.get("prompt_files") or {}).values())
+    vers = ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items() if v)
+    return how + (f"; {files}" if files else "") + (f"; {vers}" if vers else "")
 
 
 def write_results(outdir: Path, plan: Plan | None = None) -> Path:

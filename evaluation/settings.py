@@ -16,6 +16,8 @@ class BenchmarkSettings:
     (for the suites that use them); ``skipped_empty_prompts`` is how many empty prompts the nudity suite left out
     under ``empty_prompts="skip"``."""
     suites: tuple[str, ...]
+    preset: str | None = None  # evaluation.presets.PRESETS: sets the fields of a paper's protocol
+    explicit: tuple[str, ...] = ()  # the fields the command line gave (a preset refuses those it contradicts)
     # models
     base: str = str(DEFAULT_BASE_CKPT)
     config: str = str(DEFAULT_CONFIG)
@@ -38,6 +40,8 @@ class BenchmarkSettings:
     gpus: str | None = None
     limit: int | None = None
     score_only: bool = False
+    safety_checker: str | None = None  # a diffusers pipeline folder whose safety checker blackens flagged images
+    safety_suites: str = "original"  # original: the suites whose scripts kept it on; all: every suite
     # scorers
     clip_model: str = "open_clip:ViT-B-32:openai"
     mem_clip_model: str = "open_clip:ViT-g-14:laion2b_s12b_b42k"
@@ -57,6 +61,7 @@ class BenchmarkSettings:
     categories: tuple[str, ...] | None = None
     row_settings: bool = False
     empty_prompts: str = "error"
+    nudity_threshold: float = 0.5  # NudeNet score a detection must exceed (ConceptPrune's 0.5)
     # objects
     target_class: str | None = None
     removal_mode: str = "both"
@@ -69,6 +74,7 @@ class BenchmarkSettings:
     captions: str | None = None
     n_captions: int | None = None
     coco_order: str = "shuffled"
+    coco_images: str | None = None  # a folder of real COCO images: FID/KID against them besides the base's
     # memorization
     mem_jsonl: str | None = None
     gt_dir: str | None = None

@@ -25,8 +25,10 @@ import statistics
 import time
 from pathlib import Path
 
+from runtime.files import read_json
 from toyworld import mission
 
+RESTORE = "restore it (it holds the results of earlier runs), or use another --out"  # a damaged study record
 SETTINGS = ["ddim-200", "dpmpp_2m-20", "dpmpp_2m-10"]
 RECIPES = ["style", "instance"]
 SEEDS = [0, 1, 2]
@@ -86,7 +88,7 @@ def run_study(out: Path, settings=SETTINGS, seeds=SEEDS, recipes=RECIPES, quick:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out.mkdir(parents=True, exist_ok=True)
     record = out / "study.json"
-    study = json.loads(record.read_text()) if record.is_file() else {"runs": []}
+    study = read_json(record, "the study record", RESTORE) if record.is_file() else {"runs": []}
     done = {(r["setting"], r["seed"], r["recipe"]) for r in study["runs"]}
     meter = Meter()
     (out / "baseline").mkdir(exist_ok=True)
@@ -201,7 +203,7 @@ def main(argv=None):
         p.error("seeds must be >= 0")
     out = Path(args.out)
     if args.report:
-        study = json.loads((out / "study.json").read_text())
+        study = read_json(out / "study.json", "the study record", RESTORE)
         (out / "study.md").write_text(table(study))
     else:
         study = run_study(out, args.settings, args.seeds, args.recipes, args.quick)

@@ -43,9 +43,11 @@ import re
 import time
 from pathlib import Path
 
+from runtime.files import read_json
 from toyworld import mission
 from toyworld.render import ANCHOR_CLASS, ANCHOR_STYLE, CAT_CLASSES, TEXTURES
 
+RESTORE = "restore it (it holds the results of earlier runs), or use another --out"  # a damaged study record
 METHODS = ("ablation", "ablation-preserve", "conceptprune")
 CAT_TARGETS = tuple(c for c in CAT_CLASSES if c != ANCHOR_CLASS)
 ANCHORS = (ANCHOR_STYLE, ANCHOR_CLASS)
@@ -358,7 +360,7 @@ def run(methods, targets, out: Path, assets: Path = mission.ASSETS, quick: bool 
                 "train_extra": list(train_extra), "conceptprune": {"skill_ratio": mission.PRUNE_SKILL_RATIO,
                                                                    "tau": mission.PRUNE_TAU}}
     path = out / "matrix.json"
-    report = json.loads(path.read_text()) if path.is_file() else {}
+    report = read_json(path, "the study record", RESTORE) if path.is_file() else {}
     if report and report.get("settings") != settings:
         raise ValueError(f"{path} was made with other settings ({report.get('settings')}); use another --out")
     t0 = time.perf_counter()

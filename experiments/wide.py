@@ -29,8 +29,10 @@ import time
 from pathlib import Path
 
 from experiments import matrix
+from runtime.files import read_json
 from toyworld import mission
 
+RESTORE = "restore it (it holds the results of earlier runs), or use another --out"  # a damaged study record
 ASSETS = mission.ASSETS
 # name -> state-dict keys whose tensors are set to zero (weights only; biases stay, as ConceptPrune's masks). The
 # per-block rows zero as many weights in the wide UNet as "ff.net.2" does in the shipped one; a row that matches
@@ -160,7 +162,7 @@ def run(ldm_dir: Path, out: Path, parts=PARTS, numgen: int = 50, targets=PRUNE_T
     out.mkdir(parents=True, exist_ok=True)
     view = assets_view(ldm_dir, out / "assets")
     path = out / "wide.json"
-    report = json.loads(path.read_text()) if path.is_file() else {}
+    report = read_json(path, "the study record", RESTORE) if path.is_file() else {}
     weights = mission.asset_paths(view)["weights"]
     report.update({"ldm": matrix.shown_path(ldm_dir), "numgen": numgen, "size": unet_size(weights)})
     report.setdefault("seconds", {})

@@ -258,8 +258,10 @@ def load_checkpoint(path: PathLike) -> dict:
     """Read a checkpoint file and return its top-level object.
 
     ``.safetensors`` content comes back as ``{"state_dict": tensors}`` so callers can treat
-    both formats alike. Pickled files are read with ``weights_only=True`` and a small
-    allow-list; anything else they reference raises :class:`UnsafeCheckpointError`.
+    both formats alike, and so does a Concept Ablation diffusers ``delta.bin`` (its tensors under
+    CompVis keys: :func:`ldm.diffusers_format.convert_concept_ablation_delta`). Pickled files are read
+    with ``weights_only=True`` and a small allow-list; anything else they reference raises
+    :class:`UnsafeCheckpointError`.
     """
     p = Path(path)
     require_checkpoint(p, "checkpoint")
@@ -302,7 +304,21 @@ def load_checkpoint(path: PathLike) -> dict:
         raise CheckpointError(f"could not read checkpoint {p}: {e}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{p}: expected a dict at the top level, got {type(obj).__name__}")
-    return _plain(obj)
+    return _concept_ablation_as_state_dict(_plain(obj), p)
+
+
+def _concept_ablation_as_state_dict(obj: dict, path: Path) -> dict:
+    """A Concept Ablation diffusers ``delta.bin`` (``{'unet': {...}, 'text_encoder': {...}}``) as
+    ``{"state_dict": its tensors under CompVis keys}``; any other object as it is. The one place that format is
+    recognised: every reader of deltas and UNet files goes through here."""
+    from ldm import diffusers_format
+
+    if not diffusers_format.is_concept_ablation_delta(obj):
+        return obj
+    try:
+        return {"state_dict": diffusers_format.convert_concept_ablation_delta(obj)}
+    except diffusers_format.DiffusersFormatError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _from_diffusers(path: PathLike, reader, unet=None) -> dict[str, torch.Tensor]:
@@ -335,7 +351,8 @@ def _read_any(path: PathLike, reader) -> dict[str, torch.Tensor]:
 
 
 def file_state_dict(path: PathLike, finite: bool = True) -> dict[str, torch.Tensor]:
-    """The tensors of one checkpoint file as stored (no diffusers conversion; see :func:`load_state_dict`).
+    """The tensors of one checkpoint file as stored (no diffusers pipeline conversion; see :func:`load_state_dict`;
+    a Concept Ablation ``delta.bin`` comes with CompVis keys, see :func:`load_checkpoint`).
 
     Raises :class:`CheckpointError` when the file holds no mapping of tensors, or (``finite``) when a floating
     tensor holds NaN/inf (:func:`check_finite`)."""
@@ -384,7 +401,9 @@ def _file_tensors(path: PathLike) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in sd.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         keys = ", ".join(map(repr, list(sd.keys())[:8]))
-        raise CheckpointError(f"{path}: no tensors found (top-level keys: {keys or 'none'})")
+        raise CheckpointError(f"{path}: no tensors found: neither a state dict (name -> tensor, or under "
+                              f"'state_dict') nor a Concept Ablation delta.bin ({{'unet': {{name: tensor}}}}, "
+                              f"optionally 'text_encoder'); top-level keys: {keys or 'none'}")
     return tensors
 
 

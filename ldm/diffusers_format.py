@@ -128,10 +128,7 @@ def unet_key_map(keys, strict: bool = True) -> dict[str, str]:
     of the SD-v1 family. Raises :class:`DiffusersFormatError` on a key outside that family (with
     ``strict=False`` such keys are left out of the map instead, for callers that report them all)."""
     keys = list(keys)
-    per_level = {int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.", k))}
-    if not per_level:
-        raise DiffusersFormatError("not a diffusers UNet: no down_blocks.*.resnets.* keys")
-    n_res = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k)))
+    n_res = _res_blocks_per_level(keys)
     up_attn = {int(m.group(1)) for k in keys if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
     step = n_res + 1  # CompVis input/output blocks per level: the res blocks plus a down/upsampler (input) or
     # one more res block (output)
@@ -156,6 +153,25 @@ def unet_key_map(keys, strict: bool = True) -> dict[str, str]:
          lambda m: f"output_blocks.{int(m[1]) * step + n_res}.{2 if int(m[1]) in up_attn else 1}.conv.{m[2]}"),
     ]
     return _apply_rules(keys, rules, "UNet", " (an SDXL/SD2-style or otherwise unsupported UNet?)", strict)
+
+
+def _res_blocks_per_level(keys: list[str]) -> int:
+    """Res blocks per level of a UNet from its keys: from ``down_blocks.0.resnets.*``, or, for a part of a UNet
+    without res-block keys (Concept Ablation's cross-attention delta), from its attention blocks (one per res
+    block in a down level, one more in an up level). Raises :class:`DiffusersFormatError` without either."""
+    def highest(pattern: str) -> int | None:
+        found = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
+        return max(found) if found else None
+
+    if (res := highest(r"down_blocks\.0\.resnets\.(\d+)\.")) is not None:
+        return res + 1
+    if (down := highest(r"down_blocks\.\d+\.attentions\.(\d+)\.")) is not None:
+        return down + 1
+    if (up := highest(r"up_blocks\.\d+\.attentions\.(\d+)\.")) is not None:
+        return up
+    if any(k.startswith("mid_block.") for k in keys):
+        return 1  # the mid block's keys do not depend on it
+    raise DiffusersFormatError("not a diffusers UNet: no down_blocks.*.resnets.* keys")
 
 
 def convert_unet(unet: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -292,6 +308,41 @@ def convert(unet: Mapping[str, torch.Tensor], vae: Mapping[str, torch.Tensor], t
         buffers = schedule_buffers(sched)
         meta = next(iter(unet.values())).device.type == "meta"
         out.update({k: torch.empty_like(v, device="meta") if meta else v for k, v in buffers.items()})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ Concept Ablation
+CA_DELTA_KEYS = ("unet", "text_encoder")
+
+
+def is_concept_ablation_delta(obj) -> bool:
+    """``obj`` (a checkpoint's top-level object) has the shape of Concept Ablation's diffusers ``delta.bin``
+    (``CustomDiffusionPipeline.save_pretrained``): ``{'unet': {diffusers UNet parameter name: tensor}}``, optionally
+    with ``'text_encoder'`` (a transformers CLIPTextModel state dict), and nothing else."""
+    return (isinstance(obj, Mapping) and "unet" in obj and set(obj) <= set(CA_DELTA_KEYS)
+            and all(isinstance(obj[k], Mapping) for k in obj))
+
+
+def convert_concept_ablation_delta(obj: Mapping) -> dict[str, torch.Tensor]:
+    """Concept Ablation's ``delta.bin`` content -> its tensors under CompVis keys: the UNet's (any subset of a
+    UNet2DConditionModel's parameters: the cross-attention ``attn2.to_k``/``to_v`` of "cross-attn", all of them
+    of "full-weight") through :func:`unet_key_map`, the text encoder's through :func:`text_key`. Tensors are not
+    copied. Raises :class:`DiffusersFormatError` (one line) on a non-tensor entry or a key with no CompVis
+    counterpart."""
+    for part in obj:
+        bad = [k for k, v in obj[part].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise DiffusersFormatError(f"Concept Ablation delta: '{part}' entry {bad[0]!r} is not a named tensor")
+    if not obj["unet"] and not obj.get("text_encoder"):
+        raise DiffusersFormatError("Concept Ablation delta: holds no tensors ('unet' is empty, no 'text_encoder')")
+    try:
+        out = convert_unet(obj["unet"]) if obj["unet"] else {}
+    except DiffusersFormatError as e:
+        raise DiffusersFormatError(f"Concept Ablation delta 'unet': {e}") from None
+    for k, v in obj.get("text_encoder", {}).items():
+        ours = text_key(k)
+        if ours is not None:
+            out[ours] = v
     return out
 
 

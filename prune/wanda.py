@@ -179,9 +179,13 @@ def load_masks(path: str | Path) -> tuple[dict[tuple[int, int], torch.Tensor], d
         raise MaskError(f"{path} is not a ConceptPrune mask file: {e}") from e
     if raw is None:
         raise MaskError(f"{path} has no '{META_KEY}' metadata: not a ConceptPrune mask file")
-    meta = json.loads(raw)
-    if meta.get("format") != MASK_FORMAT:
-        raise MaskError(f"{path}: unknown mask format {meta.get('format')!r} (expected {MASK_FORMAT})")
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise MaskError(f"{path}: its '{META_KEY}' metadata is damaged (not valid JSON: {e})") from None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if fmt != MASK_FORMAT:
+        raise MaskError(f"{path}: unknown mask format {fmt!r} (expected {MASK_FORMAT})")
     n_calls, layers = int(meta["n_calls"]), meta["layers"]
     masks = {}
     for t in range(n_calls):

@@ -32,7 +32,7 @@ __all__ = ["ArgumentParser", "UsageError", "parse_devices", "GPUS_HELP", "positi
            "finite_float", "nonnegative_float", "positive_float", "image_side", "guidance_scale", "seed_int",
            "comma_list", "MAX_IMAGE_SIDE", "MAX_GUIDANCE", "SEED_LIMIT", "image_side_problem", "guidance_problem",
            "seed_problem", "check_output", "check_distinct_outputs", "check_config_values", "exit_on_usage_error",
-           "RunError", "exit_on_run_error"]
+           "RunError", "run_error_status", "exit_on_run_error"]
 
 
 class UsageError(ValueError):
@@ -100,6 +100,7 @@ nonnegative_int = _ranged(int, lambda v: v >= 0, "an integer >= 0", "nonnegative
 finite_float = _ranged(float, lambda v: True, "a finite number", "finite_float")
 nonnegative_float = _ranged(float, lambda v: v >= 0, "a finite number >= 0", "nonnegative_float")
 positive_float = _ranged(float, lambda v: v > 0, "a finite number > 0", "positive_float")
+unit_interval = _ranged(float, lambda v: 0 <= v <= 1, "a number in [0, 1]", "unit_interval")
 # ---------------------------------------------------------------------------------------- generation limits
 #: SD's VAE downsamples by 8, so a side is a multiple of 8; above 4096 px (64x SD v1's latent area) a value is a
 #: typo, and it would fail only once generation reaches it (out of memory) after other images were made.
@@ -338,20 +339,32 @@ def exit_on_usage_error(fn: Callable[[], Any]) -> Any:
         sys.exit(2)
 
 
-def exit_on_run_error(fn: Callable[[], Any]) -> Any:
-    """Run a script's work ``fn``; a bad input found only during the work becomes one ``error:`` line and exit
-    status 2: a :class:`RunError`, or a model file found broken while it is loaded (``CheckpointError``, e.g. a
-    NaN/inf weight: only headers are read by the up-front checks); a file it cannot write
-    (``runtime.files.WriteError``: disk full, no permission) is one line naming the folder and exit status 1.
-    Other errors keep their traceback."""
+def run_error_status(e: BaseException) -> int | None:
+    """The exit status of an error found during a job's work whose message says everything, so that it is printed
+    as one line: 2 for a bad input (a :class:`RunError`; a model file found broken while it is loaded,
+    ``CheckpointError``, e.g. a NaN/inf weight: the up-front checks read headers only; a damaged record of a
+    folder, ``runtime.files.DamagedFileError``), 1 for a file that cannot be written (``runtime.files.WriteError``:
+    disk full, no permission). None for any other error, which keeps its traceback. The one list of these classes:
+    :func:`exit_on_run_error` and the worker processes of ``runtime.generate`` both use it."""
     from ldm.checkpoint import CheckpointError
-    from runtime.files import WriteError
+    from runtime.files import DamagedFileError, WriteError
 
+    if isinstance(e, WriteError):
+        return 1
+    if isinstance(e, (RunError, CheckpointError, DamagedFileError)):
+        return 2
+    return None
+
+
+def exit_on_run_error(fn: Callable[[], Any]) -> Any:
+    """Run a script's work ``fn``; an error whose message says everything (:func:`run_error_status`: a bad input
+    found only during the work, status 2; a file it cannot write, status 1) becomes one ``error:`` line and that
+    exit status. Other errors keep their traceback."""
     try:
         return fn()
-    except WriteError as e:
+    except Exception as e:
+        status = run_error_status(e)
+        if status is None:
+            raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except (RunError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(status)

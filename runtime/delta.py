@@ -4,6 +4,12 @@ Format (``.ckpt`` or ``.safetensors``): ``{'state_dict': {key: tensor}}`` where 
 ``LatentDiffusion`` names (``model.diffusion_model....attn2.to_k.weight``). Embedding deltas add
 ``embed`` (rows [K, D]) and ``embed_ids`` (their token ids [K]); a reference delta with ``embed``
 but no ids is written into the *last* K rows, as the reference did.
+
+Concept Ablation's own diffusers checkpoints load too: its ``delta.bin`` (``torch.save({'unet': {diffusers UNet
+parameter name: tensor}, ['text_encoder': CLIPTextModel state dict]})``) is read by :mod:`ldm.checkpoint` with its
+keys mapped to CompVis names (:func:`ldm.diffusers_format.convert_concept_ablation_delta`), so every delta path
+(``sample.py --delta_ckpt``, ``evaluate.py``'s checkpoints, ``benchmark.py --delta``) takes it; the text encoder,
+when present, is written whole.
 """
 from __future__ import annotations
 

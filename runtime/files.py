@@ -6,7 +6,9 @@ target) and moved into place with ``os.replace``, so a reader never sees half a 
 no damaged output and two processes never write the same temporary file. Every atomic writer goes through
 :func:`atomic_target`: on any error the temporary file is removed, and an ``OSError`` (disk full, permissions)
 becomes a :class:`WriteError` whose message is one line naming the folder. Caches are read with
-:func:`read_cache`: a damaged one is recomputed (with a warning), never a dead end.
+:func:`read_cache`: a damaged one is recomputed (with a warning), never a dead end. The JSON records a run keeps
+of what a folder holds (generation plans, a base model's identity, hand-over journals) are not caches and are read
+with :func:`read_json`: a damaged one stops the run with a :class:`DamagedFileError`, one line saying what to do.
 """
 from __future__ import annotations
 
@@ -347,3 +349,45 @@ def read_cache(path: str | os.PathLike, loader: Callable[[Path], T], what: str =
         print(f"warning: {what} {path} is unreadable ({type(e).__name__}: {error_line(e)}); recomputing it and "
               f"replacing the file", file=sys.stderr)
         return None
+
+
+# ---------------------------------------------------------------------------------------- records of our own
+class DamagedFileError(RuntimeError):
+    """A JSON record this project wrote about a folder (a generation plan, the identity of the model its images
+    came from, a hand-over journal) cannot be read. Unlike a cache it is never treated as absent: guessing could
+    mix two runs' images in one folder or lose track of images being moved. ``str()`` is one line: the file, what
+    is wrong with it and what to do; the commands print it and exit with status 2."""
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def _json_problem(e: Exception) -> str:
+    if isinstance(e, json.JSONDecodeError):
+        return "empty file" if not e.doc.strip() else f"not valid JSON: {e.msg} at line {e.lineno}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text (byte {e.start})"
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    return error_line(e)
+
+
+def read_json(path: str | PathLike, what: str, remedy: str, kind: type = dict):
+    """The JSON value of ``path``, a record this project wrote (see :class:`DamagedFileError`), which must be a
+    ``kind`` (default: an object). A missing file raises ``FileNotFoundError`` (the caller knows whether that is
+    fine); a damaged one (truncated, not JSON, not UTF-8, another JSON type, a folder, unreadable) raises
+    :class:`DamagedFileError`: ``{what} {path} is damaged ({problem}); {remedy}``."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = _json_problem(e)
+    else:
+        if isinstance(value, kind):
+            return value
+        found, wanted = _JSON_TYPES.get(type(value), "value"), _JSON_TYPES.get(kind, kind.__name__)
+        problem = f"a JSON {found} where an {wanted} was written"
+    raise DamagedFileError(f"{what} {path} is damaged ({problem}); {remedy}")

@@ -57,8 +57,16 @@ from tqdm.auto import tqdm
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpmpp import DPMPP2MSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from runtime.cli import RunError, guidance_problem, image_side_problem, seed_problem
-from runtime.files import image_is_complete, read_text_lines, save_png_atomic, temp_in_use, write_text_atomic
+from runtime.cli import RunError, guidance_problem, image_side_problem, run_error_status, seed_problem
+from runtime.files import (
+    WriteError,
+    image_is_complete,
+    read_json,
+    read_text_lines,
+    save_png_atomic,
+    temp_in_use,
+    write_text_atomic,
+)
 
 __all__ = ["Sampling", "generate_images", "validate_generation_args", "check_prompts", "check_devices",
            "GenerationPlanError", "NonFiniteSampleError", "PLAN_FILE", "SAMPLERS", "PRECISIONS", "plan_dict",
@@ -77,8 +85,9 @@ PIXELS = ("truncate", "round")
 SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpmpp_2m": DPMPP2MSampler}
 
 
-class GenerationPlanError(RuntimeError):
-    """``outdir`` already holds images generated from a different plan."""
+class GenerationPlanError(RunError):
+    """``outdir`` already holds images generated from a different plan (one line naming the folder and the remedy:
+    a run that meets it mid-work exits with status 2, ``runtime.cli.exit_on_run_error``)."""
 
 
 class NonFiniteSampleError(RunError):
@@ -410,8 +419,8 @@ class Runner:
 
 def _worker(rank: int, devices, jobs_by_rank, runner_args, desc, told=None):
     """Spawned process ``rank``: sample its batches ``jobs_by_rank[rank]`` on ``devices[rank]``. An error whose
-    message says it all (a broken model) also goes to the queue ``told`` as (kind, message), for the parent to
-    raise as it is."""
+    message says it all (``runtime.cli.run_error_status``: a broken model, a damaged record, a full disk) also
+    goes to the queue ``told``, for the parent to raise as it is (:func:`_portable`)."""
     mine = jobs_by_rank[rank]
     if not mine:
         return
@@ -429,20 +438,26 @@ def _worker(rank: int, devices, jobs_by_rank, runner_args, desc, told=None):
                 bar.update(len(indices))
         runner.close()
     except Exception as e:
-        kind = _TOLD.get(type(e).__name__)
-        if told is not None and kind is not None and type(e) is kind:
-            told.put((type(e).__name__, str(e)))
+        if told is not None and run_error_status(e) is not None:
+            told.put(_portable(e))
         # torch.multiprocessing re-raises this in the parent with the full (chained) traceback.
         raise RuntimeError(f"generation worker {rank} on device {device} failed: {e!r}") from e
 
 
-def _told_kinds() -> dict[str, type]:
-    from ldm.checkpoint import CheckpointError
-
-    return {k.__name__: k for k in (CheckpointError, NonFiniteSampleError)}
-
-
-_TOLD = _told_kinds()  # errors a worker hands to the parent to re-raise unchanged (one line for the user)
+def _portable(e: Exception) -> Exception:
+    """``e`` as it can cross to the parent process: itself where it survives pickling with its message and class,
+    else the same message as a :class:`WriteError` (a full disk: exit status 1) or a :class:`RunError` (status 2,
+    as for every other error of ``runtime.cli.run_error_status``), e.g. for an error class whose constructor
+    takes other arguments than its message."""
+    try:
+        copy = pickle.loads(pickle.dumps(e))
+        if type(copy) is type(e) and str(copy) == str(e):
+            return copy
+    except Exception:  # any failure to pickle or rebuild it: send its message instead
+        pass
+    if isinstance(e, WriteError):
+        return WriteError(e.errno or 0, str(e))
+    return RunError(str(e))
 
 
 # ---------------------------------------------------------------------------------------- public API
@@ -474,8 +489,10 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     that samples NaN/inf stops the call with :class:`NonFiniteSampleError` before any of its images is written.
 
     Raises ``ValueError``/``TypeError`` (arguments, before any model is built), ``GenerationPlanError``,
-    :class:`NonFiniteSampleError` and ``ldm.checkpoint.CheckpointError`` (a model file found broken while loading),
-    the last two also from the processes of several ``devices``.
+    ``runtime.files.DamagedFileError`` (an unreadable ``plan.json``: never guessed, the folder is not resumed),
+    :class:`NonFiniteSampleError`, ``ldm.checkpoint.CheckpointError`` (a model file found broken while loading) and
+    ``runtime.files.WriteError`` (disk full); with several ``devices`` a worker's error of those classes
+    (``runtime.cli.run_error_status``) reaches the caller as it is, with its one-line message.
     """
     prompts, devices = validate_generation_args(prompts, sampling, devices)
     if seeds is not None:
@@ -496,10 +513,8 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
 
     # --- is this folder ours (same plan)?
     if plan_file.exists():
-        try:
-            old = json.loads(plan_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise GenerationPlanError(f"{plan_file} is unreadable ({e}); delete {outdir} or use another outdir") from e
+        old = read_json(plan_file, "the generation plan", f"delete the folder {outdir} to generate its images "
+                                                            f"again, or use another outdir")
         diff = plan_diff(old, plan)
         if diff:
             raise GenerationPlanError(
@@ -574,8 +589,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
             except mp.ProcessRaisedException:
                 if told.empty():
                     raise
-                kind, message = told.get()
-                raise _TOLD[kind](message) from None
+                raise told.get() from None  # a worker's one-line error, as the one-process path raises it
 
     if shard is not None:
         from runtime.dist import barrier

@@ -125,8 +125,9 @@ def settings_from_argv(argv=None) -> SampleSettings:
 
 def check(settings: SampleSettings) -> SampleSettings:
     """Check everything cheap before any work (files, numbers, the checkpoints against the model config,
-    the output folder); returns the settings with the values that follow from them filled in (see
-    :class:`SampleSettings`). Raises FileNotFoundError, ValueError (UsageError) or CheckpointError."""
+    the output folder, the records an interrupted call left there); returns the settings with the values that
+    follow from them filled in (see :class:`SampleSettings`). Raises FileNotFoundError, ValueError (UsageError),
+    CheckpointError or ``runtime.files.DamagedFileError``."""
     from ldm.checkpoint import require_checkpoint
     from ldm.util import load_model_config
     from runtime.dist import check_launcher_env
@@ -165,8 +166,10 @@ def check(settings: SampleSettings) -> SampleSettings:
     if s.plms and eta != 0:
         print("note: PLMS is deterministic; --ddim_eta is ignored")
         eta = 0.0
-    return dataclasses.replace(s, ckpt=ckpt, config=source.config, outdir=outdir, ddim_eta=eta,
-                               prompts=tuple(prompts), devices=devices)
+    s = dataclasses.replace(s, ckpt=ckpt, config=source.config, outdir=outdir, ddim_eta=eta,
+                            prompts=tuple(prompts), devices=devices)
+    check_staging(s)  # an interrupted call's damaged records: now, not after the model has loaded
+    return s
 
 
 def _next_index(samples: Path) -> int:
@@ -200,6 +203,48 @@ HANDOVER = "handover.json"
 METADATA = ("images.txt", "caption.txt")
 
 
+def staging_folder(s: SampleSettings) -> Path:
+    """The folder where the images of checked settings ``s`` are made before :func:`hand_over` moves them: named
+    after the request, so an interrupted call resumes where it stopped."""
+    request = {"prompts": list(s.prompts), "ckpt": str(Path(s.ckpt).resolve()), "seed": s.seed,
+               "delta": str(Path(s.delta_ckpt).resolve()) if s.delta_ckpt else None,
+               "steps": s.ddim_steps, "eta": s.ddim_eta, "scale": s.scale, "plms": s.plms,
+               "fixed_code": s.fixed_code, "H": s.H, "W": s.W}
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(s.outdir) / f".staging-{key}"
+
+
+def read_journal(journal: Path) -> dict:
+    """The hand-over plan in ``journal``: ``{"targets": [image names], "lines_before": {list file: count}}``.
+    Raises ``runtime.files.DamagedFileError`` for a damaged one (it is the only record of where the images of an
+    interrupted hand-over were going: never guessed)."""
+    from runtime.files import DamagedFileError, read_json
+
+    remedy = (f"it records where the images of an interrupted hand-over go: delete the folder {journal.parent} and "
+              f"sample again (images it already moved stay in {journal.parent.parent / 'samples'})")
+    plan = read_json(journal, "the hand-over journal", remedy)
+    targets, before = plan.get("targets"), plan.get("lines_before")
+    if (not isinstance(targets, list) or not all(isinstance(t, str) for t in targets)
+            or not isinstance(before, dict) or not all(isinstance(before.get(n), int) for n in METADATA)):
+        raise DamagedFileError(f"the hand-over journal {journal} is damaged (no list of targets and line counts); "
+                               f"{remedy}")
+    return plan
+
+
+def check_staging(s: SampleSettings) -> None:
+    """Refuse now, before any model is loaded, a staging folder of ``s`` (:func:`staging_folder`) left by an
+    interrupted call whose records are damaged: its hand-over journal or its generation plan."""
+    from runtime.files import read_json
+    from runtime.generate import PLAN_FILE
+
+    staging = staging_folder(s)
+    if (staging / HANDOVER).is_file():
+        read_journal(staging / HANDOVER)
+    elif (staging / PLAN_FILE).exists():
+        read_json(staging / PLAN_FILE, "the generation plan",
+                  f"delete the folder {staging} (the images of an interrupted call) and sample again")
+
+
 def hand_over(staged: list[Path], outdir: Path, journal: Path, metadata: list[str] | None) -> list[Path]:
     """Move the staged images to the next free numbers of ``outdir/samples/`` and, with ``metadata`` (their
     prompts), append them to ``images.txt`` / ``caption.txt``; resumable.
@@ -213,7 +258,7 @@ def hand_over(staged: list[Path], outdir: Path, journal: Path, metadata: list[st
     samples = outdir / "samples"
     samples.mkdir(parents=True, exist_ok=True)
     if journal.is_file():
-        plan = json.loads(journal.read_text(encoding="utf-8"))
+        plan = read_journal(journal)
     else:
         base = _next_index(samples)
         plan = {"targets": [f"{base + i:05}.png" for i in range(len(staged))],
@@ -254,13 +299,7 @@ def _sample(s: SampleSettings) -> list[Path]:
     prompts, outdir = list(s.prompts), Path(s.outdir)
     shard = init_from_launcher()  # torchrun & co.: every rank makes its share, rank 0 hands them over
     samples = outdir / "samples"
-    # A staging folder named after the request: an interrupted call resumes where it stopped.
-    request = {"prompts": prompts, "ckpt": str(Path(s.ckpt).resolve()), "seed": s.seed,
-               "delta": str(Path(s.delta_ckpt).resolve()) if s.delta_ckpt else None,
-               "steps": s.ddim_steps, "eta": s.ddim_eta, "scale": s.scale, "plms": s.plms,
-               "fixed_code": s.fixed_code, "H": s.H, "W": s.W}
-    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
-    staging = outdir / f".staging-{key}"
+    staging = staging_folder(s)
     journal = staging / HANDOVER
     if not journal.is_file():  # else a killed call was moving these images already: finish that
         factory = functools.partial(load_model, load_model_config(s.config), s.ckpt, s.delta_ckpt)

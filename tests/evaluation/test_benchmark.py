@@ -72,7 +72,9 @@ def test_every_toy_suite_end_to_end(toy_run):
             assert len(records) == doc["n_rows"] and all({"id", "prompt", "seed", "image"} <= set(r) for r in records)
             assert all(Path(r["image"]).is_file() for r in records)
     md = (b / "results.md").read_text()
-    assert md.count("\n") == 4 and "| base |" in md and "| zero-ffn |" in md and "memorization: SSCD max" in md
+    table, made_by = md.split("\n\n")  # the table, then one line per suite saying how its numbers were made
+    assert table.count("\n") == 3 and "| base |" in md and "| zero-ffn |" in md and "memorization: SSCD max" in md
+    assert made_by.count("\n") == len(toy.SUITES) and "- artist: no preset: sampler=plms" in made_by
     # artist: 3 textures x 2 prompts, seed 0 each; "below base" is the share of pairs where the edited image is
     # less similar to its prompt than the base image of the same prompt and seed
     records = [json.loads(x) for x in (b / "artist/records/zero-ffn.jsonl").read_text().splitlines()]

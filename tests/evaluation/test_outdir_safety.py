@@ -142,7 +142,7 @@ def test_models_of_separate_runs_all_stay_in_the_summary_and_the_table(world, tm
     assert doc["models"]["zero-ffn"] == first["artist"]["zero-ffn"]
     assert doc["models"]["zero-attn"] == second["artist"]["zero-attn"] and doc["not_comparable"] == []
     table = json.loads((outdir / "results.json").read_text())
-    assert list(table) == ["base", "zero-attn", "zero-ffn"]
+    assert list(table) == ["base", "zero-attn", "zero-ffn", "(provenance)"]  # the models, then how they were made
     assert table["zero-ffn"]["artist: CLIP sim"] == first["artist"]["zero-ffn"]["clip_similarity"]
     md = (outdir / "results.md").read_text()
     assert "| zero-ffn |" in md and "| zero-attn |" in md and "\\*" not in md
@@ -158,7 +158,7 @@ def test_models_of_separate_runs_all_stay_in_the_summary_and_the_table(world, tm
     # deleting a model's records drops it
     (outdir / "artist/records/zero-attn.jsonl").unlink()
     bench.run(_settings(world, outdir, {"zero-ffn": "ffn"}, steps=4, score_only=True))
-    assert list(json.loads((outdir / "results.json").read_text())) == ["base", "zero-ffn"]
+    assert list(json.loads((outdir / "results.json").read_text())) == ["base", "zero-ffn", "(provenance)"]
 
 
 def test_a_damaged_summary_of_another_suite_is_a_warning_and_is_rebuilt(world, tmp_path, capsys):
