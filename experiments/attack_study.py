@@ -69,8 +69,6 @@ CONCEPT_SETTINGS = {
     "grumpy cat": {"unlearndiff": {"k": 3}, "inversion": {"learnable_property": "object"}},
     "waves": {"unlearndiff": {"k": 3}, "inversion": {"learnable_property": "style"}},
 }
-# P4DSettings' default variant is "n" (P4D-N's); p4d-k refuses any other, so the study states it.
-VARIANTS = {"p4d-k": {"variant": "k"}}
 WAVES = "waves"
 MISSION_RECIPES = {"stripes": ("style", "style-preserve", "style"), "grumpy cat": ("instance", "instance-preserve",
                                                                                    "instance")}
@@ -145,7 +143,7 @@ def attack_overrides(concept: str, attacks, extra=()) -> tuple[str, ...]:
     """``--set`` items of ``concept``: the study's budgets, the per-concept settings, then ``extra``; only for the
     attacks run."""
     items = []
-    for table in (VARIANTS, BUDGETS, CONCEPT_SETTINGS[concept]):
+    for table in (BUDGETS, CONCEPT_SETTINGS[concept]):
         for attack, values in table.items():
             if attack in attacks:
                 items += [f"{attack}.{k}={v}" for k, v in values.items()]
