@@ -99,6 +99,7 @@ class StudySettings:
     steps: int = 50
     overrides: tuple[str, ...] = ()
     quick: bool = False  # SIZES["quick"] anchor images for Concept Ablation (SIZES["full"] otherwise)
+    gpus: str | None = None  # the job's --gpus: e.g. "cpu:2" shards the prompts over two processes
 
     def __post_init__(self):
         for what, given, known in (("concept", self.concepts, CONCEPTS), ("erasure", self.erasures, ERASURES),
@@ -165,7 +166,7 @@ def plan(study: StudySettings, assets: Path = ASSETS) -> list[ConceptPlan]:
     out = Path(study.out)
     plans = []
     for concept in study.concepts:
-        changes = dict(limit=study.limit, steps=study.steps, sampler=study.sampler, seed=study.seed,
+        changes = dict(limit=study.limit, steps=study.steps, sampler=study.sampler, seed=study.seed, gpus=study.gpus,
                        overrides=attack_overrides(concept, attacks, study.overrides))
         if concept == WAVES:
             changes["base"] = str(waves_base_path(out))
@@ -410,6 +411,7 @@ def main(argv=None) -> dict:
     p.add_argument("--sampler", default="plms", help="the checks' sampler (plms, ddim, dpmpp_2m)")
     p.add_argument("--steps", type=int, default=50, help="the checks' sampling steps")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="ATTACK.FIELD=VALUE after BUDGETS")
+    p.add_argument("--gpus", default=None, help="the attack job's --gpus (e.g. cpu:2: two processes)")
     p.add_argument("--quick", action="store_true", help="Concept Ablation with the mission's quick sizes")
     p.add_argument("--compare_samplers", metavar="MODEL", default=None,
                    help="instead of the study: none with plms and dpmpp_2m on MODEL (base or a made erasure) for "
@@ -423,7 +425,7 @@ def main(argv=None) -> dict:
             return sampler_study(Path(a.out), a.concepts, a.compare_samplers, a.limit, a.steps)
         study = StudySettings(out=a.out, concepts=tuple(a.concepts), erasures=tuple(a.erasures),
                               attacks=tuple(a.attacks), limit=a.limit, seed=a.seed, sampler=a.sampler,
-                              steps=a.steps, overrides=tuple(a.overrides), quick=a.quick)
+                              steps=a.steps, overrides=tuple(a.overrides), quick=a.quick, gpus=a.gpus)
         doc = run(study)
         if a.publish:
             from runtime.resources import DATA_ROOT

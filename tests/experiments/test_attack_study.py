@@ -21,14 +21,14 @@ def _sets(settings) -> dict[str, dict[str, str]]:
 
 
 def test_plan_models_attacks_concepts_and_settings(tmp_path):
-    plans = study.plan(study.StudySettings(out=str(tmp_path), limit=7, sampler="dpmpp_2m"))
+    plans = study.plan(study.StudySettings(out=str(tmp_path), limit=7, sampler="dpmpp_2m", gpus="cpu:2"))
     assert [p.concept for p in plans] == ["stripes", "grumpy cat", "waves"]
     registered, _ = study.registered(study.ATTACKS)
     shipped = str(asset_paths(ASSETS)["weights"])
     for p in plans:
         s = p.settings
         assert s.concept == f"toy:{p.concept}" and s.attacks == tuple(registered) and s.attacks[0] == "none"
-        assert (s.limit, s.sampler, s.steps, s.H, s.precision) == (7, "dpmpp_2m", 50, 32, "full")
+        assert (s.limit, s.sampler, s.steps, s.H, s.precision, s.gpus) == (7, "dpmpp_2m", 50, 32, "full", "cpu:2")
         assert s.outdir == str(tmp_path / "attacks") and s.delta == ()  # deltas are added once made
         assert [e.name for e in p.erasures] == ["ca", "ca-preserve", "cp"]
         assert [e.method for e in p.erasures] == ["ablation", "ablation", "conceptprune"]
