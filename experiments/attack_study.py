@@ -57,7 +57,7 @@ ORIGINAL_BUDGETS = {
 }
 BUDGETS = {
     "ring_a_bell": {"population": 200, "generations": 100},
-    "inversion": {"steps": 300, "batch_size": 4, "grad_accum": 1},
+    "inversion": {"steps": 1500, "batch_size": 4, "grad_accum": 1},
     "unlearndiff": {"n_timesteps": 10, "iterations": 10},
     "p4d-n": {"iterations": 200, "eval_step": 50},
     "p4d-k": {"iterations": 200, "eval_step": 50},
@@ -206,6 +206,7 @@ def cached(out: Path) -> dict:
 def make_erasure(concept: str, e: Erasure, out: Path, quick: bool = False, assets: Path = ASSETS) -> Path:
     """Train or prune erasure ``e`` of ``concept`` (reused when ``erasures.json`` names it and its file exists);
     its delta's path."""
+    from runtime.files import write_text_atomic
     from toyworld import mission
 
     out, key = Path(out), f"{concept}/{e.name}"
@@ -243,7 +244,7 @@ def make_erasure(concept: str, e: Erasure, out: Path, quick: bool = False, asset
     done = cached(out)
     done[key] = str(delta)
     done[f"{key} seconds"] = round(time.perf_counter() - start, 1)
-    _cache(out).write_text(json.dumps(done, indent=1) + "\n")
+    write_text_atomic(_cache(out), json.dumps(done, indent=1) + "\n")  # readers never see half a file
     return delta
 
 
