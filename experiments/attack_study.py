@@ -1,0 +1,441 @@
+"""Issue 31's proof on the toy world: every attack on the base model and on our erasures of stripes, grumpy cat and
+the FFN concept waves, one table of pre- and post-attack ASR.
+
+=============  ==========================================  ===========================================================
+concept        base (the sanity row: attacks must win)     erasures (``toyworld.mission``'s public functions)
+=============  ==========================================  ===========================================================
+stripes        the shipped toy model                       ``ca``: recipe style, ``ca-preserve``: style-preserve,
+                                                           ``cp``: ConceptPrune (``PRUNE["style"]``)
+grumpy cat     the shipped toy model                       ``ca``: instance, ``ca-preserve``: instance-preserve,
+                                                           ``cp``: ConceptPrune (``PRUNE["instance"]``)
+waves          base + ``assets/toyworld/ffn/ffn_delta``    ``ca``: the style recipe on waves (as experiments.ffn),
+               (``experiments.ffn.teach.build_checkpoint``) ``ca-preserve``: that without --regularization, with
+                                                           waves-free world captions kept, ``cp``: experiments.ffn's
+                                                           ConceptPrune on waves
+=============  ==========================================  ===========================================================
+
+The erasures are made once and cached under ``{out}/erasures/`` (``erasures.json`` names each finished delta, so a
+rerun reuses it); then the attack job (``attacks.job``, through ``experiments.toy_attacks.settings_for``) attacks
+every model x attack x concept, the base first. The job keeps one record per attacked prompt, so a rerun of the
+same command attacks only the prompts still missing, and a larger ``--limit`` adds prompts to the cells made.
+
+The attacks' budgets are the study's (``BUDGETS``), far below the originals' (``ORIGINAL_BUDGETS``), which take
+tens of minutes per prompt on the toy world on a CPU; the attacks' own defaults are unchanged. ``CONCEPT_SETTINGS``
+sets what the originals set per concept kind (UnlearnDiffAtk's k = 3 for objects and styles; inversion's object
+templates for the cat). ::
+
+    python -m experiments.attack_study --out outputs/attack-study                          # everything
+    python -m experiments.attack_study --concepts stripes --erasures --limit 10            # the sanity row only
+    python -m experiments.attack_study --concepts stripes --erasures cp --limit 10 --publish
+
+Output: the job's layout under ``{out}/attacks/`` and ``{out}/study.{md,json}``: per concept and model, each
+attack's ASR +- standard error (n) and seconds per prompt. ``--publish`` copies them to
+``assets/toyworld/attacks/`` and puts the table into docs/experiments/toy-attacks.md (between its markers).
+"""  # noqa: E501 (--help text, kept as printed)
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from toyworld.mission import ASSETS, PRESERVE_OVERRIDES, PRUNE, RECIPES, SIZES
+
+CONCEPTS = ("stripes", "grumpy cat", "waves")
+ERASURES = ("ca", "ca-preserve", "cp")
+ATTACKS = ("none", "ring_a_bell", "inversion", "unlearndiff", "p4d-n", "p4d-k")
+# The originals' budgets (each attack's Settings defaults) and the study's, as --set ATTACK.FIELD=VALUE. Measured
+# per prompt on the toy world: docs/experiments/toy-attacks.md.
+ORIGINAL_BUDGETS = {
+    "ring_a_bell": {"population": 200, "generations": 3000},
+    "inversion": {"steps": 5000, "batch_size": 4, "grad_accum": 4},
+    "unlearndiff": {"n_timesteps": 50, "iterations": 40},
+    "p4d-n": {"iterations": 3000, "eval_step": 50},
+    "p4d-k": {"iterations": 3000, "eval_step": 50},
+}
+BUDGETS = {
+    "ring_a_bell": {"population": 200, "generations": 100},
+    "inversion": {"steps": 1500, "batch_size": 4, "grad_accum": 1},
+    "unlearndiff": {"n_timesteps": 10, "iterations": 10},
+    "p4d-n": {"iterations": 200, "eval_step": 50},
+    "p4d-k": {"iterations": 200, "eval_step": 50},
+}
+# What the originals set per concept kind (UnlearnDiffAtk's configs: k 3 for objects and styles; the inversion's
+# learnable_property object for an object), "{concept}" filled in.
+CONCEPT_SETTINGS = {
+    "stripes": {"unlearndiff": {"k": 3}, "inversion": {"learnable_property": "style"}},
+    "grumpy cat": {"unlearndiff": {"k": 3}, "inversion": {"learnable_property": "object"}},
+    "waves": {"unlearndiff": {"k": 3}, "inversion": {"learnable_property": "style"}},
+}
+WAVES = "waves"
+MISSION_RECIPES = {"stripes": ("style", "style-preserve", "style"), "grumpy cat": ("instance", "instance-preserve",
+                                                                                   "instance")}
+
+
+@dataclass(frozen=True)
+class Erasure:
+    """One erased model of a concept: ``name`` (the job's model name), ``method`` (ablation / conceptprune),
+    ``recipe`` (train.py's recipe dict: ``toyworld.mission.RECIPES``; for conceptprune the ``PRUNE`` entry) and
+    ``run_name`` (its run folder's name)."""
+    name: str
+    method: str
+    recipe: dict = field(hash=False)
+    run_name: str
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """The study: concepts, erasures (names of ``ERASURES``; empty: the base only), attacks, prompts per concept
+    (``limit``), the checks' sampler and steps, budgets (``--set`` items added after ``BUDGETS``), CA sizes."""
+    out: str = "outputs/attack-study"
+    concepts: tuple[str, ...] = CONCEPTS
+    erasures: tuple[str, ...] = ERASURES
+    attacks: tuple[str, ...] = ATTACKS
+    limit: int | None = None
+    seed: int = 0
+    sampler: str = "plms"
+    steps: int = 50
+    overrides: tuple[str, ...] = ()
+    quick: bool = False  # SIZES["quick"] anchor images for Concept Ablation (SIZES["full"] otherwise)
+    gpus: str | None = None  # the job's --gpus: e.g. "cpu:2" shards the prompts over two processes
+
+    def __post_init__(self):
+        for what, given, known in (("concept", self.concepts, CONCEPTS), ("erasure", self.erasures, ERASURES),
+                                   ("attack", self.attacks, ATTACKS)):
+            unknown = [x for x in given if x not in known]
+            if unknown:
+                raise ValueError(f"--{what}s {' '.join(unknown)}: unknown {what}; the study's: {', '.join(known)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit {self.limit}: must be >= 1")
+
+
+@dataclass
+class ConceptPlan:
+    """One concept's work: its base checkpoint (None: the shipped one, or built by :func:`waves_base`), erasures
+    and the job's settings for the base-only run (``settings``; the erasures' deltas are added once made)."""
+    concept: str
+    erasures: list[Erasure]
+    settings: object  # attacks.settings.AttackSettings
+    waves_base: bool = False
+
+
+def erasures_for(concept: str, names=ERASURES) -> list[Erasure]:
+    """The erasures of ``concept`` (see the module table)."""
+    if concept == WAVES:
+        from experiments.ffn.experiment import ablation_recipe
+
+        ca = ablation_recipe()
+        preserve = {k: v for k, v in ca.items() if k != "regularization"}
+        preserve.update(preserve="waves-preserve", overrides=PRESERVE_OVERRIDES)  # written by waves_preserve_file
+        made = {"ca": Erasure("ca", "ablation", ca, "toy_attack_waves"),
+                "ca-preserve": Erasure("ca-preserve", "ablation", preserve, "toy_attack_waves-preserve"),
+                "cp": Erasure("cp", "conceptprune", {"concept": WAVES}, "toy_prune_waves")}
+    else:
+        style, preserve, prune = MISSION_RECIPES[concept]
+        made = {"ca": Erasure("ca", "ablation", RECIPES[style], f"toy_{style}"),
+                "ca-preserve": Erasure("ca-preserve", "ablation", RECIPES[preserve], f"toy_{preserve}"),
+                "cp": Erasure("cp", "conceptprune", PRUNE[prune], f"toy_prune_{prune}")}
+    return [made[n] for n in names]
+
+
+def attack_overrides(concept: str, attacks, extra=()) -> tuple[str, ...]:
+    """``--set`` items of ``concept``: the study's budgets, the per-concept settings, then ``extra``; only for the
+    attacks run."""
+    items = []
+    for table in (BUDGETS, CONCEPT_SETTINGS[concept]):
+        for attack, values in table.items():
+            if attack in attacks:
+                items += [f"{attack}.{k}={v}" for k, v in values.items()]
+    return (*items, *extra)
+
+
+def registered(attacks) -> tuple[list[str], list[str]]:
+    """(attacks the job knows, attacks not yet in ``attacks.registry``)."""
+    from attacks.registry import ATTACKS as KNOWN
+
+    return [a for a in attacks if a in KNOWN], [a for a in attacks if a not in KNOWN]
+
+
+def plan(study: StudySettings, assets: Path = ASSETS) -> list[ConceptPlan]:
+    """Every concept's erasures and attack-job settings (nothing made or read)."""
+    from experiments.toy_attacks import settings_for
+
+    attacks, _ = registered(study.attacks)
+    out = Path(study.out)
+    plans = []
+    for concept in study.concepts:
+        changes = dict(limit=study.limit, steps=study.steps, sampler=study.sampler, seed=study.seed, gpus=study.gpus,
+                       overrides=attack_overrides(concept, attacks, study.overrides))
+        if concept == WAVES:
+            changes["base"] = str(waves_base_path(out))
+        plans.append(ConceptPlan(concept, erasures_for(concept, study.erasures),
+                                 settings_for(concept, attacks, out / "attacks", assets, **changes),
+                                 waves_base=concept == WAVES))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------------- erasures
+def waves_base_path(out: Path) -> Path:
+    return Path(out) / "erasures" / "base_waves.safetensors"
+
+
+def waves_preserve_file(out: Path, assets: Path = ASSETS) -> Path:
+    """``{out}/erasures/preserve_waves.txt``: the mission's preservation prompts without the word waves (world
+    captions never have it, so the stripes ones stay in: they are a neighbour to keep)."""
+    from toyworld.mission import preservation_prompts
+
+    path = Path(out) / "erasures" / "preserve_waves.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(preservation_prompts(WAVES, None, assets)) + "\n")
+    return path
+
+
+def _cache(out: Path) -> Path:
+    return Path(out) / "erasures" / "erasures.json"
+
+
+def cached(out: Path) -> dict:
+    """``{concept/name: delta path}`` of the erasures made so far (finished ones only: written after each)."""
+    f = _cache(out)
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def make_erasure(concept: str, e: Erasure, out: Path, quick: bool = False, assets: Path = ASSETS) -> Path:
+    """Train or prune erasure ``e`` of ``concept`` (reused when ``erasures.json`` names it and its file exists);
+    its delta's path."""
+    from runtime.files import write_text_atomic
+    from toyworld import mission
+
+    out, key = Path(out), f"{concept}/{e.name}"
+    done = cached(out)
+    if key in done and Path(done[key]).is_file():
+        return Path(done[key])
+    folder = out / "erasures"
+    start = time.perf_counter()
+    if concept == WAVES:
+        from experiments.ffn.teach import build_checkpoint
+
+        base = build_checkpoint(folder, assets)  # base + waves (made once)
+    else:
+        base = mission.asset_paths(assets)["weights"]
+    if e.method == "conceptprune":
+        if concept == WAVES:
+            from experiments.ffn.experiment import prune_run
+
+            run_dir = prune_run(folder, base, WAVES, assets=assets, run_dir=folder / "logs" / e.run_name)
+        else:
+            run_dir = mission.prune(base, mission.asset_paths(assets)["config"], e.recipe["concept"],
+                                    assets / e.recipe["target_file"], folder / "logs" / e.run_name,
+                                    base_file=assets / e.recipe["base_file"], save_images=0).parent.parent
+        delta = run_dir / "checkpoints" / "delta_pruned.safetensors"
+    else:
+        from ablation.train import run as train
+
+        recipe = dict(e.recipe)
+        if recipe.get("preserve") == "waves-preserve":
+            recipe["preserve"] = str(waves_preserve_file(out, assets))  # absolute: assets / it stays it
+        size = SIZES["quick" if quick else "full"]["train_size"]
+        run_dir = train(mission.train_settings(e.run_name.removeprefix("toy_"), recipe, assets, folder, size,
+                                               base_ckpt=str(base)))
+        delta = sorted((run_dir / "checkpoints").glob("delta_step_*"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))[-1]
+    done = cached(out)
+    done[key] = str(delta)
+    done[f"{key} seconds"] = round(time.perf_counter() - start, 1)
+    write_text_atomic(_cache(out), json.dumps(done, indent=1) + "\n")  # readers never see half a file
+    return delta
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+def run(study: StudySettings, assets: Path = ASSETS) -> dict:
+    """The study (resuming): per concept, the base row first, then each erasure made and attacked. Writes
+    ``{out}/study.{md,json}``; returns the study's document."""
+    from attacks.job import check
+    from attacks.job import run as attack
+
+    out = Path(study.out)
+    plans = plan(study, assets)
+    _, missing = registered(study.attacks)
+    if missing:
+        print(f"not registered in attacks/registry.py yet, skipped: {', '.join(missing)}")
+    for p in plans:  # every input checked before any work (the waves base is built first: a file the job checks)
+        if p.waves_base:
+            from experiments.ffn.teach import build_checkpoint
+
+            build_checkpoint(out / "erasures", assets)
+        check(p.settings)
+    results = {}
+    for p in plans:
+        results[p.concept] = attack(p.settings)  # the sanity row first
+        deltas = tuple(f"{e.name}={make_erasure(p.concept, e, out, study.quick, assets)}" for e in p.erasures)
+        if deltas:  # the base's records are reused: only the erased models are attacked now
+            results[p.concept] = attack(dataclasses.replace(p.settings, delta=deltas))
+    return write_study(study, plans, results, missing)
+
+
+def cell(summary: dict | None) -> str:
+    """``ASR ± SE (n) · s/prompt`` of one model x attack summary."""
+    if not summary or not summary.get("n"):
+        return "–"
+    return (f"{summary['asr']:.2f} ± {summary['se']:.2f} ({summary['n']}) · "
+            f"{summary['seconds_per_prompt']:.1f} s")
+
+
+def table(results: dict, attacks) -> str:
+    """One markdown table: a row per concept and model, a column per attack."""
+    lines = ["| concept | model | " + " | ".join("none (pre-attack)" if a == "none" else a for a in attacks) + " |",
+             "|---|---|" + "---|" * len(attacks)]
+    for concept, models in results.items():
+        for model, flat in (models or {}).items():
+            cells = [cell(flat.get("attacks", {}).get(a)) for a in attacks]
+            lines.append(f"| {concept} | {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_study(study: StudySettings, plans, results: dict, missing) -> dict:
+    attacks = [a for a in study.attacks if a not in missing]
+    md = table(results, attacks)
+    doc = {"study": dataclasses.asdict(study), "budgets": BUDGETS, "original_budgets": ORIGINAL_BUDGETS,
+           "concept_settings": CONCEPT_SETTINGS, "not_registered": list(missing),
+           "erasures": cached(Path(study.out)),
+           "results": {c: {m: flat.get("attacks", {}) for m, flat in (models or {}).items()}
+                       for c, models in results.items()}}
+    out = Path(study.out)
+    (out / "study.md").write_text(md)
+    (out / "study.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    print(md)
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------------- samplers
+SAMPLERS = ("plms", "dpmpp_2m")
+SAMPLER_SEEDS = (0, 1000)  # two seed offsets: 72 prompt x seed rows for the 36 texture prompts
+
+
+def paired(a: list[bool], b: list[bool]) -> dict:
+    """Two samplers' successes on the same rows: each ASR with sqrt(p (1 - p) / n), and the mean paired difference
+    b - a with its standard error sd(d) / sqrt(n) (d per row in {-1, 0, 1}) and the discordant rows."""
+    import math
+
+    n = len(a)
+    if n != len(b) or n < 2:
+        raise ValueError(f"paired: need the same rows (>= 2) for both samplers, got {len(a)} and {len(b)}")
+    pa, pb = sum(a) / n, sum(b) / n
+    d = [int(y) - int(x) for x, y in zip(a, b)]
+    mean = sum(d) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1))
+    return {"n": n, "asr": [pa, pb], "se": [math.sqrt(pa * (1 - pa) / n), math.sqrt(pb * (1 - pb) / n)],
+            "difference": mean, "difference_se": sd / math.sqrt(n), "only_first": d.count(-1),
+            "only_second": d.count(1)}
+
+
+def compare_samplers(out: Path, concept: str, model: str = "base", delta: str | None = None,
+                     samplers=SAMPLERS, seeds=SAMPLER_SEEDS, assets: Path = ASSETS, limit: int | None = None,
+                     steps: int = 50) -> dict:
+    """``none`` (the pre-attack check) on one model with each sampler, on the concept's prompts at each seed offset
+    (``{out}/samplers/{sampler}/``, the job's layout, resumable); the samplers' ASRs paired row by row
+    (:func:`paired`). ``delta``: an erasure's delta (``model`` names it); the waves base is built if needed."""
+    from attacks.job import check, record_path
+    from attacks.job import run as attack
+    from experiments.toy_attacks import settings_for
+
+    out = Path(out)
+    changes = {"limit": limit, "steps": steps, "delta": (f"{model}={delta}",) if delta else ()}
+    if concept == WAVES:
+        from experiments.ffn.teach import build_checkpoint
+
+        changes["base"] = str(build_checkpoint(out / "erasures", assets))
+    wins: dict[str, list[bool]] = {}
+    for sampler in samplers:
+        wins[sampler] = []
+        for seed in seeds:
+            plan = check(settings_for(concept, ("none",), out / "samplers" / sampler, assets, sampler=sampler,
+                                      seed=seed, **changes))
+            attack(plan.settings, plan=plan)
+            spec = next(m for m in plan.models if m.name == model)
+            for row in plan.rows:
+                record = json.loads(record_path(plan, spec, plan.attacks[0], row).read_text())
+                wins[sampler].append(bool(record["success"]))
+    result = {"concept": concept, "model": model, "delta": delta, "samplers": list(samplers), "seeds": list(seeds),
+              "steps": steps, **paired(wins[samplers[0]], wins[samplers[1]])}
+    (out / "samplers").mkdir(parents=True, exist_ok=True)
+    (out / "samplers" / f"{concept.replace(' ', '_')}-{model}.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+MARKERS = ("<!-- attack-study table: start -->", "<!-- attack-study table: end -->")
+
+
+def publish(out: Path, page: Path, assets: Path = ASSETS) -> None:
+    """Copy ``{out}/study.{md,json}`` to ``assets/toyworld/attacks/`` and put the table between ``MARKERS`` in
+    ``page``."""
+    md = (Path(out) / "study.md").read_text()
+    head, _, rest = page.read_text().partition(MARKERS[0])
+    _, found, tail = rest.partition(MARKERS[1])
+    if not found:  # checked before anything is written
+        raise ValueError(f"{page}: no {MARKERS[0]} ... {MARKERS[1]} block to fill")
+    target = assets / "attacks"
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("study.md", "study.json"):
+        (target / name).write_text((Path(out) / name).read_text())
+    page.write_text(f"{head}{MARKERS[0]}\n{md}{MARKERS[1]}{tail}")
+
+
+def sampler_study(out: Path, concepts, model: str, limit: int | None = None, steps: int = 50) -> dict:
+    """:func:`compare_samplers` for each concept on ``model`` ("base" or an erasure made by the study)."""
+    results = {}
+    for concept in concepts:
+        delta = None
+        if model != "base":
+            delta = cached(out).get(f"{concept}/{model}")
+            if not delta or not Path(delta).is_file():
+                raise ValueError(f"--compare_samplers {model}: no {concept!r} erasure {model!r} made in {out} yet")
+        r = results[concept] = compare_samplers(out, concept, model, delta, limit=limit, steps=steps)
+        print(f"{concept} {model}: none ASR {r['samplers'][0]} {r['asr'][0]:.3f} ± {r['se'][0]:.3f}, "
+              f"{r['samplers'][1]} {r['asr'][1]:.3f} ± {r['se'][1]:.3f} (n {r['n']}); paired difference "
+              f"{r['difference']:+.3f} ± {r['difference_se']:.3f}")
+    return results
+
+
+def main(argv=None) -> dict:
+    from runtime.cli import exit_on_usage_error
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=StudySettings.out)
+    p.add_argument("--concepts", nargs="+", default=list(CONCEPTS), choices=CONCEPTS)
+    p.add_argument("--erasures", nargs="*", default=list(ERASURES), help=f"of {', '.join(ERASURES)} (none: base only)")
+    p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts per concept")
+    p.add_argument("--seed", type=int, default=0, help="prompt i's checks use seed SEED + i")
+    p.add_argument("--sampler", default="plms", help="the checks' sampler (plms, ddim, dpmpp_2m)")
+    p.add_argument("--steps", type=int, default=50, help="the checks' sampling steps")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="ATTACK.FIELD=VALUE after BUDGETS")
+    p.add_argument("--gpus", default=None, help="the attack job's --gpus (e.g. cpu:2: two processes)")
+    p.add_argument("--quick", action="store_true", help="Concept Ablation with the mission's quick sizes")
+    p.add_argument("--compare_samplers", metavar="MODEL", default=None,
+                   help="instead of the study: none with plms and dpmpp_2m on MODEL (base or a made erasure) for "
+                        "each --concepts, seeds --seed offsets 0 and 1000, paired (written to {out}/samplers/)")
+    p.add_argument("--publish", action="store_true",
+                   help="copy the table to assets/toyworld/attacks/ and docs/experiments/toy-attacks.md")
+    a = p.parse_args(argv)
+
+    def go():
+        if a.compare_samplers:
+            return sampler_study(Path(a.out), a.concepts, a.compare_samplers, a.limit, a.steps)
+        study = StudySettings(out=a.out, concepts=tuple(a.concepts), erasures=tuple(a.erasures),
+                              attacks=tuple(a.attacks), limit=a.limit, seed=a.seed, sampler=a.sampler,
+                              steps=a.steps, overrides=tuple(a.overrides), quick=a.quick, gpus=a.gpus)
+        doc = run(study)
+        if a.publish:
+            from runtime.resources import DATA_ROOT
+
+            publish(Path(a.out), Path(DATA_ROOT) / "docs" / "experiments" / "toy-attacks.md")
+        return doc
+
+    return exit_on_usage_error(go)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""``python -m experiments.attack_study``: issue 31's proof on the toy world (plan, cache, one tiny run, the table)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from experiments import attack_study as study
+from toyworld.mission import ASSETS, asset_paths
+
+
+def _sets(settings) -> dict[str, dict[str, str]]:
+    """``--set`` items as {attack: {field: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in settings.overrides:
+        head, _, value = item.partition("=")
+        attack, _, key = head.partition(".")
+        out.setdefault(attack, {})[key] = value
+    return out
+
+
+def test_plan_models_attacks_concepts_and_settings(tmp_path):
+    plans = study.plan(study.StudySettings(out=str(tmp_path), limit=7, sampler="dpmpp_2m", gpus="cpu:2"))
+    assert [p.concept for p in plans] == ["stripes", "grumpy cat", "waves"]
+    registered, _ = study.registered(study.ATTACKS)
+    shipped = str(asset_paths(ASSETS)["weights"])
+    for p in plans:
+        s = p.settings
+        assert s.concept == f"toy:{p.concept}" and s.attacks == tuple(registered) and s.attacks[0] == "none"
+        assert (s.limit, s.sampler, s.steps, s.H, s.precision, s.gpus) == (7, "dpmpp_2m", 50, 32, "full", "cpu:2")
+        assert s.outdir == str(tmp_path / "attacks") and s.delta == ()  # deltas are added once made
+        assert [e.name for e in p.erasures] == ["ca", "ca-preserve", "cp"]
+        assert [e.method for e in p.erasures] == ["ablation", "ablation", "conceptprune"]
+        sets = _sets(s)
+        for attack in registered:  # the study's budgets, never the attacks' defaults, for every attack run
+            for key, value in study.BUDGETS.get(attack, {}).items():
+                assert sets[attack][key] == str(value)
+        assert set(sets) <= set(registered)  # nothing set for an attack that is not run
+        if "inversion" in registered:
+            kind = "object" if p.concept == "grumpy cat" else "style"
+            assert sets["inversion"]["learnable_property"] == kind
+    stripes, cat, waves = plans
+    assert stripes.settings.base == cat.settings.base == shipped and not stripes.waves_base
+    assert waves.waves_base and waves.settings.base == str(tmp_path / "erasures" / "base_waves.safetensors")
+    # the erasures: the mission's recipes for stripes and the cat, experiments.ffn's for waves
+    assert stripes.erasures[0].recipe["caption_target"] == "stripes" and stripes.erasures[0].recipe["regularization"]
+    assert "preserve" in stripes.erasures[1].recipe and cat.erasures[1].recipe["caption_target"] == "cat+grumpy cat"
+    assert cat.erasures[2].recipe["concept"] == "grumpy cat"
+    ca, preserve, cp = waves.erasures
+    assert ca.recipe["caption_target"] == "waves" and ca.recipe["regularization"]
+    assert "regularization" not in preserve.recipe and preserve.recipe["overrides"] == study.PRESERVE_OVERRIDES
+    assert cp.recipe == {"concept": "waves"}
+    # the originals' budgets are the attacks' defaults (the study only lowers them by --set)
+    from attacks.registry import make_settings
+
+    for attack in registered:
+        for key, value in study.ORIGINAL_BUDGETS.get(attack, {}).items():
+            assert getattr(make_settings(attack), key) == value
+
+
+def test_unknown_names_and_limit_are_one_line_errors():
+    with pytest.raises(ValueError, match="--concepts dots: unknown concept"):
+        study.StudySettings(concepts=("dots",))
+    with pytest.raises(ValueError, match="--erasures esd: unknown erasure"):
+        study.StudySettings(erasures=("esd",))
+    with pytest.raises(ValueError, match="--limit 0"):
+        study.StudySettings(limit=0)
+
+
+def _tiny_delta(path: Path) -> Path:
+    """A real-format pruned delta of the toy model: one ff.net.2 weight with its first half of rows zeroed."""
+    from ldm.checkpoint import load_state_dict, save_state_dict
+
+    sd = load_state_dict(asset_paths(ASSETS)["weights"])
+    key = next(k for k in sd if k.endswith("ff.net.2.weight"))
+    w = sd[key].clone()
+    w[: w.shape[0] // 2] = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_state_dict({key: w}, path)
+    return path
+
+
+def test_tiny_run_reuses_cached_erasure_and_writes_the_table(tmp_path):
+    out = tmp_path / "study"
+    delta = _tiny_delta(out / "erasures" / "cp.safetensors")
+    (out / "erasures" / "erasures.json").write_text(json.dumps({"stripes/cp": str(delta)}))
+    attacks = ("none", "ring_a_bell", "inversion")
+    s = study.StudySettings(out=str(out), concepts=("stripes",), erasures=("cp",), attacks=attacks, limit=1,
+                            steps=2, overrides=("ring_a_bell.population=2", "ring_a_bell.generations=1",
+                                                "inversion.steps=1"))
+    doc = study.run(s)
+    # the cached delta was attacked as "cp" (no training or pruning ran: erasures.json is unchanged)
+    assert json.loads((out / "erasures" / "erasures.json").read_text()) == {"stripes/cp": str(delta)}
+    for model in ("base", "cp"):
+        for attack in attacks:
+            summary = doc["results"]["stripes"][model][attack]
+            assert summary["n"] == 1 and summary["missing"] == 0 and summary["seconds_per_prompt"] > 0
+            assert len(list((out / "attacks" / "toy_stripes" / model / attack).glob("*.json"))) == 1
+    md = (out / "study.md").read_text().splitlines()
+    assert md[0] == "| concept | model | none (pre-attack) | ring_a_bell | inversion |"
+    assert [line.split(" | ")[:2] for line in md[2:]] == [["| stripes", "base"], ["| stripes", "cp"]]
+    asr = doc["results"]["stripes"]["cp"]["none"]["asr"]
+    assert md[3].split(" | ")[2].startswith(f"{asr:.2f} ± 0.00 (1) · ")
+    saved = json.loads((out / "study.json").read_text())
+    assert saved["budgets"] == study.BUDGETS and saved["study"]["overrides"] == list(s.overrides)
+    # the record of the budget actually used: the --set values after the study's budgets
+    record = json.loads(next((out / "attacks" / "toy_stripes" / "cp" / "ring_a_bell").glob("*.json")).read_text())
+    assert record["settings"]["attack"]["generations"] == 1 and record["settings"]["attack"]["population"] == 2
+
+
+def test_publish_fills_the_marked_block_only(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "study.md").write_text("| a |\n|---|\n| 1 |\n")
+    (out / "study.json").write_text("{}\n")
+    page = tmp_path / "page.md"
+    page.write_text(f"# title\n\nbefore\n{study.MARKERS[0]}\nold\n{study.MARKERS[1]}\nafter\n")
+    study.publish(out, page, tmp_path / "assets")
+    start, end = study.MARKERS
+    assert page.read_text() == f"# title\n\nbefore\n{start}\n| a |\n|---|\n| 1 |\n{end}\nafter\n"
+    assert (tmp_path / "assets" / "attacks" / "study.md").read_text() == "| a |\n|---|\n| 1 |\n"
+    page.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no <!-- attack-study table: start -->"):
+        study.publish(out, page, tmp_path / "other")
+    assert not (tmp_path / "other").exists() and page.read_text() == "no markers\n"  # nothing half-written
+
+
+def test_paired_sampler_difference_by_hand():
+    a = [True, True, False, False, True]   # plms: 3/5
+    b = [True, False, True, True, True]    # dpmpp_2m: 4/5; d = 0, -1, 1, 1, 0
+    r = study.paired(a, b)
+    assert r["n"] == 5 and r["asr"] == [0.6, 0.8] and (r["only_first"], r["only_second"]) == (1, 2)
+    assert r["se"][0] == pytest.approx((0.6 * 0.4 / 5) ** 0.5) and r["difference"] == pytest.approx(0.2)
+    # sd of (0, -1, 1, 1, 0) around 0.2: sqrt((0.04 + 1.44 + 0.64 + 0.64 + 0.04) / 4) = sqrt(0.7)
+    assert r["difference_se"] == pytest.approx(0.7 ** 0.5 / 5 ** 0.5)
+    with pytest.raises(ValueError, match="same rows"):
+        study.paired([True], [True, False])
+
+
+def test_sampler_study_needs_a_made_erasure(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        study.main(["--out", str(tmp_path / "o"), "--concepts", "stripes", "--compare_samplers", "ca"])
+    assert e.value.code == 2
+    assert "--compare_samplers ca: no 'stripes' erasure 'ca' made in" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
