@@ -1,0 +1,114 @@
+"""Why concept inversion fails on the toy world: its objective, read directly.
+
+Concept inversion (``attacks.inversion``) learns a token by minimising the model's denoising loss on images of the
+concept, with the token in the original's caption templates. That only finds the concept if the concept's own
+word gives a lower loss than other words. This study measures the objective for the concept's word and for other
+words (the initializer "art", the world's other concepts and styles), on the same images, with the same draws of
+t, noise and posterior sample for every word (common random numbers), so the paired difference to the concept's
+word is measured far more precisely than either loss alone. ::
+
+    python -m experiments.inversion_objective --concept stripes --targets DIR [--base CKPT] [--repeats 40] [--json F]
+
+``--targets``: a folder of PNG images of the concept (e.g. the attack job's ``targets/<key>/cfg7.5`` folder, the
+base model's generations of the concept prompts). ``--words``: the words compared (default: the initializer and
+the toy world's textures and styles). Results: docs/experiments/toy-attacks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toyworld.mission import ASSETS
+
+DEFAULT_WORDS = ("art", "painting", "stripes", "checkerboard", "polka dots", "waves", "grumpy cat", "cat")
+
+
+def load_images(folder: Path) -> np.ndarray:
+    """uint8 [N, H, W, 3]: every PNG under ``folder`` in name order (ValueError when there is none)."""
+    from PIL import Image
+
+    paths = sorted(Path(folder).rglob("*.png"))
+    if not paths:
+        raise ValueError(f"--targets {folder}: no PNG images")
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+
+
+@torch.no_grad()
+def objective(model, images: np.ndarray, words, learnable_property: str = "style", repeats: int = 40,
+              seed: int = 0) -> dict[str, np.ndarray]:
+    """word -> the inversion loss of every (repeat, template) draw: ``images`` (uint8 [N, H, W, 3]) as one batch,
+    each caption the property's template ``j`` holding the word, draw (rep, j) seeded ``seed + 1000 rep + j`` for
+    every word alike (the same t, noise and posterior sample)."""
+    from attacks.inversion import TEMPLATES, denoising_loss, posteriors
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    mean, std = posteriors(model, x)
+    out = {w: [] for w in words}
+    for rep in range(repeats):
+        for j, template in enumerate(TEMPLATES[learnable_property]):
+            for w in words:
+                cond = model.get_learned_conditioning([template.format(w)] * len(images))
+                g = torch.Generator().manual_seed(seed + 1000 * rep + j)
+                out[w].append(float(denoising_loss(model, cond, mean[0], std[0], g)))
+    return {w: np.asarray(v) for w, v in out.items()}
+
+
+def paired_table(losses: dict[str, np.ndarray], concept: str) -> list[dict]:
+    """Per word: mean loss and the paired difference to ``concept``'s word, mean +- standard error."""
+    ref = losses[concept]
+    rows = []
+    for w, v in losses.items():
+        d = v - ref
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+        rows.append({"word": w, "loss": float(v.mean()), "minus_concept": float(d.mean()), "se": se, "n": len(d)})
+    return sorted(rows, key=lambda r: r["loss"])
+
+
+def main(argv=None) -> list[dict]:
+    from runtime.cli import exit_on_usage_error
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concept", required=True, help="the concept's word (the reference of the differences)")
+    p.add_argument("--targets", required=True, type=Path, help="folder of PNG images of the concept")
+    p.add_argument("--base", type=Path, default=ASSETS / "ldm" / "toyworld-ldm.safetensors",
+                   help="the toy model (for waves: the waves-taught base, experiments.attack_study's base_waves)")
+    p.add_argument("--words", nargs="+", default=None, help="words compared (default: %(default)s)")
+    p.add_argument("--learnable_property", default="style", choices=("object", "style", "person"))
+    p.add_argument("--repeats", type=int, default=40, help="draws per template")
+    p.add_argument("--json", type=Path, default=None, help="write the rows here")
+    a = p.parse_args(argv)
+
+    def go():
+        from ldm.util import load_model_config
+        from runtime.loading import load_model
+
+        if a.repeats < 2:
+            raise ValueError(f"--repeats {a.repeats}: must be >= 2 (a standard error needs two draws)")
+        if not a.base.is_file():
+            raise ValueError(f"--base {a.base}: no such file")
+        images = load_images(a.targets)  # before the model: a bad folder costs nothing
+        words = list(dict.fromkeys([a.concept, *(a.words or DEFAULT_WORDS)]))
+        torch.manual_seed(0)
+        model = load_model(load_model_config(ASSETS / "ldm" / "ldm.yaml"), a.base)
+        rows = paired_table(objective(model.eval(), images, words, a.learnable_property, a.repeats), a.concept)
+        print(f"{len(images)} images of {a.concept!r}, {a.learnable_property} templates, n = {rows[0]['n']} draws")
+        print("| word | inversion loss | minus the concept's word |\n|---|---|---|")
+        for r in rows:
+            print(f"| {r['word']} | {r['loss']:.4f} | {r['minus_concept']:+.4f} ± {r['se']:.4f} |")
+        if a.json:
+            from runtime.files import write_text_atomic
+
+            doc = {"concept": a.concept, "targets": str(a.targets), "base": str(a.base), "images": len(images),
+                   "learnable_property": a.learnable_property, "repeats": a.repeats, "rows": rows}
+            write_text_atomic(a.json, json.dumps(doc, indent=1) + "\n")
+        return rows
+
+    return exit_on_usage_error(go)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""experiments.inversion_objective: the paired table against a hand computation, common random numbers across
+words, and a bad folder refused before the model loads."""
+import numpy as np
+import pytest
+import torch
+
+from experiments import inversion_objective as io
+
+
+def test_paired_table_against_a_hand_computation():
+    losses = {"stripes": np.array([1.0, 2.0, 3.0]), "art": np.array([0.5, 1.0, 2.5])}
+    rows = {r["word"]: r for r in io.paired_table(losses, "stripes")}
+    d = np.array([-0.5, -1.0, -0.5])
+    assert rows["art"]["minus_concept"] == pytest.approx(d.mean())
+    assert rows["art"]["se"] == pytest.approx(np.sqrt(((d - d.mean()) ** 2).sum() / 2) / np.sqrt(3))
+    assert rows["stripes"]["minus_concept"] == 0.0 and rows["art"]["loss"] == pytest.approx(4 / 3)
+    assert [r["word"] for r in io.paired_table(losses, "stripes")] == ["art", "stripes"]  # lowest loss first
+
+
+def test_every_word_gets_the_same_draws():
+    """Two spellings of one prompt text give identical losses draw by draw: the draws (t, noise, posterior sample)
+    do not depend on the word, so differences between words are the words' alone."""
+    from ldm.util import load_model_config
+    from runtime.loading import load_model
+
+    model = load_model(load_model_config(io.ASSETS / "ldm" / "ldm.yaml"),
+                       io.ASSETS / "ldm" / "toyworld-ldm.safetensors").eval()
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    out = io.objective(model, images, ["stripes", "stripes ", "art"], repeats=2)
+    assert len(out["stripes"]) == 2 * 19  # two draws of each of the 19 style templates
+    np.testing.assert_array_equal(out["stripes"], out["stripes "])  # the tokenizer strips the space
+    assert not np.array_equal(out["stripes"], out["art"])
+
+
+def test_a_folder_without_images_is_one_line_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        io.main(["--concept", "stripes", "--targets", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no PNG images" in err[0]
