@@ -39,19 +39,24 @@ def load_images(folder: Path) -> np.ndarray:
 
 @torch.no_grad()
 def objective(model, images: np.ndarray, words, learnable_property: str = "style", repeats: int = 40,
-              seed: int = 0) -> dict[str, np.ndarray]:
+              seed: int = 0, captions: list[str] | None = None) -> dict[str, np.ndarray]:
     """word -> the inversion loss of every (repeat, template) draw: ``images`` (uint8 [N, H, W, 3]) as one batch,
     each caption the property's template ``j`` holding the word, draw (rep, j) seeded ``seed + 1000 rep + j`` for
-    every word alike (the same t, noise and posterior sample)."""
+    every word alike (the same t, noise and posterior sample). ``captions``: instead of the templates, image i's
+    own caption with ``{}`` where the word goes (one draw per repeat)."""
     from attacks.inversion import TEMPLATES, denoising_loss, posteriors
+
+    if captions is not None and len(captions) != len(images):
+        raise ValueError(f"{len(captions)} captions for {len(images)} images")
+    groups = [captions] if captions is not None else [[t] * len(images) for t in TEMPLATES[learnable_property]]
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     mean, std = posteriors(model, x)
     out = {w: [] for w in words}
     for rep in range(repeats):
-        for j, template in enumerate(TEMPLATES[learnable_property]):
+        for j, texts in enumerate(groups):
             for w in words:
-                cond = model.get_learned_conditioning([template.format(w)] * len(images))
+                cond = model.get_learned_conditioning([t.replace("{}", w) for t in texts])
                 g = torch.Generator().manual_seed(seed + 1000 * rep + j)
                 out[w].append(float(denoising_loss(model, cond, mean[0], std[0], g)))
     return {w: np.asarray(v) for w, v in out.items()}
@@ -78,6 +83,8 @@ def main(argv=None) -> list[dict]:
                    help="the toy model (for waves: the waves-taught base, experiments.attack_study's base_waves)")
     p.add_argument("--words", nargs="+", default=None, help="words compared (default: %(default)s)")
     p.add_argument("--learnable_property", default="style", choices=("object", "style", "person"))
+    p.add_argument("--captions", type=Path, default=None,
+                   help="instead of the templates: a text file, line i image i's caption with {} for the word")
     p.add_argument("--repeats", type=int, default=40, help="draws per template")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     a = p.parse_args(argv)
@@ -92,10 +99,19 @@ def main(argv=None) -> list[dict]:
             raise ValueError(f"--base {a.base}: no such file")
         images = load_images(a.targets)  # before the model: a bad folder costs nothing
         words = list(dict.fromkeys([a.concept, *(a.words or DEFAULT_WORDS)]))
+        captions = None
+        if a.captions:
+            from runtime.files import read_prompts
+
+            captions = read_prompts(a.captions)
+            if len(captions) != len(images) or any("{}" not in c for c in captions):
+                raise ValueError(f"--captions {a.captions}: needs one line per image ({len(images)}), each with {{}}")
         torch.manual_seed(0)
         model = load_model(load_model_config(ASSETS / "ldm" / "ldm.yaml"), a.base)
-        rows = paired_table(objective(model.eval(), images, words, a.learnable_property, a.repeats), a.concept)
-        print(f"{len(images)} images of {a.concept!r}, {a.learnable_property} templates, n = {rows[0]['n']} draws")
+        rows = paired_table(objective(model.eval(), images, words, a.learnable_property, a.repeats,
+                                     captions=captions), a.concept)
+        how = f"captions {a.captions}" if captions else f"{a.learnable_property} templates"
+        print(f"{len(images)} images of {a.concept!r}, {how}, n = {rows[0]['n']} draws")
         print("| word | inversion loss | minus the concept's word |\n|---|---|---|")
         for r in rows:
             print(f"| {r['word']} | {r['loss']:.4f} | {r['minus_concept']:+.4f} ± {r['se']:.4f} |")
@@ -103,7 +119,8 @@ def main(argv=None) -> list[dict]:
             from runtime.files import write_text_atomic
 
             doc = {"concept": a.concept, "targets": str(a.targets), "base": str(a.base), "images": len(images),
-                   "learnable_property": a.learnable_property, "repeats": a.repeats, "rows": rows}
+                   "learnable_property": a.learnable_property, "repeats": a.repeats,
+                   "captions": str(a.captions) if a.captions else None, "rows": rows}
             write_text_atomic(a.json, json.dumps(doc, indent=1) + "\n")
         return rows
 

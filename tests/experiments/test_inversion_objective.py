@@ -39,3 +39,16 @@ def test_a_folder_without_images_is_one_line_exit_2(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no PNG images" in err[0]
+
+
+def test_captions_must_match_the_images(tmp_path, capsys):
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (32, 32)).save(tmp_path / f"{i:05d}.png")
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a painting of a red circle, in the style of {}\n")  # one line for two images
+    with pytest.raises(SystemExit) as e:
+        io.main(["--concept", "stripes", "--targets", str(tmp_path), "--captions", str(captions)])
+    assert e.value.code == 2
+    assert "needs one line per image (2)" in capsys.readouterr().err
