@@ -203,6 +203,19 @@ def cached(out: Path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
+def erasure_train_settings(e: Erasure, out: Path, base, quick: bool = False, assets: Path = ASSETS):
+    """train.py's settings for Concept Ablation erasure ``e`` (its recipe; waves' preservation prompts written to
+    ``{out}/erasures/`` and named by their absolute path, which the mission's ``assets /`` leaves as it is)."""
+    from toyworld import mission
+
+    recipe = dict(e.recipe)
+    if recipe.get("preserve") == "waves-preserve":
+        recipe["preserve"] = str(waves_preserve_file(out, assets).resolve())
+    size = SIZES["quick" if quick else "full"]["train_size"]
+    return mission.train_settings(e.run_name.removeprefix("toy_"), recipe, assets, Path(out) / "erasures", size,
+                                  base_ckpt=str(base))
+
+
 def make_erasure(concept: str, e: Erasure, out: Path, quick: bool = False, assets: Path = ASSETS) -> Path:
     """Train or prune erasure ``e`` of ``concept`` (reused when ``erasures.json`` names it and its file exists);
     its delta's path."""
@@ -234,12 +247,7 @@ def make_erasure(concept: str, e: Erasure, out: Path, quick: bool = False, asset
     else:
         from ablation.train import run as train
 
-        recipe = dict(e.recipe)
-        if recipe.get("preserve") == "waves-preserve":
-            recipe["preserve"] = str(waves_preserve_file(out, assets))  # absolute: assets / it stays it
-        size = SIZES["quick" if quick else "full"]["train_size"]
-        run_dir = train(mission.train_settings(e.run_name.removeprefix("toy_"), recipe, assets, folder, size,
-                                               base_ckpt=str(base)))
+        run_dir = train(erasure_train_settings(e, out, base, quick, assets))
         delta = sorted((run_dir / "checkpoints").glob("delta_step_*"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))[-1]
     done = cached(out)
     done[key] = str(delta)

@@ -144,3 +144,17 @@ def test_sampler_study_needs_a_made_erasure(tmp_path, capsys):
     assert e.value.code == 2
     assert "--compare_samplers ca: no 'stripes' erasure 'ca' made in" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_waves_preserve_prompts_are_found_from_a_relative_out(tmp_path, monkeypatch):
+    """The waves ca-preserve erasure names its preservation prompts by a path that exists, also when --out is
+    relative (the mission puts ``assets /`` in front of a relative one)."""
+    from experiments import attack_study as st
+
+    monkeypatch.chdir(tmp_path)
+    e = next(x for x in st.erasures_for("waves") if x.name == "ca-preserve")
+    settings = st.erasure_train_settings(e, Path("outputs/study"), "base.safetensors")
+    preserve = Path(settings.preserve_prompts)
+    assert preserve.is_absolute() and preserve.is_file()
+    assert preserve == (tmp_path / "outputs/study/erasures/preserve_waves.txt")
+    assert "waves" not in preserve.read_text()
