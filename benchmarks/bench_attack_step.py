@@ -66,6 +66,13 @@ def time_attack(attack, model, size: int, steps: int) -> dict:
     import numpy as np
     import torch
 
+    cuda = next(model.parameters()).device.type == "cuda"
+
+    def stamp(step, best):  # on CUDA the step's kernels must finish before its time is read
+        if cuda:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
     from attacks.base import Check, Concept
 
     rng = np.random.default_rng(0)
@@ -75,11 +82,15 @@ def time_attack(attack, model, size: int, steps: int) -> dict:
     start = time.perf_counter()
     attack.attack(model, PROMPT, concept=concept, check=lambda cond, step: Check(False, blank), index=0,
                   base=model, generator=torch.Generator().manual_seed(0),
-                  progress=lambda step, best: stamps.append(time.perf_counter()))
+                  progress=stamp)
     total = time.perf_counter() - start
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"attack": attack.name, "steps": len(stamps), "per_step_s": total / len(stamps),
-            "step_s": statistics.median(gaps) if gaps else None}
+    row = {"attack": attack.name, "steps": len(stamps), "per_step_s": total / len(stamps),
+           "step_s": statistics.median(gaps) if gaps else None}
+    if cuda:
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        torch.cuda.reset_peak_memory_stats()
+    return row
 
 
 def main(argv=None) -> list[dict]:
@@ -89,6 +100,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--size", type=int, default=512, help="image size in pixels")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 weights; peak memory reported on CUDA)")
     p.add_argument("--attacks", nargs="+", default=["unlearndiff", "p4d-n", "p4d-k", "p4d-n-original"])
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -109,7 +121,7 @@ def main(argv=None) -> list[dict]:
         "p4d-n-original": lambda: P4DN(P4DSettings(variant="n", iterations=n, eval_step=no_check, teacher_batch=1)),
     }
     t0 = time.perf_counter()
-    model = build(args.config, args.weights)
+    model = build(args.config, args.weights).to(args.device)
     print(f"model built in {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for name in args.attacks:
@@ -117,7 +129,7 @@ def main(argv=None) -> list[dict]:
         row["name"] = name
         rows.append(row)
         print(json.dumps(row), flush=True)
-    meta = {"config": str(args.config), "size": args.size, "threads": torch.get_num_threads(),
+    meta = {"config": str(args.config), "size": args.size, "threads": torch.get_num_threads(), "device": args.device,
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
     print("| attack | steps | steady step (s) | whole call / steps (s) |\n|---|---|---|---|")
     for r in rows:

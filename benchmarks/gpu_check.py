@@ -13,11 +13,16 @@ each in its own process (one that fails is reported and the others still run):
 3. ``anchor-batch``: one anchor-generation batch of 8 at 512² at the paper's setting (DDIM 200, eta 1, CFG 6),
    then 20 steps of cross-attn ablation training at batch 4 with peak memory (``bench_train.py``);
 4. ``discover``: ConceptPrune's discovery on 2 prompt pairs (``bench_discover.py``);
-5. ``ddp``: with two GPUs or more, ``train.py -t --gpus 0,1`` on a random SD-v1 checkpoint in the real
+5. ``attack-step``: one optimisation step of UnlearnDiffAtk, P4D-N, P4D-K and P4D-N with one teacher call per
+   step (the original's way), 512², fp32, with peak memory (``bench_attack_step.py``);
+6. ``noise-original``: ``--noise original``'s start noise (``runtime.generate.start_noise``) against the draw
+   of the diffusers originals (``torch.manual_seed(seed)``, then ``randn`` on CUDA in fp16, and diffusers'
+   ``randn_tensor`` where installed), exact; on CPU, that the option is refused;
+7. ``ddp``: with two GPUs or more, ``train.py -t --gpus 0,1`` on a random SD-v1 checkpoint in the real
    ``sd-v1-4.ckpt`` layout: anchor images from two processes, then 2 DDP training steps.
 
-Prints one table and writes every step's JSON to ``--out`` (default ``gpu_check.json``). About 5-8 minutes on
-one H100/H200.
+Prints one table and writes every step's JSON to ``--out`` (default ``gpu_check.json``). Not yet run on a GPU: an
+estimate is 7-10 minutes on one H100/H200.
 """
 from __future__ import annotations
 
@@ -44,12 +49,16 @@ def steps(device: str, tiny: bool, n_gpus: int, tmp: Path) -> list[tuple[str, li
         gen = ["--model", "toy", "--batch", "2", "--sampler", "ddim-2,dpmpp_2m-2", "--repeats", "1", "--threads", "1"]
         train = ["--model", "tiny", "--train-batch", "2", "--gen-batch", "2", "--gen-steps", "2", "--repeats", "2"]
         disc = ["--model", "toy", "--pairs", "2", "--steps", "2", "--threads", "1"]
+        toy = REPO / "assets" / "toyworld" / "ldm"
+        attack = ["--config", toy / "ldm.yaml", "--weights", toy / "toyworld-ldm.safetensors", "--size", "32",
+                  "--steps", "2", "--threads", "1"]
     else:
         unet = ["--configs", "full", "--batch", "8"]
         gen = ["--model", "sd", "--dtype", "fp16", "--size", "512", "--batch", "8", "--sampler",
                "ddim-50,dpmpp_2m-20", "--repeats", "2"]
         train = ["--model", "sd", "--train-batch", "4", "--gen-batch", "8", "--gen-steps", "200", "--repeats", "20"]
         disc = ["--model", "sd", "--pairs", "2", "--steps", "50"]
+        attack = ["--size", "512", "--steps", "5"]
     dev = ["--device", device]
     dtypes = ["fp16", "bf16"] if device == "cuda" else ["fp16"]  # the CPU runs fp32 either way
     for dt in dtypes:
@@ -58,10 +67,49 @@ def steps(device: str, tiny: bool, n_gpus: int, tmp: Path) -> list[tuple[str, li
     out.append(("generate", [py, BENCH / "bench_generate.py", *dev, *gen, "--json", j("generate")], j("generate")))
     out.append(("anchor-batch+train", [py, BENCH / "bench_train.py", *dev, *train, "--json", j("train")], j("train")))
     out.append(("discover", [py, BENCH / "bench_discover.py", *dev, *disc, "--json", j("discover")], j("discover")))
+    out.append(("attack-step", [py, BENCH / "bench_attack_step.py", *dev, *attack, "--json", j("attack")],
+                j("attack")))
+    out.append(("noise-original", [py, BENCH / "gpu_check.py", "--noise-worker", *dev, "--out", j("noise")],
+                j("noise")))
     if n_gpus > 1 or (device == "cpu" and tiny):  # the CPU dry run takes the same path with two CPU processes
         out.append(("ddp", [py, BENCH / "gpu_check.py", "--ddp-worker", *dev, *(["--tiny"] if tiny else []),
                             "--out", j("ddp")], j("ddp")))
     return out
+
+
+def noise_worker(device: str, out: Path) -> None:
+    """``--noise original`` against the originals' draw (CUDA), or its refusal (CPU); exits non-zero on a mismatch."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from runtime.generate import check_noise, start_noise
+
+    if device != "cuda":
+        try:
+            check_noise("original", ["cpu"])
+        except ValueError as e:
+            out.write_text(json.dumps({"refused_on_cpu": True, "message": str(e)}, indent=1) + "\n")
+            return
+        raise SystemExit("--noise original was not refused on CPU")
+    shape, result = (4, 64, 64), {"seeds": [0, 1, 42, 2**31 - 1]}
+    for seed in result["seeds"]:
+        torch.manual_seed(seed)  # the originals: global seed, then the pipeline's generator-less draw
+        theirs = torch.randn((1, *shape), device="cuda", dtype=torch.float16)[0].float()
+        ours = start_noise(shape, seed, "cuda", "original")
+        if not torch.equal(ours, theirs):
+            raise SystemExit(f"seed {seed}: --noise original differs from torch.manual_seed + randn (cuda, fp16)")
+        try:
+            from diffusers.utils.torch_utils import randn_tensor
+        except ImportError:
+            result["diffusers_randn_tensor"] = "not installed"
+            continue
+        torch.manual_seed(seed)
+        d = randn_tensor((1, *shape), generator=None, device=torch.device("cuda"), dtype=torch.float16)[0].float()
+        if not torch.equal(ours, d):
+            raise SystemExit(f"seed {seed}: --noise original differs from diffusers' randn_tensor")
+        result["diffusers_randn_tensor"] = "equal"
+    result["equal"] = True
+    out.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def ddp_worker(device: str, tiny: bool, out: Path) -> None:
@@ -123,6 +171,9 @@ def summary(name: str, data: dict) -> str:
     if name == "discover":
         return (f"{data['pairs']} pairs, {data['unet_calls']} UNet calls: {data['discover_s']:.1f} s "
                 f"(recording overhead {data['record_overhead_pct']:.0f}%), peak {data['peak_mib']:.0f} MiB")
+    if name == "attack-step":
+        return "; ".join(f"{r['name']} {r['step_s']:.3f} s/step" + (f", peak {r['peak_gib']} GiB" if "peak_gib" in r
+                                                                      else "") for r in data["rows"])
     if name == "ddp":
         return (f"train.py --gpus {data['gpus']}: {data['wall_s']} s, {data['run_folders']} run folder, "
                 f"{data['deltas']}")
@@ -136,11 +187,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="gpu_check.json", help="all results as JSON")
     p.add_argument("--only", default=None, help="comma-separated step names (default: all)")
     p.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--noise-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device here: run with --device cpu --tiny for the dry run")
+    if args.noise_worker:
+        noise_worker(args.device, Path(args.out))
+        return 0
     if args.ddp_worker:
         ddp_worker(args.device, args.tiny, Path(args.out))
         return 0
