@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -59,6 +60,16 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class Evil:
+    """A hostile pickle payload: runs ``touch marker`` when unpickled (the marker file proves code ran)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
 
 
 TINY_CONFIG = ROOT / "configs" / "tiny" / "v1-tiny.yaml"

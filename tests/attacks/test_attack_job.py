@@ -272,11 +272,9 @@ def test_every_registered_attack_satisfies_the_protocol():
         assert registry.added_tokens(settings_cls()) >= 0
 
 
-def test_targets_default_to_the_base_models_images(tmp_path, prompts, monkeypatch):
-    """Without --targets, target i is the base model's image of prompt i and its seed (cached): the very image of
-    the base model's ``none`` check."""
-    from PIL import Image
-
+def register_targeted(monkeypatch) -> dict:
+    """Register attack "targeted" (AppendStyle that needs targets); returns the dict it fills with each prompt's
+    target image by index."""
     seen = {}
 
     class Targeted(AppendStyle):
@@ -288,6 +286,15 @@ def test_targets_default_to_the_base_models_images(tmp_path, prompts, monkeypatc
             return super().attack(model, prompt, concept=concept, check=check, index=index, **kw)
 
     monkeypatch.setitem(registry.ATTACKS, "targeted", (Targeted, AppendSettings))
+    return seen
+
+
+def test_targets_default_to_the_base_models_images(tmp_path, prompts, monkeypatch):
+    """Without --targets, target i is the base model's image of prompt i and its seed (cached): the very image of
+    the base model's ``none`` check."""
+    from PIL import Image
+
+    seen = register_targeted(monkeypatch)
     job.run(settings(tmp_path, prompts, attacks=("targeted",), limit=2))
     assert sorted(seen) == [0, 1]
     out = tmp_path / "out"
@@ -324,17 +331,7 @@ def test_targets_folder_images_in_name_order(tmp_path, prompts, monkeypatch):
     """--targets: image i (name order) is prompt i's target, short side resized and centre-cropped to H x W."""
     from PIL import Image
 
-    seen = {}
-
-    class Targeted(AppendStyle):
-        name: ClassVar[str] = "targeted"
-        needs_targets: ClassVar[bool] = True
-
-        def attack(self, model, prompt, *, concept, check, index, **kw):
-            seen[index] = concept.targets[index].copy()
-            return super().attack(model, prompt, concept=concept, check=check, index=index, **kw)
-
-    monkeypatch.setitem(registry.ATTACKS, "targeted", (Targeted, AppendSettings))
+    seen = register_targeted(monkeypatch)
     folder = tmp_path / "targets"
     folder.mkdir()
     colours = [(200, 10, 10), (10, 200, 10)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, tiny_model
+from conftest import TINY_CONFIG, Evil, tiny_model
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -31,15 +31,6 @@ ROOT = Path(__file__).resolve().parents[2]
 KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"
 UNWRITABLE = "/proc/no-such-dir/out"  # not creatable, for root too
 
-
-class _Evil:
-    """Runs ``touch marker`` when unpickled."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +69,7 @@ def test_outpkl_pickle_is_never_unpickled(tmp_path):
     marker = tmp_path / "pwned"
     outpkl = tmp_path / "metrics" / "evaluation.pkl"
     outpkl.parent.mkdir()
-    outpkl.write_bytes(pickle.dumps(_Evil(marker)))
+    outpkl.write_bytes(pickle.dumps(Evil(marker)))
     # a pickle without its JSON: refused, not read, not replaced
     with pytest.raises(ValueError, match="not read"):
         protocol.update_table(outpkl, {"run_a": {"KID_x": 0.5}})
@@ -222,7 +213,7 @@ def test_sample_killed_during_final_move_resumes_without_duplicates(files, tmp_p
 def _bad_bases(files, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Evil(marker)}, evil)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": Evil(marker)}, evil)
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes((files / "base.ckpt").read_bytes()[:5000])
     wrong = tmp_path / "wrong.safetensors"
@@ -271,7 +262,7 @@ def test_dictconfig_path_and_numpy_array_load_safely(tmp_path):
     with pytest.raises(UnsafeCheckpointError):
         load_checkpoint(tmp_path / "o.ckpt")
     marker = tmp_path / "pwned"
-    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": cfg, "x": _Evil(marker)}, tmp_path / "e.ckpt")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hyper_parameters": cfg, "x": Evil(marker)}, tmp_path / "e.ckpt")
     with pytest.raises(UnsafeCheckpointError):
         load_checkpoint(tmp_path / "e.ckpt")
     assert not marker.exists()

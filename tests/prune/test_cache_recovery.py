@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, Evil
 
 from ldm.checkpoint import load_state_dict, save_state_dict
 from prune import jobs
@@ -14,13 +14,6 @@ from prune.wanda import load_masks
 
 TINY = dict(config=str(TINY_CONFIG), H=16, W=16, steps=2, precision="full", device="cpu")
 
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,7 @@ def test_truncated_norms_cache_is_recorded_again(fresh, tmp_path, capsys):
 
 def test_garbage_and_hostile_norms_cache_is_recorded_again_without_running_code(fresh, tmp_path, capsys):
     marker = tmp_path / "pwned"
-    _damage_and_rerun(fresh, tmp_path, capsys, lambda p: p.write_bytes(pickle.dumps(_Evil(marker))))
+    _damage_and_rerun(fresh, tmp_path, capsys, lambda p: p.write_bytes(pickle.dumps(Evil(marker))))
     assert not marker.exists()
     _damage_and_rerun(fresh, tmp_path / "b", capsys, lambda p: p.write_bytes(b"\x00" * 7))
 

@@ -6,13 +6,13 @@ made; the planted code never runs and torch's advice to load with ``weights_only
 
 Everything runs on the toy world's real scorer files (its CLIP folder, copy detector and feature TorchScript)."""
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import Evil
 from safetensors.torch import load_file
 
 from evaluation import benchmark as bench
@@ -26,15 +26,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets/toyworld"
 P = asset_paths(ASSETS)
 
-
-class _Evil:
-    """Runs ``touch marker`` when unpickled."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +47,8 @@ def bad(tmp_path):
            "evil_pkl": tmp_path / "evil.pkl", "state_dict": tmp_path / "weights.pt", "text": tmp_path / "notes.bin",
            "torchscript": P["copydetect"]}
     out["corrupt"].write_bytes(data[:len(data) // 2])
-    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": _Evil(marker)}, out["evil_pt"])
-    out["evil_pkl"].write_bytes(pickle.dumps(_Evil(marker)))
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": Evil(marker)}, out["evil_pt"])
+    out["evil_pkl"].write_bytes(pickle.dumps(Evil(marker)))
     torch.save({"fc.weight": torch.zeros(2, 3)}, out["state_dict"])
     out["text"].write_text("hello, I am not a model\n")
     return out
@@ -304,7 +295,7 @@ def test_sniff_reads_bytes_only_and_names_the_code(bad):
     assert files.describe(bad["evil_pt"]) == "a pickle with code (posix.system): refused, nothing was loaded"
     assert files.describe(bad["state_dict"]).startswith("a torch.save file")
     legacy = bad["marker"].parent / "legacy.pt"  # a pre-1.6 torch.save: several pickles in a row
-    torch.save({"x": _Evil(bad["marker"]), "w": torch.ones(1)}, legacy, _use_new_zipfile_serialization=False)
+    torch.save({"x": Evil(bad["marker"]), "w": torch.ones(1)}, legacy, _use_new_zipfile_serialization=False)
     assert files.sniff(legacy) == "pickle" and "posix.system" in files.describe(legacy)
     with pytest.raises(files.ScorerFileError, match="a pickle with code"):
         files.load_state_dict(legacy, "--x")

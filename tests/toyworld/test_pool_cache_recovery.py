@@ -1,21 +1,13 @@
 """A damaged toy-world pool cache (``toyworld.ldm.cached_pool``) never blocks a rerun (issue 30, item 8): a
 truncated or hostile file is one ``warning:`` line naming it, the pool is rendered again (equal to a fresh
 rendering) and the file is replaced atomically by a readable one."""
-import os
 import pickle
 import warnings
 
 import torch
+from conftest import Evil
 
 from toyworld import ldm as tl
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def _check_recovers(tmp_path, capsys, damage):
@@ -49,7 +41,7 @@ def test_truncated_pool_cache_is_rendered_again(tmp_path, capsys):
 
 def test_hostile_or_foreign_pool_cache_is_rendered_again_without_running_code(tmp_path, capsys):
     marker = tmp_path / "pwned"
-    _check_recovers(tmp_path / "a", capsys, lambda p: p.write_bytes(pickle.dumps(_Evil(marker))))
+    _check_recovers(tmp_path / "a", capsys, lambda p: p.write_bytes(pickle.dumps(Evil(marker))))
     assert not marker.exists()
     # a readable file that is not this pool (another size): not used
     _check_recovers(tmp_path / "b", capsys, lambda p: torch.save(
