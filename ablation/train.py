@@ -316,14 +316,13 @@ def prepare_data(s: TrainSettings, config, concepts, prompts, devices):
 
     from ablation.prompts import Concept
     from runtime.dist import broadcast_from_zero, init_from_launcher, local_devices
-    from runtime.generate import Sampling, generate_images
+    from runtime.generate import generate_images
     from runtime.loading import load_model
 
     gen = config.generation
     gen_folder = Path(s.root) / f"{Path(s.prompts).stem}_gen"
     model_cfg = OmegaConf.to_container(config.model, resolve=True)
     factory = functools.partial(load_model, model_cfg, s.base_ckpt, s.delta_ckpt)
-    size = config.data.size
     shard = init_from_launcher()
     if s.concept_type == "memorization":
         from ablation.memorization import prepare_memorization_data
@@ -332,12 +331,9 @@ def prepare_data(s: TrainSettings, config, concepts, prompts, devices):
             images_txt, caption_txt, targets = broadcast_from_zero(None)
             extra = [Concept("*", t) for t in targets if t not in {c.target for c in concepts}]
             return images_txt, caption_txt, concepts + extra
-        # as before, this path samples with Sampling's eta and scale: generation.eta/scale are not passed on
-        sampling = Sampling(sampler=gen.get("sampler", "ddim"), steps=gen.steps, height=size, width=size,
-                            batch_size=s.n_samples, seed=gen.seed)
         images_txt, caption_txt, targets = prepare_memorization_data(
             factory, s.sscd_ckpt, s.mem_impath, prompts, gen_folder, concepts[0].target, s.train_size,
-            sampling=sampling, n_check=gen.check_images_per_prompt, check_steps=gen.check_steps,
+            sampling=anchor_sampling(s, config), n_check=gen.check_images_per_prompt, check_steps=gen.check_steps,
             anchor_size=gen.anchor_size, target_size=gen.target_size, threshold=gen.sscd_threshold,
             devices=tuple(devices))
         if shard is not None:

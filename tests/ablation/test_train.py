@@ -1,4 +1,5 @@
 """train.py's job (ablation.train) end to end on the tiny model: generate -> train -> delta -> loads onto the base."""
+import json
 import re
 import shutil
 import warnings
@@ -96,13 +97,17 @@ def test_style_safetensors_resumes_interrupted_generation(workdir):
 
 def test_memorization_full_weight(workdir):
     run_dir = run(settings(workdir, "generation.anchor_size=2", "generation.target_size=1",
-                           "generation.check_images_per_prompt=1", train=True, concept_type="memorization",
+                           "generation.check_images_per_prompt=1", "generation.eta=0.5", "generation.scale=3.0",
+                           train=True, concept_type="memorization",
                            caption_target="New Orleans House Galaxy Case", prompts=str(workdir / "mem.txt"),
                            mem_impath=str(workdir / "mem.png"), sscd_ckpt=str(workdir / "sscd.pt"), train_size=4,
                            regularization=True))
     check_run(workdir, run_dir, lambda k: k.startswith("model.diffusion_model."))
     gen = workdir / "data" / "mem_gen"
     assert (gen / "target.txt").read_text().splitlines()[0] == "New Orleans House Galaxy Case"
+    for folder in ("check", "anchor"):  # generation.eta/scale reach both of memorization's generations
+        plan = json.loads((gen / folder / "plan.json").read_text())
+        assert (plan["eta"], plan["scale"]) == (0.5, 3.0)
 
 
 def test_embedding_group(workdir):
