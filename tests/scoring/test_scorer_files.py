@@ -28,6 +28,16 @@ P = asset_paths(ASSETS)
 
 
 
+
+def with_flags(argv: list, flags: dict) -> list:
+    """``argv`` with ``--k v`` for each flag: replaces the value of a flag already there, else appends it."""
+    for k, v in flags.items():
+        if f"--{k}" in argv:
+            argv[argv.index(f"--{k}") + 1] = str(v)
+        else:
+            argv += [f"--{k}", str(v)]
+    return argv
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("scorers")
@@ -68,12 +78,7 @@ def _argv(world, out, suite, **flags):
         argv += ["--captions", str(sets["captions"])]
     elif suite == "memorization":
         argv += ["--mem_jsonl", str(sets["mem_jsonl"])]
-    for k, v in flags.items():
-        if f"--{k}" in argv:
-            argv[argv.index(f"--{k}") + 1] = str(v)
-        else:
-            argv += [f"--{k}", str(v)]
-    return argv
+    return with_flags(argv, flags)
 
 
 def _refused(main, argv, capsys, flag: str, path, what: str, marker=None, nothing: tuple[Path, ...] = ()) -> str:
@@ -249,12 +254,7 @@ def _evaluate_argv(run, out, **flags):
             "--config", str(P["config"]), "--base_outpath", str(out / "baseline"), "--clip_model", str(P["clip"]),
             "--feature_model", str(P["features"]), "--feature_size", "32", "--numgen", "2", "--steps", "2",
             "--H", "32", "--W", "32", "--precision", "full"]
-    for k, v in flags.items():
-        if f"--{k}" in argv:
-            argv[argv.index(f"--{k}") + 1] = str(v)
-        else:
-            argv += [f"--{k}", str(v)]
-    return argv
+    return with_flags(argv, flags)
 
 
 def test_evaluate_refuses_bad_scorer_files_before_any_image(run_dir, bad, tmp_path, capsys):
