@@ -279,15 +279,21 @@ def _sampling_ident(plan: AttackPlan, row) -> dict:
 def record_key(plan: AttackPlan, spec, attack, row) -> str:
     """The cache key of one attacked prompt: the model's identity, the attack and its settings, the prompt, its
     seed and guidance, the checks' sampling, the judge and (for attacks that use them) the targets."""
+    cls = attack[1]
+    return _digest({**_attack_identity(plan, spec, attack), "prompt": row.prompt, "seed": row.seed,
+                    "sampling": _sampling_ident(plan, row), "judge": plan.preset.info,
+                    "target": _row_target(plan, plan.rows.index(row)) if cls.needs_targets else None})
+
+
+def _attack_identity(plan: AttackPlan, spec, attack) -> dict:
+    """What a record and a kept prepared state share in their keys: the model, its config, the attack, its
+    settings and seed, and the concept."""
     from evaluation.models import model_identity
 
-    name, cls, aset = attack
-    ident = {"model": model_identity(spec, plan.settings.base), "model_config": _digest(plan.model_config),
-             "attack": name, "settings": dataclasses.asdict(aset), "attack_seed": plan.settings.attack_seed,
-             "prompt": row.prompt, "seed": row.seed, "sampling": _sampling_ident(plan, row),
-             "concept": plan.preset.name, "judge": plan.preset.info,
-             "target": _row_target(plan, plan.rows.index(row)) if cls.needs_targets else None}
-    return _digest(ident)
+    name, _, aset = attack
+    return {"model": model_identity(spec, plan.settings.base), "model_config": _digest(plan.model_config),
+            "attack": name, "settings": dataclasses.asdict(aset), "attack_seed": plan.settings.attack_seed,
+            "concept": plan.preset.name}
 
 
 def record_path(plan: AttackPlan, spec, attack, row) -> Path:
@@ -471,16 +477,10 @@ def work(plan: AttackPlan, shard, device: str) -> None:
 def prepared_path(plan: AttackPlan, spec, attack) -> Path:
     """Where an attack's prepared state (:meth:`prepared`) for ``spec`` is kept, keyed by everything it is made of:
     the model, the attack and its settings, the seed, the concept, its pairs and its target images."""
-    from evaluation.models import model_identity
-
-    name, _, aset = attack
-    concept = plan.preset.concept
-    ident = {"model": model_identity(spec, plan.settings.base), "model_config": _digest(plan.model_config),
-             "attack": name, "settings": dataclasses.asdict(aset), "attack_seed": plan.settings.attack_seed,
-             "concept": plan.preset.name, "pairs": list(concept.pairs),
-             "targets": [{"file": f.name, "size": f.stat().st_size} for f in plan.extras["target_files"]]
-             if "target_files" in plan.extras else plan.extras.get("targets_key")}
-    return attack_dir(plan, spec, name) / f"prepared-{_digest(ident)}.safetensors"
+    targets = ([{"file": f.name, "size": f.stat().st_size} for f in plan.extras["target_files"]]
+               if "target_files" in plan.extras else plan.extras.get("targets_key"))
+    ident = {**_attack_identity(plan, spec, attack), "pairs": list(plan.preset.concept.pairs), "targets": targets}
+    return attack_dir(plan, spec, attack[0]) / f"prepared-{_digest(ident)}.safetensors"
 
 
 def _prepare(plan: AttackPlan, spec, attack, obj, model, concept) -> None:
