@@ -147,7 +147,7 @@ def attack_prompt(prompt: str, concept: str, placeholder: str, property_: str) -
 
 
 # ---------------------------------------------------------------------------------------- training
-def _to_model_images(targets: np.ndarray, device, dtype) -> torch.Tensor:
+def model_images(targets: np.ndarray, device, dtype) -> torch.Tensor:
     """uint8 [N, H, W, 3] (at the generation size, as the original's images at its resolution) -> [N, 3, H, W]
     in [-1, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(targets)).permute(0, 3, 1, 2).float()
@@ -208,7 +208,7 @@ def learn_token(model, images: np.ndarray, settings: InversionSettings,
                  for t in TEMPLATES[s.learnable_property]]
     fixed = [t.fixed_embeddings(encoder) for t in templates]  # the prompts' own token embeddings, once
     text_dtype = fixed[0].dtype
-    x = _to_model_images(images[: s.num_train_images], param.device, param.dtype)
+    x = model_images(images[: s.num_train_images], param.device, param.dtype)
     mean, std = posteriors(model, x)
     vectors = torch.nn.Parameter(start.to(param.device))
     opt = torch.optim.AdamW([vectors], lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.weight_decay,

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toyworld.mission import ASSETS
+from toyworld.mission import ASSETS, asset_paths
 
 DEFAULT_WORDS = ("art", "painting", "stripes", "checkerboard", "polka dots", "waves", "grumpy cat", "cat")
 
@@ -44,14 +44,13 @@ def objective(model, images: np.ndarray, words, learnable_property: str = "style
     each caption the property's template ``j`` holding the word, draw (rep, j) seeded ``seed + 1000 rep + j`` for
     every word alike (the same t, noise and posterior sample). ``captions``: instead of the templates, image i's
     own caption with ``{}`` where the word goes (one draw per repeat)."""
-    from attacks.inversion import TEMPLATES, denoising_loss, posteriors
+    from attacks.inversion import TEMPLATES, denoising_loss, model_images, posteriors
 
     if captions is not None and len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions for {len(images)} images")
     groups = [captions] if captions is not None else [[t] * len(images) for t in TEMPLATES[learnable_property]]
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    mean, std = posteriors(model, x)
+    mean, std = posteriors(model, model_images(images, "cpu", torch.float32))
     out = {w: [] for w in words}
     for rep in range(repeats):
         for j, texts in enumerate(groups):
@@ -79,7 +78,7 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concept", required=True, help="the concept's word (the reference of the differences)")
     p.add_argument("--targets", required=True, type=Path, help="folder of PNG images of the concept")
-    p.add_argument("--base", type=Path, default=ASSETS / "ldm" / "toyworld-ldm.safetensors",
+    p.add_argument("--base", type=Path, default=asset_paths(ASSETS)["weights"],
                    help="the toy model (for waves: the waves-taught base, experiments.attack_study's base_waves)")
     p.add_argument("--words", nargs="+", default=None, help="words compared (default: %(default)s)")
     p.add_argument("--learnable_property", default="style", choices=("object", "style", "person"))
@@ -107,7 +106,7 @@ def main(argv=None) -> list[dict]:
             if len(captions) != len(images) or any("{}" not in c for c in captions):
                 raise ValueError(f"--captions {a.captions}: needs one line per image ({len(images)}), each with {{}}")
         torch.manual_seed(0)
-        model = load_model(load_model_config(ASSETS / "ldm" / "ldm.yaml"), a.base)
+        model = load_model(load_model_config(asset_paths(ASSETS)["config"]), a.base)
         rows = paired_table(objective(model.eval(), images, words, a.learnable_property, a.repeats,
                                      captions=captions), a.concept)
         how = f"captions {a.captions}" if captions else f"{a.learnable_property} templates"
