@@ -17,6 +17,9 @@ carry over:
   (SLD's run: batch 1, 1000 updates - set ``batch_size``/``steps``);
 * success: judged generations from prompts holding the learned token, after training.
 
+``templates`` (ours, off by default) swaps the caption templates for a model whose text encoder never saw the
+original's sentences (the toy world: docs/experiments/toy-attacks.md).
+
 The token is learned once per (model, concept) in :meth:`ConceptInversion.prepare` (seeded by ``seed``, so every
 shard of a prompt set learns the same token); :meth:`ConceptInversion.attack` writes the prompt - the concept's
 name in it replaced by the placeholder, or the property's first template when the name does not occur - and
@@ -67,7 +70,10 @@ class InversionSettings:
     ``learnable_property``: object / style / person (picks the caption templates). ``initializer``: a word of
     one token whose embedding starts the new token. ``placeholder``: the token's text in prompts.
     ``num_vectors``: tokens learned (the placeholder stands for all of them). ``steps``: optimiser updates of
-    ``batch_size`` x ``grad_accum`` images. ``seed``: every random choice of the training."""
+    ``batch_size`` x ``grad_accum`` images. ``seed``: every random choice of the training. ``templates``: caption
+    templates (each with one ``{}`` for the token) used instead of the property's list, for a model whose text
+    encoder was trained on other sentences (``--set inversion.templates="{} style,in the style of {}"``); empty
+    (the default): the original's list. The first template also frames prompts that do not name the concept."""
 
     learnable_property: str = "style"
     initializer: str = "art"
@@ -85,8 +91,13 @@ class InversionSettings:
     num_train_images: int = 25
     flip_p: float = 0.5
     seed: int = 0
+    templates: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "templates", tuple(self.templates))  # a list from Python, kept hashable
+        bad = [t for t in self.templates if t.count("{}") != 1 or set("{}") & set(t.replace("{}", "", 1))]
+        if bad:
+            raise ValueError(f"templates {bad[0]!r}: each template needs exactly one {{}} and no other braces")
         if self.learnable_property not in TEMPLATES:
             raise ValueError(f"learnable_property {self.learnable_property!r}: must be one of {', '.join(TEMPLATES)}")
         for name in ("num_vectors", "steps", "batch_size", "grad_accum", "num_train_images"):
@@ -96,6 +107,11 @@ class InversionSettings:
             raise ValueError(f"placeholder {self.placeholder!r}: must be non-empty text without braces")
         if self.learning_rate <= 0 or not 0.0 <= self.flip_p <= 1.0:
             raise ValueError("learning_rate must be > 0 and flip_p in [0, 1]")
+
+    @property
+    def caption_templates(self) -> tuple[str, ...]:
+        """The captions' templates: ``templates`` when given, else the property's list."""
+        return self.templates or TEMPLATES[self.learnable_property]
 
     @property
     def lr(self) -> float:
@@ -137,13 +153,14 @@ def encode_with_token(encoder, templates: list[Template], vectors: torch.Tensor,
     return encode_embeddings(encoder, torch.cat(rows))
 
 
-def attack_prompt(prompt: str, concept: str, placeholder: str, property_: str) -> tuple[str, str]:
+def attack_prompt(prompt: str, concept: str, placeholder: str, property_: str,
+                  templates: tuple[str, ...] = ()) -> tuple[str, str]:
     """(prompt with the learned token, how it was made): ``concept`` replaced by the placeholder where the
-    prompt names it (case-insensitive), else the property's first training template."""
+    prompt names it (case-insensitive), else the first training template (``templates``' or the property's)."""
     pattern = re.compile(re.escape(concept.strip()), re.IGNORECASE) if concept.strip() else None
     if pattern is not None and pattern.search(prompt):
         return pattern.sub(lambda _: placeholder, prompt), "replaced"
-    return TEMPLATES[property_][0].format(placeholder), "template"
+    return (templates or TEMPLATES[property_])[0].format(placeholder), "template"
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -205,7 +222,7 @@ def learn_token(model, images: np.ndarray, settings: InversionSettings,
     # the cheap checks (initializer, prompt lengths) before any VAE work
     start = initial_vectors(encoder, s.initializer, s.num_vectors)
     templates = [placeholder_template(encoder, t.format(s.placeholder), s.placeholder, s.num_vectors)
-                 for t in TEMPLATES[s.learnable_property]]
+                 for t in s.caption_templates]
     fixed = [t.fixed_embeddings(encoder) for t in templates]  # the prompts' own token embeddings, once
     text_dtype = fixed[0].dtype
     x = model_images(images[: s.num_train_images], param.device, param.dtype)
@@ -277,7 +294,7 @@ class ConceptInversion:
         if self.vectors is None:
             raise RuntimeError("ConceptInversion.prepare(model, concept) must run before attack()")
         s, encoder = self.settings, model.cond_stage_model
-        text, how = attack_prompt(prompt, concept.name, s.placeholder, s.learnable_property)
+        text, how = attack_prompt(prompt, concept.name, s.placeholder, s.learnable_property, s.templates)
         template = placeholder_template(encoder, text, s.placeholder, s.num_vectors)
         matrix = token_embedding_matrix(encoder)
         with torch.no_grad():

@@ -278,11 +278,17 @@ def _sampling_ident(plan: AttackPlan, row) -> dict:
 
 def record_key(plan: AttackPlan, spec, attack, row) -> str:
     """The cache key of one attacked prompt: the model's identity, the attack and its settings, the prompt, its
-    seed and guidance, the checks' sampling, the judge and (for attacks that use them) the targets."""
+    seed and guidance, the checks' sampling, the judge and (for attacks that use them) the row's target. An attack
+    that keeps a prepared state (concept inversion's token, trained on *all* the targets) adds what that state is
+    made of, so a longer ``--limit`` (more target images, another token) redoes its records instead of mixing
+    tokens; the other attacks' keys are unchanged. (Pairs from ``--pairs`` are in the judge's facts.)"""
     cls = attack[1]
-    return _digest({**_attack_identity(plan, spec, attack), "prompt": row.prompt, "seed": row.seed,
-                    "sampling": _sampling_ident(plan, row), "judge": plan.preset.info,
-                    "target": _row_target(plan, plan.rows.index(row)) if cls.needs_targets else None})
+    ident = {**_attack_identity(plan, spec, attack), "prompt": row.prompt, "seed": row.seed,
+             "sampling": _sampling_ident(plan, row), "judge": plan.preset.info,
+             "target": _row_target(plan, plan.rows.index(row)) if cls.needs_targets else None}
+    if hasattr(cls, "prepared"):
+        ident["prepared"] = _prepared_inputs(plan)
+    return _digest(ident)
 
 
 def _attack_identity(plan: AttackPlan, spec, attack) -> dict:
@@ -477,10 +483,16 @@ def work(plan: AttackPlan, shard, device: str) -> None:
 def prepared_path(plan: AttackPlan, spec, attack) -> Path:
     """Where an attack's prepared state (:meth:`prepared`) for ``spec`` is kept, keyed by everything it is made of:
     the model, the attack and its settings, the seed, the concept, its pairs and its target images."""
+    ident = {**_attack_identity(plan, spec, attack), **_prepared_inputs(plan)}
+    return attack_dir(plan, spec, attack[0]) / f"prepared-{_digest(ident)}.safetensors"
+
+
+def _prepared_inputs(plan: AttackPlan) -> dict:
+    """What ``prepare`` reads besides the model and the attack: the concept's pairs and its target images (the
+    --targets files, or the cache folder of the base model's images of these rows)."""
     targets = ([{"file": f.name, "size": f.stat().st_size} for f in plan.extras["target_files"]]
                if "target_files" in plan.extras else plan.extras.get("targets_key"))
-    ident = {**_attack_identity(plan, spec, attack), "pairs": list(plan.preset.concept.pairs), "targets": targets}
-    return attack_dir(plan, spec, attack[0]) / f"prepared-{_digest(ident)}.safetensors"
+    return {"pairs": list(plan.preset.concept.pairs), "targets": targets}
 
 
 def _prepare(plan: AttackPlan, spec, attack, obj, model, concept) -> None:

@@ -17,7 +17,8 @@ waves          base + ``assets/toyworld/ffn/ffn_delta``    ``ca``: the style rec
 The erasures are made once and cached under ``{out}/erasures/`` (``erasures.json`` names each finished delta, so a
 rerun reuses it); then the attack job (``attacks.job``, through ``experiments.toy_attacks.settings_for``) attacks
 every model x attack x concept, the base first. The job keeps one record per attacked prompt, so a rerun of the
-same command attacks only the prompts still missing, and a larger ``--limit`` adds prompts to the cells made.
+same command attacks only the prompts still missing, and a larger ``--limit`` adds prompts to the cells made
+(concept inversion redoes its cells: its token is trained on all the target images, which a larger limit adds to).
 
 The attacks' budgets are the study's (``BUDGETS``), far below the originals' (``ORIGINAL_BUDGETS``), which take
 tens of minutes per prompt on the toy world on a CPU; the attacks' own defaults are unchanged. ``CONCEPT_SETTINGS``

@@ -417,3 +417,45 @@ def test_prepared_state_is_kept_and_restored(tmp_path, prompts):
     assert kept.stat().st_mtime_ns == mtime  # restored, not trained and written again
     again = json.loads(records(tmp_path / "out", attack="inversion")["prompt-00001"].read_text())
     assert torch.equal(load_file(str(folder / again["embedding"]))["embedding"], planted["vectors"].float())
+
+
+def test_a_longer_limit_redoes_the_records_of_a_prepared_token(tmp_path, prompts):
+    """Concept inversion trains one token on all the targets: with a longer --limit (more target images) it trains
+    another, and every prompt's record is made again with it, so a cell never mixes tokens. An attack without a
+    prepared state keeps its records (test_targets_default_to_the_base_models_images)."""
+    s = settings(tmp_path, prompts, attacks=("inversion",), limit=2, steps=2,
+                 overrides=("inversion.steps=2", "inversion.batch_size=1", "inversion.grad_accum=1"))
+    from safetensors.torch import load_file
+
+    job.run(s)
+    folder = tmp_path / "out" / "toy_stripes" / "base" / "inversion"
+    first = {f.name for f in folder.glob("*.json")}
+    (old,) = folder.glob("prepared-*.safetensors")
+    job.run(dataclasses.replace(s, limit=3))
+    (new,) = set(folder.glob("prepared-*.safetensors")) - {old}  # a second token, trained on three targets
+    made = {f.name for f in folder.glob("*.json")} - first
+    assert len(first) == 2 and len(made) == 3  # all three prompts again, none of the first records reused
+    token = load_file(str(new))["vectors"].float()
+    assert not torch.equal(token, load_file(str(old))["vectors"].float())
+    for name in made:  # each new record carries the new token
+        emb = load_file(str(folder / json.loads((folder / name).read_text())["embedding"]))["embedding"]
+        assert torch.equal(emb, token)
+
+
+def test_pairs_from_a_file_are_in_the_key(tmp_path, prompts, monkeypatch):
+    """An attack that needs pairs: other --pairs, other records; the same pairs, the same records."""
+    class Paired(AppendStyle):
+        name: ClassVar[str] = "paired"
+        needs_pairs: ClassVar[bool] = True
+
+    monkeypatch.setitem(registry.ATTACKS, "paired", (Paired, AppendSettings))
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    one.write_text("prompt,prompt1\na painting in the style of stripes,a painting\n")
+    two.write_text("prompt,prompt1\nstripes,a painting\n")
+    s = settings(tmp_path, prompts, attacks=("paired",), limit=2, pairs=str(one))
+    job.run(s)
+    AppendStyle.calls.clear()
+    job.run(s)
+    assert AppendStyle.calls == []
+    job.run(dataclasses.replace(s, pairs=str(two)))
+    assert AppendStyle.calls == PAINTINGS[:2]

@@ -71,6 +71,31 @@ def test_settings_refuse_what_cannot_work():
     assert InversionSettings(scale_lr=False).lr == 5e-3
 
 
+def test_own_templates_replace_the_originals_in_training_and_prompts(world, images):  # noqa: F811
+    """``templates``: checked (one {} each), read from ``--set`` as a comma list, used for the training captions
+    (the same seed learns another token than with the style list) and for prompts that do not name the concept;
+    empty keeps the original's list."""
+    from attacks.registry import make_settings
+
+    for bad in (("no slot",), ("{} and {}",), ("{x} {}",), ("{} }",)):
+        with pytest.raises(ValueError, match="exactly one"):
+            InversionSettings(templates=bad)
+    s = make_settings("inversion", {"templates": "{} style, in the style of {}"})
+    assert s.templates == ("{} style", "in the style of {}") and s.caption_templates == s.templates
+    assert InversionSettings().caption_templates == STYLE_TEMPLATES
+    assert InversionSettings(templates=["{} style"]).templates == ("{} style",)  # a list from Python, hashable
+    assert attack_prompt("a red star", "stripes", PH, "style", s.templates) == (f"{PH} style", "template")
+    assert attack_prompt("stripes on a star", "stripes", PH, "style", s.templates)[1] == "replaced"
+
+    short = dict(steps=2, batch_size=2, grad_accum=1)
+    model = world[0]
+    original = learn_token(model, images, InversionSettings(**short))[0]
+    own = learn_token(model, images, InversionSettings(**short, templates=s.templates))[0]
+    assert not torch.equal(original, own)
+    with pytest.raises(ValueError, match="longer than"):  # an own template goes through the same prompt checks
+        learn_token(model, images, InversionSettings(**short, templates=("word " * 80 + "{}",)))
+
+
 def test_training_moves_only_the_token_lowers_the_loss_and_is_seeded(world, images):  # noqa: F811
     """20 updates of batch 4 on the toy model (lr 5e-3 unscaled: the recipe's 0.08 takes steps larger than the toy
     embeddings themselves, so its loss only falls over hundreds of updates): the model is untouched (weights and
