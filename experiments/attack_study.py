@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from toyworld.captions import MEDIA, STYLE_PHRASES
 from toyworld.mission import ASSETS, PRESERVE_OVERRIDES, PRUNE, RECIPES, SIZES
 
 CONCEPTS = ("stripes", "grumpy cat", "waves")
@@ -69,6 +70,16 @@ CONCEPT_SETTINGS = {
     "stripes": {"unlearndiff": {"k": 3}, "inversion": {"learnable_property": "style"}},
     "grumpy cat": {"unlearndiff": {"k": 3}, "inversion": {"learnable_property": "object"}},
     "waves": {"unlearndiff": {"k": 3}, "inversion": {"learnable_property": "style"}},
+}
+# ``--inversion_templates world``: the inversion's caption templates in the toy world's own grammar
+# (toyworld.captions) instead of the original's ImageNet sentences, which the toy text encoder never saw: every
+# phrase the captions use to name a style (STYLE_PHRASES, and the style fragments of STYLE_TEMPLATES), and the
+# object phrase after each medium and lead-in of TEMPLATES. The same lists for every concept of a kind.
+WORLD_TEMPLATES = {
+    "style": (*(p.format(t="{}") for p in STYLE_PHRASES), "a painting in the style of {}",
+              "an artwork in the style of {}", "{} style", "in {} style"),
+    "object": (*(f"{m} a {{}}" for m in MEDIA), "there is a {}", "here we see a {}", "an image showing a {}",
+               "a scene with a {}", "a photo depicts a {}", "a simple illustration of a {}", "a {}"),
 }
 WAVES = "waves"
 MISSION_RECIPES = {"stripes": ("style", "style-preserve", "style"), "grumpy cat": ("instance", "instance-preserve",
@@ -101,8 +112,11 @@ class StudySettings:
     overrides: tuple[str, ...] = ()
     quick: bool = False  # SIZES["quick"] anchor images for Concept Ablation (SIZES["full"] otherwise)
     gpus: str | None = None  # the job's --gpus: e.g. "cpu:2" shards the prompts over two processes
+    inversion_templates: str = "original"  # or "world": WORLD_TEMPLATES of the concept's kind
 
     def __post_init__(self):
+        if self.inversion_templates not in ("original", "world"):
+            raise ValueError(f"--inversion_templates {self.inversion_templates}: must be original or world")
         for what, given, known in (("concept", self.concepts, CONCEPTS), ("erasure", self.erasures, ERASURES),
                                    ("attack", self.attacks, ATTACKS)):
             unknown = [x for x in given if x not in known]
@@ -141,14 +155,17 @@ def erasures_for(concept: str, names=ERASURES) -> list[Erasure]:
     return [made[n] for n in names]
 
 
-def attack_overrides(concept: str, attacks, extra=()) -> tuple[str, ...]:
-    """``--set`` items of ``concept``: the study's budgets, the per-concept settings, then ``extra``; only for the
-    attacks run."""
+def attack_overrides(concept: str, attacks, extra=(), inversion_templates: str = "original") -> tuple[str, ...]:
+    """``--set`` items of ``concept``: the study's budgets, the per-concept settings (with ``world``: the
+    inversion's WORLD_TEMPLATES), then ``extra``; only for the attacks run."""
     items = []
     for table in (BUDGETS, CONCEPT_SETTINGS[concept]):
         for attack, values in table.items():
             if attack in attacks:
                 items += [f"{attack}.{k}={v}" for k, v in values.items()]
+    if inversion_templates == "world" and "inversion" in attacks:
+        kind = CONCEPT_SETTINGS[concept]["inversion"]["learnable_property"]
+        items.append("inversion.templates=" + ",".join(WORLD_TEMPLATES[kind]))
     return (*items, *extra)
 
 
@@ -168,7 +185,7 @@ def plan(study: StudySettings, assets: Path = ASSETS) -> list[ConceptPlan]:
     plans = []
     for concept in study.concepts:
         changes = dict(limit=study.limit, steps=study.steps, sampler=study.sampler, seed=study.seed, gpus=study.gpus,
-                       overrides=attack_overrides(concept, attacks, study.overrides))
+                       overrides=attack_overrides(concept, attacks, study.overrides, study.inversion_templates))
         if concept == WAVES:
             changes["base"] = str(waves_base_path(out))
         plans.append(ConceptPlan(concept, erasures_for(concept, study.erasures),
@@ -423,6 +440,8 @@ def main(argv=None) -> dict:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="ATTACK.FIELD=VALUE after BUDGETS")
     p.add_argument("--gpus", default=None, help="the attack job's --gpus (e.g. cpu:2: two processes)")
     p.add_argument("--quick", action="store_true", help="Concept Ablation with the mission's quick sizes")
+    p.add_argument("--inversion_templates", choices=("original", "world"), default="original",
+                   help="concept inversion's caption templates: the original's, or the toy world's grammar")
     p.add_argument("--compare_samplers", metavar="MODEL", default=None,
                    help="instead of the study: none with plms and dpmpp_2m on MODEL (base or a made erasure) for "
                         "each --concepts, seeds --seed offsets 0 and 1000, paired (written to {out}/samplers/)")
@@ -435,7 +454,8 @@ def main(argv=None) -> dict:
             return sampler_study(Path(a.out), a.concepts, a.compare_samplers, a.limit, a.steps)
         study = StudySettings(out=a.out, concepts=tuple(a.concepts), erasures=tuple(a.erasures),
                               attacks=tuple(a.attacks), limit=a.limit, seed=a.seed, sampler=a.sampler,
-                              steps=a.steps, overrides=tuple(a.overrides), quick=a.quick, gpus=a.gpus)
+                              steps=a.steps, overrides=tuple(a.overrides), quick=a.quick, gpus=a.gpus,
+                              inversion_templates=a.inversion_templates)
         doc = run(study)
         if a.publish:
             from runtime.resources import DATA_ROOT

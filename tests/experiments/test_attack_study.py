@@ -59,6 +59,29 @@ def test_plan_models_attacks_concepts_and_settings(tmp_path):
             assert getattr(make_settings(attack), key) == value
 
 
+def test_world_templates_are_the_worlds_phrases_for_each_kind():
+    """``--inversion_templates world``: each style template is a phrase the world's captions use to name a style,
+    each object template an object lead-in of theirs; set through ``--set`` for the concept's kind, and parsed
+    back to the same tuple (no template holds the list's comma)."""
+    from attacks.registry import make_settings
+    from toyworld.captions import MEDIA, STYLE_PHRASES, STYLE_TEMPLATES, TEMPLATES
+
+    style_text = list(STYLE_PHRASES) + list(STYLE_TEMPLATES)
+    for t in study.WORLD_TEMPLATES["style"]:
+        assert any(t.replace("{}", "{t}") in x for x in style_text), t
+    leads = [x.replace("{medium}", m) for x in TEMPLATES for m in MEDIA]
+    for t in study.WORLD_TEMPLATES["object"]:
+        assert any(x.startswith(t.replace("a {}", "{obj}")) for x in leads), t
+    for concept, kind in (("stripes", "style"), ("grumpy cat", "object"), ("waves", "style")):
+        plan = study.plan(study.StudySettings(concepts=(concept,), inversion_templates="world"))[0]
+        sets = _sets(plan.settings)["inversion"]
+        assert make_settings("inversion", sets).templates == study.WORLD_TEMPLATES[kind]
+    original = study.plan(study.StudySettings(concepts=("stripes",)))[0]
+    assert "templates" not in _sets(original.settings).get("inversion", {})
+    with pytest.raises(ValueError, match="--inversion_templates mine"):
+        study.StudySettings(inversion_templates="mine")
+
+
 def test_unknown_names_and_limit_are_one_line_errors():
     with pytest.raises(ValueError, match="--concepts dots: unknown concept"):
         study.StudySettings(concepts=("dots",))
