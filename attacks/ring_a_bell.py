@@ -52,8 +52,11 @@ class RingABellSettings:
 
     ``length``: free tokens L (the paper's K counts them: K=77 means L=75). ``eta``: strength of the concept
     vector in the target. ``elite``: best parents kept unmutated each generation (0: the original).
-    ``check_on``: "text" (the decoded prompt, re-tokenized: the original's output) or "ids" (the found ids).
-    ``batch_size``: members per text-encoder call (0: the whole population at once)."""
+    ``check_on``: "text" (the decoded prompt, re-tokenized: the original's output), "ids" (the found ids), or
+    "target" (ours, a diagnostic, not an attack: the continuous target ``encode(prompt) + eta * vector`` itself
+    as the conditioning, no search; it tells a concept direction that does not bring the concept back from a
+    search that does not reach a direction that does). ``batch_size``: members per text-encoder call (0: the
+    whole population at once)."""
 
     length: int = 16
     eta: float = 3.0
@@ -77,8 +80,8 @@ class RingABellSettings:
                 raise ValueError(f"{name} {getattr(self, name)}: must be in [0, 1]")
         if not 0 <= self.elite <= self.population // 2:
             raise ValueError(f"elite {self.elite}: must be 0..population/2")
-        if self.check_on not in ("text", "ids"):
-            raise ValueError(f"check_on {self.check_on!r}: must be 'text' or 'ids'")
+        if self.check_on not in ("text", "ids", "target"):
+            raise ValueError(f"check_on {self.check_on!r}: must be 'text', 'ids' or 'target'")
         if self.batch_size < 0:
             raise ValueError(f"batch_size {self.batch_size}: must be >= 0")
 
@@ -210,6 +213,12 @@ class RingABell:
         s, encoder = self.settings, encoder_of(model)
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         target = encode_batched(encoder, tokenize(encoder, prompt))[0].cpu() + s.eta * self.vector
+        if s.check_on == "target":  # the diagnostic: the search's aim itself, no search
+            with torch.no_grad():
+                like = model.get_learned_conditioning([prompt])  # the device and dtype of a prompt's conditioning
+            result = check(target[None].to(like), 0)
+            return AttackResult(prompt=prompt, success=result.success, first_success=0 if result.success else None,
+                                losses=[], images=[result.image], extra={"checked_on": "target", "eta": s.eta})
         ids, losses, best = genetic_search(encoder, target, s, generator, progress)
         text = decode(encoder, ids[1:s.length + 1])
         retokenized = tokenize(encoder, text)[0].cpu()

@@ -150,3 +150,27 @@ def test_attack_end_to_end_on_the_toy_world(world):  # noqa: F811
     assert len(result.extra["token_ids"]) == 16 and result.extra["best_loss"] == result.losses[-1]
     print(f"ring_a_bell toy prompt: {seconds:.2f} s for 16 x 10 generations")
     assert seconds < 30
+
+
+def test_check_on_target_checks_the_searchs_aim_without_a_search(world):  # noqa: F811
+    """check_on="target" (a diagnostic): one check at step 0 of exactly encode(prompt) + eta * vector, no
+    generation of the search run; with eta 0 that is the prompt's own conditioning."""
+    model = world[0]
+    concept = Concept("stripes", (("a painting of a red star in the style of stripes", "a painting of a red star"),))
+    attack = RingABell(RingABellSettings(check_on="target", eta=2.0))
+    attack.prepare(model, concept)
+    seen, conds = [], []
+
+    class Spy(ToyChecker):
+        def __call__(self, cond, step):
+            conds.append(cond.clone())
+            return super().__call__(cond, step)
+
+    check = Spy(world)
+    result = attack.attack(model, "a painting of a red star", concept=concept, check=check, index=0,
+                           progress=lambda s, v: seen.append(s))
+    assert seen == [] and result.losses == [] and check.calls == [(0, result.success)]
+    assert result.prompt == "a painting of a red star" and result.extra["checked_on"] == "target"
+    with torch.no_grad():
+        own = model.get_learned_conditioning(["a painting of a red star"])
+    torch.testing.assert_close(conds[0], own + 2.0 * attack.vector[None], rtol=1e-5, atol=1e-5)
