@@ -50,16 +50,16 @@ PROMPT = "a photo of a church on a hill at dawn"
 
 def build(config: Path, weights: Path | None):
     import torch
-    from omegaconf import OmegaConf
 
+    from ldm.util import instantiate_from_config, load_model_config
+
+    model_config = load_model_config(config)
     if weights is not None:
         from runtime.loading import load_model
 
-        return load_model(OmegaConf.to_container(OmegaConf.load(config).model, resolve=True), weights).eval()
-    from ldm.util import instantiate_from_config
-
+        return load_model(model_config, weights).eval()
     torch.manual_seed(0)
-    return instantiate_from_config(OmegaConf.load(config).model).eval()
+    return instantiate_from_config(model_config).eval()
 
 
 def time_attack(attack, model, size: int, steps: int) -> dict:

@@ -45,23 +45,22 @@ def _hwm_mib() -> float | None:
 def build(model: str, device: str):
     """(LatentDiffusion in eval mode on ``device``, base prompts, target prompts, image side)."""
     import torch
-    from omegaconf import OmegaConf
 
+    from ldm.util import load_model_config
     from prune.prompts import build_pairs
 
     if model == "toy":
         from runtime.loading import load_model
 
         assets = REPO / "assets/toyworld"
-        config = OmegaConf.to_container(OmegaConf.load(assets / "ldm/ldm.yaml").model, resolve=True)
+        config = load_model_config(assets / "ldm/ldm.yaml")
         ldm = load_model(config, str(assets / "ldm/toyworld-ldm.safetensors"), None, device)
         pairs = build_pairs("stripes", assets / "prune_prompts/stripes_base.txt",
                             assets / "prune_prompts/stripes_target.txt")
         return ldm.eval(), pairs.base, pairs.target, 32
     from ldm.util import instantiate_from_config
 
-    config = OmegaConf.to_container(OmegaConf.load(REPO / "configs/stable-diffusion/v1-inference.yaml").model,
-                                    resolve=True)
+    config = load_model_config(REPO / "configs/stable-diffusion/v1-inference.yaml")
     torch.manual_seed(0)
     ldm = instantiate_from_config(config).to(device)
     pairs = build_pairs("Van Gogh")

@@ -66,12 +66,11 @@ def parse_settings(text: str, steps: int) -> list[tuple[str, int]]:
 
 def build_model(args):
     import torch
-    from omegaconf import OmegaConf
 
     from ldm.checkpoint import load_model_from_config, skip_init
-    from ldm.util import instantiate_from_config
+    from ldm.util import instantiate_from_config, load_model_config
 
-    cfg = OmegaConf.load(CONFIGS[args.model]).model
+    cfg = load_model_config(CONFIGS[args.model])
     ckpt = args.ckpt or (TOY_WEIGHTS if args.model == "toy" else None)
     if ckpt:
         model = load_model_from_config(cfg, str(ckpt), verbose=False)
@@ -83,7 +82,7 @@ def build_model(args):
         with torch.no_grad():
             for t in model.parameters():
                 t.copy_(torch.randn(t.shape, generator=g) * 0.02)
-    return model.eval(), OmegaConf.to_container(cfg, resolve=True)
+    return model.eval(), cfg
 
 
 def build_diffusers(model, cfg, sampler: str, device, dtype):

@@ -121,13 +121,11 @@ def ddp_worker(device: str, tiny: bool, out: Path) -> None:
         w = Path(tmp)
         if tiny:
             sys.path.insert(0, str(REPO))
-            from omegaconf import OmegaConf
-
             from ldm.checkpoint import save_state_dict
-            from ldm.util import instantiate_from_config
+            from ldm.util import instantiate_from_config, load_model_config
 
             config, size = REPO / "configs/tiny/v1-tiny.yaml", 16
-            save_state_dict(instantiate_from_config(OmegaConf.load(config).model).state_dict(), w / "base.ckpt")
+            save_state_dict(instantiate_from_config(load_model_config(config)).state_dict(), w / "base.ckpt")
         else:
             config, size = REPO / "configs/stable-diffusion/v1-inference.yaml", 512
             make_base(w / "base.ckpt")

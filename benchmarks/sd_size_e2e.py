@@ -38,12 +38,11 @@ def make_base(path: Path) -> None:
     """Random SD-v1 weights in the real sd-v1-4.ckpt layout (a Lightning 1.x checkpoint)."""
     import numpy as np
     import torch
-    from omegaconf import OmegaConf
 
-    from ldm.util import instantiate_from_config
+    from ldm.util import instantiate_from_config, load_model_config
 
     torch.manual_seed(0)
-    model = instantiate_from_config(OmegaConf.load(CONFIG).model)
+    model = instantiate_from_config(load_model_config(CONFIG))
     # the real file pickles Lightning's ModelCheckpoint class as the callbacks key; a stand-in module gives
     # the pickle that global without importing (or needing) pytorch_lightning
     names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
