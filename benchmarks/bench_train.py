@@ -23,7 +23,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from ablation.module import ConceptAblation  # noqa: E402
 from ldm.checkpoint import load_model_from_config, skip_init  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import instantiate_from_config, load_model_config  # noqa: E402
 
 CONFIGS = {"tiny": REPO / "configs/tiny/v1-tiny.yaml", "sd": REPO / "configs/stable-diffusion/v1-inference.yaml"}
 
@@ -76,9 +75,9 @@ def main():
     p.add_argument("--json", default=None, help="also write the numbers here")
     args = p.parse_args()
     device = torch.device(args.device)
-    cfg = OmegaConf.load(CONFIGS[args.model]).model
+    cfg = load_model_config(CONFIGS[args.model])
     if args.no_checkpointing:
-        cfg.params.unet_config.params.use_checkpoint = False
+        cfg["params"]["unet_config"]["params"]["use_checkpoint"] = False
     if args.ckpt:
         model = load_model_from_config(cfg, args.ckpt, verbose=False)
     else:
@@ -89,7 +88,7 @@ def main():
                 t.normal_(0, 0.02)
     model = model.to(device)
     size = args.size or (512 if args.model == "sd" else 16)
-    lf = 2 ** (len(cfg.params.first_stage_config.params.ddconfig.ch_mult) - 1)
+    lf = 2 ** (len(cfg["params"]["first_stage_config"]["params"]["ddconfig"]["ch_mult"]) - 1)
     steps = args.gen_steps or (200 if args.model == "sd" else 10)
     print(f"{args.model} on {device}: training step (batch {args.train_batch}, {size}x{size}, {args.group}, "
           f"{args.train_precision}), generation (batch {args.gen_batch}, {steps} DDIM steps, CFG 6)")
