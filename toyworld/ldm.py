@@ -167,18 +167,18 @@ def measure_scale_factor(mean: torch.Tensor, std: torch.Tensor, seed: int = 0) -
 
 # ---------------------------------------------------------------------------------------- stage 2: UNet
 def build_ldm(config_path=DEFAULT_CONFIG, scale_factor: float | None = None, transformer_depth: int | None = None):
-    """A fresh ``LatentDiffusion`` from the toy config (and its OmegaConf config), optionally with
-    ``scale_factor`` set and with ``transformer_depth`` transformer blocks per attention level."""
-    from omegaconf import OmegaConf
+    """``(ldm, model_config)``: a fresh ``LatentDiffusion`` from the toy config and the config's ``model:`` section
+    (a plain dict, :func:`ldm.util.load_model_config`) it was built from, optionally with ``scale_factor`` set and
+    with ``transformer_depth`` transformer blocks per attention level."""
+    from ldm.util import instantiate_from_config, load_model_config
 
-    from ldm.util import instantiate_from_config
-
-    config = OmegaConf.load(str(config_path))
+    model_config = load_model_config(config_path)
+    params = model_config["params"]
     if scale_factor is not None:
-        config.model.params.scale_factor = float(scale_factor)
+        params["scale_factor"] = float(scale_factor)
     if transformer_depth is not None:
-        config.model.params.unet_config.params.transformer_depth = int(transformer_depth)
-    return instantiate_from_config(config.model), config
+        params["unet_config"]["params"]["transformer_depth"] = int(transformer_depth)
+    return instantiate_from_config(model_config), model_config
 
 
 def load_clip_text(ldm, clip_dir) -> None:
@@ -328,8 +328,9 @@ def train_unet(ldm, mean: torch.Tensor, std: torch.Tensor, captions: list[str], 
 
 
 # ---------------------------------------------------------------------------------------- output
-def save_ldm(ldm, config, outdir) -> Path:
-    """Write ``ldm.yaml`` and the fp16 ``toyworld-ldm.safetensors`` into ``outdir``; returns the weights path."""
+def save_ldm(ldm, model_config: dict, outdir) -> Path:
+    """Write ``ldm.yaml`` (``model_config`` as its ``model:`` section, the only one a model config is read for)
+    and the fp16 ``toyworld-ldm.safetensors`` into ``outdir``; returns the weights path."""
     from omegaconf import OmegaConf
 
     from ldm.checkpoint import save_state_dict
@@ -339,7 +340,7 @@ def save_ldm(ldm, config, outdir) -> Path:
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in ldm.state_dict().items()}
     path = out / WEIGHTS_NAME
     save_state_dict(sd, path, metadata={"config": "ldm.yaml", "trained_by": "toyworld/ldm.py"})
-    OmegaConf.save(config, out / "ldm.yaml")
+    OmegaConf.save(OmegaConf.create({"model": model_config}), out / "ldm.yaml")
     return path
 
 
@@ -372,9 +373,9 @@ def sample_grid(ldm, prompts, path, n_per_prompt: int = 8, steps: int = 50, scal
 def vae_settings(args, config_path) -> dict:
     """What stage 1's result depends on: its own arguments and the first-stage part of the config (so a
     changed diffusion schedule or UNet reuses the autoencoder)."""
-    from omegaconf import OmegaConf
+    from ldm.util import load_model_config
 
-    first_stage = OmegaConf.to_container(OmegaConf.load(str(config_path)).model.params.first_stage_config)
+    first_stage = load_model_config(config_path)["params"]["first_stage_config"]
     return {"pool": args.pool, "seed": args.seed, "vae_steps": args.vae_steps, "vae_lr": args.vae_lr,
             "batch_size": args.batch_size, "crop": args.vae_crop, "crop_frac": args.vae_crop_frac,
             "first_stage_config": first_stage}
@@ -413,14 +414,13 @@ def _stage_vae(args, config_path, out: Path, images) -> tuple[dict, float, list]
 def _shipped_vae(ldm_dir) -> tuple[dict, float]:
     """First-stage weights and scale_factor of a trained LDM folder (``ldm.yaml`` + weights), so that a
     UNet variant can be trained on the shipped autoencoder (its fp16 weights) without retraining it."""
-    from omegaconf import OmegaConf
-
     from ldm.checkpoint import load_state_dict
+    from ldm.util import load_model_config
 
     d = Path(ldm_dir)
     prefix = "first_stage_model."
     sd = {k[len(prefix):]: v.float() for k, v in load_state_dict(d / WEIGHTS_NAME).items() if k.startswith(prefix)}
-    return sd, float(OmegaConf.load(str(d / "ldm.yaml")).model.params.scale_factor)
+    return sd, float(load_model_config(d / "ldm.yaml")["params"]["scale_factor"])
 
 
 def main(argv=None) -> dict:
@@ -464,10 +464,10 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
-    ldm, config = build_ldm(args.config, transformer_depth=args.transformer_depth)
+    ldm, model_config = build_ldm(args.config, transformer_depth=args.transformer_depth)
     if args.stage == "all":
         load_clip_text(ldm, args.clip)  # fails early when the CLIP does not fit the config
-    size = int(config.model.params.first_stage_config.params.ddconfig.resolution)
+    size = int(model_config["params"]["first_stage_config"]["params"]["ddconfig"]["resolution"])
     images, captions, _ = cached_pool(args.pool, args.seed, size)
 
     if args.vae_from and args.stage == "all":
@@ -478,18 +478,18 @@ def main(argv=None) -> dict:
         return {"scale_factor": scale, "vae_final_l1": vae_hist[-1]["l1"]}
     ldm.first_stage_model.load_state_dict(vae_state)
     ldm.scale_factor = scale
-    config.model.params.scale_factor = scale
+    model_config["params"]["scale_factor"] = scale
     mean, std = latent_moments(ldm.first_stage_model, images)
 
     unet_hist = train_unet(ldm, mean, std, captions, args.unet_steps, args.batch_size, args.unet_lr,
                            offset_noise=args.offset_noise, min_snr_gamma=args.min_snr_gamma, seed=args.seed)
     save_curve(out / "unet_loss.png", unet_hist, ("loss",), "toy-world UNet (eps MSE)", write_json=True)
-    path = save_ldm(ldm, config, out)
+    path = save_ldm(ldm, model_config, out)
     sample_grid(ldm, PREVIEW_PROMPTS, out / "samples.png", steps=args.preview_steps, seed=args.seed)
     report = {"pool": args.pool, "seed": args.seed, "vae_steps": args.vae_steps, "unet_steps": args.unet_steps,
               "batch_size": args.batch_size, "vae_lr": args.vae_lr, "unet_lr": args.unet_lr,
               "offset_noise": args.offset_noise, "min_snr_gamma": args.min_snr_gamma,
-              "transformer_depth": int(config.model.params.unet_config.params.transformer_depth),
+              "transformer_depth": int(model_config["params"]["unet_config"]["params"]["transformer_depth"]),
               "vae_from": args.vae_from, "unet_params": sum(p.numel() for p in ldm.model.parameters()),
               "scale_factor": scale, "vae_final_l1": vae_hist[-1]["l1"], "unet_final_loss": unet_hist[-1]["loss"],
               "vae_time_s": vae_hist[-1]["time_s"], "unet_time_s": unet_hist[-1]["time_s"],
