@@ -37,25 +37,49 @@ def load_images(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
 
+PLACEHOLDER = "<learned>"
+
+
 @torch.no_grad()
 def objective(model, images: np.ndarray, words, learnable_property: str = "style", repeats: int = 40,
-              seed: int = 0, captions: list[str] | None = None) -> dict[str, np.ndarray]:
+              seed: int = 0, captions: list[str] | None = None, templates: tuple[str, ...] | None = None,
+              tokens: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
     """word -> the inversion loss of every (repeat, template) draw: ``images`` (uint8 [N, H, W, 3]) as one batch,
-    each caption the property's template ``j`` holding the word, draw (rep, j) seeded ``seed + 1000 rep + j`` for
-    every word alike (the same t, noise and posterior sample). ``captions``: instead of the templates, image i's
-    own caption with ``{}`` where the word goes (one draw per repeat)."""
-    from attacks.inversion import TEMPLATES, denoising_loss, model_images, posteriors
+    each caption the property's template ``j`` (or ``templates``' ``j``) holding the word, draw (rep, j) seeded
+    ``seed + 1000 rep + j`` for every word alike (the same t, noise and posterior sample). ``captions``: instead
+    of the templates, image i's own caption with ``{}`` where the word goes (one draw per repeat). ``tokens``:
+    learned embeddings ({name: vectors [k, D]}, e.g. concept inversion's kept token) measured like words."""
+    from attacks.inversion import (
+        TEMPLATES,
+        denoising_loss,
+        encode_with_token,
+        model_images,
+        placeholder_template,
+        posteriors,
+    )
 
     if captions is not None and len(captions) != len(images):
         raise ValueError(f"{len(captions)} captions for {len(images)} images")
-    groups = [captions] if captions is not None else [[t] * len(images) for t in TEMPLATES[learnable_property]]
+    groups = ([captions] if captions is not None
+              else [[t] * len(images) for t in (templates or TEMPLATES[learnable_property])])
+    tokens = tokens or {}
+    encoder = model.cond_stage_model
+
+    def condition(name, texts):
+        if name not in tokens:
+            return model.get_learned_conditioning([t.replace("{}", name) for t in texts])
+        vectors = tokens[name]
+        framed = [placeholder_template(encoder, t.replace("{}", PLACEHOLDER), PLACEHOLDER, vectors.shape[0])
+                  for t in texts]
+        return encode_with_token(encoder, framed, vectors.float())
 
     mean, std = posteriors(model, model_images(images, "cpu", torch.float32))
-    out = {w: [] for w in words}
+    names = [*words, *tokens]
+    out = {w: [] for w in names}
     for rep in range(repeats):
         for j, texts in enumerate(groups):
-            for w in words:
-                cond = model.get_learned_conditioning([t.replace("{}", w) for t in texts])
+            for w in names:
+                cond = condition(w, texts)
                 g = torch.Generator().manual_seed(seed + 1000 * rep + j)
                 out[w].append(float(denoising_loss(model, cond, mean[0], std[0], g)))
     return {w: np.asarray(v) for w, v in out.items()}
@@ -84,6 +108,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--learnable_property", default="style", choices=("object", "style", "person"))
     p.add_argument("--captions", type=Path, default=None,
                    help="instead of the templates: a text file, line i image i's caption with {} for the word")
+    p.add_argument("--templates", choices=("original", "world"), default="original",
+                   help="the original's templates of --learnable_property, or the toy world's grammar "
+                        "(experiments.attack_study.WORLD_TEMPLATES)")
+    p.add_argument("--token", action="append", default=[], metavar="NAME=FILE",
+                   help="a learned token measured like a word: concept inversion's kept prepared-*.safetensors")
     p.add_argument("--repeats", type=int, default=40, help="draws per template")
     p.add_argument("--json", type=Path, default=None, help="write the rows here")
     a = p.parse_args(argv)
@@ -105,11 +134,24 @@ def main(argv=None) -> list[dict]:
             captions = read_prompts(a.captions)
             if len(captions) != len(images) or any("{}" not in c for c in captions):
                 raise ValueError(f"--captions {a.captions}: needs one line per image ({len(images)}), each with {{}}")
+        tokens = {}
+        for item in a.token:
+            name, sep, file = item.partition("=")
+            if not sep or not name or not Path(file).is_file():
+                raise ValueError(f"--token {item}: expected NAME=FILE, an existing prepared-*.safetensors")
+            from safetensors.torch import load_file
+
+            tokens[name] = load_file(file)["vectors"]
+        templates = None
+        if a.templates == "world":
+            from experiments.attack_study import WORLD_TEMPLATES
+
+            templates = WORLD_TEMPLATES[a.learnable_property]
         torch.manual_seed(0)
         model = load_model(load_model_config(asset_paths(ASSETS)["config"]), a.base)
         rows = paired_table(objective(model.eval(), images, words, a.learnable_property, a.repeats,
-                                     captions=captions), a.concept)
-        how = f"captions {a.captions}" if captions else f"{a.learnable_property} templates"
+                                     captions=captions, templates=templates, tokens=tokens), a.concept)
+        how = f"captions {a.captions}" if captions else f"{a.templates} {a.learnable_property} templates"
         print(f"{len(images)} images of {a.concept!r}, {how}, n = {rows[0]['n']} draws")
         print("| word | inversion loss | minus the concept's word |\n|---|---|---|")
         for r in rows:
@@ -119,7 +161,8 @@ def main(argv=None) -> list[dict]:
 
             doc = {"concept": a.concept, "targets": str(a.targets), "base": str(a.base), "images": len(images),
                    "learnable_property": a.learnable_property, "repeats": a.repeats,
-                   "captions": str(a.captions) if a.captions else None, "rows": rows}
+                   "captions": str(a.captions) if a.captions else None, "templates": a.templates,
+                   "tokens": {n: f for n, _, f in (t.partition("=") for t in a.token)}, "rows": rows}
             write_text_atomic(a.json, json.dumps(doc, indent=1) + "\n")
         return rows
 

@@ -33,6 +33,25 @@ def test_every_word_gets_the_same_draws():
     assert not np.array_equal(out["stripes"], out["art"])
 
 
+def test_a_token_with_a_words_embedding_scores_as_that_word():
+    """A learned token measured like a word: the embedding of "stripes" put in the token's slot gives the word's
+    own losses, draw by draw, in the given templates."""
+    from attacks.text import content_ids, token_embedding_matrix
+    from ldm.util import load_model_config
+    from runtime.loading import load_model
+
+    model = load_model(load_model_config(io.ASSETS / "ldm" / "ldm.yaml"),
+                       io.ASSETS / "ldm" / "toyworld-ldm.safetensors").eval()
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    enc = model.cond_stage_model
+    vec = token_embedding_matrix(enc)[content_ids(enc, "stripes")].detach().clone()
+    out = io.objective(model, images, ["stripes", "art"], repeats=2, templates=("{} style", "in the style of {}"),
+                       tokens={"token": vec})
+    assert len(out["token"]) == 2 * 2
+    np.testing.assert_allclose(out["token"], out["stripes"], rtol=1e-5)
+    assert not np.allclose(out["token"], out["art"])
+
+
 def test_a_folder_without_images_is_one_line_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         io.main(["--concept", "stripes", "--targets", str(tmp_path)])
