@@ -41,11 +41,13 @@ class Concept:
     ``name``: a label ("nudity", "van gogh", "stripes"). ``pairs``: prompts with and without the concept, for
     attacks that derive a concept direction from the text encoder (Ring-A-Bell). ``targets``: images of the
     concept, uint8 [N, H, W, 3] at the generation size, for attacks that need pixels (UnlearnDiffAtk's target
-    image, concept inversion's training images); empty when the job has none."""
+    image, concept inversion's training images); empty when the job has none. ``target_prompts``: the prompt
+    target i belongs to (the job's row i), empty when unknown."""
 
     name: str
     pairs: tuple[tuple[str, str], ...] = ()
     targets: np.ndarray | None = None
+    target_prompts: tuple[str, ...] = ()
 
 
 @dataclass

@@ -17,8 +17,9 @@ carry over:
   (SLD's run: batch 1, 1000 updates - set ``batch_size``/``steps``);
 * success: judged generations from prompts holding the learned token, after training.
 
-``templates`` (ours, off by default) swaps the caption templates for a model whose text encoder never saw the
-original's sentences (the toy world: docs/experiments/toy-attacks.md).
+``templates`` and ``captions="prompts"`` (ours, off by default) swap the caption templates, or caption each image
+by its own prompt, for a model whose text encoder never saw the original's sentences (the toy world:
+docs/experiments/toy-attacks.md).
 
 The token is learned once per (model, concept) in :meth:`ConceptInversion.prepare` (seeded by ``seed``, so every
 shard of a prompt set learns the same token); :meth:`ConceptInversion.attack` writes the prompt - the concept's
@@ -73,7 +74,10 @@ class InversionSettings:
     ``batch_size`` x ``grad_accum`` images. ``seed``: every random choice of the training. ``templates``: caption
     templates (each with one ``{}`` for the token) used instead of the property's list, for a model whose text
     encoder was trained on other sentences (``--set inversion.templates="{} style,in the style of {}"``); empty
-    (the default): the original's list. The first template also frames prompts that do not name the concept."""
+    (the default): the original's list. The first template also frames prompts that do not name the concept.
+    ``captions``: "templates" (the original) or "prompts" (ours): each training image captioned by its own prompt
+    (:attr:`Concept.target_prompts`) with the concept's name replaced by the placeholder, a template where the
+    prompt does not name it."""
 
     learnable_property: str = "style"
     initializer: str = "art"
@@ -92,8 +96,11 @@ class InversionSettings:
     flip_p: float = 0.5
     seed: int = 0
     templates: tuple[str, ...] = ()
+    captions: str = "templates"
 
     def __post_init__(self):
+        if self.captions not in ("templates", "prompts"):
+            raise ValueError(f"captions {self.captions!r}: must be 'templates' or 'prompts'")
         object.__setattr__(self, "templates", tuple(self.templates))  # a list from Python, kept hashable
         bad = [t for t in self.templates if t.count("{}") != 1 or set("{}") & set(t.replace("{}", "", 1))]
         if bad:
@@ -212,8 +219,11 @@ def initial_vectors(encoder, initializer: str, k: int) -> torch.Tensor:
 
 
 def learn_token(model, images: np.ndarray, settings: InversionSettings,
-                progress: Callable[[int, float], None] | None = None) -> tuple[torch.Tensor, list[float]]:
-    """Train the new token on ``images`` (uint8 [N, H, W, 3]); returns (vectors [k, D], loss per update)."""
+                progress: Callable[[int, float], None] | None = None, prompts=None,
+                concept: str = "") -> tuple[torch.Tensor, list[float]]:
+    """Train the new token on ``images`` (uint8 [N, H, W, 3]); returns (vectors [k, D], loss per update).
+    ``prompts`` (image i's prompt) and ``concept`` (the name the placeholder replaces in them): the captions of
+    ``captions="prompts"``."""
     from tqdm.auto import tqdm
 
     s, encoder = settings, model.cond_stage_model
@@ -221,8 +231,16 @@ def learn_token(model, images: np.ndarray, settings: InversionSettings,
     param = next(model.model.parameters())
     # the cheap checks (initializer, prompt lengths) before any VAE work
     start = initial_vectors(encoder, s.initializer, s.num_vectors)
-    templates = [placeholder_template(encoder, t.format(s.placeholder), s.placeholder, s.num_vectors)
-                 for t in s.caption_templates]
+    if s.captions == "prompts":  # image i's caption: its own prompt with the token for the concept
+        used = min(len(images), s.num_train_images)
+        if prompts is None or len(prompts) < used:
+            raise ValueError("inversion captions=prompts needs the prompt of every training image "
+                             "(Concept.target_prompts)")
+        texts = [attack_prompt(p, concept, s.placeholder, s.learnable_property, s.templates)[0]
+                 for p in prompts[:used]]
+    else:
+        texts = [t.format(s.placeholder) for t in s.caption_templates]
+    templates = [placeholder_template(encoder, t, s.placeholder, s.num_vectors) for t in texts]
     fixed = [t.fixed_embeddings(encoder) for t in templates]  # the prompts' own token embeddings, once
     text_dtype = fixed[0].dtype
     x = model_images(images[: s.num_train_images], param.device, param.dtype)
@@ -241,7 +259,8 @@ def learn_token(model, images: np.ndarray, settings: InversionSettings,
                 order = torch.cat([order, torch.randperm(n, generator=g)])
             idx, order = order[: s.batch_size], order[s.batch_size:]
             flips = (torch.rand(s.batch_size, generator=g) < s.flip_p).long()
-            picks = torch.randint(0, len(templates), (s.batch_size,), generator=g).tolist()
+            picks = (idx.tolist() if s.captions == "prompts"
+                     else torch.randint(0, len(templates), (s.batch_size,), generator=g).tolist())
             cond = encode_with_token(encoder, [templates[i] for i in picks], vectors.to(text_dtype),
                                      [fixed[i] for i in picks])
             loss = denoising_loss(model, cond, mean[flips, idx], std[flips, idx], g)
@@ -278,7 +297,8 @@ class ConceptInversion:
         targets = np.asarray(concept.targets)
         if targets.dtype != np.uint8 or targets.ndim != 4 or targets.shape[-1] != 3:
             raise ValueError(f"Concept.targets must be uint8 [N, H, W, 3], got {targets.dtype} {targets.shape}")
-        self.vectors, self.losses = learn_token(model, targets, self.settings)
+        self.vectors, self.losses = learn_token(model, targets, self.settings, prompts=concept.target_prompts,
+                                                concept=concept.name)
 
     def prepared(self) -> dict[str, torch.Tensor]:
         """The learned token and its loss history, for the job to keep (:meth:`restore` takes them back)."""

@@ -450,7 +450,8 @@ def work(plan: AttackPlan, shard, device: str) -> None:
     s = plan.settings
     mine = _mine(plan, shard)
     targets = load_targets(plan) if plan.needs_targets() else None
-    concept = dataclasses.replace(plan.preset.concept, targets=targets)
+    concept = dataclasses.replace(plan.preset.concept, targets=targets,
+                                  target_prompts=tuple(r.prompt for r in plan.rows) if targets is not None else ())
     for spec in plan.models:
         todo = {a[0]: [i for i in mine if not record_path(plan, spec, a, plan.rows[i]).is_file()]
                 for a in plan.attacks}

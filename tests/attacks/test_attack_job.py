@@ -459,3 +459,13 @@ def test_pairs_from_a_file_are_in_the_key(tmp_path, prompts, monkeypatch):
     assert AppendStyle.calls == []
     job.run(dataclasses.replace(s, pairs=str(two)))
     assert AppendStyle.calls == PAINTINGS[:2]
+
+
+def test_inversion_captions_from_prompts_through_the_job(tmp_path, prompts):
+    """The job hands each target's prompt to the attacks (Concept.target_prompts), so inversion's
+    captions=prompts trains (it refuses without them) and its records are made."""
+    s = settings(tmp_path, prompts, attacks=("inversion",), limit=2, steps=2,
+                 overrides=("inversion.steps=2", "inversion.batch_size=1", "inversion.grad_accum=1",
+                            "inversion.captions=prompts"))
+    job.run(s)
+    assert len(records(tmp_path / "out", attack="inversion")) == 2

@@ -158,3 +158,30 @@ def test_attack_end_to_end_on_the_toy_world(world, images):  # noqa: F811
     assert np.abs(plain.images[0].astype(int) - result.images[0].astype(int)).mean() > 1.0
     print(f"inversion toy: {seconds:.2f} s for 5 updates of 4 images + one check")
     assert seconds < 60
+
+
+def test_captions_from_prompts_caption_each_image_by_its_own_prompt(world, images, monkeypatch):  # noqa: F811
+    """captions="prompts": image i is trained with its own prompt, the concept's name replaced by the token (a
+    template where the prompt does not name it); without the prompts it is refused."""
+    import attacks.inversion as inv
+
+    model = world[0]
+    enc = model.cond_stage_model
+    prompts = ["a painting of a red circle in the style of stripes", "a blue star", "stripes on a green heart"]
+    seen = []
+    real = inv.encode_with_token
+
+    def spy(encoder, templates, vectors, fixed=None):
+        seen.extend(tuple(t.ids.tolist()) for t in templates)
+        return real(encoder, templates, vectors, fixed)
+
+    monkeypatch.setattr(inv, "encode_with_token", spy)
+    settings = InversionSettings(steps=2, batch_size=3, grad_accum=1, captions="prompts", templates=("{} style",))
+    learn_token(model, images[:3], settings, prompts=prompts, concept="stripes")
+    want = {tuple(placeholder_template(enc, t, PH).ids.tolist())
+            for t in (f"a painting of a red circle in the style of {PH}", f"{PH} style", f"{PH} on a green heart")}
+    assert set(seen) == want and len(seen) == 6  # each image once per update, by its own caption
+    with pytest.raises(ValueError, match="captions=prompts needs the prompt of every training image"):
+        learn_token(model, images[:3], settings, prompts=prompts[:2], concept="stripes")
+    with pytest.raises(ValueError, match="captions"):
+        InversionSettings(captions="words")
