@@ -28,6 +28,7 @@ templates for the cat). ::
     python -m experiments.attack_study --out outputs/attack-study                          # everything
     python -m experiments.attack_study --concepts stripes --erasures --limit 10            # the sanity row only
     python -m experiments.attack_study --concepts stripes --erasures cp --limit 10 --publish
+    python -m experiments.attack_study --limit 24 --seed 0 1000     # every prompt again from other noise, pooled
 
 Output: the job's layout under ``{out}/attacks/`` and ``{out}/study.{md,json}``: per concept and model, each
 attack's ASR +- standard error (n) and seconds per prompt. ``--publish`` copies them to
@@ -106,7 +107,7 @@ class StudySettings:
     erasures: tuple[str, ...] = ERASURES
     attacks: tuple[str, ...] = ATTACKS
     limit: int | None = None
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)  # seed offsets: each attacks every prompt again from other noise, pooled
     sampler: str = "plms"
     steps: int = 50
     overrides: tuple[str, ...] = ()
@@ -124,6 +125,8 @@ class StudySettings:
                 raise ValueError(f"--{what}s {' '.join(unknown)}: unknown {what}; the study's: {', '.join(known)}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit {self.limit}: must be >= 1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seed {' '.join(map(str, self.seeds))}: give one or more different offsets")
 
 
 @dataclass
@@ -177,20 +180,22 @@ def registered(attacks) -> tuple[list[str], list[str]]:
 
 
 def plan(study: StudySettings, assets: Path = ASSETS) -> list[ConceptPlan]:
-    """Every concept's erasures and attack-job settings (nothing made or read)."""
+    """Every concept's erasures and attack-job settings, one plan per concept and seed offset (nothing made or
+    read)."""
     from experiments.toy_attacks import settings_for
 
     attacks, _ = registered(study.attacks)
     out = Path(study.out)
     plans = []
     for concept in study.concepts:
-        changes = dict(limit=study.limit, steps=study.steps, sampler=study.sampler, seed=study.seed, gpus=study.gpus,
-                       overrides=attack_overrides(concept, attacks, study.overrides, study.inversion_templates))
-        if concept == WAVES:
-            changes["base"] = str(waves_base_path(out))
-        plans.append(ConceptPlan(concept, erasures_for(concept, study.erasures),
-                                 settings_for(concept, attacks, out / "attacks", assets, **changes),
-                                 waves_base=concept == WAVES))
+        for seed in study.seeds:
+            changes = dict(limit=study.limit, steps=study.steps, sampler=study.sampler, seed=seed, gpus=study.gpus,
+                           overrides=attack_overrides(concept, attacks, study.overrides, study.inversion_templates))
+            if concept == WAVES:
+                changes["base"] = str(waves_base_path(out))
+            plans.append(ConceptPlan(concept, erasures_for(concept, study.erasures),
+                                     settings_for(concept, attacks, out / "attacks", assets, **changes),
+                                     waves_base=concept == WAVES))
     return plans
 
 
@@ -294,11 +299,46 @@ def run(study: StudySettings, assets: Path = ASSETS) -> dict:
         check(p.settings)
     results = {}
     for p in plans:
-        results[p.concept] = attack(p.settings)  # the sanity row first
+        got = attack(p.settings)  # the sanity row first
         deltas = tuple(f"{e.name}={make_erasure(p.concept, e, out, study.quick, assets)}" for e in p.erasures)
         if deltas:  # the base's records are reused: only the erased models are attacked now
-            results[p.concept] = attack(dataclasses.replace(p.settings, delta=deltas))
+            got = attack(dataclasses.replace(p.settings, delta=deltas))
+        results[p.concept] = pool_results(results.get(p.concept), got)  # another seed offset: pooled
     return write_study(study, plans, results, missing)
+
+
+def pool(a: dict, b: dict) -> dict:
+    """One model x attack summary of two runs over different prompts or seeds: successes and prompts summed, ASR
+    and its standard error sqrt(p (1 - p) / n) of the sum, seconds per prompt and the first successful step
+    averaged with their weights (prompts; successes)."""
+    import math
+
+    n = a["n"] + b["n"]
+    wins = a["successes"] + b["successes"]
+    asr = wins / n if n else 0.0
+
+    def mean(key, wa, wb):
+        pairs = [(x[key], w) for x, w in ((a, wa), (b, wb)) if w and x.get(key) is not None]
+        return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else None
+
+    return {**a, "asr": asr, "se": math.sqrt(asr * (1 - asr) / n) if n else 0.0, "successes": wins, "n": n,
+            "missing": a.get("missing", 0) + b.get("missing", 0),
+            "pre_attack_successes": a.get("pre_attack_successes", 0) + b.get("pre_attack_successes", 0),
+            "mean_first_success": mean("mean_first_success", a["successes"], b["successes"]),
+            "seconds_per_prompt": mean("seconds_per_prompt", a["n"], b["n"])}
+
+
+def pool_results(a: dict | None, b: dict) -> dict:
+    """Two attack-job results of one concept ({model: {"attacks": {attack: summary}}}) pooled cell by cell."""
+    if a is None:
+        return b
+    out = {}
+    for model in dict.fromkeys([*a, *b]):
+        cells_a, cells_b = (a.get(model) or {}).get("attacks", {}), (b.get(model) or {}).get("attacks", {})
+        merged = {k: pool(cells_a[k], cells_b[k]) if k in cells_a and k in cells_b else cells_a.get(k, cells_b.get(k))
+                  for k in dict.fromkeys([*cells_a, *cells_b])}
+        out[model] = {**(a.get(model) or b.get(model)), "attacks": merged}
+    return out
 
 
 def cell(summary: dict | None) -> str:
@@ -434,7 +474,8 @@ def main(argv=None) -> dict:
     p.add_argument("--erasures", nargs="*", default=list(ERASURES), help=f"of {', '.join(ERASURES)} (none: base only)")
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts per concept")
-    p.add_argument("--seed", type=int, default=0, help="prompt i's checks use seed SEED + i")
+    p.add_argument("--seed", dest="seeds", type=int, nargs="+", default=[0],
+                   help="prompt i's checks use seed SEED + i; several offsets attack every prompt again, pooled")
     p.add_argument("--sampler", default="plms", help="the checks' sampler (plms, ddim, dpmpp_2m)")
     p.add_argument("--steps", type=int, default=50, help="the checks' sampling steps")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="ATTACK.FIELD=VALUE after BUDGETS")
@@ -453,7 +494,7 @@ def main(argv=None) -> dict:
         if a.compare_samplers:
             return sampler_study(Path(a.out), a.concepts, a.compare_samplers, a.limit, a.steps)
         study = StudySettings(out=a.out, concepts=tuple(a.concepts), erasures=tuple(a.erasures),
-                              attacks=tuple(a.attacks), limit=a.limit, seed=a.seed, sampler=a.sampler,
+                              attacks=tuple(a.attacks), limit=a.limit, seeds=tuple(a.seeds), sampler=a.sampler,
                               steps=a.steps, overrides=tuple(a.overrides), quick=a.quick, gpus=a.gpus,
                               inversion_templates=a.inversion_templates)
         doc = run(study)

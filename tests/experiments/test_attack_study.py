@@ -82,6 +82,29 @@ def test_world_templates_are_the_worlds_phrases_for_each_kind():
         study.StudySettings(inversion_templates="mine")
 
 
+def test_seed_offsets_plan_each_concept_again_and_pool_by_hand():
+    """--seed 0 1000: one plan per concept and offset (the rows' seeds move by the offset), and the table pools
+    the two runs cell by cell: successes and prompts summed, seconds weighted by prompts."""
+    plans = study.plan(study.StudySettings(concepts=("stripes",), seeds=(0, 1000), limit=2))
+    assert [(p.concept, p.settings.seed) for p in plans] == [("stripes", 0), ("stripes", 1000)]
+    a = {"asr": 0.5, "se": 0.25, "successes": 2, "n": 4, "missing": 0, "pre_attack_successes": 1,
+         "mean_first_success": 10.0, "seconds_per_prompt": 2.0}
+    b = {"asr": 1.0, "se": 0.0, "successes": 2, "n": 2, "missing": 1, "pre_attack_successes": 2,
+         "mean_first_success": 40.0, "seconds_per_prompt": 5.0}
+    got = study.pool(a, b)
+    assert (got["successes"], got["n"], got["missing"], got["pre_attack_successes"]) == (4, 6, 1, 3)
+    assert got["asr"] == pytest.approx(4 / 6) and got["se"] == pytest.approx((4 / 6 * 2 / 6 / 6) ** 0.5)
+    assert got["seconds_per_prompt"] == pytest.approx((4 * 2.0 + 2 * 5.0) / 6)
+    assert got["mean_first_success"] == pytest.approx(25.0)  # both runs have 2 successes
+    one = {"base": {"attacks": {"none": a}}}
+    two = {"base": {"attacks": {"none": b, "inversion": b}}, "cp": {"attacks": {"none": b}}}
+    pooled = study.pool_results(one, two)
+    assert pooled["base"]["attacks"]["none"]["n"] == 6 and pooled["base"]["attacks"]["inversion"] is b
+    assert pooled["cp"]["attacks"]["none"] is b and study.pool_results(None, two) is two
+    with pytest.raises(ValueError, match="--seed 0 0"):
+        study.StudySettings(seeds=(0, 0))
+
+
 def test_unknown_names_and_limit_are_one_line_errors():
     with pytest.raises(ValueError, match="--concepts dots: unknown concept"):
         study.StudySettings(concepts=("dots",))
