@@ -37,6 +37,25 @@ def load_images(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
 
+def load_token(item: str) -> tuple[str, torch.Tensor]:
+    """``NAME=FILE`` -> (name, vectors [k, D]) from concept inversion's kept ``prepared-*.safetensors``; a
+    ValueError that names the item for anything else (no ``=``, no file, not safetensors, no 2-D ``vectors``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    name, sep, file = item.partition("=")
+    if not sep or not name or not Path(file).is_file():
+        raise ValueError(f"--token {item}: expected NAME=FILE, an existing prepared-*.safetensors")
+    try:
+        state = load_file(file)
+    except SafetensorError as e:
+        raise ValueError(f"--token {item}: not a safetensors file ({e})") from None
+    vectors = state.get("vectors")
+    if vectors is None or vectors.ndim != 2 or not vectors.is_floating_point():
+        raise ValueError(f"--token {item}: no float 'vectors' [k, D] in it (keys: {', '.join(sorted(state))})")
+    return name, vectors
+
+
 PLACEHOLDER = "<learned>"
 
 
@@ -118,6 +137,7 @@ def main(argv=None) -> list[dict]:
     a = p.parse_args(argv)
 
     def go():
+        from attacks.text import token_embedding_matrix
         from ldm.util import load_model_config
         from runtime.loading import load_model
 
@@ -134,14 +154,10 @@ def main(argv=None) -> list[dict]:
             captions = read_prompts(a.captions)
             if len(captions) != len(images) or any("{}" not in c for c in captions):
                 raise ValueError(f"--captions {a.captions}: needs one line per image ({len(images)}), each with {{}}")
-        tokens = {}
-        for item in a.token:
-            name, sep, file = item.partition("=")
-            if not sep or not name or not Path(file).is_file():
-                raise ValueError(f"--token {item}: expected NAME=FILE, an existing prepared-*.safetensors")
-            from safetensors.torch import load_file
-
-            tokens[name] = load_file(file)["vectors"]
+        loaded = [(item, *load_token(item)) for item in a.token]
+        tokens = {name: vectors for _, name, vectors in loaded}
+        if len(tokens) != len(loaded) or set(tokens) & set(words):
+            raise ValueError("--token: each NAME once, and none of the --words")
         templates = None
         if a.templates == "world":
             from experiments.attack_study import WORLD_TEMPLATES
@@ -149,6 +165,11 @@ def main(argv=None) -> list[dict]:
             templates = WORLD_TEMPLATES[a.learnable_property]
         torch.manual_seed(0)
         model = load_model(load_model_config(asset_paths(ASSETS)["config"]), a.base)
+        width = token_embedding_matrix(model.cond_stage_model).shape[1]
+        for item, _, vectors in loaded:
+            if vectors.shape[1] != width:
+                raise ValueError(f"--token {item}: vectors of width {vectors.shape[1]}, the model's text encoder "
+                                 f"has {width}")
         rows = paired_table(objective(model.eval(), images, words, a.learnable_property, a.repeats,
                                      captions=captions, templates=templates, tokens=tokens), a.concept)
         how = f"captions {a.captions}" if captions else f"{a.templates} {a.learnable_property} templates"

@@ -71,3 +71,51 @@ def test_captions_must_match_the_images(tmp_path, capsys):
         io.main(["--concept", "stripes", "--targets", str(tmp_path), "--captions", str(captions)])
     assert e.value.code == 2
     assert "needs one line per image (2)" in capsys.readouterr().err
+
+
+def _one_image_folder(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "targets"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "00000.png")
+    return folder
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("not safetensors", "not a safetensors file"),
+    ("no vectors", "no float 'vectors' [k, D] in it (keys: losses)"),
+    ("wrong width", "vectors of width 5, the model's text encoder has"),
+])
+def test_a_bad_token_file_is_one_line_exit_2(tmp_path, capsys, kind, message):
+    """Anything but concept inversion's kept token (with the model's width) is refused in one line, not a
+    traceback from safetensors or from the encoder."""
+    from safetensors.torch import save_file
+
+    token = tmp_path / "prepared.safetensors"
+    if kind == "not safetensors":
+        token.write_text("not a tensor file\n")
+    elif kind == "no vectors":
+        save_file({"losses": torch.zeros(3)}, str(token))
+    else:
+        save_file({"vectors": torch.zeros(1, 5), "losses": torch.zeros(3)}, str(token))
+    out = tmp_path / "rows.json"
+    with pytest.raises(SystemExit) as e:
+        io.main(["--concept", "stripes", "--targets", str(_one_image_folder(tmp_path)),
+                 "--token", f"learned={token}", "--json", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_a_token_name_must_not_repeat_a_word(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    token = tmp_path / "prepared.safetensors"
+    save_file({"vectors": torch.zeros(1, 5)}, str(token))
+    with pytest.raises(SystemExit) as e:
+        io.main(["--concept", "stripes", "--targets", str(_one_image_folder(tmp_path)),
+                 "--token", f"art={token}"])
+    assert e.value.code == 2
+    assert "each NAME once, and none of the --words" in capsys.readouterr().err
