@@ -307,21 +307,43 @@ def run(study: StudySettings, assets: Path = ASSETS) -> dict:
     return write_study(study, plans, results, missing)
 
 
+def clustered_se(outcomes) -> float:
+    """Standard error of the success rate of ``outcomes`` ([prompt, success] pairs) clustered by prompt:
+    sqrt(sum_j (sum_i (y_ij - p))^2) / N over prompts j and their draws i (the sandwich estimator without
+    small-sample factor). Draws of one prompt under other noise are not independent (a prompt is easy or hard),
+    so this is larger than sqrt(p (1 - p) / N) when they agree; with one draw per prompt it equals it."""
+    import math
+
+    n = len(outcomes)
+    if not n:
+        return 0.0
+    p = sum(bool(y) for _, y in outcomes) / n
+    sums: dict[str, float] = {}
+    for prompt, y in outcomes:
+        sums[prompt] = sums.get(prompt, 0.0) + (float(bool(y)) - p)
+    return math.sqrt(sum(v * v for v in sums.values())) / n
+
+
 def pool(a: dict, b: dict) -> dict:
-    """One model x attack summary of two runs over different prompts or seeds: successes and prompts summed, ASR
-    and its standard error sqrt(p (1 - p) / n) of the sum, seconds per prompt and the first successful step
-    averaged with their weights (prompts; successes)."""
+    """One model x attack summary of two runs over different prompts or seeds: successes and prompts summed, the
+    ASR of the sum and its standard error (clustered by prompt, :func:`clustered_se`, when both runs carry their
+    ``outcomes``; else sqrt(p (1 - p) / n)), seconds per prompt and the first successful step averaged with their
+    weights (prompts; successes)."""
     import math
 
     n = a["n"] + b["n"]
     wins = a["successes"] + b["successes"]
     asr = wins / n if n else 0.0
+    outcomes = a["outcomes"] + b["outcomes"] if "outcomes" in a and "outcomes" in b else None
+    se = clustered_se(outcomes) if outcomes is not None else math.sqrt(asr * (1 - asr) / n) if n else 0.0
 
     def mean(key, wa, wb):
         pairs = [(x[key], w) for x, w in ((a, wa), (b, wb)) if w and x.get(key) is not None]
         return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else None
 
-    return {**a, "asr": asr, "se": math.sqrt(asr * (1 - asr) / n) if n else 0.0, "successes": wins, "n": n,
+    extra = {"outcomes": outcomes, "prompts": len({q for q, _ in outcomes})} if outcomes is not None else {}
+    return {**{k: v for k, v in a.items() if k not in ("outcomes", "prompts")}, **extra,
+            "asr": asr, "se": se, "successes": wins, "n": n,
             "missing": a.get("missing", 0) + b.get("missing", 0),
             "pre_attack_successes": a.get("pre_attack_successes", 0) + b.get("pre_attack_successes", 0),
             "mean_first_success": mean("mean_first_success", a["successes"], b["successes"]),
@@ -342,11 +364,13 @@ def pool_results(a: dict | None, b: dict) -> dict:
 
 
 def cell(summary: dict | None) -> str:
-    """``ASR ± SE (n) · s/prompt`` of one model x attack summary."""
+    """``ASR ± SE (n) · s/prompt`` of one model x attack summary; n is ``prompts×draws`` for pooled draws of the
+    same prompts (the SE then clustered by prompt)."""
     if not summary or not summary.get("n"):
         return "–"
-    return (f"{summary['asr']:.2f} ± {summary['se']:.2f} ({summary['n']}) · "
-            f"{summary['seconds_per_prompt']:.1f} s")
+    n, prompts = summary["n"], summary.get("prompts") or summary["n"]
+    size = f"{prompts}×{n // prompts}" if prompts != n and n % prompts == 0 else f"{n}"
+    return f"{summary['asr']:.2f} ± {summary['se']:.2f} ({size}) · {summary['seconds_per_prompt']:.1f} s"
 
 
 def table(results: dict, attacks) -> str:
@@ -366,7 +390,9 @@ def write_study(study: StudySettings, plans, results: dict, missing) -> dict:
     doc = {"study": dataclasses.asdict(study), "budgets": BUDGETS, "original_budgets": ORIGINAL_BUDGETS,
            "concept_settings": CONCEPT_SETTINGS, "not_registered": list(missing),
            "erasures": cached(Path(study.out)),
-           "results": {c: {m: flat.get("attacks", {}) for m, flat in (models or {}).items()}
+           "results": {c: {m: {a: {k: v for k, v in sm.items() if k != "outcomes"}  # the records keep them
+                               for a, sm in flat.get("attacks", {}).items()}
+                           for m, flat in (models or {}).items()}
                        for c, models in results.items()}}
     out = Path(study.out)
     (out / "study.md").write_text(md)

@@ -105,6 +105,30 @@ def test_seed_offsets_plan_each_concept_again_and_pool_by_hand():
         study.StudySettings(seeds=(0, 0))
 
 
+def test_pooled_draws_of_the_same_prompts_get_a_standard_error_clustered_by_prompt():
+    """Three noise draws of two prompts, one always a success and one never: p = 1/2 over N = 6, and the prompt
+    sums are +-1.5, so SE = sqrt(2 * 1.5^2) / 6 = 0.354, not sqrt(p (1 - p) / 6) = 0.204 as if six prompts. With one
+    draw per prompt the clustered SE is the binomial one."""
+    def run(outcomes):
+        wins = sum(y for _, y in outcomes)
+        p = wins / len(outcomes)
+        return {"asr": p, "se": (p * (1 - p) / len(outcomes)) ** 0.5, "successes": wins, "n": len(outcomes),
+                "missing": 0, "pre_attack_successes": 0, "mean_first_success": None, "seconds_per_prompt": 1.0,
+                "outcomes": outcomes}
+
+    draw = [["a", True], ["b", False]]
+    got = study.pool(study.pool(run(draw), run(draw)), run(draw))
+    assert (got["n"], got["prompts"], got["asr"]) == (6, 2, 0.5)
+    assert got["se"] == pytest.approx((2 * 1.5 ** 2) ** 0.5 / 6)
+    assert study.cell(got) == "0.50 ± 0.35 (2×3) · 1.0 s" and study.cell(run(draw)) == "0.50 ± 0.35 (2) · 1.0 s"
+    mixed = [["a", True], ["b", False], ["c", True], ["d", True]]
+    assert study.clustered_se(mixed) == pytest.approx((0.75 * 0.25 / 4) ** 0.5)
+    disagree = study.pool(run([["a", True], ["b", False]]), run([["a", False], ["b", True]]))
+    assert disagree["se"] == pytest.approx(0.0)  # each prompt half the time: no spread between prompts
+    old = {k: v for k, v in run(draw).items() if k != "outcomes"}  # a summary from before outcomes were kept
+    assert study.pool(old, run(draw))["se"] == pytest.approx((0.25 / 4) ** 0.5)
+
+
 def test_unknown_names_and_limit_are_one_line_errors():
     with pytest.raises(ValueError, match="--concepts dots: unknown concept"):
         study.StudySettings(concepts=("dots",))
