@@ -555,8 +555,8 @@ def _records(plan: AttackPlan, spec, attack) -> list[dict]:
 
 def summarize(records: list[dict], n_rows: int) -> dict:
     """ASR of one model x attack: successes / prompts, its standard error sqrt(p (1 - p) / n), the mean first
-    successful step, seconds per prompt and ``outcomes`` ([prompt, success] per record, for a caller that pools
-    runs of the same prompts and so needs the standard error clustered by prompt)."""
+    successful step, seconds per prompt and ``outcomes`` ([prompt, seed, success] per record: for a caller that
+    pools runs of the same prompts, whose standard error is clustered by prompt, or pairs two cells' draws)."""
     n = len(records)
     wins = sum(bool(r["success"]) for r in records)
     p = wins / n if n else None
@@ -565,7 +565,7 @@ def summarize(records: list[dict], n_rows: int) -> dict:
             "missing": n_rows - n, "pre_attack_successes": sum(r["first_success"] == -1 for r in records),
             "mean_first_success": sum(steps) / len(steps) if steps else None,
             "seconds_per_prompt": sum(r["seconds"] for r in records) / n if n else None,
-            "outcomes": [[r["prompt"], bool(r["success"])] for r in records]}
+            "outcomes": [[r["prompt"], r["seed"], bool(r["success"])] for r in records]}
 
 
 def _label(attack: str) -> str:

@@ -307,21 +307,36 @@ def run(study: StudySettings, assets: Path = ASSETS) -> dict:
     return write_study(study, plans, results, missing)
 
 
-def clustered_se(outcomes) -> float:
-    """Standard error of the success rate of ``outcomes`` ([prompt, success] pairs) clustered by prompt:
-    sqrt(sum_j (sum_i (y_ij - p))^2) / N over prompts j and their draws i (the sandwich estimator without
-    small-sample factor). Draws of one prompt under other noise are not independent (a prompt is easy or hard),
-    so this is larger than sqrt(p (1 - p) / N) when they agree; with one draw per prompt it equals it."""
+def clustered_se(values) -> float:
+    """Standard error of the mean of ``values`` ([prompt, ..., y] rows, y a success or a paired difference)
+    clustered by prompt: sqrt(sum_j (sum_i (y_ij - mean))^2) / N over prompts j and their draws i (the sandwich
+    estimator without small-sample factor). Draws of one prompt under other noise are not independent (a prompt
+    is easy or hard), so this is larger than sqrt(p (1 - p) / N) when they agree; with one draw per prompt and
+    y in {0, 1} it equals it."""
     import math
 
-    n = len(outcomes)
+    n = len(values)
     if not n:
         return 0.0
-    p = sum(bool(y) for _, y in outcomes) / n
+    mean = sum(float(v[-1]) for v in values) / n
     sums: dict[str, float] = {}
-    for prompt, y in outcomes:
-        sums[prompt] = sums.get(prompt, 0.0) + (float(bool(y)) - p)
-    return math.sqrt(sum(v * v for v in sums.values())) / n
+    for v in values:
+        sums[v[0]] = sums.get(v[0], 0.0) + (float(v[-1]) - mean)
+    return math.sqrt(sum(x * x for x in sums.values())) / n
+
+
+def paired_lift(attacked: dict, baseline: dict) -> dict | None:
+    """The difference of two cells' ASR on the same draws (prompt and seed), e.g. an attack minus ``none`` on one
+    model, or one attack on an erasure minus on the base: {n, lift, se}, the SE of the paired differences
+    clustered by prompt. Pairing removes what the cells share (a prompt that any check finds), so this SE is far
+    smaller than the two ASRs' own. None when a cell has no ``outcomes`` or they share no draw."""
+    if not attacked or not baseline or "outcomes" not in attacked or "outcomes" not in baseline:
+        return None
+    base = {(q, seed): y for q, seed, y in baseline["outcomes"]}
+    diffs = [[q, int(y) - int(base[(q, seed)])] for q, seed, y in attacked["outcomes"] if (q, seed) in base]
+    if not diffs:
+        return None
+    return {"n": len(diffs), "lift": sum(d for _, d in diffs) / len(diffs), "se": clustered_se(diffs)}
 
 
 def pool(a: dict, b: dict) -> dict:
@@ -341,7 +356,7 @@ def pool(a: dict, b: dict) -> dict:
         pairs = [(x[key], w) for x, w in ((a, wa), (b, wb)) if w and x.get(key) is not None]
         return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else None
 
-    extra = {"outcomes": outcomes, "prompts": len({q for q, _ in outcomes})} if outcomes is not None else {}
+    extra = {"outcomes": outcomes, "prompts": len({v[0] for v in outcomes})} if outcomes is not None else {}
     return {**{k: v for k, v in a.items() if k not in ("outcomes", "prompts")}, **extra,
             "asr": asr, "se": se, "successes": wins, "n": n,
             "missing": a.get("missing", 0) + b.get("missing", 0),
@@ -384,16 +399,52 @@ def table(results: dict, attacks) -> str:
     return "\n".join(lines) + "\n"
 
 
+def lifts(results: dict, attacks) -> dict:
+    """{concept: {model: {attack: {"over_none": ..., "over_base": ...}}}}: :func:`paired_lift` of each attack
+    over ``none`` on the same model, and over the same attack on the base model (for an erasure)."""
+    out = {}
+    for concept, models in results.items():
+        base = ((models or {}).get("base") or {}).get("attacks", {})
+        for model, flat in (models or {}).items():
+            cells = flat.get("attacks", {})
+            for a in attacks:
+                got = {"over_none": paired_lift(cells.get(a), cells.get("none")) if a != "none" else None,
+                       "over_base": paired_lift(cells.get(a), base.get(a)) if model != "base" else None}
+                if any(got.values()):
+                    out.setdefault(concept, {}).setdefault(model, {})[a] = got
+    return out
+
+
+def lift_table(lifted: dict, attacks) -> str:
+    """Markdown: each attack's paired lift over ``none`` on the same model, ``+d ± SE`` (empty when no cell has
+    outcomes to pair)."""
+    attacks = [a for a in attacks if a != "none"]
+    if not lifted or not attacks:
+        return ""
+    lines = ["| concept | model | " + " | ".join(attacks) + " |", "|---|---|" + "---|" * len(attacks)]
+    for concept, models in lifted.items():
+        for model, cells in models.items():
+            row = [(f"{x['lift']:+.2f} ± {x['se']:.2f}" if (x := (cells.get(a) or {}).get("over_none")) else "–")
+                   for a in attacks]
+            lines.append(f"| {concept} | {model} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_study(study: StudySettings, plans, results: dict, missing) -> dict:
     attacks = [a for a in study.attacks if a not in missing]
+    lifted = lifts(results, attacks)
     md = table(results, attacks)
+    if lifted:
+        md += ("\nLift over `none` on the same draws (attack ASR minus pre-attack ASR, paired by prompt and seed; "
+               "± its standard error clustered by prompt):\n\n" + lift_table(lifted, attacks))
     doc = {"study": dataclasses.asdict(study), "budgets": BUDGETS, "original_budgets": ORIGINAL_BUDGETS,
            "concept_settings": CONCEPT_SETTINGS, "not_registered": list(missing),
            "erasures": cached(Path(study.out)),
            "results": {c: {m: {a: {k: v for k, v in sm.items() if k != "outcomes"}  # the records keep them
                                for a, sm in flat.get("attacks", {}).items()}
                            for m, flat in (models or {}).items()}
-                       for c, models in results.items()}}
+                       for c, models in results.items()},
+           "lifts": lifted}
     out = Path(study.out)
     (out / "study.md").write_text(md)
     (out / "study.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")

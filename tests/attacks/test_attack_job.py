@@ -110,7 +110,8 @@ def test_end_to_end_records_and_table(tmp_path, prompts):
         assert sm["successes"] == wins and sm["n"] == len(PAINTINGS)
         assert sm["asr"] == pytest.approx(wins / len(PAINTINGS))
         assert sm["se"] == pytest.approx((sm["asr"] * (1 - sm["asr"]) / len(PAINTINGS)) ** 0.5)
-        assert sorted(map(tuple, sm["outcomes"])) == sorted((r["prompt"], r["success"]) for r in recs.values())
+        drawn = sorted((r["prompt"], r["seed"], r["success"]) for r in recs.values())
+        assert sorted(map(tuple, sm["outcomes"])) == drawn
     none = {k: json.loads(f.read_text()) for k, f in records(out, attack="none").items()}
     assert all(r["first_success"] in (-1, None) and len(r["checks"]) == 1 for r in none.values())
     app = {k: json.loads(f.read_text()) for k, f in records(out).items()}

@@ -110,23 +110,54 @@ def test_pooled_draws_of_the_same_prompts_get_a_standard_error_clustered_by_prom
     sums are +-1.5, so SE = sqrt(2 * 1.5^2) / 6 = 0.354, not sqrt(p (1 - p) / 6) = 0.204 as if six prompts. With one
     draw per prompt the clustered SE is the binomial one."""
     def run(outcomes):
-        wins = sum(y for _, y in outcomes)
+        wins = sum(y for *_, y in outcomes)
         p = wins / len(outcomes)
         return {"asr": p, "se": (p * (1 - p) / len(outcomes)) ** 0.5, "successes": wins, "n": len(outcomes),
                 "missing": 0, "pre_attack_successes": 0, "mean_first_success": None, "seconds_per_prompt": 1.0,
                 "outcomes": outcomes}
 
-    draw = [["a", True], ["b", False]]
-    got = study.pool(study.pool(run(draw), run(draw)), run(draw))
+    def draw(seed):
+        return [["a", seed, True], ["b", seed + 1, False]]
+
+    got = study.pool(study.pool(run(draw(0)), run(draw(1000))), run(draw(2000)))
     assert (got["n"], got["prompts"], got["asr"]) == (6, 2, 0.5)
     assert got["se"] == pytest.approx((2 * 1.5 ** 2) ** 0.5 / 6)
-    assert study.cell(got) == "0.50 ± 0.35 (2×3) · 1.0 s" and study.cell(run(draw)) == "0.50 ± 0.35 (2) · 1.0 s"
-    mixed = [["a", True], ["b", False], ["c", True], ["d", True]]
+    assert study.cell(got) == "0.50 ± 0.35 (2×3) · 1.0 s" and study.cell(run(draw(0))) == "0.50 ± 0.35 (2) · 1.0 s"
+    mixed = [["a", 0, True], ["b", 1, False], ["c", 2, True], ["d", 3, True]]
     assert study.clustered_se(mixed) == pytest.approx((0.75 * 0.25 / 4) ** 0.5)
-    disagree = study.pool(run([["a", True], ["b", False]]), run([["a", False], ["b", True]]))
+    disagree = study.pool(run([["a", 0, True], ["b", 1, False]]), run([["a", 1000, False], ["b", 1001, True]]))
     assert disagree["se"] == pytest.approx(0.0)  # each prompt half the time: no spread between prompts
-    old = {k: v for k, v in run(draw).items() if k != "outcomes"}  # a summary from before outcomes were kept
-    assert study.pool(old, run(draw))["se"] == pytest.approx((0.25 / 4) ** 0.5)
+    old = {k: v for k, v in run(draw(0)).items() if k != "outcomes"}  # a summary from before outcomes were kept
+    assert study.pool(old, run(draw(1000)))["se"] == pytest.approx((0.25 / 4) ** 0.5)
+
+
+def test_lift_over_none_pairs_the_same_draws_by_hand(tmp_path):
+    """Prompt a succeeds under the attack on both draws and never as given, prompt b never: differences
+    a: 1, 1 and b: 0, 0, so lift 0.5 and SE sqrt(1^2 + 1^2) / 4 = 0.354. A draw only one cell has is left out;
+    the table and study.json carry the lifts, and the erasure's lift over the base pairs the same attack."""
+    def cell(outcomes):
+        wins = sum(y for *_, y in outcomes)
+        return {"asr": wins / len(outcomes), "se": 0.0, "successes": wins, "n": len(outcomes), "missing": 0,
+                "pre_attack_successes": 0, "mean_first_success": None, "seconds_per_prompt": 1.0,
+                "outcomes": outcomes}
+
+    attacked = cell([["a", 0, True], ["a", 1000, True], ["b", 1, False], ["b", 1001, False], ["c", 2, True]])
+    none = cell([["a", 0, False], ["a", 1000, False], ["b", 1, False], ["b", 1001, False]])
+    got = study.paired_lift(attacked, none)
+    assert got["n"] == 4 and got["lift"] == pytest.approx(0.5) and got["se"] == pytest.approx(2 ** 0.5 / 4)
+    assert study.paired_lift(attacked, {k: v for k, v in none.items() if k != "outcomes"}) is None
+    results = {"stripes": {"base": {"attacks": {"none": none, "p4d-k": attacked}},
+                           "ca": {"attacks": {"none": none, "p4d-k": none}}}}
+    lifted = study.lifts(results, ["none", "p4d-k"])
+    assert lifted["stripes"]["base"]["p4d-k"]["over_base"] is None
+    assert lifted["stripes"]["ca"]["p4d-k"]["over_none"]["lift"] == 0.0
+    assert lifted["stripes"]["ca"]["p4d-k"]["over_base"]["lift"] == pytest.approx(-0.5)
+    assert "| stripes | base | +0.50 ± 0.35 |" in study.lift_table(lifted, ["none", "p4d-k"])
+    settings = study.StudySettings(out=str(tmp_path), concepts=("stripes",), attacks=("none", "p4d-k"))
+    doc = study.write_study(settings, [], results, [])
+    assert "+0.50 ± 0.35" in (tmp_path / "study.md").read_text()
+    assert doc["lifts"]["stripes"]["ca"]["p4d-k"]["over_base"]["n"] == 4
+    assert "outcomes" not in doc["results"]["stripes"]["base"]["none"]  # the records keep them
 
 
 def test_unknown_names_and_limit_are_one_line_errors():
