@@ -80,7 +80,10 @@ class Attack(Protocol):
     def prepare(self, model, concept: Concept) -> None:
         """Once per (model, concept) before any prompt: e.g. Ring-A-Bell's concept vector. An attack whose
         preparation is costly (concept inversion trains a token) may also define ``prepared() -> dict[str, Tensor]``
-        and ``restore(state)``: the job then keeps the state and restores it in a rerun."""
+        and ``restore(state)``: the job then keeps the state and restores it in a rerun. An attack whose costly
+        per-prompt work depends on part of the model only (Ring-A-Bell's search reads only the text encoder) may
+        define ``share(folder)``: the job calls it before ``prepare`` with one folder per (concept, attack) for
+        all models, where the attack keeps that work under a key of everything it depends on."""
 
     def attack(self, model, prompt: str, *, concept: Concept, check: Checker, index: int,
                base=None, generator: torch.Generator | None = None,

@@ -227,6 +227,10 @@ def check(settings: AttackSettings) -> AttackPlan:
         raise FileNotFoundError(f"--config not found: {s.config}")
     model_config = load_model_config(Path(s.config))
     models = parse_models(s.base, s.delta, s.compvis, s.diffusers, s.unet)
+    taken = [m.name for m in models if m.name in RESERVED]
+    if taken:
+        raise ValueError(f"model name {taken[0]!r}: the job keeps its {taken[0]} folder beside the models' "
+                         f"folders; name the model otherwise (reserved: {', '.join(sorted(RESERVED))})")
     preset = concepts.build(s.concept, s)  # prompts first, then the judge
     rows = preset.rows[: s.limit] if s.limit else preset.rows
     rows = _fit_tokens(rows, s, attacks)
@@ -257,6 +261,9 @@ def check(settings: AttackSettings) -> AttackPlan:
 # ---------------------------------------------------------------------------------------------------- layout
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+RESERVED = ("targets", "searches")  # folders of {outdir}/{concept}/ that are not a model's
 
 
 def concept_dir(plan: AttackPlan) -> Path:
@@ -470,6 +477,8 @@ def work(plan: AttackPlan, shard, device: str) -> None:
             if not todo[name]:
                 continue
             obj = cls(aset)
+            if hasattr(obj, "share"):  # work that depends on part of the model only, shared between models
+                obj.share(concept_dir(plan) / "searches" / name)
             _prepare(plan, spec, attack, obj, model, concept)
             desc = f"{spec.name} {name}" + (f" [rank {shard[0]}]" if shard else "")
             with tqdm(todo[name], desc=desc, unit="prompt", dynamic_ncols=True) as bar:

@@ -26,11 +26,20 @@ used for nudity); :data:`CONCEPT_DEFAULTS` holds the per-concept values the orig
 
 Speed: the whole population goes through the text encoder in one batched call per generation (chunks of
 ``batch_size``), and members that did not change since they were scored keep their score (the encoder is
-deterministic), so only the new children and mutated members are encoded.
+deterministic), so only the new children and mutated members are encoded. The search reads nothing but the text
+encoder, so models that share it (every erasure that edits only the UNet: Concept Ablation, ConceptPrune, ...)
+make the same search for a prompt: given a folder (:meth:`RingABell.share`; the attack job gives one per
+concept), a search is kept there under a digest of everything it depends on and reused by the next model,
+which then only checks the found prompt on itself.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ClassVar
 
 import torch
@@ -158,6 +167,29 @@ def mutate(population: torch.Tensor, rate: float, length: int, high: int, genera
     return hit
 
 
+def encoder_fingerprint(encoder) -> str:
+    """A digest of the text encoder's parameters and buffers (names, dtypes, shapes, bytes) and its device type:
+    two models with the same digest make the same searches."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in [*encoder.named_parameters(), *encoder.named_buffers()]:
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|{t.device.type};".encode())
+        h.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def search_key(fingerprint: str, target: torch.Tensor, settings: RingABellSettings,
+               generator: torch.Generator) -> str:
+    """What one search depends on: the encoder, the target (the prompt, eta and the concept vector in it), the
+    search's settings (not ``check_on``, which only says what is checked afterwards) and the generator's state."""
+    h = hashlib.blake2b(digest_size=12)
+    facts = {k: v for k, v in dataclasses.asdict(settings).items() if k != "check_on"}
+    h.update(json.dumps({"encoder": fingerprint, "settings": facts}, sort_keys=True).encode())
+    h.update(target.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(generator.get_state().numpy().tobytes())
+    return h.hexdigest()
+
+
 def genetic_search(encoder, target: torch.Tensor, settings: RingABellSettings, generator: torch.Generator,
                    progress: Callable[[int, float], None] | None = None):
     """Run the search towards ``target`` [77, D]. Returns (best ids [77], best loss per generation, best loss
@@ -199,10 +231,40 @@ class RingABell:
     def __init__(self, settings: RingABellSettings | None = None):
         self.settings = settings or RingABellSettings()
         self.vector: torch.Tensor | None = None
+        self.searches: Path | None = None
+        self.fingerprint: str | None = None
+
+    def share(self, folder: str | Path) -> None:
+        """Keep each search in ``folder`` and reuse the searches found there (see the module's Speed note); call
+        before :meth:`prepare`."""
+        self.searches = Path(folder)
 
     def prepare(self, model, concept: Concept) -> None:
-        """The concept vector from ``concept.pairs`` through the model's text encoder."""
-        self.vector = concept_vector(encoder_of(model), concept.pairs)
+        """The concept vector from ``concept.pairs`` through the model's text encoder (and, when searches are
+        shared, the encoder's fingerprint)."""
+        encoder = encoder_of(model)
+        self.vector = concept_vector(encoder, concept.pairs)
+        self.fingerprint = encoder_fingerprint(encoder) if self.searches is not None else None
+
+    def _search(self, encoder, target: torch.Tensor, generator: torch.Generator, progress):
+        """(ids, losses, best, facts): the genetic search, or the kept one with the same key."""
+        from runtime.files import read_cache, write_text_atomic
+
+        s = self.settings
+        if self.searches is None:
+            return (*genetic_search(encoder, target, s, generator, progress), {})
+        path = self.searches / f"{search_key(self.fingerprint, target, s, generator)}.json"
+        kept = read_cache(path, lambda p: json.loads(p.read_text()), "a kept Ring-A-Bell search")
+        if kept is not None and len(kept["ids"]) == encoder.max_length and len(kept["losses"]) == s.generations:
+            return (torch.tensor(kept["ids"]), kept["losses"], float(kept["best"]),
+                    {"search": "shared", "search_seconds": kept["seconds"], "search_file": path.name})
+        start = time.perf_counter()
+        ids, losses, best = genetic_search(encoder, target, s, generator, progress)
+        seconds = round(time.perf_counter() - start, 3)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({"ids": ids.tolist(), "losses": losses, "best": best,
+                                            "seconds": seconds}) + "\n")
+        return ids, losses, best, {"search": "made", "search_seconds": seconds, "search_file": path.name}
 
     def attack(self, model, prompt: str, *, concept: Concept, check: Checker, index: int, base=None,
                generator: torch.Generator | None = None,
@@ -219,7 +281,7 @@ class RingABell:
             result = check(target[None].to(like), 0)
             return AttackResult(prompt=prompt, success=result.success, first_success=0 if result.success else None,
                                 losses=[], images=[result.image], extra={"checked_on": "target", "eta": s.eta})
-        ids, losses, best = genetic_search(encoder, target, s, generator, progress)
+        ids, losses, best, how = self._search(encoder, target, generator, progress)
         text = decode(encoder, ids[1:s.length + 1])
         retokenized = tokenize(encoder, text)[0].cpu()
         with torch.no_grad():
@@ -231,4 +293,4 @@ class RingABell:
             prompt=text, success=result.success, first_success=step if result.success else None,
             losses=losses, images=[result.image],
             extra={"token_ids": ids[1:s.length + 1].tolist(), "best_loss": best,
-                   "retokenizes_exactly": bool(torch.equal(retokenized, ids)), "checked_on": s.check_on})
+                   "retokenizes_exactly": bool(torch.equal(retokenized, ids)), "checked_on": s.check_on, **how})

@@ -21,6 +21,7 @@ from attacks.job import AttackSettings
 from toyworld.mission import ASSETS, asset_paths
 
 TOY = asset_paths(ASSETS)
+FFN_DELTA = ASSETS / "ffn" / "ffn_delta.safetensors"  # a delta of UNet FFN weights only (experiments.ffn's waves)
 PAINTINGS = ["a painting of a red circle", "a painting of a blue square", "a drawing of a green star",
              "a painting of a yellow heart", "a picture of a purple triangle"]
 
@@ -196,6 +197,7 @@ def test_checker_makes_generate_images_image(tmp_path, prompts):
     ({"base": "missing.ckpt"}, "base checkpoint not found"),
     ({"steps": 3000}, "steps=3000 does not fit"),
     ({"max_prompt_tokens": 1}, "no prompt is that short"),
+    ({"delta": (f"targets={FFN_DELTA}",)}, "model name 'targets': the job keeps its targets folder"),
 ])
 def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, prompts, capsys, change, message):
     s = settings(tmp_path, prompts, **change)
@@ -471,3 +473,20 @@ def test_inversion_captions_from_prompts_through_the_job(tmp_path, prompts):
                             "inversion.captions=prompts"))
     job.run(s)
     assert len(records(tmp_path / "out", attack="inversion")) == 2
+
+
+def test_ring_a_bell_searches_are_shared_by_models_with_one_text_encoder(tmp_path, prompts):
+    """The base and a UNet-only delta: each prompt is searched once (on the model attacked first), the other model
+    reuses that search (the same adversarial prompt, its records say so) and is checked on itself."""
+    s = settings(tmp_path, prompts, attacks=("ring_a_bell",), limit=2, delta=(f"waves={FFN_DELTA}",),
+                 overrides=("ring_a_bell.population=8", "ring_a_bell.generations=3"))
+    job.run(s)
+    out = tmp_path / "out"
+    base, waves = (records(out, model, "ring_a_bell") for model in ("base", "waves"))
+    assert sorted(base) == sorted(waves) == ["prompt-00000", "prompt-00001"]
+    for k in base:
+        b, w = (json.loads(f.read_text()) for f in (base[k], waves[k]))
+        assert (b["extra"]["search"], w["extra"]["search"]) == ("made", "shared")
+        assert w["adversarial_prompt"] == b["adversarial_prompt"] and w["losses"] == b["losses"]
+        assert w["extra"]["search_file"] == b["extra"]["search_file"] and len(w["checks"]) == 1
+    assert len(list((out / "toy_stripes" / "searches" / "ring_a_bell").glob("*.json"))) == 2

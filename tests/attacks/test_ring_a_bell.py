@@ -174,3 +174,50 @@ def test_check_on_target_checks_the_searchs_aim_without_a_search(world):  # noqa
     with torch.no_grad():
         own = model.get_learned_conditioning(["a painting of a red star"])
     torch.testing.assert_close(conds[0], own + 2.0 * attack.vector[None], rtol=1e-5, atol=1e-5)
+
+
+def test_models_with_one_text_encoder_share_a_search(tmp_path):
+    """The search reads only the text encoder: with a shared folder, a second model with another UNet but the
+    same text encoder reuses the first model's search (the same ids and losses as a search made alone) and is
+    still checked on itself; another text encoder, another eta or a damaged kept file make a new search, while
+    check_on (what is checked afterwards) does not."""
+    import copy
+    import dataclasses
+
+    from attacks.base import Check
+
+    first_model = tiny_model(perturb=0).eval()
+    other_unet, other_encoder = copy.deepcopy(first_model), copy.deepcopy(first_model)
+    with torch.no_grad():
+        next(other_unet.model.parameters()).add_(0.5)
+        next(other_encoder.cond_stage_model.parameters()).add_(0.5)
+    concept, settings, checked = Concept("stripes", PAIRS), RingABellSettings(population=8, generations=4), []
+
+    def check(cond, step):
+        checked.append(cond)
+        return Check(False, np.zeros((8, 8, 3), np.uint8))
+
+    def run(model, s=settings, folder=tmp_path / "searches"):
+        attack = RingABell(s)
+        if folder is not None:
+            attack.share(folder)
+        attack.prepare(model, concept)
+        return attack.attack(model, "a red star", concept=concept, check=check, index=0,
+                             generator=torch.Generator().manual_seed(0))
+
+    alone = run(first_model, folder=None)
+    made, shared = run(first_model), run(other_unet)
+    assert "search" not in alone.extra and made.extra["search"] == "made" and shared.extra["search"] == "shared"
+    for r in (made, shared):
+        assert r.extra["token_ids"] == alone.extra["token_ids"] and r.losses == alone.losses
+        assert r.extra["best_loss"] == alone.extra["best_loss"] and r.prompt == alone.prompt
+    assert shared.extra["search_seconds"] == made.extra["search_seconds"]
+    assert len(checked) == 3  # every model is checked, shared search or not
+    kept = list((tmp_path / "searches").glob("*.json"))
+    assert len(kept) == 1
+    assert run(other_unet, dataclasses.replace(settings, check_on="ids")).extra["search"] == "shared"
+    assert run(other_encoder).extra["search"] == "made"
+    assert run(first_model, dataclasses.replace(settings, eta=1.0)).extra["search"] == "made"
+    kept[0].write_text("{ damaged")
+    again = run(other_unet)
+    assert again.extra["search"] == "made" and again.extra["token_ids"] == alone.extra["token_ids"]

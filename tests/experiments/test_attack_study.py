@@ -198,9 +198,13 @@ def test_tiny_run_reuses_cached_erasure_and_writes_the_table(tmp_path):
             summary = doc["results"]["stripes"][model][attack]
             assert summary["n"] == 1 and summary["missing"] == 0 and summary["seconds_per_prompt"] > 0
             assert len(list((out / "attacks" / "toy_stripes" / model / attack).glob("*.json"))) == 1
-    md = (out / "study.md").read_text().splitlines()
+    md, _, lifted = (out / "study.md").read_text().partition("\n\n")
+    md = md.splitlines()
     assert md[0] == "| concept | model | none (pre-attack) | ring_a_bell | inversion |"
     assert [line.split(" | ")[:2] for line in md[2:]] == [["| stripes", "base"], ["| stripes", "cp"]]
+    assert lifted.startswith("Lift over `none`") and "| stripes | cp | " in lifted  # each attack minus none
+    lift = doc["lifts"]["stripes"]["cp"]["ring_a_bell"]["over_none"]["lift"]
+    assert lift == doc["results"]["stripes"]["cp"]["ring_a_bell"]["asr"] - asr_of(doc, "cp", "none")
     asr = doc["results"]["stripes"]["cp"]["none"]["asr"]
     assert md[3].split(" | ")[2].startswith(f"{asr:.2f} ± 0.00 (1) · ")
     saved = json.loads((out / "study.json").read_text())
@@ -208,6 +212,7 @@ def test_tiny_run_reuses_cached_erasure_and_writes_the_table(tmp_path):
     # the record of the budget actually used: the --set values after the study's budgets
     record = json.loads(next((out / "attacks" / "toy_stripes" / "cp" / "ring_a_bell").glob("*.json")).read_text())
     assert record["settings"]["attack"]["generations"] == 1 and record["settings"]["attack"]["population"] == 2
+    assert record["extra"]["search"] == "shared"  # ConceptPrune keeps the text encoder: the base's search serves
 
 
 def test_publish_fills_the_marked_block_only(tmp_path):
@@ -259,3 +264,7 @@ def test_waves_preserve_prompts_are_found_from_a_relative_out(tmp_path, monkeypa
     assert preserve.is_absolute() and preserve.is_file()
     assert preserve == (tmp_path / "outputs/study/erasures/preserve_waves.txt")
     assert "waves" not in preserve.read_text()
+
+
+def asr_of(doc, model, attack, concept="stripes"):
+    return doc["results"][concept][model][attack]["asr"]
