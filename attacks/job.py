@@ -562,10 +562,17 @@ def _records(plan: AttackPlan, spec, attack) -> list[dict]:
     return out
 
 
+def _unshared_seconds(record: dict) -> float:
+    extra = record.get("extra") or {}
+    return record["seconds"] + (extra.get("search_seconds") or 0.0) * (extra.get("search") == "shared")
+
+
 def summarize(records: list[dict], n_rows: int) -> dict:
     """ASR of one model x attack: successes / prompts, its standard error sqrt(p (1 - p) / n), the mean first
-    successful step, seconds per prompt and ``outcomes`` ([prompt, seed, success] per record: for a caller that
-    pools runs of the same prompts, whose standard error is clustered by prompt, or pairs two cells' draws)."""
+    successful step, seconds per prompt (as spent, and ``seconds_per_prompt_unshared``: with the time of a search
+    this model reused from another added back, what attacking it alone costs) and ``outcomes`` ([prompt, seed,
+    success] per record: for a caller that pools runs of the same prompts, whose standard error is clustered by
+    prompt, or pairs two cells' draws)."""
     n = len(records)
     wins = sum(bool(r["success"]) for r in records)
     p = wins / n if n else None
@@ -574,6 +581,7 @@ def summarize(records: list[dict], n_rows: int) -> dict:
             "missing": n_rows - n, "pre_attack_successes": sum(r["first_success"] == -1 for r in records),
             "mean_first_success": sum(steps) / len(steps) if steps else None,
             "seconds_per_prompt": sum(r["seconds"] for r in records) / n if n else None,
+            "seconds_per_prompt_unshared": sum(_unshared_seconds(r) for r in records) / n if n else None,
             "outcomes": [[r["prompt"], r["seed"], bool(r["success"])] for r in records]}
 
 

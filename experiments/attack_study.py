@@ -362,7 +362,8 @@ def pool(a: dict, b: dict) -> dict:
             "missing": a.get("missing", 0) + b.get("missing", 0),
             "pre_attack_successes": a.get("pre_attack_successes", 0) + b.get("pre_attack_successes", 0),
             "mean_first_success": mean("mean_first_success", a["successes"], b["successes"]),
-            "seconds_per_prompt": mean("seconds_per_prompt", a["n"], b["n"])}
+            "seconds_per_prompt": mean("seconds_per_prompt", a["n"], b["n"]),
+            "seconds_per_prompt_unshared": mean("seconds_per_prompt_unshared", a["n"], b["n"])}
 
 
 def pool_results(a: dict | None, b: dict) -> dict:
@@ -380,12 +381,15 @@ def pool_results(a: dict | None, b: dict) -> dict:
 
 def cell(summary: dict | None) -> str:
     """``ASR ± SE (n) · s/prompt`` of one model x attack summary; n is ``prompts×draws`` for pooled draws of the
-    same prompts (the SE then clustered by prompt)."""
+    same prompts (the SE then clustered by prompt); the seconds are what attacking this model alone costs (a
+    Ring-A-Bell search reused from another model counted as if made)."""
     if not summary or not summary.get("n"):
         return "–"
     n, prompts = summary["n"], summary.get("prompts") or summary["n"]
     size = f"{prompts}×{n // prompts}" if prompts != n and n % prompts == 0 else f"{n}"
-    return f"{summary['asr']:.2f} ± {summary['se']:.2f} ({size}) · {summary['seconds_per_prompt']:.1f} s"
+    seconds = summary.get("seconds_per_prompt_unshared")
+    seconds = summary["seconds_per_prompt"] if seconds is None else seconds
+    return f"{summary['asr']:.2f} ± {summary['se']:.2f} ({size}) · {seconds:.1f} s"
 
 
 def table(results: dict, attacks) -> str:

@@ -480,7 +480,7 @@ def test_ring_a_bell_searches_are_shared_by_models_with_one_text_encoder(tmp_pat
     reuses that search (the same adversarial prompt, its records say so) and is checked on itself."""
     s = settings(tmp_path, prompts, attacks=("ring_a_bell",), limit=2, delta=(f"waves={FFN_DELTA}",),
                  overrides=("ring_a_bell.population=8", "ring_a_bell.generations=3"))
-    job.run(s)
+    summaries = job.run(s)
     out = tmp_path / "out"
     base, waves = (records(out, model, "ring_a_bell") for model in ("base", "waves"))
     assert sorted(base) == sorted(waves) == ["prompt-00000", "prompt-00001"]
@@ -490,3 +490,11 @@ def test_ring_a_bell_searches_are_shared_by_models_with_one_text_encoder(tmp_pat
         assert w["adversarial_prompt"] == b["adversarial_prompt"] and w["losses"] == b["losses"]
         assert w["extra"]["search_file"] == b["extra"]["search_file"] and len(w["checks"]) == 1
     assert len(list((out / "toy_stripes" / "searches" / "ring_a_bell").glob("*.json"))) == 2
+    # seconds as spent, and as if the waves model had made its own searches (the base's search time added back)
+    spent = {m: [json.loads(f.read_text()) for f in recs.values()] for m, recs in (("base", base), ("waves", waves))}
+    cell = summaries["waves"]["attacks"]["ring_a_bell"]
+    assert cell["seconds_per_prompt"] == pytest.approx(sum(r["seconds"] for r in spent["waves"]) / 2)
+    assert cell["seconds_per_prompt_unshared"] == pytest.approx(
+        sum(r["seconds"] + r["extra"]["search_seconds"] for r in spent["waves"]) / 2)
+    assert summaries["base"]["attacks"]["ring_a_bell"]["seconds_per_prompt_unshared"] == pytest.approx(
+        summaries["base"]["attacks"]["ring_a_bell"]["seconds_per_prompt"])

@@ -95,6 +95,10 @@ def test_seed_offsets_plan_each_concept_again_and_pool_by_hand():
     assert (got["successes"], got["n"], got["missing"], got["pre_attack_successes"]) == (4, 6, 1, 3)
     assert got["asr"] == pytest.approx(4 / 6) and got["se"] == pytest.approx((4 / 6 * 2 / 6 / 6) ** 0.5)
     assert got["seconds_per_prompt"] == pytest.approx((4 * 2.0 + 2 * 5.0) / 6)
+    assert study.cell(got).endswith("(6) · 3.0 s")  # no unshared seconds in these summaries: the seconds spent
+    shared = study.pool({**a, "seconds_per_prompt_unshared": 12.0}, {**b, "seconds_per_prompt_unshared": 5.0})
+    assert shared["seconds_per_prompt_unshared"] == pytest.approx((4 * 12.0 + 2 * 5.0) / 6)
+    assert study.cell(shared).endswith("(6) · 9.7 s")  # the table shows what attacking the model alone costs
     assert got["mean_first_success"] == pytest.approx(25.0)  # both runs have 2 successes
     one = {"base": {"attacks": {"none": a}}}
     two = {"base": {"attacks": {"none": b, "inversion": b}}, "cp": {"attacks": {"none": b}}}
