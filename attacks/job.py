@@ -591,12 +591,9 @@ def _label(attack: str) -> str:
     return "pre-attack ASR (none)" if attack == BASELINE else f"{attack} ASR"
 
 
-def write_results(plan: AttackPlan) -> dict:
-    """``{concept}/summary.{json,csv}`` (this run's models x attacks) and ``results.{md,json}``: benchmark.py's table
-    over every concept attacked in ``outdir``, a column per attack (ASR and its standard error)."""
-    from evaluation.runner import markdown_table, summary_csv
-    from runtime.files import write_text_atomic
-
+def plan_summaries(plan: AttackPlan) -> dict:
+    """``{model: {"<attack> ASR": .., "<attack> SE": .., "attacks": {attack: summarize(...)}}}`` from the records
+    of ``plan`` there are now; reads only (a cell of prompts not attacked yet has fewer ``n``, and ``missing``)."""
     summaries = {}
     for spec in plan.models:
         flat = summaries[spec.name] = {}
@@ -604,6 +601,16 @@ def write_results(plan: AttackPlan) -> dict:
             sm = summarize(_records(plan, spec, attack), len(plan.rows))
             flat[f"{attack[0]} ASR"], flat[f"{attack[0]} SE"] = sm["asr"], sm["se"]
             flat.setdefault("attacks", {})[attack[0]] = sm
+    return summaries
+
+
+def write_results(plan: AttackPlan) -> dict:
+    """``{concept}/summary.{json,csv}`` (this run's models x attacks) and ``results.{md,json}``: benchmark.py's table
+    over every concept attacked in ``outdir``, a column per attack (ASR and its standard error)."""
+    from evaluation.runner import markdown_table, summary_csv
+    from runtime.files import write_text_atomic
+
+    summaries = plan_summaries(plan)
     metrics = []
     for name, _, _ in plan.attacks:
         metrics += [{"key": f"{name} ASR", "label": _label(name), "better": "lower"},

@@ -29,6 +29,7 @@ templates for the cat). ::
     python -m experiments.attack_study --concepts stripes --erasures --limit 10            # the sanity row only
     python -m experiments.attack_study --concepts stripes --erasures cp --limit 10 --publish
     python -m experiments.attack_study --limit 24 --seed 0 1000     # every prompt again from other noise, pooled
+    python -m experiments.attack_study --limit 24 --seed 0 1000 --report   # the table so far (while it runs)
 
 Output: the job's layout under ``{out}/attacks/`` and ``{out}/study.{md,json}``: per concept and model, each
 attack's ASR +- standard error (n) and seconds per prompt. ``--publish`` copies them to
@@ -339,6 +340,28 @@ def paired_lift(attacked: dict, baseline: dict) -> dict | None:
     return {"n": len(diffs), "lift": sum(d for _, d in diffs) / len(diffs), "se": clustered_se(diffs)}
 
 
+def report(study: StudySettings, assets: Path = ASSETS) -> dict:
+    """The study's table from the records made so far, attacking and training nothing and writing no file of the
+    attack job, so it can read the folder of a study that is running: an erasure not made yet and the waves plans
+    before their base is built are left out, and a cell short of prompts shows ``n of N``. Writes
+    ``{out}/study.{md,json}`` (with ``"report": true``); returns the document."""
+    from attacks.job import check, plan_summaries
+
+    out = Path(study.out)
+    plans = plan(study, assets)
+    _, missing = registered(study.attacks)
+    results = {}
+    for p in plans:
+        if p.waves_base and not waves_base_path(out).is_file():
+            continue
+        done = cached(out)
+        deltas = tuple(f"{e.name}={done[k]}" for e in p.erasures
+                       if (k := f"{p.concept}/{e.name}") in done and Path(done[k]).is_file())
+        got = plan_summaries(check(dataclasses.replace(p.settings, delta=deltas)))
+        results[p.concept] = pool_results(results.get(p.concept), got)
+    return write_study(study, plans, results, missing, report=True)
+
+
 def pool(a: dict, b: dict) -> dict:
     """One model x attack summary of two runs over different prompts or seeds: successes and prompts summed, the
     ASR of the sum and its standard error (clustered by prompt, :func:`clustered_se`, when both runs carry their
@@ -385,8 +408,9 @@ def cell(summary: dict | None) -> str:
     Ring-A-Bell search reused from another model counted as if made)."""
     if not summary or not summary.get("n"):
         return "–"
-    n, prompts = summary["n"], summary.get("prompts") or summary["n"]
-    size = f"{prompts}×{n // prompts}" if prompts != n and n % prompts == 0 else f"{n}"
+    n, prompts, short = summary["n"], summary.get("prompts") or summary["n"], summary.get("missing") or 0
+    size = (f"{n} of {n + short}" if short else
+            f"{prompts}×{n // prompts}" if prompts != n and n % prompts == 0 else f"{n}")
     seconds = summary.get("seconds_per_prompt_unshared")
     seconds = summary["seconds_per_prompt"] if seconds is None else seconds
     return f"{summary['asr']:.2f} ± {summary['se']:.2f} ({size}) · {seconds:.1f} s"
@@ -434,15 +458,15 @@ def lift_table(lifted: dict, attacks) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_study(study: StudySettings, plans, results: dict, missing) -> dict:
+def write_study(study: StudySettings, plans, results: dict, missing, report: bool = False) -> dict:
     attacks = [a for a in study.attacks if a not in missing]
     lifted = lifts(results, attacks)
     md = table(results, attacks)
     if lifted:
         md += ("\nLift over `none` on the same draws (attack ASR minus pre-attack ASR, paired by prompt and seed; "
                "± its standard error clustered by prompt):\n\n" + lift_table(lifted, attacks))
-    doc = {"study": dataclasses.asdict(study), "budgets": BUDGETS, "original_budgets": ORIGINAL_BUDGETS,
-           "concept_settings": CONCEPT_SETTINGS, "not_registered": list(missing),
+    doc = {"study": dataclasses.asdict(study), "report": report, "budgets": BUDGETS,
+           "original_budgets": ORIGINAL_BUDGETS, "concept_settings": CONCEPT_SETTINGS, "not_registered": list(missing),
            "erasures": cached(Path(study.out)),
            "results": {c: {m: {a: {k: v for k, v in sm.items() if k != "outcomes"}  # the records keep them
                                for a, sm in flat.get("attacks", {}).items()}
@@ -567,6 +591,9 @@ def main(argv=None) -> dict:
     p.add_argument("--compare_samplers", metavar="MODEL", default=None,
                    help="instead of the study: none with plms and dpmpp_2m on MODEL (base or a made erasure) for "
                         "each --concepts, seeds --seed offsets 0 and 1000, paired (written to {out}/samplers/)")
+    p.add_argument("--report", action="store_true",
+                   help="only the table of the records made so far (attacks and trains nothing; safe while the "
+                        "same study runs)")
     p.add_argument("--publish", action="store_true",
                    help="copy the table to assets/toyworld/attacks/ and docs/experiments/toy-attacks.md")
     a = p.parse_args(argv)
@@ -578,7 +605,7 @@ def main(argv=None) -> dict:
                               attacks=tuple(a.attacks), limit=a.limit, seeds=tuple(a.seeds), sampler=a.sampler,
                               steps=a.steps, overrides=tuple(a.overrides), quick=a.quick, gpus=a.gpus,
                               inversion_templates=a.inversion_templates)
-        doc = run(study)
+        doc = report(study) if a.report else run(study)
         if a.publish:
             from runtime.resources import DATA_ROOT
 

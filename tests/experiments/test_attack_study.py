@@ -1,6 +1,7 @@
 """``python -m experiments.attack_study``: issue 31's proof on the toy world (plan, cache, one tiny run, the table)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -95,10 +96,10 @@ def test_seed_offsets_plan_each_concept_again_and_pool_by_hand():
     assert (got["successes"], got["n"], got["missing"], got["pre_attack_successes"]) == (4, 6, 1, 3)
     assert got["asr"] == pytest.approx(4 / 6) and got["se"] == pytest.approx((4 / 6 * 2 / 6 / 6) ** 0.5)
     assert got["seconds_per_prompt"] == pytest.approx((4 * 2.0 + 2 * 5.0) / 6)
-    assert study.cell(got).endswith("(6) · 3.0 s")  # no unshared seconds in these summaries: the seconds spent
+    assert study.cell(got).endswith("(6 of 7) · 3.0 s")  # b misses a prompt; no unshared seconds: as spent
     shared = study.pool({**a, "seconds_per_prompt_unshared": 12.0}, {**b, "seconds_per_prompt_unshared": 5.0})
     assert shared["seconds_per_prompt_unshared"] == pytest.approx((4 * 12.0 + 2 * 5.0) / 6)
-    assert study.cell(shared).endswith("(6) · 9.7 s")  # the table shows what attacking the model alone costs
+    assert study.cell(shared).endswith("(6 of 7) · 9.7 s")  # the table shows what attacking the model alone costs
     assert got["mean_first_success"] == pytest.approx(25.0)  # both runs have 2 successes
     one = {"base": {"attacks": {"none": a}}}
     two = {"base": {"attacks": {"none": b, "inversion": b}}, "cp": {"attacks": {"none": b}}}
@@ -217,6 +218,18 @@ def test_tiny_run_reuses_cached_erasure_and_writes_the_table(tmp_path):
     record = json.loads(next((out / "attacks" / "toy_stripes" / "cp" / "ring_a_bell").glob("*.json")).read_text())
     assert record["settings"]["attack"]["generations"] == 1 and record["settings"]["attack"]["population"] == 2
     assert record["extra"]["search"] == "shared"  # ConceptPrune keeps the text encoder: the base's search serves
+
+    # --report: a larger study read from the records there are, attacking and training nothing. Its second prompt
+    # and second offset have no record (cells "1 of 4"), "ca" is not made and the waves base not built: left out.
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.name not in ("study.md", "study.json"))
+    larger = dataclasses.replace(s, concepts=("stripes", "waves"), erasures=("ca", "cp"), limit=2, seeds=(0, 1000))
+    got = study.report(larger)
+    assert sorted(p for p in out.rglob("*") if p.is_file() and p.name not in ("study.md", "study.json")) == files
+    assert got["report"] is True and list(got["results"]) == ["stripes"]
+    assert list(got["results"]["stripes"]) == ["base", "cp"]
+    cell = got["results"]["stripes"]["cp"]["none"]
+    assert (cell["n"], cell["missing"], cell["asr"]) == (1, 3, asr)
+    assert f"{asr:.2f} ± 0.00 (1 of 4) · " in (out / "study.md").read_text()
 
 
 def test_publish_fills_the_marked_block_only(tmp_path):
