@@ -340,26 +340,35 @@ def paired_lift(attacked: dict, baseline: dict) -> dict | None:
     return {"n": len(diffs), "lift": sum(d for _, d in diffs) / len(diffs), "se": clustered_se(diffs)}
 
 
-def report(study: StudySettings, assets: Path = ASSETS) -> dict:
+def report(study: StudySettings, assets: Path = ASSETS, complete: bool = False) -> dict:
     """The study's table from the records made so far, attacking and training nothing and writing no file of the
     attack job, so it can read the folder of a study that is running: an erasure not made yet and the waves plans
-    before their base is built are left out, and a cell short of prompts shows ``n of N``. Writes
-    ``{out}/study.{md,json}`` (with ``"report": true``); returns the document."""
+    before their base is built are left out, and a cell short of prompts shows ``n of N``. ``complete``: leave
+    out every (concept, seed offset) with a prompt not attacked yet, so each cell pools whole offsets only.
+    Writes ``{out}/study.{md,json}`` (with ``"report": true``, and ``"left_out"``); returns the document."""
     from attacks.job import check, plan_summaries
 
     out = Path(study.out)
     plans = plan(study, assets)
     _, missing = registered(study.attacks)
-    results = {}
+    results, left_out = {}, []
     for p in plans:
+        what = f"{p.concept} seed offset {p.settings.seed}"
         if p.waves_base and not waves_base_path(out).is_file():
+            left_out.append(f"{what}: its base is not built yet")
             continue
         done = cached(out)
         deltas = tuple(f"{e.name}={done[k]}" for e in p.erasures
                        if (k := f"{p.concept}/{e.name}") in done and Path(done[k]).is_file())
         got = plan_summaries(check(dataclasses.replace(p.settings, delta=deltas)))
+        short = sum(c["missing"] for m in got.values() for c in m["attacks"].values())
+        if complete and (short or len(deltas) < len(p.erasures)):  # a prompt not attacked or an erasure not made
+            left_out.append(f"{what}: not complete")
+            continue
         results[p.concept] = pool_results(results.get(p.concept), got)
-    return write_study(study, plans, results, missing, report=True)
+    for line in left_out:
+        print(f"left out of the report: {line}")
+    return write_study(study, plans, results, missing, report=True, left_out=left_out)
 
 
 def pool(a: dict, b: dict) -> dict:
@@ -458,14 +467,15 @@ def lift_table(lifted: dict, attacks) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_study(study: StudySettings, plans, results: dict, missing, report: bool = False) -> dict:
+def write_study(study: StudySettings, plans, results: dict, missing, report: bool = False,
+                left_out: list[str] | None = None) -> dict:
     attacks = [a for a in study.attacks if a not in missing]
     lifted = lifts(results, attacks)
     md = table(results, attacks)
     if lifted:
         md += ("\nLift over `none` on the same draws (attack ASR minus pre-attack ASR, paired by prompt and seed; "
                "± its standard error clustered by prompt):\n\n" + lift_table(lifted, attacks))
-    doc = {"study": dataclasses.asdict(study), "report": report, "budgets": BUDGETS,
+    doc = {"study": dataclasses.asdict(study), "report": report, "left_out": left_out or [], "budgets": BUDGETS,
            "original_budgets": ORIGINAL_BUDGETS, "concept_settings": CONCEPT_SETTINGS, "not_registered": list(missing),
            "erasures": cached(Path(study.out)),
            "results": {c: {m: {a: {k: v for k, v in sm.items() if k != "outcomes"}  # the records keep them
@@ -591,9 +601,9 @@ def main(argv=None) -> dict:
     p.add_argument("--compare_samplers", metavar="MODEL", default=None,
                    help="instead of the study: none with plms and dpmpp_2m on MODEL (base or a made erasure) for "
                         "each --concepts, seeds --seed offsets 0 and 1000, paired (written to {out}/samplers/)")
-    p.add_argument("--report", action="store_true",
+    p.add_argument("--report", nargs="?", const="all", choices=("all", "complete"), default=None,
                    help="only the table of the records made so far (attacks and trains nothing; safe while the "
-                        "same study runs)")
+                        "same study runs); 'complete': only the seed offsets whose every cell is done")
     p.add_argument("--publish", action="store_true",
                    help="copy the table to assets/toyworld/attacks/ and docs/experiments/toy-attacks.md")
     a = p.parse_args(argv)
@@ -605,7 +615,7 @@ def main(argv=None) -> dict:
                               attacks=tuple(a.attacks), limit=a.limit, seeds=tuple(a.seeds), sampler=a.sampler,
                               steps=a.steps, overrides=tuple(a.overrides), quick=a.quick, gpus=a.gpus,
                               inversion_templates=a.inversion_templates)
-        doc = report(study) if a.report else run(study)
+        doc = report(study, complete=a.report == "complete") if a.report else run(study)
         if a.publish:
             from runtime.resources import DATA_ROOT
 

@@ -230,6 +230,12 @@ def test_tiny_run_reuses_cached_erasure_and_writes_the_table(tmp_path):
     cell = got["results"]["stripes"]["cp"]["none"]
     assert (cell["n"], cell["missing"], cell["asr"]) == (1, 3, asr)
     assert f"{asr:.2f} ± 0.00 (1 of 4) · " in (out / "study.md").read_text()
+    whole = study.report(dataclasses.replace(larger, limit=1), complete=True)  # offset 1000 has no record yet
+    assert whole["results"] == {} and whole["left_out"] == [
+        "stripes seed offset 0: not complete", "stripes seed offset 1000: not complete",
+        "waves seed offset 0: its base is not built yet", "waves seed offset 1000: its base is not built yet"]
+    alone = study.report(dataclasses.replace(s, erasures=("cp",)), complete=True)  # the run above: all done
+    assert alone["left_out"] == [] and alone["results"]["stripes"]["cp"]["none"]["n"] == 1
 
 
 def test_publish_fills_the_marked_block_only(tmp_path):
