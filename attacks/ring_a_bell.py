@@ -235,8 +235,7 @@ class RingABell:
         self.fingerprint: str | None = None
 
     def share(self, folder: str | Path) -> None:
-        """Keep each search in ``folder`` and reuse the searches found there (see the module's Speed note); call
-        before :meth:`prepare`."""
+        """Keep each search in ``folder`` and reuse the searches found there (see the module's Speed note)."""
         self.searches = Path(folder)
 
     def prepare(self, model, concept: Concept) -> None:
@@ -253,6 +252,8 @@ class RingABell:
         s = self.settings
         if self.searches is None:
             return (*genetic_search(encoder, target, s, generator, progress), {})
+        if self.fingerprint is None:  # share() came after prepare(): never key a search without its encoder
+            self.fingerprint = encoder_fingerprint(encoder)
         path = self.searches / f"{search_key(self.fingerprint, target, s, generator)}.json"
         kept = read_cache(path, lambda p: json.loads(p.read_text()), "a kept Ring-A-Bell search")
         if kept is not None and len(kept["ids"]) == encoder.max_length and len(kept["losses"]) == s.generations:

@@ -218,6 +218,12 @@ def test_models_with_one_text_encoder_share_a_search(tmp_path):
     assert run(other_unet, dataclasses.replace(settings, check_on="ids")).extra["search"] == "shared"
     assert run(other_encoder).extra["search"] == "made"
     assert run(first_model, dataclasses.replace(settings, eta=1.0)).extra["search"] == "made"
+    late = RingABell(settings)
+    late.prepare(other_encoder, concept)
+    late.share(tmp_path / "searches")  # after prepare: the encoder is still part of the key
+    got = late.attack(other_encoder, "a red star", concept=concept, check=check, index=0,
+                      generator=torch.Generator().manual_seed(0))
+    assert got.extra["search"] == "shared" and got.extra["search_file"] != made.extra["search_file"]
     kept[0].write_text("{ damaged")
     again = run(other_unet)
     assert again.extra["search"] == "made" and again.extra["token_ids"] == alone.extra["token_ids"]
