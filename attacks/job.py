@@ -21,6 +21,7 @@ from pathlib import Path
 
 from attacks.settings import AttackSettings
 from evaluation.settings import add_model_flags
+from runtime.generate import SAMPLERS
 
 __all__ = ["AttackSettings", "AttackPlan", "build_parser", "parse_argv", "settings_from_argv", "check", "run", "main"]
 
@@ -108,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "prompt (with) and prompt1 (without), instead of the concept's own")
     add_model_flags(p, "attacked")
     g = p.add_argument_group("checking generations (UnlearnDiffAtk's: 50 steps, guidance 7.5, seed 0, 512 px)")
-    g.add_argument("--sampler", choices=["plms", "ddim", "dpmpp_2m"], default="plms",
-                   help="plms: the deterministic stand-in for the original's diffusers LMS scheduler")
+    g.add_argument("--sampler", choices=list(SAMPLERS), default="lms",
+                   help="lms: the original's (diffusers' LMSDiscreteScheduler); plms: the benchmark's default")
     g.add_argument("--steps", type=cli.positive_int, default=50)
     g.add_argument("--scale", type=cli.finite_float, default=7.5,
                    help="guidance of rows without their own evaluation_guidance")

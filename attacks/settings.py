@@ -13,9 +13,8 @@ class AttackSettings:
 
     The checking generations default to UnlearnDiffAtk's checker (``ClassifierTask.sampling``): 50 steps, guidance
     7.5 (or the row's ``evaluation_guidance``), seed 0 (or the row's ``evaluation_seed``), 512 px, start noise from
-    a CPU generator seeded with it (``noise="ours"`` draws the same), pixels rounded. Its LMS scheduler has no
-    sampler here, so the default is PLMS, the benchmark's deterministic stand-in for diffusers' schedulers
-    (docs/explanation/differences-from-original.md)."""
+    a CPU generator seeded with it (``noise="ours"`` draws the same), pixels rounded, and its sampler: diffusers'
+    LMS scheduler (``lms``, ``ldm/models/diffusion/lms.py``)."""
     attacks: tuple[str, ...]
     concept: str
     # models (benchmark.py's flags)
@@ -36,7 +35,7 @@ class AttackSettings:
     overrides: tuple[str, ...] = ()  # --set NAME.FIELD=VALUE
     attack_seed: int = 0
     # checking generations
-    sampler: str = "plms"
+    sampler: str = "lms"
     steps: int = 50
     scale: float = 7.5
     eta: float = 0.0

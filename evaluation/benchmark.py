@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from evaluation.settings import BenchmarkSettings, add_model_flags
+from runtime.generate import SAMPLERS
 
 DESCRIPTION = """\
 ConceptPrune's erasure benchmarks for any model: the base, base + a delta (ours: ablation or pruned), a full
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p, "scored")
     g = p.add_argument_group("generation")
     g.add_argument("--outdir", default="outputs/benchmark")
-    g.add_argument("--sampler", choices=["plms", "ddim", "dpmpp_2m"], default="plms",
+    g.add_argument("--sampler", choices=list(SAMPLERS), default="plms",
                    help="plms: the deterministic PNDM-like sampler of the originals' diffusers pipelines")
     g.add_argument("--steps", type=cli.positive_int, default=50)
     g.add_argument("--scale", type=cli.guidance_scale, default=7.5, help="classifier-free guidance scale")

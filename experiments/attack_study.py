@@ -109,7 +109,7 @@ class StudySettings:
     attacks: tuple[str, ...] = ATTACKS
     limit: int | None = None
     seeds: tuple[int, ...] = (0,)  # seed offsets: each attacks every prompt again from other noise, pooled
-    sampler: str = "plms"
+    sampler: str = "plms"  # the published table's checks (made before lms, attack.py's default, existed)
     steps: int = 50
     overrides: tuple[str, ...] = ()
     quick: bool = False  # SIZES["quick"] anchor images for Concept Ablation (SIZES["full"] otherwise)
@@ -491,7 +491,7 @@ def write_study(study: StudySettings, plans, results: dict, missing, report: boo
 
 
 # ---------------------------------------------------------------------------------------------------- samplers
-SAMPLERS = ("plms", "dpmpp_2m")
+SAMPLERS = ("lms", "plms", "dpmpp_2m")  # the first is the reference: the original's (UnlearnDiffAtk's checker)
 SAMPLER_SEEDS = (0, 1000)  # two seed offsets: 72 prompt x seed rows for the 36 texture prompts
 
 
@@ -516,8 +516,9 @@ def compare_samplers(out: Path, concept: str, model: str = "base", delta: str | 
                      samplers=SAMPLERS, seeds=SAMPLER_SEEDS, assets: Path = ASSETS, limit: int | None = None,
                      steps: int = 50) -> dict:
     """``none`` (the pre-attack check) on one model with each sampler, on the concept's prompts at each seed offset
-    (``{out}/samplers/{sampler}/``, the job's layout, resumable); the samplers' ASRs paired row by row
-    (:func:`paired`). ``delta``: an erasure's delta (``model`` names it); the waves base is built if needed."""
+    (``{out}/samplers/{sampler}/``, the job's layout, resumable); each sampler's ASR and mean seconds per check, and
+    each other sampler paired row by row with the first (:func:`paired`, under ``paired[name]``). ``delta``: an
+    erasure's delta (``model`` names it); the waves base is built if needed."""
     from attacks.job import check, record_path
     from attacks.job import run as attack
     from experiments.toy_attacks import settings_for
@@ -528,9 +529,12 @@ def compare_samplers(out: Path, concept: str, model: str = "base", delta: str | 
         from experiments.ffn.teach import build_checkpoint
 
         changes["base"] = str(build_checkpoint(out / "erasures", assets))
+    if len(samplers) < 2 or len(set(samplers)) != len(samplers):
+        raise ValueError(f"compare_samplers: need two or more different samplers, got {list(samplers)}")
     wins: dict[str, list[bool]] = {}
+    seconds: dict[str, list[float]] = {}
     for sampler in samplers:
-        wins[sampler] = []
+        wins[sampler], seconds[sampler] = [], []
         for seed in seeds:
             plan = check(settings_for(concept, ("none",), out / "samplers" / sampler, assets, sampler=sampler,
                                       seed=seed, **changes))
@@ -539,8 +543,15 @@ def compare_samplers(out: Path, concept: str, model: str = "base", delta: str | 
             for row in plan.rows:
                 record = json.loads(record_path(plan, spec, plan.attacks[0], row).read_text())
                 wins[sampler].append(bool(record["success"]))
+                seconds[sampler].append(float(record["seconds"]))
+    ref = samplers[0]
+    n = len(wins[ref])
     result = {"concept": concept, "model": model, "delta": delta, "samplers": list(samplers), "seeds": list(seeds),
-              "steps": steps, **paired(wins[samplers[0]], wins[samplers[1]])}
+              "steps": steps, "n": n, "reference": ref,
+              "asr": {k: sum(v) / n for k, v in wins.items()},
+              "se": {k: (sum(v) / n * (1 - sum(v) / n) / n) ** 0.5 for k, v in wins.items()},
+              "seconds_per_check": {k: sum(v) / len(v) for k, v in seconds.items()},
+              "paired": {k: paired(wins[ref], wins[k]) for k in samplers[1:]}}
     (out / "samplers").mkdir(parents=True, exist_ok=True)
     (out / "samplers" / f"{concept.replace(' ', '_')}-{model}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -574,9 +585,9 @@ def sampler_study(out: Path, concepts, model: str, limit: int | None = None, ste
             if not delta or not Path(delta).is_file():
                 raise ValueError(f"--compare_samplers {model}: no {concept!r} erasure {model!r} made in {out} yet")
         r = results[concept] = compare_samplers(out, concept, model, delta, limit=limit, steps=steps)
-        print(f"{concept} {model}: none ASR {r['samplers'][0]} {r['asr'][0]:.3f} ± {r['se'][0]:.3f}, "
-              f"{r['samplers'][1]} {r['asr'][1]:.3f} ± {r['se'][1]:.3f} (n {r['n']}); paired difference "
-              f"{r['difference']:+.3f} ± {r['difference_se']:.3f}")
+        asr = ", ".join(f"{k} {r['asr'][k]:.3f} ± {r['se'][k]:.3f}" for k in r["samplers"])
+        diffs = ", ".join(f"{k} {d['difference']:+.3f} ± {d['difference_se']:.3f}" for k, d in r["paired"].items())
+        print(f"{concept} {model}: none ASR {asr} (n {r['n']}); paired difference to {r['reference']}: {diffs}")
     return results
 
 
@@ -591,7 +602,7 @@ def main(argv=None) -> dict:
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts per concept")
     p.add_argument("--seed", dest="seeds", type=int, nargs="+", default=[0],
                    help="prompt i's checks use seed SEED + i; several offsets attack every prompt again, pooled")
-    p.add_argument("--sampler", default="plms", help="the checks' sampler (plms, ddim, dpmpp_2m)")
+    p.add_argument("--sampler", default="plms", help="the checks' sampler (plms, the study's; lms, ddim, dpmpp_2m)")
     p.add_argument("--steps", type=int, default=50, help="the checks' sampling steps")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="ATTACK.FIELD=VALUE after BUDGETS")
     p.add_argument("--gpus", default=None, help="the attack job's --gpus (e.g. cpu:2: two processes)")
@@ -599,8 +610,8 @@ def main(argv=None) -> dict:
     p.add_argument("--inversion_templates", choices=("original", "world"), default="original",
                    help="concept inversion's caption templates: the original's, or the toy world's grammar")
     p.add_argument("--compare_samplers", metavar="MODEL", default=None,
-                   help="instead of the study: none with plms and dpmpp_2m on MODEL (base or a made erasure) for "
-                        "each --concepts, seeds --seed offsets 0 and 1000, paired (written to {out}/samplers/)")
+                   help="instead of the study: none with lms, plms and dpmpp_2m on MODEL (base or a made erasure) "
+                        "for each --concepts, seed offsets 0 and 1000, paired with lms (written to {out}/samplers/)")
     p.add_argument("--report", nargs="?", const="all", choices=("all", "complete"), default=None,
                    help="only the table of the records made so far (attacks and trains nothing; safe while the "
                         "same study runs); 'complete': only the seed offsets whose every cell is done")

@@ -300,7 +300,8 @@ CONFIG_RULES: dict[str, Callable[[Any], str | None]] = {
     "generation.eta": _float_rule(0),
     "generation.scale": _float_rule(),
     "generation.seed": _int_rule(0),
-    "generation.sampler": lambda v: None if v in ("ddim", "plms", "dpmpp_2m") else "one of ddim, plms, dpmpp_2m",
+    "generation.sampler": lambda v: (None if v in ("ddim", "plms", "dpmpp_2m", "lms")
+                                     else "one of ddim, plms, dpmpp_2m, lms"),
     "generation.sscd_threshold": _float_rule(-1, 1),
     "logging.image_every": _int_rule(0),
     "logging.image_steps": _int_rule(1),

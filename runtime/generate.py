@@ -2,7 +2,8 @@
 
 ``sampler="dpmpp_2m"`` (DPM-Solver++(2M), ``ldm/models/diffusion/dpmpp.py``) is our addition for cheaper
 anchors: 20 steps are a tenth of DDIM-200's UNet calls (measured on the toy world:
-docs/guides/cheaper-anchors.md); the default stays the paper's DDIM 200 steps, eta 1.
+docs/guides/cheaper-anchors.md); the default stays the paper's DDIM 200 steps, eta 1. ``sampler="lms"``
+(diffusers' ``LMSDiscreteScheduler``, ``ldm/models/diffusion/lms.py``) is UnlearnDiffAtk's.
 
 ``generate_images(model_factory, prompts, outdir, sampling)`` (``sampling``: a :class:`Sampling`) writes
 
@@ -56,6 +57,7 @@ from tqdm.auto import tqdm
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpmpp import DPMPP2MSampler
+from ldm.models.diffusion.lms import LMSSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from runtime.cli import RunError, guidance_problem, image_side_problem, run_error_status, seed_problem
 from runtime.files import (
@@ -81,8 +83,11 @@ NOISES = ("ours", "original")
 # truncate: the CompVis scripts' (255 * x).astype(uint8); round: diffusers' numpy_to_pil (x * 255).round()
 PIXELS = ("truncate", "round")
 # ddim: the paper's (default); plms: deterministic, eta 0; dpmpp_2m: DPM-Solver++(2M), deterministic, eta
-# ignored, S steps = S UNet calls (ldm/models/diffusion/dpmpp.py)
-SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpmpp_2m": DPMPP2MSampler}
+# ignored, S steps = S UNet calls (ldm/models/diffusion/dpmpp.py); lms: diffusers' LMSDiscreteScheduler (order 4,
+# fractional timesteps), deterministic, eta ignored, S steps = S UNet calls (ldm/models/diffusion/lms.py)
+SAMPLERS = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpmpp_2m": DPMPP2MSampler, "lms": LMSSampler}
+# the samplers that add no noise after the start, so that eta does not apply (left out of a folder's plan)
+NO_ETA = ("dpmpp_2m", "lms")
 
 
 class GenerationPlanError(RunError):
@@ -104,14 +109,14 @@ class Sampling:
     """How the images of one folder are sampled: every setting that ``generate_images`` shares across its images.
 
     The defaults are the paper's anchor generation (DDIM 200 steps, eta 1, CFG 6, 512x512, seeds ``42 + i``).
-    ``sampler``: ``"ddim"``, ``"plms"`` (deterministic: needs ``eta=0``) or ``"dpmpp_2m"`` (DPM-Solver++(2M):
-    deterministic, ``eta`` does not apply; ``steps`` UNet calls). ``scale`` is the classifier-free guidance scale
-    (1 skips the unconditional half). ``batch_size`` is the images per sampler call; ``seed`` seeds image ``i``
-    with ``seed + i`` (unless ``generate_images`` gets per-image ``seeds``). ``precision="autocast"`` samples
-    under fp16 autocast on CUDA (nothing on CPU), ``"full"`` is fp32 everywhere. ``fixed_code`` starts every
-    image from one noise seeded ``seed``. ``noise``: ``"ours"`` (per-image CPU fp32 generator) or ``"original"``
-    (the diffusers originals' CUDA fp16 draw, :func:`start_noise`; CUDA devices only). ``pixels``: ``"truncate"``
-    (the CompVis scripts') or ``"round"`` (diffusers' ``numpy_to_pil``), :func:`to_uint8`.
+    ``sampler``: ``"ddim"``, ``"plms"`` (deterministic: needs ``eta=0``), ``"dpmpp_2m"`` (DPM-Solver++(2M)) or
+    ``"lms"`` (diffusers' LMS; the last two are deterministic, ``eta`` does not apply; ``steps`` UNet calls). ``scale``
+    is the classifier-free guidance scale (1 skips the unconditional half). ``batch_size`` is the images per sampler
+    call; ``seed`` seeds image ``i`` with ``seed + i`` (unless ``generate_images`` gets per-image ``seeds``).
+    ``precision="autocast"`` samples under fp16 autocast on CUDA (nothing on CPU), ``"full"`` is fp32 everywhere.
+    ``fixed_code`` starts every image from one noise seeded ``seed``. ``noise``: ``"ours"`` (per-image CPU fp32
+    generator) or ``"original"`` (the diffusers originals' CUDA fp16 draw, :func:`start_noise`; CUDA devices only).
+    ``pixels``: ``"truncate"`` (the CompVis scripts') or ``"round"`` (diffusers' ``numpy_to_pil``), :func:`to_uint8`.
 
     Constructing one checks nothing (a job builds it from its settings and checks it when it checks those):
     call :meth:`validate`. Grouped so that the jobs, the plan of a folder and the sampler loop read one value
@@ -135,7 +140,8 @@ class Sampling:
         """Check the settings before any model is built; returns ``self``.
 
         ``num_timesteps`` is the model's training T (1000 for SD v1): with ``ddim``/``plms``, ``steps`` must fit
-        its DDIM grid; with ``dpmpp_2m`` any ``steps`` < T does. Raises ``ValueError`` naming the setting.
+        its DDIM grid; with ``dpmpp_2m`` any ``steps`` < T does, with ``lms`` any ``steps`` <= T. Raises
+        ``ValueError`` naming the setting.
         """
         batch_size, steps, sampler, eta = self.batch_size, self.steps, self.sampler, self.eta
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -151,6 +157,10 @@ class Sampling:
             if steps >= num_timesteps:
                 raise ValueError(f"steps={steps}: dpmpp_2m steps on distinct training timesteps, at most "
                                  f"{num_timesteps - 1}")
+        elif sampler == "lms":
+            if steps > num_timesteps:
+                raise ValueError(f"steps={steps}: lms steps on fractional timesteps in [0, {num_timesteps - 1}], at "
+                                 f"most {num_timesteps}")
         elif c < 1 or (num_timesteps - 1) // c * c + 1 >= num_timesteps:
             ok = [s for s in (10, 20, 25, 50, 100, 200, 250, 500) if s <= num_timesteps]
             raise ValueError(f"steps={steps} does not fit the uniform DDIM grid range(0, {num_timesteps}, "
@@ -273,7 +283,7 @@ def plan_dict(sampling: Sampling, prompts: list[str], seeds: list[int] | None = 
             "seed": s.seed, "n_images": len(prompts), "prompts": prompts}
     if s.sampler != "ddim":
         plan["sampler"] = s.sampler
-    if s.sampler == "dpmpp_2m":  # deterministic: eta does not apply
+    if s.sampler in NO_ETA:  # deterministic: eta does not apply
         plan["eta"] = None
     if s.fixed_code:
         plan["fixed_code"] = True
@@ -472,8 +482,8 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
     (never when everything already exists); with several ``devices`` it must be picklable (a
     module-level function or a ``functools.partial`` of one), since one process per device is
     spawned and batch ``k`` goes to device ``k % len(devices)``. ``sampling`` (a :class:`Sampling`, checked
-    here) holds the sampler and its settings; with ``dpmpp_2m`` its ``eta`` does not apply and is left out of
-    the plan. See the module docstring for the folder layout, seeding and resume rules.
+    here) holds the sampler and its settings; with ``dpmpp_2m`` and ``lms`` its ``eta`` does not apply and is left
+    out of the plan. See the module docstring for the folder layout, seeding and resume rules.
 
     ``shard=(rank, world)``: one of ``world`` processes started by an external launcher (torchrun, a cluster's)
     that all call this with the same arguments, in a process group joined with
@@ -502,7 +512,7 @@ def generate_images(model_factory: Callable[[torch.device], "torch.nn.Module"], 
                              f"got {len(seeds)} values")
         if sampling.fixed_code:
             raise ValueError("fixed_code shares one start code; it cannot be combined with per-image seeds")
-    if sampling.sampler == "dpmpp_2m":  # its sampler refuses an eta; the plan records none
+    if sampling.sampler in NO_ETA:  # its sampler refuses an eta; the plan records none
         sampling = replace(sampling, eta=0.0)
     batch_size = sampling.batch_size
     outdir = Path(outdir)

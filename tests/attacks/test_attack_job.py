@@ -195,7 +195,7 @@ def test_checker_makes_generate_images_image(tmp_path, prompts):
     ({"delta": ("ca=missing.safetensors",)}, "--delta ca=missing.safetensors: file not found"),
     ({"overrides": ("append.added_tokens=70",)}, "tokens; with the attacks' added tokens at most 5 fit"),
     ({"base": "missing.ckpt"}, "base checkpoint not found"),
-    ({"steps": 3000}, "steps=3000 does not fit"),
+    ({"steps": 3000}, "steps=3000: lms steps on fractional timesteps in [0, 999], at most 1000"),
     ({"max_prompt_tokens": 1}, "no prompt is that short"),
     ({"delta": (f"targets={FFN_DELTA}",)}, "model name 'targets': the job keeps its targets folder"),
 ])

@@ -291,3 +291,21 @@ def test_waves_preserve_prompts_are_found_from_a_relative_out(tmp_path, monkeypa
 
 def asr_of(doc, model, attack, concept="stripes"):
     return doc["results"][concept][model][attack]["asr"]
+
+
+def test_compare_samplers_pairs_each_sampler_with_the_first(tmp_path):
+    """Three samplers on the same rows: ASRs and seconds per sampler from the job's records, each other sampler
+    paired with the first (the original's lms); a sampler named twice is refused before any check."""
+    with pytest.raises(ValueError, match="two or more different samplers"):
+        study.compare_samplers(tmp_path / "x", "stripes", samplers=("lms", "lms"))
+    r = study.compare_samplers(tmp_path / "o", "stripes", samplers=("lms", "plms", "dpmpp_2m"), seeds=(0,), limit=2,
+                               steps=4)
+    assert r["reference"] == "lms" and r["n"] == 2 and set(r["paired"]) == {"plms", "dpmpp_2m"}
+    for k in ("lms", "plms", "dpmpp_2m"):
+        recs = sorted((tmp_path / "o" / "samplers" / k / "toy_stripes" / "base" / "none").glob("*.json"))
+        wins = [json.loads(p.read_text())["success"] for p in recs]
+        assert len(wins) == 2 and r["asr"][k] == sum(wins) / 2 and r["seconds_per_check"][k] > 0
+        if k != "lms":
+            assert r["paired"][k]["asr"] == [r["asr"]["lms"], r["asr"][k]]
+    saved = json.loads((tmp_path / "o" / "samplers" / "stripes-base.json").read_text())
+    assert saved["paired"] == r["paired"]
