@@ -12,6 +12,8 @@ Samplers (``--sampler``, comma-separated ``{sampler}-{steps}``; a bare name take
              the CompVis grid)
   dpmpp_2m   ours: ldm/models/diffusion/dpmpp.py; diffusers: DPMSolverMultistepScheduler (dpmsolver++,
              order 2, linspace spacing, final sigma 0)
+  lms        ours: ldm/models/diffusion/lms.py; diffusers: LMSDiscreteScheduler (order 4, linspace spacing:
+             UnlearnDiffAtk's checker)
 Models (``--model``)
   toy        the shipped toy-world model (assets/toyworld/ldm, its config beside it), 32x32 images
   sd         the SD-v1 layout (configs/stable-diffusion/v1-inference.yaml) with random weights (seeded;
@@ -26,6 +28,7 @@ Time: median over ``--repeats`` timed batches after one warm-up batch each, ours
 sides' images (same seeds).
 
     python benchmarks/bench_generate.py --model toy --batch 36 --sampler ddim-20,dpmpp_2m-20
+    python benchmarks/bench_generate.py --model toy --batch 1 --scale 7.5 --sampler lms-50,dpmpp_2m-50
     python benchmarks/bench_generate.py --model sd --size 256 --batch 1 --sampler ddim-4,dpmpp_2m-4 --repeats 1
     python benchmarks/bench_generate.py --model sd --device cuda --dtype fp16 --size 512 --batch 8 \\
         --sampler ddim-50,dpmpp_2m-20 --json gen.json
@@ -56,8 +59,8 @@ def parse_settings(text: str, steps: int) -> list[tuple[str, int]]:
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, _, n = item.partition("-")
-        if name not in ("ddim", "dpmpp_2m") or (n and not n.isdigit()):
-            raise ValueError(f"--sampler {item!r}: expected ddim or dpmpp_2m, optionally -STEPS (ddim-50)")
+        if name not in ("ddim", "dpmpp_2m", "lms") or (n and not n.isdigit()):
+            raise ValueError(f"--sampler {item!r}: expected ddim, dpmpp_2m or lms, optionally -STEPS (ddim-50)")
         out.append((name, int(n) if n else steps))
     if not out:
         raise ValueError("--sampler is empty")
@@ -95,6 +98,9 @@ def build_diffusers(model, cfg, sampler: str, device, dtype):
         pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(
             pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="linspace",
             final_sigmas_type="zero", use_karras_sigmas=False)
+    elif sampler == "lms":  # UnlearnDiffAtk's LMSDiscreteScheduler(scaled_linear, 0.00085, 0.012): linspace
+        pipe.scheduler = diffusers.LMSDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                    timestep_spacing="linspace")
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
     return pipe if dtype is None else pipe.to(dtype=dtype)

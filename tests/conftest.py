@@ -91,6 +91,26 @@ def tiny_model(seed: int = 0, perturb: float = 0.05):
     return model
 
 
+def sampler_case(batch: int, shape=(4, 8, 8)):
+    """The sampler tests' inputs: a perturbed tiny model (eval), start noise [batch, *shape] and the conditional and
+    unconditional conditionings [batch, 77, 32], all seeded 0."""
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(batch, *shape, generator=g)
+    c, uc = torch.randn(batch, 77, 32, generator=g), torch.randn(batch, 77, 32, generator=g)
+    return model, x_T, c, uc
+
+
+def run_sampler(sampler_cls, case, steps: int, scale: float):
+    """The latents ``sampler_cls`` (a CompVis-API sampler) makes from a :func:`sampler_case` with CFG ``scale``."""
+    model, x_T, c, uc = case
+    z, _ = sampler_cls(model).sample(S=steps, batch_size=x_T.shape[0], shape=tuple(x_T.shape[1:]), conditioning=c,
+                                     unconditional_conditioning=uc, unconditional_guidance_scale=scale, x_T=x_T,
+                                     verbose=False)
+    return z
+
+
 def tiny_factory(device):
     """Module-level (picklable) model factory for generation: the same tiny weights in every process."""
     if "model" not in _CACHE:

@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_factory, tiny_model
+from conftest import run_sampler, sampler_case, tiny_factory
 
 from ldm.models.diffusion.ddim import guided_eps
 from ldm.models.diffusion.dpmpp import DPMPP2MSampler, linspace_timesteps
@@ -16,19 +16,11 @@ B, SHAPE, SCALE = 3, (4, 8, 8), 6.0
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = tiny_model().eval()
-    g = torch.Generator().manual_seed(0)
-    x_T = torch.randn(B, *SHAPE, generator=g)
-    c, uc = torch.randn(B, 77, 32, generator=g), torch.randn(B, 77, 32, generator=g)
-    return model, x_T, c, uc
+    return sampler_case(B, SHAPE)
 
 
 def _ours(model, x_T, c, uc, steps):
-    z, _ = DPMPP2MSampler(model).sample(S=steps, batch_size=B, shape=SHAPE, conditioning=c,
-                                        unconditional_conditioning=uc, unconditional_guidance_scale=SCALE, x_T=x_T,
-                                        verbose=False)
-    return z
+    return run_sampler(DPMPP2MSampler, (model, x_T, c, uc), steps, SCALE)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 5, 20])
