@@ -519,6 +519,8 @@ def compare_samplers(out: Path, concept: str, model: str = "base", delta: str | 
     (``{out}/samplers/{sampler}/``, the job's layout, resumable); each sampler's ASR and mean seconds per check, and
     each other sampler paired row by row with the first (:func:`paired`, under ``paired[name]``). ``delta``: an
     erasure's delta (``model`` names it); the waves base is built if needed."""
+    if len(samplers) < 2 or len(set(samplers)) != len(samplers):  # before the waves base is built
+        raise ValueError(f"compare_samplers: need two or more different samplers, got {list(samplers)}")
     from attacks.job import check, record_path
     from attacks.job import run as attack
     from experiments.toy_attacks import settings_for
@@ -529,8 +531,6 @@ def compare_samplers(out: Path, concept: str, model: str = "base", delta: str | 
         from experiments.ffn.teach import build_checkpoint
 
         changes["base"] = str(build_checkpoint(out / "erasures", assets))
-    if len(samplers) < 2 or len(set(samplers)) != len(samplers):
-        raise ValueError(f"compare_samplers: need two or more different samplers, got {list(samplers)}")
     wins: dict[str, list[bool]] = {}
     seconds: dict[str, list[float]] = {}
     for sampler in samplers:

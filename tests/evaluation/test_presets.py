@@ -95,6 +95,10 @@ def test_shipped_presets_are_consistent():
             assert pin.field in fields and (pin.sha256 is None or len(pin.sha256) == 64)
     # every preset appears in --help
     assert all(name in bench.build_parser().format_help() for name in presets.PRESETS)
+    # each paper's sampler: UnlearnDiffAtk's diffusers LMS, ConceptPrune's PNDM (PLMS here), MACE's DDIM
+    assert {name: p.values()["sampler"] for name, p in presets.PRESETS.items()} == {
+        "conceptprune": "plms", "conceptprune-ring-a-bell": "plms", "unlearndiffatk-nudity": "lms",
+        "mace-coco30k": "ddim"}
 
 
 def _records(dets: list[list[tuple[str, float]]]) -> list[dict]:
