@@ -352,12 +352,12 @@ def report(study: StudySettings, assets: Path = ASSETS, complete: bool = False) 
     plans = plan(study, assets)
     _, missing = registered(study.attacks)
     results, left_out = {}, []
+    done = cached(out)  # the erasures made so far: read once for every plan
     for p in plans:
         what = f"{p.concept} seed offset {p.settings.seed}"
         if p.waves_base and not waves_base_path(out).is_file():
             left_out.append(f"{what}: its base is not built yet")
             continue
-        done = cached(out)
         deltas = tuple(f"{e.name}={done[k]}" for e in p.erasures
                        if (k := f"{p.concept}/{e.name}") in done and Path(done[k]).is_file())
         got = plan_summaries(check(dataclasses.replace(p.settings, delta=deltas)))
@@ -521,7 +521,7 @@ def compare_samplers(out: Path, concept: str, model: str = "base", delta: str | 
     erasure's delta (``model`` names it); the waves base is built if needed."""
     if len(samplers) < 2 or len(set(samplers)) != len(samplers):  # before the waves base is built
         raise ValueError(f"compare_samplers: need two or more different samplers, got {list(samplers)}")
-    from attacks.job import check, record_path
+    from attacks.job import check, record_path, summarize
     from attacks.job import run as attack
     from experiments.toy_attacks import settings_for
 
@@ -531,26 +531,23 @@ def compare_samplers(out: Path, concept: str, model: str = "base", delta: str | 
         from experiments.ffn.teach import build_checkpoint
 
         changes["base"] = str(build_checkpoint(out / "erasures", assets))
-    wins: dict[str, list[bool]] = {}
-    seconds: dict[str, list[float]] = {}
+    records: dict[str, list[dict]] = {}
     for sampler in samplers:
-        wins[sampler], seconds[sampler] = [], []
+        records[sampler] = []
         for seed in seeds:
             plan = check(settings_for(concept, ("none",), out / "samplers" / sampler, assets, sampler=sampler,
                                       seed=seed, **changes))
             attack(plan.settings, plan=plan)
             spec = next(m for m in plan.models if m.name == model)
-            for row in plan.rows:
-                record = json.loads(record_path(plan, spec, plan.attacks[0], row).read_text())
-                wins[sampler].append(bool(record["success"]))
-                seconds[sampler].append(float(record["seconds"]))
+            records[sampler] += [json.loads(record_path(plan, spec, plan.attacks[0], row).read_text())
+                                 for row in plan.rows]
     ref = samplers[0]
-    n = len(wins[ref])
+    cells = {k: summarize(v, len(v)) for k, v in records.items()}  # ASR, SE sqrt(p (1 - p) / n), seconds
+    wins = {k: [bool(r["success"]) for r in v] for k, v in records.items()}
     result = {"concept": concept, "model": model, "delta": delta, "samplers": list(samplers), "seeds": list(seeds),
-              "steps": steps, "n": n, "reference": ref,
-              "asr": {k: sum(v) / n for k, v in wins.items()},
-              "se": {k: (sum(v) / n * (1 - sum(v) / n) / n) ** 0.5 for k, v in wins.items()},
-              "seconds_per_check": {k: sum(v) / len(v) for k, v in seconds.items()},
+              "steps": steps, "n": cells[ref]["n"], "reference": ref,
+              "asr": {k: c["asr"] for k, c in cells.items()}, "se": {k: c["se"] for k, c in cells.items()},
+              "seconds_per_check": {k: c["seconds_per_prompt"] for k, c in cells.items()},
               "paired": {k: paired(wins[ref], wins[k]) for k in samplers[1:]}}
     (out / "samplers").mkdir(parents=True, exist_ok=True)
     (out / "samplers" / f"{concept.replace(' ', '_')}-{model}.json").write_text(json.dumps(result, indent=1) + "\n")
